@@ -28,11 +28,13 @@ class Image:
         image: the pixels: a ``PIL.Image``, or a float tensor ``(3, H, W)`` in ``[-1, 1]``.
         codes: VQ codes ``(h, w)`` when known (decoded output always has them).
         size: the pixel size ``(height, width)`` to tokenize at; ``None`` uses the tokenizer's default.
+        partial: cut off before its end (complete rows only).
     """
 
     image: PIL.Image.Image | torch.Tensor | None = None
     codes: torch.Tensor | None = None
     size: tuple[int, int] | None = None
+    partial: bool = False  # cut off before its end (kept rows only); see MultimodalTokenizer.decode
 
 
 @dataclass
@@ -43,12 +45,13 @@ class Video:
         frames: float tensor ``(3, T, H, W)`` in ``[-1, 1]``.
         codes: VQ codes ``(t, h, w)`` when known.
         fps: frames per second, used when writing files.
+        partial: cut off before its end (complete latent frames only).
     """
 
     frames: torch.Tensor | None = None
     codes: torch.Tensor | None = None
     fps: float = 8.0
-    size: tuple[int, int] | None = None
+    partial: bool = False
 
     def to_pil_frames(self) -> list[PIL.Image.Image]:
         from tokenizers_mm.preprocess import tensor_to_pil

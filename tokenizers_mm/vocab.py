@@ -29,6 +29,9 @@ SPECIALS: tuple[str, ...] = (
 )
 
 
+_FIELDS = ("text_size", "image_codebook_size", "video_codebook_size", "max_height", "max_width", "max_frames")
+
+
 class Modality(IntEnum):
     """Per-position tag of a token sequence."""
 
@@ -67,7 +70,7 @@ class Vocab:
     size: int = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        for name in ("text_size", "image_codebook_size", "video_codebook_size", "max_height", "max_width", "max_frames"):
+        for name in _FIELDS:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"Vocab.{name} must be a positive int, got {value!r}")
@@ -81,16 +84,14 @@ class Vocab:
 
     # -- serialisation ---------------------------------------------------------------------------
     def to_dict(self) -> dict[str, int]:
-        keys = ("text_size", "image_codebook_size", "video_codebook_size", "max_height", "max_width", "max_frames")
         data = asdict(self)
-        return {k: data[k] for k in keys}
+        return {k: data[k] for k in _FIELDS}
 
     @classmethod
     def from_dict(cls, data: dict) -> Vocab:
-        known = {"text_size", "image_codebook_size", "video_codebook_size", "max_height", "max_width", "max_frames"}
-        unknown = set(data) - known
+        unknown = set(data) - set(_FIELDS)
         if unknown:
-            raise ValueError(f"unknown Vocab fields {sorted(unknown)}; accepted: {sorted(known)}")
+            raise ValueError(f"unknown Vocab fields {sorted(unknown)}; accepted: {list(_FIELDS)}")
         return cls(**data)
 
     # -- specials ----------------------------------------------------------------------------------

@@ -1,0 +1,262 @@
+"""``AnyGen``: the Python API users touch — load a checkpoint directory, generate, stream, save.
+
+What it owns: the checkpoint directory layout and turning user prompts (strings, segment lists,
+batches) into ``TokenSequence`` batches for the ``Generator``, and its events back into
+``GenerationOutput`` objects.
+
+Checkpoint directory (safetensors only; nothing here ever unpickles)::
+
+    config.json                   {"format": "anygen", "model": AnyGenConfig, "vocab": Vocab}
+    model.safetensors             the decoder (and understanding encoder) weights
+    tokenizer_config.json         MultimodalTokenizer settings (vocab, default sizes, und tokens)
+    text_tokenizer.json           byte-level BPE
+    image_tokenizer.safetensors   image VQ weights + config in the metadata
+    video_tokenizer.safetensors   video VQ weights + config in the metadata
+
+Prompts: a ``str`` or a list of segments is one prompt; a list of prompts (a list whose items are
+all ``str`` or all lists) is a batch, and ``generate`` then returns a list of outputs.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import PIL.Image
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from anygen.config import AnyGenConfig
+from anygen.generation.events import Event, RowDone
+from anygen.generation.generator import (
+    DEFAULT_IMAGE,
+    DEFAULT_TEXT,
+    DEFAULT_VIDEO,
+    GenerationSettings,
+    Generator,
+)
+from anygen.generation.sampling import SamplingConfig
+from anygen.model import AnyGenModel
+from tokenizers_mm.multimodal import TOKENIZER_CONFIG, MultimodalTokenizer, TokenSequence
+from tokenizers_mm.segments import Image, Segment, Text, Understand, Video
+from tokenizers_mm.vocab import Vocab
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT = "anygen"
+
+Prompt = str | Segment | PIL.Image.Image | Sequence[Any]
+
+
+@dataclass
+class GenerationOutput:
+    """What one prompt produced.
+
+    Attributes:
+        segments: the generated ``Text`` / ``Image`` / ``Video`` segments, in order.
+        ids: the generated ids (prompt excluded).
+        finish_reason: ``"eos"``, ``"max_new_tokens"`` or ``"max_images"``.
+    """
+
+    segments: list[Segment] = field(default_factory=list)
+    ids: torch.Tensor | None = None
+    finish_reason: str = ""
+
+    @property
+    def text(self) -> str:
+        """All generated text, joined."""
+        return "".join(s.text for s in self.segments if isinstance(s, Text))
+
+    @property
+    def images(self) -> list[PIL.Image.Image]:
+        """Generated images as PIL (partial images included, with their complete rows)."""
+        return [s.image for s in self.segments if isinstance(s, Image) and s.image is not None]
+
+    @property
+    def videos(self) -> list[Video]:
+        return [s for s in self.segments if isinstance(s, Video) and s.frames is not None]
+
+
+class AnyGen:
+    """A model and its tokenizer, ready to generate.
+
+    Args:
+        model: the decoder.
+        tokenizer: the ``MultimodalTokenizer`` it was trained with (same ``Vocab``).
+    """
+
+    def __init__(self, model: AnyGenModel, tokenizer: MultimodalTokenizer) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.generator = Generator(model, tokenizer)
+
+    @property
+    def config(self) -> AnyGenConfig:
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.norm.weight.device
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> AnyGen:
+        """Move the model (and the VQ tokenizers) to ``device`` / ``dtype``."""
+        self.model.to(device=device, dtype=dtype)
+        for tok in (self.tokenizer.image, self.tokenizer.video):
+            if tok is not None:
+                tok.to(device=device)
+        self.generator = Generator(self.model, self.tokenizer)
+        return self
+
+    # -- checkpoint directory ----------------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write the checkpoint directory (see the module docstring)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        meta = {"format": FORMAT, "model": self.config.to_dict(), "vocab": self.tokenizer.vocab.to_dict()}
+        (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+        state = {k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}
+        if self.config.tie_embeddings:  # safetensors stores each tensor once; tied heads are re-tied on load
+            state = {k: v for k, v in state.items() if not k.startswith("head.")}
+        save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": FORMAT})
+        self.tokenizer.save(directory)
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, *, device: torch.device | str | None = None,
+                        dtype: torch.dtype | None = None) -> AnyGen:
+        """Load a checkpoint directory written by ``save_pretrained`` (or ``anygen export``).
+
+        Raises:
+            FileNotFoundError: the directory or one of its files is missing (the message lists them).
+            ValueError: a file is malformed, or the files do not belong together.
+        """
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
+        missing = [name for name in (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_CONFIG, "text_tokenizer.json")
+                   if not (directory / name).is_file()]
+        if missing:
+            raise FileNotFoundError(f"checkpoint directory {directory} lacks {', '.join(missing)}; an anygen "
+                                    f"checkpoint has {CONFIG_FILE}, {WEIGHTS_FILE}, {TOKENIZER_CONFIG}, "
+                                    f"text_tokenizer.json and the image / video tokenizer .safetensors")
+        try:
+            meta = json.loads((directory / CONFIG_FILE).read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{directory / CONFIG_FILE} is not valid JSON: {err}") from err
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT or "model" not in meta:
+            raise ValueError(f"{directory / CONFIG_FILE} is not an anygen config (expected "
+                             f'{{"format": "anygen", "model": ...}})')
+        config = AnyGenConfig.from_dict(meta["model"])
+        tokenizer = MultimodalTokenizer.load(directory)
+        if Vocab(**config.vocab_dict()) != tokenizer.vocab:
+            raise ValueError(f"mismatched checkpoint: config.json describes vocabulary {config.vocab_dict()} but the "
+                             f"tokenizer files give {tokenizer.vocab.to_dict()}")
+        model = AnyGenModel(config)
+        _load_weights(model, directory / WEIGHTS_FILE)
+        engine = cls(model, tokenizer)
+        if device is not None or dtype is not None:
+            engine.to(device, dtype)
+        return engine
+
+    # -- prompts -------------------------------------------------------------------------------------
+    def encode_prompt(self, prompt: Prompt) -> TokenSequence:
+        """Tokenize one prompt (``<|bos|>`` first, no ``<|eos|>``: generation continues it)."""
+        return self.tokenizer.encode(prompt, bos=True, eos=False)
+
+    @staticmethod
+    def _split_batch(prompt: Prompt | Sequence[Prompt]) -> tuple[list[Prompt], bool]:
+        if isinstance(prompt, (list, tuple)) and prompt and (
+            all(isinstance(p, str) for p in prompt) or all(isinstance(p, (list, tuple)) for p in prompt)
+        ):
+            return list(prompt), True
+        return [prompt], False
+
+    def _settings(self, max_new_tokens: int, text, image, video, image_size, video_size, start_with, max_images,
+                  seed, preview_every) -> GenerationSettings:
+        return GenerationSettings(
+            max_new_tokens=max_new_tokens,
+            text=SamplingConfig.coerce(text, "text", DEFAULT_TEXT),
+            image=SamplingConfig.coerce(image, "image", DEFAULT_IMAGE),
+            video=SamplingConfig.coerce(video, "video", DEFAULT_VIDEO),
+            image_size=tuple(image_size) if image_size is not None else None,
+            video_size=tuple(video_size) if video_size is not None else None,
+            start_with=start_with,
+            max_images=max_images,
+            seed=seed,
+            preview_every=preview_every,
+        )
+
+    def stream(self, prompt: Prompt | Sequence[Prompt], *, max_new_tokens: int = 512,
+               text: SamplingConfig | dict | None = None, image: SamplingConfig | dict | None = None,
+               video: SamplingConfig | dict | None = None, image_size: tuple[int, int] | None = None,
+               video_size: tuple[int, int, int] | None = None, start_with: Literal["image", "video"] | None = None,
+               max_images: int = 0, seed: int | None = None, preview_every: int = 0) -> Iterator[Event]:
+        """Like ``generate``, but yields events (text deltas, image rows, frames, row ends) as they happen."""
+        prompts, _ = self._split_batch(prompt)
+        settings = self._settings(max_new_tokens, text, image, video, image_size, video_size, start_with,
+                                  max_images, seed, preview_every)
+        encoded = [self.encode_prompt(p) for p in prompts]
+        yield from self.generator.stream(encoded, settings)
+
+    def generate(self, prompt: Prompt | Sequence[Prompt], *, max_new_tokens: int = 512,
+                 text: SamplingConfig | dict | None = None, image: SamplingConfig | dict | None = None,
+                 video: SamplingConfig | dict | None = None, image_size: tuple[int, int] | None = None,
+                 video_size: tuple[int, int, int] | None = None, start_with: Literal["image", "video"] | None = None,
+                 max_images: int = 0, seed: int | None = None) -> GenerationOutput | list[GenerationOutput]:
+        """Generate interleaved text, images and video.
+
+        Args:
+            prompt: a ``str``; a list of segments (``str``, ``PIL.Image`` / ``Image`` as VQ context,
+                ``Understand(image)`` for the understanding encoder, ``Video``); or a batch (a list of
+                such prompts).
+            max_new_tokens: most ids generated per prompt.
+            text / image / video: sampling per modality, a ``SamplingConfig`` or a dict of its fields
+                (``temperature``, ``top_k``, ``top_p``, ``guidance_scale``).
+            image_size: ``(h, w)`` in tokens for generated images; None lets the model choose.
+            video_size: ``(t, h, w)`` in tokens for generated videos.
+            start_with: ``"image"`` or ``"video"`` forces the output to open with one (text→image).
+            max_images: stop after this many images + videos (0: no limit).
+            seed: makes sampling reproducible.
+
+        Returns:
+            One ``GenerationOutput``, or a list of them for a batch.
+        """
+        prompts, batched = self._split_batch(prompt)
+        done = [e for e in self.stream(prompts, max_new_tokens=max_new_tokens, text=text, image=image, video=video,
+                                       image_size=image_size, video_size=video_size, start_with=start_with,
+                                       max_images=max_images, seed=seed) if isinstance(e, RowDone)]
+        outputs = [GenerationOutput(e.segments, e.ids, e.reason) for e in sorted(done, key=lambda e: e.row)]
+        return outputs if batched else outputs[0]
+
+
+def _load_weights(model: AnyGenModel, path: Path) -> None:
+    """Load ``model.safetensors`` strictly, naming any missing / unexpected / mis-shaped tensor."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{path} is not a readable safetensors file: {err}") from err
+    expected = model.state_dict()
+    if model.config.tie_embeddings:
+        expected = {k: v for k, v in expected.items() if not k.startswith("head.")}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [f"{k}: file {tuple(state[k].shape)} vs config {tuple(expected[k].shape)}"
+              for k in sorted(set(state) & set(expected)) if state[k].shape != expected[k].shape]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing tensors {missing[:5]}{' …' if len(missing) > 5 else ''}")
+        if unexpected:
+            parts.append(f"unexpected tensors {unexpected[:5]}{' …' if len(unexpected) > 5 else ''}")
+        if shapes:
+            parts.append("shape mismatch " + "; ".join(shapes[:5]))
+        raise ValueError(f"{path} does not match config.json: " + ", ".join(parts))
+    model.load_state_dict(state, strict=not model.config.tie_embeddings)
+
+
+__all__ = ["AnyGen", "GenerationOutput", "Understand", "Image", "Video", "Text", "SamplingConfig"]

@@ -1,0 +1,167 @@
+"""``anygen generate``: prompts in, text / PNG / MP4 files out.
+
+One prompt from the command line, or many from a JSONL file (``--prompts``: one JSON object a
+line, ``{"prompt": str, "images": [paths], "understand": [paths]}``, or a bare JSON string) run in
+batches with a progress bar. Each prompt gets a folder ``OUT/NNNN/`` with ``text.txt``,
+``image_K.png`` and ``video_K.mp4``; every written path is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import fields
+from pathlib import Path
+
+from anygen.generation.sampling import SamplingConfig
+
+MODALITIES = ("text", "image", "video")
+DEFAULT_CHECKPOINT_HINT = "pass --checkpoint DIR (a directory written by save_pretrained / anygen export)"
+
+
+def _size(text: str, n: int, name: str) -> tuple[int, ...]:
+    parts = text.lower().replace("×", "x").split("x")
+    if len(parts) != n or not all(p.isdigit() and int(p) > 0 for p in parts):
+        shape = "HxW" if n == 2 else "TxHxW"
+        raise argparse.ArgumentTypeError(f"{name} must be {shape} in tokens, e.g. {'16x16' if n == 2 else '2x8x8'}; "
+                                         f"got {text!r}")
+    return tuple(int(p) for p in parts)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="anygen generate", description="Generate interleaved text, images and video.")
+    p.add_argument("prompt", nargs="?", help="the text prompt (or use --prompts FILE.jsonl)")
+    p.add_argument("--prompts", type=Path, help="JSONL file of prompts, run in batches")
+    p.add_argument("--checkpoint", type=Path, help="checkpoint directory")
+    p.add_argument("--random-tiny", action="store_true", help="use a tiny random engine (for trying the plumbing)")
+    p.add_argument("--image", action="append", default=[], type=Path, metavar="PATH",
+                   help="image given as VQ context, before the prompt text (editing); repeatable")
+    p.add_argument("--understand", action="append", default=[], type=Path, metavar="PATH",
+                   help="image read by the understanding encoder (captioning, questions); repeatable")
+    p.add_argument("--out", type=Path, default=Path("outputs/generate"), help="output directory")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--max-images", type=int, default=0, help="stop after this many images + videos (0: no limit)")
+    p.add_argument("--start-with", choices=("image", "video"), help="force the output to open with an image / video")
+    p.add_argument("--image-size", type=lambda t: _size(t, 2, "--image-size"), help="HxW in tokens")
+    p.add_argument("--video-size", type=lambda t: _size(t, 3, "--video-size"), help="TxHxW in tokens")
+    p.add_argument("--batch-size", type=int, default=4, help="prompts per batch with --prompts")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    for m in MODALITIES:
+        for f in fields(SamplingConfig):
+            p.add_argument(f"--{m}-{f.name.replace('_', '-')}", type=type(f.default), default=None,
+                           dest=f"{m}_{f.name}", help=f"{m} sampling: {f.name}")
+    return p
+
+
+def _sampling(args: argparse.Namespace, modality: str) -> dict:
+    return {f.name: getattr(args, f"{modality}_{f.name}") for f in fields(SamplingConfig)
+            if getattr(args, f"{modality}_{f.name}") is not None}
+
+
+def _load_prompts(args: argparse.Namespace) -> list[dict]:
+    if args.prompts is None:
+        if not args.prompt:
+            raise ValueError("give a prompt, or --prompts FILE.jsonl")
+        return [{"prompt": args.prompt, "images": [str(p) for p in args.image],
+                 "understand": [str(p) for p in args.understand]}]
+    if not args.prompts.is_file():
+        raise FileNotFoundError(f"--prompts file {args.prompts} does not exist")
+    items = []
+    for n, line in enumerate(args.prompts.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{args.prompts}:{n} is not valid JSON: {err}") from err
+        if isinstance(item, str):
+            item = {"prompt": item}
+        if not isinstance(item, dict) or not isinstance(item.get("prompt", ""), str):
+            raise ValueError(f'{args.prompts}:{n}: expected a string or {{"prompt": str, "images": [...], '
+                             f'"understand": [...]}}')
+        unknown = set(item) - {"prompt", "images", "understand"}
+        if unknown:
+            raise ValueError(f"{args.prompts}:{n}: unknown keys {sorted(unknown)}; accepted: prompt, images, "
+                             f"understand")
+        items.append(item)
+    if not items:
+        raise ValueError(f"{args.prompts} holds no prompts")
+    return items
+
+
+def _document(item: dict) -> list:
+    from tokenizers_mm.preprocess import load_image
+    from tokenizers_mm.segments import Image, Understand
+
+    doc: list = [Understand(load_image(p)) for p in item.get("understand", [])]
+    doc += [Image(load_image(p)) for p in item.get("images", [])]
+    if item.get("prompt"):
+        doc.append(item["prompt"])
+    return doc
+
+
+def load_engine(checkpoint: Path | None, random_tiny: bool, device: str | None = None):
+    """The engine the CLI and the demo use: a checkpoint, the tiny random engine, or a clear error."""
+    import torch
+
+    from anygen.api import AnyGen
+
+    if checkpoint is not None:
+        engine = AnyGen.from_pretrained(checkpoint)
+    elif random_tiny:
+        from anygen.testing import random_engine
+
+        engine = random_engine("tiny")
+    else:
+        raise FileNotFoundError(f"no checkpoint given and no default model ships with this version; "
+                                f"{DEFAULT_CHECKPOINT_HINT}, or --random-tiny to try the plumbing")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return engine.to(device)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        items = _load_prompts(args)
+        documents = [_document(item) for item in items]  # decode every image before any work
+        engine = load_engine(args.checkpoint, args.random_tiny, args.device)
+        return _run(engine, args, documents)
+    except (ValueError, FileNotFoundError, TypeError) as err:
+        print(f"anygen generate: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _run(engine, args: argparse.Namespace, documents: list[list]) -> int:
+    from tqdm import tqdm
+
+    from tokenizers_mm.video_io import write_video
+
+    kwargs = dict(max_new_tokens=args.max_new_tokens, text=_sampling(args, "text") or None,
+                  image=_sampling(args, "image") or None, video=_sampling(args, "video") or None,
+                  image_size=args.image_size, video_size=args.video_size, start_with=args.start_with,
+                  max_images=args.max_images, seed=args.seed)
+    size = max(1, args.batch_size)
+    batches = [documents[i:i + size] for i in range(0, len(documents), size)]
+    index = 0
+    for batch in tqdm(batches, desc="generating", unit="batch", disable=len(batches) == 1):
+        outputs = engine.generate([list(d) for d in batch], **kwargs)
+        for out in outputs:
+            folder = args.out / f"{index:04d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            written = []
+            (folder / "text.txt").write_text(out.text)
+            written.append(folder / "text.txt")
+            for k, img in enumerate(out.images):
+                img.save(folder / f"image_{k}.png")
+                written.append(folder / f"image_{k}.png")
+            for k, vid in enumerate(out.videos):
+                written.append(write_video(folder / f"video_{k}.mp4", vid.frames, vid.fps))
+            print(f"[{index}] {out.finish_reason}: {out.text[:80]!r}")
+            for path in written:
+                print(f"  wrote {path}")
+            index += 1
+    return 0

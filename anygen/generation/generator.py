@@ -1,0 +1,330 @@
+"""``Generator``: batched, streaming, interleaved generation over a static KV cache.
+
+What it owns: turning a batch of tokenized prompts into new tokens and events. One step is
+
+    logits (R, V) → guidance (image / video bodies only) → grammar mask or forced id → sample → advance
+
+and every part of it is a tensor operation on the device (``Grammar``, ``sample``), so the only
+host synchronisation per step is reading the new ids for streaming, outside the step itself.
+
+Notable:
+
+- Rows advance independently: one row can write text while another draws; a row that reaches
+  ``<|eos|>`` or ``max_images`` is finished and fed ``<|pad|>`` until the batch ends.
+- Classifier-free guidance is batched: each row has an unconditional twin row whose context is
+  ``<|bos|><|null|>`` plus the image / video span currently open. The twin is fed the same ids as
+  its row, but its cache slots count as valid only inside a span; when a new span opens, the
+  twin's valid-slot mask goes back to its two prompt slots. Guided logits ``u + s·(c − u)`` are used
+  only inside image / video bodies; elsewhere the conditional logits are used as they are.
+- Limits are checked before any work: a prompt that does not fit the context, or a requested image /
+  video that cannot fit in what is left, raises ``ValueError``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from anygen.generation.events import (
+    Event,
+    ImageDone,
+    ImageRows,
+    ImageStarted,
+    RowDone,
+    TextDelta,
+    VideoDone,
+    VideoFrameDone,
+    VideoStarted,
+)
+from anygen.generation.grammar import DONE, TEXT, Grammar, GrammarState
+from anygen.generation.sampling import SamplingConfig, sample
+from anygen.model import AnyGenModel
+from tokenizers_mm.multimodal import MultimodalTokenizer, TokenSequence
+from tokenizers_mm.segments import Image, Segment, Text, Video
+
+DEFAULT_TEXT = SamplingConfig(temperature=0.8, top_k=0, top_p=0.95)
+DEFAULT_IMAGE = SamplingConfig(temperature=1.0, top_k=0, top_p=1.0, guidance_scale=3.0)
+DEFAULT_VIDEO = SamplingConfig(temperature=1.0, top_k=0, top_p=1.0, guidance_scale=3.0)
+
+
+@dataclass
+class GenerationSettings:
+    """Everything a generation call may set besides the prompts.
+
+    Args:
+        max_new_tokens: most ids generated per row (structure tokens included).
+        text / image / video: sampling per modality.
+        image_size: ``(h, w)`` in tokens for every generated image; None lets the model choose.
+        video_size: ``(t, h, w)`` in tokens (latent frames, rows, columns); None lets the model choose.
+        start_with: force the first generated segment to be an image or a video (text→image); a list
+            gives one choice per prompt.
+        max_images: stop a row after this many images + videos (0: no limit).
+        seed: seeds the sampler; the same seed and inputs give the same output.
+        preview_every: with streaming, decode the open image every this many rows (0: no previews).
+    """
+
+    max_new_tokens: int = 512
+    text: SamplingConfig = field(default_factory=lambda: DEFAULT_TEXT)
+    image: SamplingConfig = field(default_factory=lambda: DEFAULT_IMAGE)
+    video: SamplingConfig = field(default_factory=lambda: DEFAULT_VIDEO)
+    image_size: tuple[int, int] | None = None
+    video_size: tuple[int, int, int] | None = None
+    start_with: Literal["image", "video"] | None | list[Literal["image", "video"] | None] = None
+    max_images: int = 0
+    seed: int | None = None
+    preview_every: int = 0
+
+
+class Generator:
+    """Generates from a model and its tokenizer.
+
+    Args:
+        model: the decoder (its KV cache is set up per call).
+        tokenizer: the ``MultimodalTokenizer`` whose ``Vocab`` the model was built with.
+    """
+
+    def __init__(self, model: AnyGenModel, tokenizer: MultimodalTokenizer) -> None:
+        if model.vocab != tokenizer.vocab:
+            raise ValueError(f"model vocabulary {model.vocab.to_dict()} differs from the tokenizer's "
+                             f"{tokenizer.vocab.to_dict()}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.vocab = tokenizer.vocab
+        self.device = model.norm.weight.device
+        self.grammar = Grammar(self.vocab, allow_image=tokenizer.image is not None,
+                               allow_video=tokenizer.video is not None, device=self.device)
+
+    # -- checks ----------------------------------------------------------------------------------------
+    def image_span_len(self, h: int, w: int) -> int:
+        return 3 + h * (w + 1) + 1
+
+    def video_span_len(self, t: int, h: int, w: int) -> int:
+        return 4 + t * (h * (w + 1) + 1) + 1
+
+    def _check(self, prompts: list[TokenSequence], s: GenerationSettings) -> int:
+        """Validate the request before any work; returns the number of new tokens to budget for."""
+        v, ctx = self.vocab, self.model.config.max_seq_len
+        if not prompts:
+            raise ValueError("no prompts given")
+        if not isinstance(s.max_new_tokens, int) or s.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive int, got {s.max_new_tokens!r}")
+        starts = self._starts(s, len(prompts))
+        if "image" in starts and self.tokenizer.image is None:
+            raise ValueError("start_with='image' needs an image tokenizer; this model has none")
+        if "video" in starts and self.tokenizer.video is None:
+            raise ValueError("start_with='video' needs a video tokenizer; this model has none")
+        if s.image_size is not None:
+            h, w = _ints(s.image_size, 2, "image_size")
+            if not (1 <= h <= v.max_height and 1 <= w <= v.max_width):
+                raise ValueError(f"image_size {h}x{w} tokens cannot be produced: this tokenizer writes "
+                                 f"1..{v.max_height} rows and 1..{v.max_width} columns")
+        if s.video_size is not None:
+            t, h, w = _ints(s.video_size, 3, "video_size")
+            if not (1 <= t <= v.max_frames and 1 <= h <= v.max_height and 1 <= w <= v.max_width):
+                raise ValueError(f"video_size {t}x{h}x{w} tokens cannot be produced: accepted 1..{v.max_frames} "
+                                 f"latent frames, 1..{v.max_height} rows, 1..{v.max_width} columns")
+        longest = max(len(p) for p in prompts)
+        if longest >= ctx:
+            raise ValueError(f"the prompt is {longest} tokens but the model's context is {ctx} "
+                             f"(AnyGenConfig.max_seq_len): shorten the prompt")
+        budget = min(s.max_new_tokens, ctx - longest)
+        for what in set(starts) - {None}:
+            if what == "image":
+                h, w = s.image_size or (v.max_height, v.max_width)
+                need = self.image_span_len(h, w)
+            else:
+                t, h, w = s.video_size or (v.max_frames, v.max_height, v.max_width)
+                need = self.video_span_len(t, h, w)
+            if need <= budget:
+                continue
+            raise ValueError(f"the requested {what} needs {need} tokens but only {budget} fit "
+                             f"(prompt {longest} tokens, context {ctx}, max_new_tokens {s.max_new_tokens}); "
+                             f"ask for a smaller size or a shorter prompt")
+        return budget
+
+    @staticmethod
+    def _starts(s: GenerationSettings, b: int) -> list[str | None]:
+        starts = list(s.start_with) if isinstance(s.start_with, (list, tuple)) else [s.start_with] * b
+        if len(starts) != b or any(x not in (None, "image", "video") for x in starts):
+            raise ValueError(f"start_with must be None, 'image', 'video', or a list of those with one entry per "
+                             f"prompt ({b}), got {s.start_with!r}")
+        return starts
+
+    # -- the loop ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def stream(self, prompts: list[TokenSequence], settings: GenerationSettings | None = None) -> Iterator[Event]:
+        """Generate for a batch of prompts, yielding events as ids arrive; ends with one ``RowDone`` per row."""
+        s = settings or GenerationSettings()
+        budget = self._check(prompts, s)
+        v, dev, model = self.vocab, self.device, self.model
+        b = len(prompts)
+        guided = any(cfg.guidance_scale != 1.0 for cfg in (s.image, s.video))
+        rows = [p.ids for p in prompts]
+        if guided:
+            rows += [torch.tensor([v.bos, v.null])] * b
+        r = len(rows)
+        width = max(len(x) for x in rows)
+        ids = torch.full((r, width), v.pad, dtype=torch.long)
+        mask = torch.zeros((r, width), dtype=torch.bool)
+        for i, x in enumerate(rows):  # left padding: every row's next token goes to the same slot
+            ids[i, width - len(x):] = x
+            mask[i, width - len(x):] = True
+        und = [p.und_pixels for p in prompts if p.und_pixels is not None]
+        und_pixels = torch.cat(und).to(dev) if und else None
+        ids, mask = ids.to(dev), mask.to(dev)
+
+        model.setup_cache(r, width + budget, device=dev)
+        logits = model.prefill(ids, attention_mask=mask, und_pixels=und_pixels)  # (R, V)
+        prompt_valid = model.cache_valid.clone()
+        positions = mask.sum(-1)  # (R,) next RoPE position of each row
+        twin_prompt_len = positions[b:].clone()
+
+        def tensor(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long, device=dev)
+
+        ih, iw = s.image_size or (0, 0)
+        vt, vh, vw = s.video_size or (0, 0, 0)
+        state = GrammarState.start(tensor([TEXT] * b), req_h=tensor([ih] * b), req_w=tensor([iw] * b),
+                                   req_t=tensor([vt] * b), req_vh=tensor([vh] * b), req_vw=tensor([vw] * b),
+                                   max_media=tensor([s.max_images] * b))
+        cfgs = (s.text, s.image, s.video)  # indexed by grammar.S_TEXT / S_IMAGE / S_VIDEO
+        temperature = torch.tensor([c.temperature for c in cfgs], device=dev)
+        top_k = tensor([c.top_k for c in cfgs])
+        top_p = torch.tensor([c.top_p for c in cfgs], device=dev)
+        scale = torch.tensor([c.guidance_scale for c in cfgs], device=dev)
+        generator = torch.Generator(device=dev)
+        generator.manual_seed(s.seed if s.seed is not None else torch.seed())
+        first = tensor([{"image": v.boi, "video": v.bov}.get(x or "", -1) for x in self._starts(s, b)])
+
+        trackers = [_RowTracker(row, self.tokenizer, s.preview_every) for row in range(b)]
+        slot = torch.tensor(width, device=dev)
+        for step in range(budget):
+            setting = self.grammar.phase_setting[state.phase]  # (B,)
+            cond = logits[:b]
+            if guided:
+                g = scale[setting]
+                active = self.grammar.in_body(state) & (g != 1.0)
+                unc = logits[b:]
+                cond = torch.where(active[:, None], unc + g[:, None] * (cond - unc), cond)
+            mclass, forced = self.grammar.constraints(state)
+            if step == 0:
+                forced = torch.where(first >= 0, first, forced)
+            cond = cond.float().masked_fill(~self.grammar.masks[mclass], float("-inf"))
+            tok = sample(cond, temperature[setting], top_k[setting], top_p[setting], generator)
+            tok = torch.where(forced >= 0, forced, tok)  # (B,)
+            opens = (state.phase == TEXT) & ((tok == v.boi) | (tok == v.bov))
+            twin_valid = self.grammar.in_media(state) | opens
+            state = self.grammar.advance(state, tok)
+
+            host = torch.stack([tok, (state.phase == DONE).long()]).tolist()  # the one sync per step
+            for row, tracker in enumerate(trackers):
+                if not tracker.finished:
+                    yield from tracker.feed(host[0][row], done=bool(host[1][row]))
+            if all(t.finished for t in trackers) or step == budget - 1:
+                break
+
+            feed = tok
+            if guided:
+                # a twin forgets its previous span when a new one opens, and keeps only span tokens
+                reset = torch.cat([torch.zeros_like(opens), opens])[:, None]
+                model.cache_valid.copy_(torch.where(reset, prompt_valid, model.cache_valid))
+                positions[b:] = torch.where(opens, twin_prompt_len, positions[b:])
+                feed = torch.cat([tok, tok])
+            logits = model.decode_step(feed, slot=slot, positions=positions)
+            if guided:
+                model.cache_valid[b:].index_copy_(1, slot.reshape(1), twin_valid[:, None])
+                positions[b:] += twin_valid.long()
+            positions[:b] += 1
+            slot += 1
+
+        for tracker in trackers:
+            if not tracker.finished:
+                yield from tracker.finish("max_new_tokens")
+
+    def generate(self, prompts: list[TokenSequence], settings: GenerationSettings | None = None) -> list[RowDone]:
+        """Run ``stream`` to the end; one ``RowDone`` (segments and new ids) per prompt, in order."""
+        done = [e for e in self.stream(prompts, settings) if isinstance(e, RowDone)]
+        return sorted(done, key=lambda e: e.row)
+
+
+class _RowTracker:
+    """Host-side view of one row: turns its ids into events and, at the end, into segments."""
+
+    def __init__(self, row: int, tokenizer: MultimodalTokenizer, preview_every: int) -> None:
+        self.row, self.tok, self.preview_every = row, tokenizer, preview_every
+        self.v = tokenizer.vocab
+        self.ids: list[int] = []
+        self.segments: list[Segment] = []
+        self.text_ids: list[int] = []
+        self.text_sent = ""
+        self.span: list[int] | None = None  # ids of the open image / video span
+        self.finished = False
+
+    def _flush_text(self) -> None:
+        if self.text_ids:
+            self.segments.append(Text(self.tok.text.decode(self.text_ids)))
+        self.text_ids, self.text_sent = [], ""
+
+    def feed(self, tok: int, *, done: bool) -> Iterator[Event]:
+        v = self.v
+        self.ids.append(tok)
+        if self.span is not None:
+            self.span.append(tok)
+            yield from self._span_event(tok)
+        elif tok < v.special_offset:
+            self.text_ids.append(tok)
+            text = self.tok.text.decode(self.text_ids)
+            if not text.endswith("\ufffd") and len(text) > len(self.text_sent):  # wait for a split UTF-8 char
+                yield TextDelta(self.row, text[len(self.text_sent):])
+                self.text_sent = text
+        elif tok in (v.boi, v.bov):
+            self._flush_text()
+            self.span = [tok]
+        if done:
+            yield from self.finish("eos" if tok in (v.eos, v.pad) else "max_images")
+
+    def _span_event(self, tok: int) -> Iterator[Event]:
+        v, span = self.v, self.span
+        assert span is not None
+        image = span[0] == v.boi
+        n = len(span)
+        if image and n == 3:
+            h, w = v.size_value(span[1], "h"), v.size_value(span[2], "w")
+            ds = self.tok.image.downsample
+            yield ImageStarted(self.row, h, w, (h * ds, w * ds))
+        elif not image and n == 4:
+            t, h, w = (v.size_value(span[1], "t"), v.size_value(span[2], "h"), v.size_value(span[3], "w"))
+            yield VideoStarted(self.row, t, h, w)
+        elif image and tok == v.eol:
+            h = v.size_value(span[1], "h")
+            rows_done = span.count(v.eol)
+            preview = None
+            if self.preview_every and (rows_done % self.preview_every == 0 or rows_done == h):
+                (seg,) = self.tok.decode(span, allow_partial=True)
+                preview = seg.image
+            yield ImageRows(self.row, rows_done, h, preview)
+        elif not image and tok == v.eof:
+            yield VideoFrameDone(self.row, span.count(v.eof) - 1, v.size_value(span[1], "t"))
+        elif tok in (v.eoi, v.eov):
+            (seg,) = self.tok.decode(span)
+            self.segments.append(seg)
+            self.span = None
+            yield ImageDone(self.row, seg) if isinstance(seg, Image) else VideoDone(self.row, seg)
+
+    def finish(self, reason: str) -> Iterator[Event]:
+        self._flush_text()
+        if self.span is not None:  # cut off by max_new_tokens: keep the complete rows, flagged partial
+            segs = self.tok.decode(self.span, allow_partial=True)
+            self.segments.extend(s for s in segs if isinstance(s, (Image, Video)))
+            self.span = None
+        self.finished = True
+        yield RowDone(self.row, reason, self.segments, torch.tensor(self.ids, dtype=torch.long))
+
+
+def _ints(values, n: int, name: str) -> tuple[int, ...]:
+    if not isinstance(values, (tuple, list)) or len(values) != n or not all(isinstance(x, int) for x in values):
+        raise ValueError(f"{name} must be {n} ints (sizes in tokens), got {values!r}")
+    return tuple(values)

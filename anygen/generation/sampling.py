@@ -1,0 +1,97 @@
+"""Sampling settings per modality and a sampler with no host synchronisation.
+
+``SamplingConfig`` is what a user sets (``temperature``, ``top_k``, ``top_p``, ``guidance_scale``),
+once for text, once for images and once for video. ``sample`` turns a ``(B, V)`` logits tensor into
+``(B,)`` ids with per-row settings given as tensors, so one batch can hold rows writing text next
+to rows drawing an image. It never calls ``.item()`` or branches on tensor values: the whole decode
+step stays capturable by CUDA graphs / ``torch.compile``. Randomness is the exponential-race form
+of categorical sampling (``argmax(p / E)``, ``E ~ Exp(1)``) driven by an explicit
+``torch.Generator``, so a seed reproduces the output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import torch
+
+
+@dataclass
+class SamplingConfig:
+    """How one modality is sampled.
+
+    Args:
+        temperature: softmax temperature; ``0`` means greedy (argmax).
+        top_k: keep the ``k`` most likely ids (``0`` keeps all).
+        top_p: nucleus sampling; keep the smallest set with this much mass (``1.0`` keeps all).
+        guidance_scale: classifier-free guidance scale inside image / video spans (``1.0`` is off).
+    """
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    guidance_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
+            raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {self.temperature!r}")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
+            raise ValueError(f"top_k must be an int >= 0 (0 = no top-k), got {self.top_k!r}")
+        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.guidance_scale, (int, float)) or self.guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be a number >= 0 (1 = no guidance), got {self.guidance_scale!r}")
+
+    @classmethod
+    def coerce(cls, value: SamplingConfig | dict | None, name: str, default: SamplingConfig) -> SamplingConfig:
+        """Accept a ``SamplingConfig``, a dict of its fields, or ``None`` (the default)."""
+        if value is None:
+            return default
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, dict):
+            accepted = {f.name for f in fields(cls)}
+            unknown = set(value) - accepted
+            if unknown:
+                raise ValueError(f"unknown {name} sampling option(s) {sorted(unknown)}; accepted: {sorted(accepted)}")
+            return cls(**{**asdict(default), **value})
+        raise TypeError(f"{name} sampling settings must be a SamplingConfig or a dict, got {type(value).__name__}")
+
+
+def sample(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Sample one id per row.
+
+    Args:
+        logits: ``(B, V)`` float; ``-inf`` marks ids that are not allowed.
+        temperature: ``(B,)``; rows with 0 take the argmax.
+        top_k: ``(B,)`` long; 0 keeps all ids.
+        top_p: ``(B,)`` float in (0, 1].
+        generator: the source of randomness (seeded by the caller).
+
+    Returns:
+        ``(B,)`` long ids.
+    """
+    logits = logits.float()
+    greedy = logits.argmax(dim=-1)
+    scaled = logits / temperature.clamp_min(1e-5)[:, None]
+    sorted_logits, sorted_idx = scaled.sort(dim=-1, descending=True)  # (B, V)
+    vocab = logits.shape[-1]
+    rank = torch.arange(vocab, device=logits.device)[None, :]
+    k = torch.where(top_k > 0, top_k, torch.full_like(top_k, vocab)).clamp(max=vocab)
+    drop = rank >= k[:, None]
+    probs = torch.softmax(sorted_logits, dim=-1)
+    # keep the smallest prefix whose mass reaches top_p: drop an id when the mass before it already does
+    mass_before = probs.cumsum(dim=-1) - probs
+    drop |= mass_before >= top_p[:, None]
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    probs = torch.softmax(sorted_logits, dim=-1)
+    race = torch.empty_like(probs).exponential_(generator=generator)
+    choice = (probs / race).argmax(dim=-1)  # categorical sample without torch.multinomial's host sync
+    sampled = sorted_idx.gather(-1, choice[:, None]).squeeze(-1)
+    return torch.where(temperature > 0, sampled, greedy)

@@ -1,0 +1,526 @@
+"""The anygen decoder: one transformer over the interleaved text / image / video token stream.
+
+What this module owns, top to bottom:
+
+- building blocks: ``RMSNorm``, rotary embeddings at explicit per-row positions, ``HeadNorm``
+  (Chameleon's per-head QK-norm), grouped-query ``Attention`` through ``scaled_dot_product_attention``,
+  the SwiGLU ``MLP``, a pre-norm or post-norm ("swin-norm") ``Block``, and the static ``KVCache``;
+- ``AnyGenModel``: routed embeddings and heads (one table and one head per modality, combined by id
+  range), the ``<|und|>`` positions filled by the understanding encoder, a full causal ``forward``
+  for training and reference, and ``prefill`` / ``decode_step`` over a preallocated KV cache;
+- the losses: ``routed_cross_entropy`` (each target scored by a softmax over its own modality's
+  slice of the vocabulary) and ``z_loss``.
+
+Notable:
+
+- Logits always cover the whole vocabulary in id order (``[text+specials+sizes | image | video]``),
+  so every id has a logit; the generator masks per state and training normalises per slice.
+- ``decode_step`` does no host synchronisation and no Python branching on tensor values: the slot
+  to write is a 0-dim tensor, k/v are written with ``index_copy_`` and attention runs over the whole
+  preallocated length with a ``valid & (slot_index <= slot)`` mask, so CUDA graphs and
+  ``torch.compile`` can capture it whole (gpt-fast's recipe).
+- Rows of a batch may have different prompt lengths: callers left-pad, pass ``attention_mask``
+  (False = padding) and per-row positions (the count of real tokens before each one).
+- Id checks (``Vocab.check_ids``) and the ``<|und|>`` count check sync with the host, so they run in
+  ``forward`` / ``prefill`` only, never in ``decode_step``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from anygen.config import AnyGenConfig
+from anygen.understanding import UnderstandingEncoder
+from tokenizers_mm.vocab import Vocab
+
+# -- building blocks ---------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in fp32 so bf16 activations do not lose the scale."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
+
+
+class HeadNorm(nn.Module):
+    """QK-norm: normalise each head's q (or k) over ``head_dim``, then a per-head affine.
+
+    Chameleon stabilises mixed-modal training this way (its ``q_norm`` weights are ``(n_heads, head_dim)``,
+    which this layout keeps so its checkpoints import as they are).
+    """
+
+    def __init__(self, n_heads: int, head_dim: int, kind: Literal["rms", "layernorm"], eps: float) -> None:
+        super().__init__()
+        self.kind, self.eps = kind, eps
+        self.weight = nn.Parameter(torch.ones(n_heads, head_dim))
+        self.bias = nn.Parameter(torch.zeros(n_heads, head_dim)) if kind == "layernorm" else None
+
+    def forward(self, x: Tensor) -> Tensor:  # x: (B, H, T, hd)
+        shape = (x.shape[-1],)
+        if self.kind == "rms":
+            y = F.rms_norm(x.float(), shape, eps=self.eps)
+        else:
+            y = F.layer_norm(x.float(), shape, eps=self.eps)
+        y = y.type_as(x) * self.weight[:, None, :]  # (H, 1, hd): one affine per head, shared over T
+        return y if self.bias is None else y + self.bias[:, None, :]
+
+
+def rope_cos_sin(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
+    """Rotary tables at explicit positions: ``positions (B, T)`` -> cos, sin ``(B, 1, T, head_dim)``.
+
+    Computed per call from the positions (no table buffer): a left-padded row simply starts at 0,
+    and ``model.to(bfloat16)`` cannot round the frequencies.
+    """
+    inv_freq = theta ** -(torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    freqs = positions[..., None].float() * inv_freq  # (B, T, hd/2)
+    angles = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, T, hd), broadcast over heads
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate ``x (B, H, T, hd)`` in the "rotate half" layout of LLaMA / Hugging Face checkpoints."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x.float() * cos + rotated * sin).type_as(x)
+
+
+class KVCache(nn.Module):
+    """Static key/value store of one attention layer, written by slot.
+
+    Buffers (not saved in the state dict):
+        k: ``(B, n_kv_head, L, head_dim)``
+        v: ``(B, n_kv_head, L, head_dim)``
+
+    ``L`` is the preallocated length. Slots that were never written stay zero: they are masked
+    out, but masked weights multiply them, and zeros (unlike ``torch.empty`` garbage) cannot be NaN.
+    """
+
+    def __init__(self, batch_size: int, n_kv_head: int, max_seq_len: int, head_dim: int, *,
+                 device: torch.device | str | None, dtype: torch.dtype) -> None:
+        super().__init__()
+        shape = (batch_size, n_kv_head, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+
+    def update(self, slots: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write ``k, v (B, n_kv_head, T, hd)`` at ``slots (T,)``; return the whole (B, n_kv_head, L, hd) buffers."""
+        self.k.index_copy_(2, slots, k.to(self.k.dtype))
+        self.v.index_copy_(2, slots, v.to(self.v.dtype))
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with optional per-head QK-norm and a static KV cache."""
+
+    def __init__(self, config: AnyGenConfig) -> None:
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        d = config.d_model
+        # separate projections, named as in Hugging Face LLaMA-family checkpoints, so importers map 1:1
+        self.q_proj = nn.Linear(d, self.n_head * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(d, self.n_kv_head * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(d, self.n_kv_head * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, d, bias=False)
+        if config.qk_norm == "none":
+            self.q_norm: HeadNorm | None = None
+            self.k_norm: HeadNorm | None = None
+        else:
+            self.q_norm = HeadNorm(self.n_head, self.head_dim, config.qk_norm, config.norm_eps)
+            self.k_norm = HeadNorm(self.n_kv_head, self.head_dim, config.qk_norm, config.norm_eps)
+        self.kv_cache: KVCache | None = None  # set by AnyGenModel.setup_cache
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, *, is_causal: bool = False,
+                cache_slots: Tensor | None = None, kv_len: int | None = None) -> Tensor:
+        """Attend ``x (B, T, D)``.
+
+        Without ``cache_slots`` the keys are this call's own ``T`` tokens. With them, this call's k/v
+        are written into the cache at ``cache_slots (T,)`` and the queries attend over the cache
+        (its first ``kv_len`` slots, or all ``L`` when ``kv_len`` is None). ``mask`` is bool, True = attend,
+        broadcastable to ``(B, 1, T, S)``.
+        """
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x).view(b, t, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = self.v_proj(x).view(b, t, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)  # before RoPE, as in Chameleon
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache_slots is not None:
+            if self.kv_cache is None:
+                raise RuntimeError("KV cache not set up: call AnyGenModel.setup_cache first")
+            k, v = self.kv_cache.update(cache_slots, k, v)  # (B, Hkv, L, hd)
+            if kv_len is not None:
+                k, v = k[:, :, :kv_len], v[:, :, :kv_len]  # (B, Hkv, S, hd)
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                           enable_gqa=self.n_kv_head != self.n_head)  # (B, H, T, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_head * self.head_dim))  # (B, T, D)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward (Shazeer 2020), LLaMA naming."""
+
+    def __init__(self, config: AnyGenConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.d_model, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.d_model, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """One decoder layer: pre-norm (LLaMA) or post-norm inside the residual branch (Chameleon's swin-norm).
+
+    Swin-norm bounds the magnitude each branch adds to the residual stream, which Chameleon-34B
+    needed to keep mixed-modal training from diverging.
+    """
+
+    def __init__(self, config: AnyGenConfig) -> None:
+        super().__init__()
+        self.post_norm = config.post_norm
+        self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.attn = Attention(config)
+        self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, *, is_causal: bool = False,
+                cache_slots: Tensor | None = None, kv_len: int | None = None) -> Tensor:
+        kw = {"is_causal": is_causal, "cache_slots": cache_slots, "kv_len": kv_len}
+        if self.post_norm:
+            x = x + self.attn_norm(self.attn(x, cos, sin, mask, **kw))
+            return x + self.mlp_norm(self.mlp(x))
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, **kw)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+# -- the model ---------------------------------------------------------------------------------------
+
+
+class AnyGenModel(nn.Module):
+    """Decoder over the joint vocabulary, with routed (or shared) embeddings and heads.
+
+    Args:
+        config: shapes, vocabulary layout and understanding encoder.
+
+    Attributes:
+        vocab: the ``Vocab`` built from ``config.vocab_dict()``.
+        embed: ``{"text", "image", "video"}`` tables (routed) or ``{"shared"}``.
+        head: output projections keyed like ``embed``.
+        und: the ``UnderstandingEncoder``, or None when ``config.und_encoder`` is None.
+    """
+
+    def __init__(self, config: AnyGenConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.vocab = Vocab(**config.vocab_dict())
+        v, d = self.vocab, config.d_model
+        if config.head_mode == "routed":
+            # text table covers every id before the image codes: BPE, specials and size tokens
+            sizes = {"text": v.text_head_size, "image": v.image_codebook_size, "video": v.video_codebook_size}
+        else:
+            sizes = {"shared": v.size}
+        self.embed = nn.ModuleDict({name: nn.Embedding(n, d) for name, n in sizes.items()})
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm = RMSNorm(d, config.norm_eps)
+        self.head = nn.ModuleDict({name: nn.Linear(d, n, bias=False) for name, n in sizes.items()})
+        self.und = UnderstandingEncoder(config) if config.und_encoder is not None else None
+        self._init_weights()
+        if config.tie_embeddings:
+            for name in sizes:
+                self.head[name].weight = self.embed[name].weight
+        # static cache state, allocated by setup_cache
+        self.register_buffer("cache_valid", None, persistent=False)  # (B, L) bool: slot holds a real token
+        self.register_buffer("cache_slot_ids", None, persistent=False)  # (L,) arange, kept to avoid a per-step alloc
+
+    def _init_weights(self) -> None:
+        # the SigLIP tower keeps transformers' own init (or its pretrained weights)
+        modules = [self.embed, self.blocks, self.head] + ([self.und.aligner] if self.und is not None else [])
+        for root in modules:
+            for module in root.modules():
+                if isinstance(module, (nn.Linear, nn.Embedding)):
+                    nn.init.normal_(module.weight, mean=0.0, std=0.02)
+                    if isinstance(module, nn.Linear) and module.bias is not None:
+                        nn.init.zeros_(module.bias)
+
+    def num_parameters(self, *, trainable_only: bool = False) -> int:
+        """Parameter count (tied weights once); ``trainable_only`` skips a frozen SigLIP tower."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    # -- embeddings and heads ------------------------------------------------------------------------
+    def embed_ids(self, ids: Tensor) -> Tensor:
+        """Token embeddings ``(B, T) -> (B, T, D)``; ``<|und|>`` positions keep their text embedding here.
+
+        Routed: each table is looked up with clamped indices and the results are picked by id range
+        with ``torch.where``, so no boolean indexing (a host sync) is needed.
+        """
+        if self.config.head_mode == "shared":
+            return self.embed["shared"](ids)
+        v = self.vocab
+        is_image = ((ids >= v.image_offset) & (ids < v.video_offset))[..., None]  # (B, T, 1)
+        is_video = (ids >= v.video_offset)[..., None]
+        text = self.embed["text"](ids.clamp(0, v.image_offset - 1))  # (B, T, D)
+        image = self.embed["image"]((ids - v.image_offset).clamp(0, v.image_codebook_size - 1))
+        video = self.embed["video"]((ids - v.video_offset).clamp(0, v.video_codebook_size - 1))
+        return torch.where(is_image, image, torch.where(is_video, video, text))
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """Final hidden states ``(..., D)`` -> logits over the whole vocabulary ``(..., V)``, in id order."""
+        if self.config.head_mode == "shared":
+            return self.head["shared"](hidden)
+        return torch.cat([self.head["text"](hidden), self.head["image"](hidden), self.head["video"](hidden)], dim=-1)
+
+    def _embed_with_und(self, ids: Tensor, und_pixels: Tensor | None) -> Tensor:
+        """Embeddings with the ``<|und|>`` positions (row-major over the batch) replaced by encoder features."""
+        x = self.embed_ids(ids)  # (B, T, D)
+        und_mask = ids == self.vocab.und  # (B, T)
+        count = int(und_mask.sum())  # host sync: acceptable in forward / prefill, never in decode_step
+        if self.und is None:
+            if count or und_pixels is not None:
+                raise ValueError(f"this model has no understanding encoder (AnyGenConfig.und_encoder is None), but "
+                                 f"got {count} <|und|> positions and und_pixels={und_pixels is not None}")
+            return x
+        n_images = 0 if und_pixels is None else und_pixels.shape[0]
+        expected = n_images * self.und.num_tokens
+        if count != expected:
+            raise ValueError(f"the ids hold {count} <|und|> positions but und_pixels gives {n_images} images x "
+                             f"{self.und.num_tokens} tokens = {expected}")
+        if count == 0:
+            return x
+        feats = self.und(und_pixels).to(x.dtype)  # (N, und_tokens, D)
+        return x.masked_scatter(und_mask[..., None], feats)  # fills masked rows in row-major order
+
+    def _check_inputs(self, ids: Tensor, positions: Tensor | None, attention_mask: Tensor | None) -> None:
+        if ids.ndim != 2 or ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"ids must be an integer tensor of shape (B, T), got {ids.dtype} {tuple(ids.shape)}")
+        self.vocab.check_ids(ids)
+        if positions is not None and positions.shape != ids.shape:
+            raise ValueError(f"positions must have the shape of ids {tuple(ids.shape)}, got {tuple(positions.shape)}")
+        if attention_mask is not None and (attention_mask.shape != ids.shape or attention_mask.dtype != torch.bool):
+            raise ValueError(f"attention_mask must be a bool tensor of shape {tuple(ids.shape)} (False = padding), "
+                             f"got {attention_mask.dtype} {tuple(attention_mask.shape)}")
+
+    @staticmethod
+    def default_positions(ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """RoPE positions ``(B, T)`` for ``ids``: the count of real tokens before each position (padding gets 0)."""
+        if attention_mask is None:
+            return torch.arange(ids.shape[1], device=ids.device).expand(ids.shape)
+        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+    # -- full forward (training, reference) ------------------------------------------------------------
+    def hidden(self, ids: Tensor, *, positions: Tensor | None = None, attention_mask: Tensor | None = None,
+               und_pixels: Tensor | None = None) -> Tensor:
+        """Final-norm hidden states ``(B, T, D)`` of a full causal pass (no cache); see ``forward``."""
+        self._check_inputs(ids, positions, attention_mask)
+        t = ids.shape[1]
+        if positions is None:
+            positions = self.default_positions(ids, attention_mask)
+        x = self._embed_with_und(ids, und_pixels)  # (B, T, D)
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
+        if attention_mask is None:
+            mask, is_causal = None, True  # lets SDPA pick its fused causal kernels
+        else:
+            idx = torch.arange(t, device=ids.device)
+            causal = idx[None, :] <= idx[:, None]  # (T, T)
+            # a padding query attends to itself only, so no row of the softmax is empty (NaN)
+            mask = causal & (attention_mask[:, None, None, :] | (idx[None, :] == idx[:, None]))  # (B, 1, T, T)
+            is_causal = False
+        for block in self.blocks:
+            x = block(x, cos, sin, mask, is_causal=is_causal)
+        return self.norm(x)
+
+    def forward(self, ids: Tensor, *, positions: Tensor | None = None, attention_mask: Tensor | None = None,
+                und_pixels: Tensor | None = None) -> Tensor:
+        """Full causal forward, no cache.
+
+        Args:
+            ids: ``(B, T)`` token ids in ``[0, vocab.size)``.
+            positions: ``(B, T)`` RoPE positions; default: count of real tokens before each position.
+            attention_mask: ``(B, T)`` bool, False marks padding keys; default: no padding.
+            und_pixels: ``(N, 3, S, S)`` in ``[-1, 1]``, one image per ``und_tokens`` ``<|und|>`` positions.
+
+        Returns:
+            Logits ``(B, T, V)`` over the whole vocabulary.
+        """
+        return self.logits(self.hidden(ids, positions=positions, attention_mask=attention_mask,
+                                       und_pixels=und_pixels))
+
+    # -- losses ----------------------------------------------------------------------------------------
+    def loss(self, logits: Tensor, targets: Tensor, loss_mask: Tensor | None = None, *,
+             reduction: Literal["mean", "sum", "none"] = "mean") -> Tensor:
+        """``routed_cross_entropy`` with this model's head mode and ``z_loss_weight``."""
+        return routed_cross_entropy(logits, targets, self.vocab, loss_mask, head_mode=self.config.head_mode,
+                                    z_loss_weight=self.config.z_loss_weight, reduction=reduction)
+
+    # -- static KV cache ---------------------------------------------------------------------------------
+    def setup_cache(self, batch_size: int, max_seq_len: int, *, device: torch.device | str | None = None,
+                    dtype: torch.dtype | None = None) -> None:
+        """Preallocate a ``KVCache`` per layer and the ``(B, L)`` slot-valid mask; replaces any previous cache."""
+        if max_seq_len > self.config.max_seq_len or max_seq_len < 1:
+            raise ValueError(f"setup_cache max_seq_len must be in 1..{self.config.max_seq_len} "
+                             f"(AnyGenConfig.max_seq_len), got {max_seq_len}")
+        if batch_size < 1:
+            raise ValueError(f"setup_cache batch_size must be >= 1, got {batch_size}")
+        weight = self.norm.weight
+        device = weight.device if device is None else torch.device(device)
+        dtype = weight.dtype if dtype is None else dtype
+        for block in self.blocks:
+            block.attn.kv_cache = KVCache(batch_size, self.config.n_kv_head, max_seq_len, self.config.head_dim,
+                                          device=device, dtype=dtype)
+        self.cache_valid = torch.zeros(batch_size, max_seq_len, dtype=torch.bool, device=device)
+        self.cache_slot_ids = torch.arange(max_seq_len, device=device)
+
+    def reset_cache(self) -> None:
+        """Forget every cached token (zeroes k/v and the valid mask) without reallocating."""
+        self._require_cache()
+        for block in self.blocks:
+            assert block.attn.kv_cache is not None
+            block.attn.kv_cache.k.zero_()
+            block.attn.kv_cache.v.zero_()
+        self.cache_valid.zero_()
+
+    def cache_bytes(self) -> int:
+        """Bytes held by the k/v buffers: 2 * layers * kv_heads * head_dim * L * B * element size."""
+        caches = [block.attn.kv_cache for block in self.blocks if block.attn.kv_cache is not None]
+        return sum(c.k.nbytes + c.v.nbytes for c in caches)
+
+    def _require_cache(self) -> tuple[int, int]:
+        if self.cache_valid is None:
+            raise RuntimeError("KV cache not set up: call AnyGenModel.setup_cache(batch_size, max_seq_len) first")
+        return self.cache_valid.shape[0], self.cache_valid.shape[1]
+
+    @torch.no_grad()
+    def prefill(self, ids: Tensor, *, positions: Tensor | None = None, attention_mask: Tensor | None = None,
+                und_pixels: Tensor | None = None, start: int = 0) -> Tensor:
+        """Run a prompt through the model, writing its k/v into cache slots ``start .. start+T-1``.
+
+        Args:
+            ids: ``(B, T)``, left-padded when rows differ in length; B must equal the cache's batch size.
+            positions: ``(B, T)`` RoPE positions; default: count of real tokens before each position
+                (including those already cached before ``start``).
+            attention_mask: ``(B, T)`` bool, False for padding; default: no padding.
+            und_pixels: ``(N, 3, S, S)`` for the ``<|und|>`` positions of ``ids``.
+            start: first slot to write. 0 starts a new sequence (earlier slots are forgotten); a later
+                start appends a chunk after what the cache already holds.
+
+        Returns:
+            Logits ``(B, V)`` of the last position.
+        """
+        cache_b, cache_len = self._require_cache()
+        self._check_inputs(ids, positions, attention_mask)
+        b, t = ids.shape
+        if b != cache_b:
+            raise ValueError(f"prefill batch size {b} differs from the cache's {cache_b}; call setup_cache again")
+        if start < 0 or start + t > cache_len:
+            raise ValueError(f"prefill of {t} tokens at slot {start} does not fit the cache of {cache_len} slots")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(ids, dtype=torch.bool)
+        if start == 0:
+            self.cache_valid.zero_()
+        if positions is None:
+            before = self.cache_valid[:, :start].sum(-1, keepdim=True)  # (B, 1) real tokens already cached
+            positions = self.default_positions(ids, attention_mask) + before
+        self.cache_valid[:, start:start + t] = attention_mask
+        x = self._embed_with_und(ids, und_pixels)  # (B, T, D)
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
+        kv_len = start + t
+        q_slots = self.cache_slot_ids[start:kv_len]  # (T,)
+        k_slots = self.cache_slot_ids[:kv_len]  # (S,)
+        causal = k_slots[None, :] <= q_slots[:, None]  # (T, S)
+        # as in hidden(): a padding query also sees itself so its softmax row is never empty
+        mask = causal & (self.cache_valid[:, None, None, :kv_len] | (k_slots[None, :] == q_slots[:, None]))
+        for block in self.blocks:
+            x = block(x, cos, sin, mask, cache_slots=q_slots, kv_len=kv_len)
+        return self.logits(self.norm(x[:, -1]))  # (B, V)
+
+    @torch.no_grad()
+    def decode_step(self, ids: Tensor, *, slot: Tensor | int, positions: Tensor) -> Tensor:
+        """One token per row through the cache; capturable (no host sync, no value-dependent branches).
+
+        Args:
+            ids: ``(B,)`` the tokens to feed (never ``<|und|>``; ids are not checked here).
+            slot: 0-dim long tensor, the cache slot to write (the same for every row).
+            positions: ``(B,)`` RoPE position of each row's token.
+
+        Returns:
+            Logits ``(B, V)`` for the next token.
+        """
+        self._require_cache()
+        if not isinstance(slot, Tensor):  # a Python int is accepted for convenience; capture needs a tensor
+            slot = torch.tensor(slot, device=self.cache_valid.device)
+        slot = slot.reshape(1)  # (1,) index for index_copy_ / index_fill_
+        self.cache_valid.index_fill_(1, slot, True)
+        mask = (self.cache_valid & (self.cache_slot_ids <= slot))[:, None, None, :]  # (B, 1, 1, L)
+        x = self.embed_ids(ids[:, None])  # (B, 1, D)
+        cos, sin = rope_cos_sin(positions[:, None], self.config.head_dim, self.config.rope_theta)
+        for block in self.blocks:
+            x = block(x, cos, sin, mask, cache_slots=slot)
+        return self.logits(self.norm(x[:, 0]))  # (B, V)
+
+
+# -- losses ------------------------------------------------------------------------------------------
+
+
+def _reduce(loss: Tensor, loss_mask: Tensor | None, reduction: Literal["mean", "sum", "none"]) -> Tensor:
+    if loss_mask is not None:
+        loss = torch.where(loss_mask, loss, torch.zeros_like(loss))
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    if reduction == "mean":
+        count = loss.numel() if loss_mask is None else loss_mask.sum().clamp(min=1)  # no host sync
+        return loss.sum() / count
+    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+def z_loss(logits: Tensor, loss_mask: Tensor | None = None) -> Tensor:
+    """Mean of ``logsumexp(logits)^2`` over (unmasked) positions: keeps the softmax normaliser near 1 (PaLM)."""
+    return _reduce(torch.logsumexp(logits.float(), dim=-1).square(), loss_mask, "mean")
+
+
+def routed_cross_entropy(logits: Tensor, targets: Tensor, vocab: Vocab, loss_mask: Tensor | None = None, *,
+                         head_mode: Literal["routed", "shared"] = "routed", z_loss_weight: float = 0.0,
+                         reduction: Literal["mean", "sum", "none"] = "mean") -> Tensor:
+    """Cross-entropy where each target is scored by a softmax over its own modality's slice.
+
+    A text / special / size target normalises over ``[0, image_offset)``, an image code over the image
+    codes, a video code over the video codes: the routed heads never compete with each other, which is
+    what the generator sees too (it masks logits to the current state's slice). ``head_mode="shared"``
+    normalises over the whole vocabulary instead.
+
+    Args:
+        logits: ``(..., V)`` over the whole vocabulary in id order.
+        targets: ``(...)`` ids; positions excluded by ``loss_mask`` may hold anything (e.g. -100).
+        vocab: the id layout.
+        loss_mask: ``(...)`` bool, True = counts; default: every position counts.
+        head_mode: "routed" (per-slice softmax) or "shared" (one softmax).
+        z_loss_weight: adds ``weight * log(Z)^2`` per target, Z being the normaliser its CE used.
+        reduction: "mean" over counted positions, "sum", or "none" (per position, masked ones 0).
+    """
+    logits = logits.float()  # logsumexp over large slices in bf16 loses precision
+    safe = targets.clamp(0, vocab.size - 1)
+    target_logit = logits.gather(-1, safe[..., None]).squeeze(-1)  # (...)
+    if head_mode == "shared":
+        lse = torch.logsumexp(logits, dim=-1)
+    else:
+        io, vo = vocab.image_offset, vocab.video_offset
+        lse_text = torch.logsumexp(logits[..., :io], dim=-1)
+        lse_image = torch.logsumexp(logits[..., io:vo], dim=-1)
+        lse_video = torch.logsumexp(logits[..., vo:], dim=-1)
+        lse = torch.where(safe >= vo, lse_video, torch.where(safe >= io, lse_image, lse_text))
+    loss = lse - target_logit
+    if z_loss_weight:
+        loss = loss + z_loss_weight * lse.square()
+    return _reduce(loss, loss_mask, reduction)

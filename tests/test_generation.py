@@ -1,0 +1,255 @@
+"""The generation engine on a tiny random model: equivalences, grammar, guidance, batching, seeds, errors."""
+
+import json
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from anygen import AnyGen, Understand
+from anygen.generation.events import ImageDone, ImageRows, ImageStarted, RowDone, TextDelta, VideoFrameDone
+from anygen.generation.grammar import TEXT, Grammar, GrammarState
+from anygen.testing import random_engine
+from tokenizers_mm.segments import Image, Text, Video
+
+GREEDY = {"temperature": 0.0}
+GREEDY_NO_CFG = {"temperature": 0.0, "guidance_scale": 1.0}
+
+
+@pytest.fixture(scope="module")
+def engine() -> AnyGen:
+    return random_engine("tiny", seed=0)
+
+
+def _picture(seed=0, size=(40, 50)):
+    rng = np.random.default_rng(seed)
+    return PIL.Image.fromarray((rng.random((*size, 3)) * 255).astype("uint8"))
+
+
+def _replay(engine, gen_ids, start_with=None, image_size=(0, 0), video_size=(0, 0, 0)):
+    """Yield (mask, forced, token) for each generated id, replaying the grammar."""
+    v = engine.tokenizer.vocab
+    grammar = Grammar(v)
+    t = lambda x: torch.tensor([x])  # noqa: E731
+    state = GrammarState.start(t(TEXT), req_h=t(image_size[0]), req_w=t(image_size[1]), req_t=t(video_size[0]),
+                               req_vh=t(video_size[1]), req_vw=t(video_size[2]), max_media=t(0))
+    for k, tok in enumerate(gen_ids.tolist()):
+        mclass, forced = grammar.constraints(state)
+        if k == 0 and start_with:
+            forced = torch.tensor([v.boi if start_with == "image" else v.bov])
+        yield grammar.masks[mclass[0]], int(forced[0]), tok
+        state = grammar.advance(state, torch.tensor([tok]))
+
+
+@pytest.mark.parametrize("start_with", [None, "image", "video"])
+def test_cached_generation_matches_full_forward(engine, start_with):
+    """Greedy tokens from the KV-cached loop are the argmax of a full, uncached forward at every free step."""
+    prompt = "a red circle at the top left"
+    out = engine.generate(prompt, max_new_tokens=40, text=GREEDY_NO_CFG, image=GREEDY_NO_CFG, video=GREEDY_NO_CFG,
+                          image_size=(2, 3), video_size=(2, 2, 2), start_with=start_with)
+    seq = engine.encode_prompt(prompt)
+    full = torch.cat([seq.ids, out.ids])[None]
+    logits = engine.model(full)[0, len(seq) - 1:-1]  # logits that predicted each generated id
+    free = 0
+    for k, (mask, forced, tok) in enumerate(_replay(engine, out.ids, start_with, (2, 3), (2, 2, 2))):
+        if forced >= 0:
+            assert tok == forced
+            continue
+        free += 1
+        assert int(logits[k].masked_fill(~mask, float("-inf")).argmax()) == tok, f"step {k}"
+    assert free > 10
+
+
+def test_image_spans_are_grammatical(engine):
+    v = engine.tokenizer.vocab
+    out = engine.generate("draw", max_new_tokens=200, start_with="image", image_size=(3, 4), seed=3, max_images=2,
+                          text={"temperature": 1.0})
+    ids = out.ids.tolist()
+    starts = [i for i, t in enumerate(ids) if t == v.boi]
+    assert starts, "start_with='image' must open an image"
+    for s in starts:
+        if v.eoi not in ids[s:]:
+            continue
+        e = ids.index(v.eoi, s)
+        body = ids[s + 3:e]
+        assert ids[s + 1:s + 3] == [v.h_token(3), v.w_token(4)]
+        assert len(body) == 3 * (4 + 1)  # exactly H x (W + 1) entries
+        assert all(v.image_offset <= t < v.video_offset for i, t in enumerate(body) if i % 5 != 4)
+        assert all(body[i] == v.eol for i in range(4, len(body), 5))
+    images = [s for s in out.segments if isinstance(s, Image) and not s.partial]
+    assert images and all(s.codes.shape == (3, 4) and s.image.size == (32, 24) for s in images)
+
+
+def test_video_spans_are_grammatical(engine):
+    out = engine.generate("move", max_new_tokens=120, start_with="video", video_size=(2, 2, 3), seed=0, max_images=1)
+    assert out.finish_reason == "max_images"
+    (video,) = out.videos
+    assert video.codes.shape == (2, 2, 3) and video.frames.shape == (3, 5, 16, 24)
+    assert len(out.ids) == 4 + 2 * (2 * (3 + 1) + 1) + 1
+
+
+def test_routed_heads_only_emit_their_own_modality(engine):
+    v = engine.tokenizer.vocab
+    outs = engine.generate(["a", "b", "c"], max_new_tokens=80, start_with=["image", "video", None],
+                           image_size=(2, 2), video_size=(1, 2, 2), seed=1)
+    for out in outs:
+        in_image = in_video = False
+        for tok in out.ids.tolist():
+            if tok == v.boi:
+                in_image = True
+            elif tok == v.eoi:
+                in_image = False
+            elif tok == v.bov:
+                in_video = True
+            elif tok == v.eov:
+                in_video = False
+            elif v.image_offset <= tok < v.video_offset:
+                assert in_image, "an image code outside an image span"
+            elif tok >= v.video_offset:
+                assert in_video, "a video code outside a video span"
+            if in_image or in_video:
+                assert tok != v.eos
+
+
+def test_guidance_scale_one_equals_no_guidance(engine):
+    kwargs = dict(max_new_tokens=30, start_with="image", image_size=(2, 3), seed=0, text=GREEDY)
+    plain = engine.generate("a blue square", image={"temperature": 0.0, "guidance_scale": 1.0}, **kwargs)
+    # video guidance != 1 makes the engine run the unconditional twins; the image (scale 1) must not change
+    twins = engine.generate("a blue square", image={"temperature": 0.0, "guidance_scale": 1.0},
+                            video={"guidance_scale": 2.0}, **kwargs)
+    assert torch.equal(plain.ids, twins.ids)
+    guided = engine.generate("a blue square", image={"temperature": 0.0, "guidance_scale": 5.0}, **kwargs)
+    assert not torch.equal(plain.ids, guided.ids), "a strong guidance scale should change greedy codes"
+
+
+def test_guidance_matches_a_reference_computation(engine):
+    """Guided greedy codes equal argmax of u + s(c - u), with u from <|bos|><|null|> + the open image span."""
+    v = engine.tokenizer.vocab
+    scale = 3.0
+    prompt = "a red circle"
+    out = engine.generate(prompt, max_new_tokens=20, start_with="image", image_size=(2, 3), text=GREEDY,
+                          image={"temperature": 0.0, "guidance_scale": scale})
+    seq = engine.encode_prompt(prompt)
+    gen = out.ids.tolist()
+    span = gen[:gen.index(v.eoi) + 1]
+    checked = 0
+    for k in range(3, len(span)):
+        if span[k] in (v.eol, v.eoi):
+            continue
+        cond = engine.model(torch.tensor([seq.ids.tolist() + span[:k]]))[0, -1]
+        unc = engine.model(torch.tensor([[v.bos, v.null] + span[:k]]))[0, -1]
+        guided = unc + scale * (cond - unc)
+        image_slice = guided[v.image_offset:v.video_offset]
+        assert int(image_slice.argmax()) + v.image_offset == span[k], f"code {k}"
+        checked += 1
+    assert checked == 6
+
+
+def test_a_row_of_a_mixed_batch_equals_the_row_alone(engine):
+    prompts = ["a red circle at the top left", "hi", "a green triangle moves to the right"]
+    starts = ["image", None, "video"]
+    common = dict(max_new_tokens=40, text=GREEDY, image=GREEDY, video=GREEDY, image_size=(2, 2),
+                  video_size=(1, 2, 2))
+    batch = engine.generate(prompts, start_with=starts, **common)
+    for prompt, start, out in zip(prompts, starts, batch):
+        alone = engine.generate(prompt, start_with=start, **common)
+        assert torch.equal(out.ids, alone.ids), prompt
+
+
+def test_same_seed_same_output(engine):
+    a = engine.generate("a red circle", max_new_tokens=30, seed=7, start_with="image", image_size=(2, 2))
+    b = engine.generate("a red circle", max_new_tokens=30, seed=7, start_with="image", image_size=(2, 2))
+    c = engine.generate("a red circle", max_new_tokens=30, seed=8, start_with="image", image_size=(2, 2))
+    assert torch.equal(a.ids, b.ids)
+    assert not torch.equal(a.ids, c.ids)
+
+
+def test_understanding_and_editing_prompts(engine):
+    out = engine.generate([Understand(_picture()), "what is in the picture?"], max_new_tokens=10, seed=0)
+    assert out.ids.numel() >= 1
+    # an image given as VQ context (editing) and a batch mixing rows with and without understood images
+    outs = engine.generate([[_picture(1), "make the circle yellow"], [Understand(_picture(2)), "caption"],
+                            ["plain text"]], max_new_tokens=8, seed=0)
+    assert len(outs) == 3
+    alone = engine.generate([Understand(_picture(2)), "caption"], max_new_tokens=8, seed=0, text=GREEDY)
+    batch = engine.generate([[_picture(1), "edit"], [Understand(_picture(2)), "caption"]], max_new_tokens=8,
+                            seed=0, text=GREEDY)
+    assert torch.equal(alone.ids, batch[1].ids)
+
+
+def test_stream_events(engine):
+    events = list(engine.stream("draw", max_new_tokens=60, start_with="image", image_size=(3, 2), seed=0,
+                                preview_every=1, max_images=1))
+    started = [e for e in events if isinstance(e, ImageStarted)]
+    rows = [e for e in events if isinstance(e, ImageRows)]
+    done = [e for e in events if isinstance(e, ImageDone)]
+    assert len(started) == 1 and (started[0].height, started[0].width) == (3, 2)
+    assert [e.rows_done for e in rows] == [1, 2, 3]
+    assert rows[0].preview.size == (16, 8) and rows[-1].preview.size == (16, 24)
+    assert len(done) == 1 and isinstance(events[-1], RowDone) and events[-1].reason == "max_images"
+
+    text_events = list(engine.stream("tell me", max_new_tokens=25, seed=1, text={"temperature": 1.0}))
+    deltas = "".join(e.text for e in text_events if isinstance(e, TextDelta))
+    final = text_events[-1]
+    assert isinstance(final, RowDone)
+    assert deltas == "".join(s.text for s in final.segments if isinstance(s, Text))
+
+    vid = list(engine.stream("v", max_new_tokens=80, start_with="video", video_size=(2, 1, 1), seed=0, max_images=1))
+    assert [e.frame for e in vid if isinstance(e, VideoFrameDone)] == [0, 1]
+    assert isinstance(vid[-1].segments[0], Video)
+
+
+def test_save_load_same_logits_and_tokens(engine, tmp_path):
+    engine.save_pretrained(tmp_path)
+    again = AnyGen.from_pretrained(tmp_path)
+    ids = engine.encode_prompt(["a red circle", Image(codes=torch.zeros(2, 2, dtype=torch.long))]).ids[None]
+    assert torch.equal(engine.model(ids), again.model(ids))
+    kwargs = dict(max_new_tokens=20, seed=3, start_with="image", image_size=(2, 2))
+    assert torch.equal(engine.generate("x", **kwargs).ids, again.generate("x", **kwargs).ids)
+
+
+def test_checkpoint_errors(engine, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        AnyGen.from_pretrained(tmp_path / "nope")
+    engine.save_pretrained(tmp_path / "ck")
+    (tmp_path / "ck" / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="lacks model.safetensors"):
+        AnyGen.from_pretrained(tmp_path / "ck")
+    # weights of another shape under the same config.json
+    other = random_engine("tiny", seed=1, d_model=32, intermediate_size=64)
+    other.save_pretrained(tmp_path / "other")
+    engine.save_pretrained(tmp_path / "mixed")
+    (tmp_path / "mixed" / "model.safetensors").write_bytes((tmp_path / "other" / "model.safetensors").read_bytes())
+    with pytest.raises(ValueError, match="does not match config.json: shape mismatch"):
+        AnyGen.from_pretrained(tmp_path / "mixed")
+    # a config whose vocabulary does not match the tokenizer files
+    engine.save_pretrained(tmp_path / "vocab")
+    meta = json.loads((tmp_path / "vocab" / "config.json").read_text())
+    meta["model"]["text_size"] += 1
+    (tmp_path / "vocab" / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="mismatched checkpoint"):
+        AnyGen.from_pretrained(tmp_path / "vocab")
+    (tmp_path / "vocab" / "config.json").write_text("{oops")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        AnyGen.from_pretrained(tmp_path / "vocab")
+
+
+def test_bad_requests_fail_before_any_work(engine):
+    ctx = engine.config.max_seq_len
+    with pytest.raises(ValueError, match=f"context is {ctx}"):
+        engine.generate("word " * ctx, max_new_tokens=4)
+    with pytest.raises(ValueError, match="the requested image needs 76 tokens but only 40 fit"):
+        engine.generate("x", max_new_tokens=40, start_with="image", image_size=(8, 8))
+    with pytest.raises(ValueError, match="cannot be produced"):
+        engine.generate("x", image_size=(100, 2), start_with="image")
+    with pytest.raises(ValueError, match="unknown image sampling option"):
+        engine.generate("x", image={"temprature": 0.5})
+    with pytest.raises(ValueError, match="top_p must be in"):
+        engine.generate("x", text={"top_p": 0.0})
+    with pytest.raises(ValueError, match="start_with must be"):
+        engine.generate("x", start_with="audio")
+    with pytest.raises(ValueError, match="max_new_tokens must be a positive int"):
+        engine.generate("x", max_new_tokens=0)
+    with pytest.raises(TypeError, match="accepted: str, Text, PIL.Image"):
+        engine.generate(["x", 3.5])

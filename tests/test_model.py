@@ -1,0 +1,255 @@
+"""AnyGenModel: cached decode equals a full forward, left padding, routed losses, <|und|> filling, cache size."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import SiglipVisionConfig, SiglipVisionModel
+
+from anygen.config import AnyGenConfig
+from anygen.model import AnyGenModel, routed_cross_entropy, z_loss
+from anygen.understanding import UnderstandingEncoder
+from tokenizers_mm.vocab import Modality, Vocab
+
+ATOL = 1e-5
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matrices: a second intra-op thread only adds OpenMP hand-off cost, badly so on a shared 2-core box."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def build(seed: int = 0, **overrides) -> AnyGenModel:
+    torch.manual_seed(seed)
+    return AnyGenModel(AnyGenConfig.preset("tiny", **overrides)).eval()
+
+
+def mixed_sequence(v: Vocab, und_tokens: int, seed: int = 0) -> tuple[torch.Tensor, int]:
+    """A document with text, an understood image, a 2x3 generated image and a 1-frame 2x2 video.
+
+    Returns the ids ``(T,)`` and the length of a prefix that contains every ``<|und|>`` position.
+    """
+    g = torch.Generator().manual_seed(seed)
+
+    def text(n: int) -> list[int]:
+        return torch.randint(0, v.text_size, (n,), generator=g).tolist()
+
+    def codes(offset: int, k: int, n: int) -> list[int]:
+        return (offset + torch.randint(0, k, (n,), generator=g)).tolist()
+
+    prefix = [v.bos, *text(3), v.boi, *[v.und] * und_tokens, v.eoi, *text(2)]
+    image = [v.boi, v.h_token(2), v.w_token(3)]
+    for _ in range(2):
+        image += [*codes(v.image_offset, v.image_codebook_size, 3), v.eol]
+    video = [v.bov, v.t_token(1), v.h_token(2), v.w_token(2)]
+    for _ in range(2):
+        video += [*codes(v.video_offset, v.video_codebook_size, 2), v.eol]
+    tail = [*image, v.eoi, *text(2), *video, v.eof, v.eov, v.eos]
+    return torch.tensor(prefix + tail), len(prefix)
+
+
+def pixels(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+@pytest.mark.parametrize("qk_norm", ["none", "rms", "layernorm"])
+@pytest.mark.parametrize("post_norm", [False, True])
+@pytest.mark.parametrize("head_mode", ["routed", "shared"])
+@pytest.mark.parametrize("n_kv_head", [2, 4], ids=["gqa", "mha"])
+def test_cached_decode_equals_forward(qk_norm, post_norm, head_mode, n_kv_head):
+    model = build(qk_norm=qk_norm, post_norm=post_norm, head_mode=head_mode, n_kv_head=n_kv_head)
+    v = model.vocab
+    ids, p = mixed_sequence(v, model.config.und_tokens)
+    tags = v.modality(ids)
+    assert {Modality.TEXT, Modality.IMAGE, Modality.VIDEO, Modality.UND} <= set(tags.tolist())
+    assert not (tags[p:] == Modality.UND).any()
+    ids, und = ids[None], pixels(1)
+    full = model(ids, und_pixels=und)  # (1, T, V)
+    assert full.shape == (1, ids.shape[1], v.size)
+
+    model.setup_cache(1, 64)
+    real = torch.ones(1, p, dtype=torch.bool)
+    logits = model.prefill(ids[:, :p], positions=torch.arange(p)[None], attention_mask=real, und_pixels=und)
+    torch.testing.assert_close(logits, full[:, p - 1], atol=ATOL, rtol=0)
+    for i in range(p, ids.shape[1]):
+        logits = model.decode_step(ids[:, i], slot=torch.tensor(i), positions=torch.tensor([i]))
+        torch.testing.assert_close(logits, full[:, i], atol=ATOL, rtol=0)
+
+
+def test_left_padded_row_matches_row_alone():
+    model = build()
+    v, n_und = model.vocab, model.config.und_tokens
+    long_ids, _ = mixed_sequence(v, n_und, seed=1)
+    short_ids, _ = mixed_sequence(v, n_und, seed=2)
+    long_ids, short_ids = long_ids[:40], short_ids[:30]
+    pad = len(long_ids) - len(short_ids)
+    batch = torch.stack([long_ids, torch.cat([torch.full((pad,), v.pad), short_ids])])  # (2, 40), row 1 left-padded
+    mask = batch != v.pad
+    positions = AnyGenModel.default_positions(batch, mask)
+    assert positions[1, pad].item() == 0 and positions[1, -1].item() == len(short_ids) - 1
+    und = pixels(2, seed=3)  # row-major: row 0's image, then row 1's
+
+    # full forward: padding changes nothing for the real positions
+    full_batch = model(batch, attention_mask=mask, und_pixels=und)
+    full_alone = model(short_ids[None], und_pixels=und[1:])
+    torch.testing.assert_close(full_batch[1, pad:], full_alone[0], atol=ATOL, rtol=0)
+
+    # prefill, then decode the same continuation in both settings
+    model.setup_cache(2, 64)
+    batch_logits = model.prefill(batch, positions=positions, attention_mask=mask, und_pixels=und)
+    alone = build()
+    alone.setup_cache(1, 64)
+    alone_logits = alone.prefill(short_ids[None], und_pixels=und[1:])
+    torch.testing.assert_close(batch_logits[1], alone_logits[0], atol=ATOL, rtol=0)
+    continuation = [v.boi, v.h_token(1), v.w_token(2), v.image_offset + 7, v.image_offset + 9, v.eol, v.eoi, 17]
+    for step, token in enumerate(continuation):
+        slot = len(long_ids) + step
+        batch_logits = model.decode_step(torch.tensor([token, token]), slot=torch.tensor(slot),
+                                         positions=torch.tensor([slot, len(short_ids) + step]))
+        alone_logits = alone.decode_step(torch.tensor([token]), slot=torch.tensor(len(short_ids) + step),
+                                         positions=torch.tensor([len(short_ids) + step]))
+        torch.testing.assert_close(batch_logits[1], alone_logits[0], atol=ATOL, rtol=0)
+
+
+def test_chunked_prefill_equals_one_prefill():
+    model = build()
+    ids, p = mixed_sequence(model.vocab, model.config.und_tokens)
+    ids = ids[None]
+    full = model(ids, und_pixels=pixels(1))
+    model.setup_cache(1, 64)
+    model.prefill(ids[:, :p], und_pixels=pixels(1))
+    logits = model.prefill(ids[:, p:], start=p)  # positions default to p.. (tokens already cached)
+    torch.testing.assert_close(logits, full[:, -1], atol=ATOL, rtol=0)
+    # a new prefill at slot 0 forgets the previous sequence
+    logits = model.prefill(ids[:, :p], und_pixels=pixels(1))
+    torch.testing.assert_close(logits, full[:, p - 1], atol=ATOL, rtol=0)
+
+
+def test_decode_step_captures_as_one_graph():
+    """No host sync / value-dependent branch: Dynamo traces the step with fullgraph=True."""
+    model = build()
+    ids, p = mixed_sequence(model.vocab, model.config.und_tokens)
+    ids = ids[None]
+    full = model(ids, und_pixels=pixels(1))
+    model.setup_cache(1, 64)
+    model.prefill(ids[:, :p], und_pixels=pixels(1))
+    step = torch.compile(model.decode_step, backend="eager", fullgraph=True)
+    for i in range(p, p + 4):
+        logits = step(ids[:, i], slot=torch.tensor(i), positions=torch.tensor([i]))
+        torch.testing.assert_close(logits, full[:, i], atol=ATOL, rtol=0)
+
+
+def test_routed_cross_entropy_uses_each_modality_slice():
+    v = Vocab(**AnyGenConfig.preset("tiny").vocab_dict())
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, v.size) * 3
+    targets = torch.tensor([[5, v.image_offset + 10, v.video_offset + 3], [v.eol, v.image_offset, -100]])
+    loss_mask = torch.tensor([[True, True, True], [True, True, False]])
+    per_pos = routed_cross_entropy(logits, targets, v, loss_mask, reduction="none")
+    slices = {0: (0, v.image_offset), 1: (v.image_offset, v.video_offset), 2: (v.video_offset, v.size)}
+    expected = torch.zeros(2, 3)
+    for b, t in [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)]:
+        target = int(targets[b, t])
+        lo, hi = next(s for s in slices.values() if s[0] <= target < s[1])
+        expected[b, t] = -torch.log_softmax(logits[b, t, lo:hi], dim=-1)[target - lo]
+    torch.testing.assert_close(per_pos, expected)
+    assert per_pos[1, 2] == 0  # masked (and an ignore id) contributes nothing
+    mean = routed_cross_entropy(logits, targets, v, loss_mask)
+    torch.testing.assert_close(mean, expected.sum() / 5)
+    # the image target differs from a full-vocabulary CE: the routing matters
+    full_ce = F.cross_entropy(logits[0, 1], targets[0, 1])
+    assert not torch.isclose(full_ce, expected[0, 1])
+    # shared mode is plain CE over the whole vocabulary
+    shared = routed_cross_entropy(logits[0], targets[0], v, head_mode="shared")
+    torch.testing.assert_close(shared, F.cross_entropy(logits[0], targets[0]))
+    # z-loss: weight * logsumexp(slice)^2 per target; z_loss() over the full logits
+    zw = routed_cross_entropy(logits, targets, v, loss_mask, z_loss_weight=0.1, reduction="none")
+    lse_image = torch.logsumexp(logits[0, 1, v.image_offset:v.video_offset], dim=-1)
+    torch.testing.assert_close(zw[0, 1], expected[0, 1] + 0.1 * lse_image**2)
+    torch.testing.assert_close(z_loss(logits[0]), torch.logsumexp(logits[0], -1).square().mean())
+
+
+def test_model_loss_trains():
+    model = build(z_loss_weight=1e-4).train()
+    ids, _ = mixed_sequence(model.vocab, model.config.und_tokens)
+    ids = ids[None]
+    loss = model.loss(model(ids[:, :-1], und_pixels=pixels(1)), ids[:, 1:], ids[:, 1:] != model.vocab.und)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert model.embed["image"].weight.grad is not None and model.und.aligner[0].weight.grad is not None
+    # the SigLIP tower is frozen by default and stays in eval mode under model.train()
+    assert all(p.grad is None and not p.requires_grad for p in model.und.tower.parameters())
+    assert not model.und.tower.training
+
+
+def test_und_count_mismatch_and_bad_inputs():
+    model = build()
+    v = model.vocab
+    ids, p = mixed_sequence(v, model.config.und_tokens)
+    ids = ids[None]
+    with pytest.raises(ValueError, match="16 <\\|und\\|> positions.*2 images x 16 tokens = 32"):
+        model(ids, und_pixels=pixels(2))
+    with pytest.raises(ValueError, match="16 <\\|und\\|> positions.*0 images"):
+        model(ids)
+    with pytest.raises(ValueError, match=r"\(N, 3, 32, 32\)"):
+        model(ids, und_pixels=torch.zeros(1, 3, 16, 16))
+    bad = ids.clone()
+    bad[0, 2] = v.size
+    with pytest.raises(ValueError, match=f"unknown token id {v.size}"):
+        model(bad, und_pixels=pixels(1))
+    model.setup_cache(1, 64)
+    with pytest.raises(ValueError, match="unknown token id"):
+        model.prefill(bad, und_pixels=pixels(1))
+    with pytest.raises(ValueError, match="does not fit"):
+        model.prefill(torch.zeros(1, 65, dtype=torch.long))
+    with pytest.raises(ValueError, match="attention_mask"):
+        model(ids, attention_mask=torch.ones(1, ids.shape[1]), und_pixels=pixels(1))
+    no_und = build(und_encoder=None)
+    with pytest.raises(ValueError, match="no understanding encoder"):
+        no_und(ids)
+    with pytest.raises(RuntimeError, match="setup_cache"):
+        no_und.prefill(ids[:, :3])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cache_bytes(dtype):
+    model = build()
+    c = model.config
+    model.setup_cache(3, 40, dtype=dtype)
+    elem = torch.tensor([], dtype=dtype).element_size()
+    assert model.cache_bytes() == 2 * c.n_layer * c.n_kv_head * c.head_dim * 40 * 3 * elem
+    assert model.cache_valid.shape == (3, 40)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model.setup_cache(1, c.max_seq_len + 1)
+
+
+def test_tied_embeddings_share_storage():
+    model = build(tie_embeddings=True)
+    for name in ("text", "image", "video"):
+        assert model.head[name].weight is model.embed[name].weight
+    assert model.num_parameters() == model.config.num_parameters_estimate()
+
+
+def test_understanding_encoder_from_local_dir(tmp_path):
+    cfg = AnyGenConfig.preset("tiny")
+    tower = SiglipVisionModel(SiglipVisionConfig(**cfg.und_encoder_kwargs()))
+    tower.save_pretrained(tmp_path / "siglip")
+    enc = UnderstandingEncoder(AnyGenConfig.preset("tiny", und_encoder_path=str(tmp_path / "siglip")))
+    for (name, a), b in zip(tower.state_dict().items(), enc.tower.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+    assert enc(pixels(2)).shape == (2, 16, cfg.d_model)
+    with pytest.raises(FileNotFoundError, match="und_encoder_path"):
+        UnderstandingEncoder(AnyGenConfig.preset("tiny", und_encoder_path=str(tmp_path / "missing")))
+    with pytest.raises(ValueError, match="unknown SiglipVisionConfig keys"):
+        UnderstandingEncoder(AnyGenConfig.preset("tiny", und_encoder={**cfg.und_encoder, "hiden_size": 8}))
+
+
+def test_trainable_understanding_encoder_gets_gradients():
+    model = build(und_trainable=True).train()
+    assert model.und.tower.training
+    model.und(pixels(1)).sum().backward()
+    assert all(p.grad is not None for p in model.und.tower.parameters() if p.requires_grad)
+    assert model.num_parameters(trainable_only=True) == model.num_parameters()
