@@ -320,41 +320,56 @@ class AnyGenModel(nn.Module):
 
     # -- full forward (training, reference) ------------------------------------------------------------
     def hidden(self, ids: Tensor, *, positions: Tensor | None = None, attention_mask: Tensor | None = None,
-               und_pixels: Tensor | None = None) -> Tensor:
+               und_pixels: Tensor | None = None, document_ids: Tensor | None = None) -> Tensor:
         """Final-norm hidden states ``(B, T, D)`` of a full causal pass (no cache); see ``forward``."""
         self._check_inputs(ids, positions, attention_mask)
         t = ids.shape[1]
+        if document_ids is not None and document_ids.shape != ids.shape:
+            raise ValueError(f"document_ids must have the shape of ids {tuple(ids.shape)}, "
+                             f"got {tuple(document_ids.shape)}")
         if positions is None:
             positions = self.default_positions(ids, attention_mask)
+            if document_ids is not None:  # packed documents: each one counts its positions from 0
+                idx = torch.arange(t, device=ids.device).expand(ids.shape)
+                starts = torch.ones_like(document_ids, dtype=torch.bool)
+                starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+                first = torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), dim=1).values
+                positions = idx - first
         x = self._embed_with_und(ids, und_pixels)  # (B, T, D)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
-        if attention_mask is None:
+        if attention_mask is None and document_ids is None:
             mask, is_causal = None, True  # lets SDPA pick its fused causal kernels
         else:
             idx = torch.arange(t, device=ids.device)
             causal = idx[None, :] <= idx[:, None]  # (T, T)
+            keys = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask
             # a padding query attends to itself only, so no row of the softmax is empty (NaN)
-            mask = causal & (attention_mask[:, None, None, :] | (idx[None, :] == idx[:, None]))  # (B, 1, T, T)
+            mask = causal & (keys[:, None, None, :] | (idx[None, :] == idx[:, None]))  # (B, 1, T, T)
+            if document_ids is not None:  # packed documents never attend across their boundary
+                mask = mask & (document_ids[:, None, :, None] == document_ids[:, None, None, :])
             is_causal = False
         for block in self.blocks:
             x = block(x, cos, sin, mask, is_causal=is_causal)
         return self.norm(x)
 
     def forward(self, ids: Tensor, *, positions: Tensor | None = None, attention_mask: Tensor | None = None,
-                und_pixels: Tensor | None = None) -> Tensor:
+                und_pixels: Tensor | None = None, document_ids: Tensor | None = None) -> Tensor:
         """Full causal forward, no cache.
 
         Args:
             ids: ``(B, T)`` token ids in ``[0, vocab.size)``.
-            positions: ``(B, T)`` RoPE positions; default: count of real tokens before each position.
+            positions: ``(B, T)`` RoPE positions; default: count of real tokens before each position
+                (restarting at 0 for each packed document when ``document_ids`` is given).
             attention_mask: ``(B, T)`` bool, False marks padding keys; default: no padding.
             und_pixels: ``(N, 3, S, S)`` in ``[-1, 1]``, one image per ``und_tokens`` ``<|und|>`` positions.
+            document_ids: ``(B, T)`` int, the document each position belongs to in a packed row;
+                attention never crosses a document boundary. Default: one document per row.
 
         Returns:
             Logits ``(B, T, V)`` over the whole vocabulary.
         """
         return self.logits(self.hidden(ids, positions=positions, attention_mask=attention_mask,
-                                       und_pixels=und_pixels))
+                                       und_pixels=und_pixels, document_ids=document_ids))
 
     # -- losses ----------------------------------------------------------------------------------------
     def loss(self, logits: Tensor, targets: Tensor, loss_mask: Tensor | None = None, *,

