@@ -1,0 +1,336 @@
+"""Video files in and out of the tokenizer's layout, and the frame-count policy.
+
+Owns: decoding a file into a ``[3, T, H, W]`` float clip in ``[-1, 1]`` (``load_video``), fitting a clip to
+the ``T = 1 + 4k`` frame counts the causal ``VideoTokenizer`` accepts (``fit_frame_count``), and writing
+clips back as H.264 mp4 (``write_video``) or GIF (``write_gif``). Decoding uses PyAV (torchvision 0.29 no
+longer ships video decoding); resizing uses ``torchvision.transforms.v2.functional`` on uint8 frames.
+
+Policies, in the order ``load_video`` applies them:
+
+1. Frame rate. ``fps=None`` keeps every decoded frame and returns the stream's own rate. ``fps=r``
+   resamples by nearest timestamp: target times are ``t0 + k / r`` for ``k = 0, 1, ...`` (``t0`` the first
+   frame's timestamp) up to the last frame's timestamp, and each target takes the decoded frame whose
+   timestamp is nearest (the earlier one on a tie). Frames are dropped when ``r`` is below the source
+   rate and repeated when above; no frames are blended.
+2. Size. ``size=None`` keeps the native size; ``size=s`` (int) resizes so the shorter side is ``s``,
+   keeping the aspect ratio; ``size=(h, w)`` resizes, keeping the aspect ratio, to the smallest size that
+   covers ``h × w``. In every case the frame is then center-cropped to multiples of 8 (``(h, w)`` must
+   already be multiples of 8), so the result always fits the tokenizer's 8× spatial downsampling.
+3. Frame count. With ``num_frames=n`` (``n`` must be ``1 + 4k``) the clip is exactly ``n`` frames: the
+   first ``n`` (decoding stops there), or all of them followed by copies of the last frame when the video
+   is shorter. Without it, ``fit_frame_count(frames, frame_policy)`` applies: ``"trim"`` keeps the first
+   ``1 + 4k`` frames for the largest such count ``<= T``; ``"pad"`` repeats the last frame up to the
+   smallest ``1 + 4k >= T``.
+"""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+from pathlib import Path
+from typing import Literal
+
+import av
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.transforms.v2 import functional as TF
+
+FramePolicy = Literal["trim", "pad"]
+TEMPORAL_DOWNSAMPLE = 4  # VideoTokenizerConfig.temporal_downsample of the shipped tokenizers
+SPATIAL_MULTIPLE = 8  # VideoTokenizerConfig.spatial_downsample of the shipped tokenizers
+_RANGE_TOLERANCE = 1e-3
+
+
+def fitted_frame_count(num_frames: int, policy: FramePolicy = "trim", *, temporal_downsample: int = 4) -> int:
+    """The frame count ``fit_frame_count`` turns ``num_frames`` into.
+
+    Args:
+        num_frames: frames available, ``>= 1``.
+        policy: ``"trim"`` for the largest ``1 + temporal_downsample * k <= num_frames``, ``"pad"`` for the
+            smallest ``1 + temporal_downsample * k >= num_frames``.
+        temporal_downsample: the tokenizer's temporal factor.
+
+    Raises:
+        ValueError: ``num_frames < 1`` or an unknown policy.
+    """
+    _check_policy(policy)
+    if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
+        raise ValueError(f"num_frames must be a positive int, got {num_frames!r}")
+    if isinstance(temporal_downsample, bool) or not isinstance(temporal_downsample, int) or temporal_downsample < 1:
+        raise ValueError(f"temporal_downsample must be a positive int, got {temporal_downsample!r}")
+    groups = (num_frames - 1) // temporal_downsample
+    if policy == "pad" and (num_frames - 1) % temporal_downsample:
+        groups += 1
+    return 1 + temporal_downsample * groups
+
+
+def fit_frame_count(
+    frames: torch.Tensor, policy: FramePolicy = "trim", *, temporal_downsample: int = 4
+) -> torch.Tensor:
+    """Trim or pad a clip along time to ``1 + temporal_downsample * k`` frames.
+
+    Args:
+        frames: a clip with time at dim -3: ``[C, T, H, W]`` or ``[B, C, T, H, W]``, any dtype.
+        policy: ``"trim"`` drops trailing frames down to the largest accepted count ``<= T``; ``"pad"``
+            repeats the last frame up to the smallest accepted count ``>= T``.
+        temporal_downsample: the tokenizer's temporal factor (4 for the shipped configs).
+
+    Returns:
+        The clip with ``T' = fitted_frame_count(T, policy)`` frames; ``frames`` itself when ``T`` already fits.
+
+    Raises:
+        TypeError: ``frames`` is not a tensor.
+        ValueError: fewer than 3 dims, zero frames, or an unknown policy.
+    """
+    if not isinstance(frames, torch.Tensor):
+        raise TypeError(f"frames must be a tensor [C, T, H, W] or [B, C, T, H, W], got {type(frames).__name__}")
+    if frames.ndim < 3:
+        raise ValueError(f"frames must have time at dim -3 ([C, T, H, W]), got shape {tuple(frames.shape)}")
+    num_frames = frames.shape[-3]
+    if num_frames == 0:
+        raise ValueError("cannot fit a clip with zero frames")
+    target = fitted_frame_count(num_frames, policy, temporal_downsample=temporal_downsample)
+    return _set_frame_count(frames, target)
+
+
+def load_video(
+    path: str | Path,
+    *,
+    num_frames: int | None = None,
+    fps: float | None = None,
+    size: int | tuple[int, int] | None = None,
+    frame_policy: FramePolicy = "trim",
+) -> tuple[torch.Tensor, float]:
+    """Decode a video file into a tokenizer-ready clip (see the module docstring for the policies).
+
+    Args:
+        path: any container / codec FFmpeg reads (mp4, webm, mkv, gif, ...); the first video stream is used.
+        num_frames: exact output length, ``1 + 4k``; ``None`` applies ``frame_policy`` to the whole video.
+        fps: resample to this frame rate by nearest timestamp; ``None`` keeps the source rate.
+        size: ``None`` (native), shorter side ``s``, or ``(h, w)`` multiples of 8; always center-cropped to
+            multiples of 8.
+        frame_policy: ``"trim"`` or ``"pad"``, used when ``num_frames`` is ``None``.
+
+    Returns:
+        ``(frames, fps)``: float32 ``[3, T, H, W]`` in ``[-1, 1]`` and the frame rate of ``frames``.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: the file is not a readable video, has no video stream or no frames, or an argument is invalid.
+    """
+    path = Path(path)
+    if num_frames is not None:
+        if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
+            raise ValueError(f"num_frames must be a positive int or None, got {num_frames!r}")
+        if (num_frames - 1) % TEMPORAL_DOWNSAMPLE:
+            below = fitted_frame_count(num_frames, "trim")
+            raise ValueError(
+                f"num_frames must be 1 + {TEMPORAL_DOWNSAMPLE}k, got {num_frames} "
+                f"(nearest: {below} or {below + TEMPORAL_DOWNSAMPLE})"
+            )
+    if fps is not None and (isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 < fps < math.inf):
+        raise ValueError(f"fps must be a positive number or None, got {fps!r}")
+    _check_size(size)
+    size = tuple(size) if isinstance(size, list) else size
+    _check_policy(frame_policy)
+    if not path.is_file():
+        raise FileNotFoundError(f"no video file at {path}")
+
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise ValueError(f"{path} has no video stream (streams: {list(container.streams)})")
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            source_fps = _stream_fps(stream)
+            frames = _decode_frames(container, stream, source_fps, fps, num_frames, size)
+    except av.FFmpegError as err:
+        raise ValueError(f"{path} is not a readable video: {err}") from err
+    if not frames:
+        raise ValueError(f"{path} has a video stream but no frames could be decoded")
+
+    clip = torch.stack(frames, dim=1)  # (3, T, H, W) uint8
+    if num_frames is not None:
+        clip = _set_frame_count(clip, num_frames)
+    else:
+        clip = fit_frame_count(clip, frame_policy)
+    return clip.float() / 127.5 - 1.0, float(fps) if fps is not None else source_fps
+
+
+def write_video(path: str | Path, frames: torch.Tensor, fps: float, *, crf: int = 18) -> Path:
+    """Write a clip as an H.264 (libx264, yuv420p) mp4.
+
+    yuv420p stores color at half resolution, so H.264 needs even sizes: an odd height or width is padded
+    by repeating the last row / column (tokenizer outputs, multiples of 8, are never padded).
+
+    Args:
+        path: output file, usually ``.mp4``; parent folders are created.
+        frames: float ``[3, T, H, W]`` in ``[-1, 1]``.
+        fps: frame rate stored in the file.
+        crf: x264 constant rate factor, 0 (lossless) to 51; 18 is visually lossless.
+
+    Returns:
+        ``path``.
+
+    Raises:
+        TypeError / ValueError: ``frames`` or ``fps`` is not as described.
+    """
+    pixels = _to_uint8_frames(frames)  # (T, H, W, 3)
+    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 < fps < math.inf:
+        raise ValueError(f"fps must be a positive number, got {fps!r}")
+    if isinstance(crf, bool) or not isinstance(crf, int) or not 0 <= crf <= 51:
+        raise ValueError(f"crf must be an int in [0, 51], got {crf!r}")
+    height, width = pixels.shape[1:3]
+    pixels = np.pad(pixels, ((0, 0), (0, height % 2), (0, width % 2), (0, 0)), mode="edge")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001), options={"crf": str(crf)})
+        stream.height, stream.width = pixels.shape[1:3]
+        stream.pix_fmt = "yuv420p"
+        for image in pixels:
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))  # flush the encoder's delayed (B-)frames
+    return path
+
+
+def write_gif(path: str | Path, frames: torch.Tensor, fps: float) -> Path:
+    """Write a clip as a looping GIF (via Pillow; 256-color palette per frame, delays in whole milliseconds).
+
+    Args:
+        path: output file, usually ``.gif``; parent folders are created.
+        frames: float ``[3, T, H, W]`` in ``[-1, 1]``.
+        fps: playback rate.
+
+    Returns:
+        ``path``.
+    """
+    pixels = _to_uint8_frames(frames)
+    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 < fps < math.inf:
+        raise ValueError(f"fps must be a positive number, got {fps!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    images = [Image.fromarray(image) for image in pixels]
+    images[0].save(path, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
+    return path
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _decode_frames(
+    container: av.container.InputContainer,
+    stream: av.video.stream.VideoStream,
+    source_fps: float,
+    fps: float | None,
+    num_frames: int | None,
+    size: int | tuple[int, int] | None,
+) -> list[torch.Tensor]:
+    """Decode, resample by nearest timestamp and resize; returns ``[3, H, W]`` uint8 frames."""
+    out: list[torch.Tensor] = []
+    previous: tuple[av.VideoFrame, float] | None = None
+    t0: float | None = None
+    for index, frame in enumerate(container.decode(stream)):
+        time = frame.time if frame.time is not None else index / source_fps
+        if fps is None:
+            out.append(_resize(frame, size))
+        else:
+            t0 = time if t0 is None else t0
+            # Emit every target time up to this frame; each takes the nearer of this frame and the previous one.
+            while num_frames is None or len(out) < num_frames:
+                target = t0 + len(out) / fps
+                if target > time + 1e-9:
+                    break
+                if previous is not None and target - previous[1] <= time - target:
+                    out.append(_resize(previous[0], size))
+                else:
+                    out.append(_resize(frame, size))
+            previous = (frame, time)
+        if num_frames is not None and len(out) >= num_frames:
+            break
+    return out
+
+
+def _resize(frame: av.VideoFrame, size: int | tuple[int, int] | None) -> torch.Tensor:
+    """RGB uint8 ``[3, H, W]`` resized per ``size`` and center-cropped to multiples of 8."""
+    image = torch.from_numpy(frame.to_ndarray(format="rgb24")).permute(2, 0, 1)  # (3, H, W)
+    height, width = image.shape[1:]
+    if size is None:
+        crop = (height // SPATIAL_MULTIPLE * SPATIAL_MULTIPLE, width // SPATIAL_MULTIPLE * SPATIAL_MULTIPLE)
+    else:
+        if isinstance(size, int):
+            scale = size / min(height, width)
+        else:
+            scale = max(size[0] / height, size[1] / width)
+        new = (max(1, round(height * scale)), max(1, round(width * scale)))
+        if isinstance(size, int):  # pin the shorter side to exactly `size` against rounding
+            new = (size, new[1]) if height <= width else (new[0], size)
+            crop = (new[0] // SPATIAL_MULTIPLE * SPATIAL_MULTIPLE, new[1] // SPATIAL_MULTIPLE * SPATIAL_MULTIPLE)
+        else:
+            new = (max(new[0], size[0]), max(new[1], size[1]))
+            crop = size
+        if new != (height, width):
+            image = TF.resize(image, list(new), antialias=True)
+    if crop[0] == 0 or crop[1] == 0:
+        raise ValueError(f"a {height}x{width} frame is smaller than {SPATIAL_MULTIPLE} pixels; pass a larger size")
+    if crop != tuple(image.shape[1:]):
+        image = TF.center_crop(image, list(crop))
+    return image
+
+
+def _stream_fps(stream: av.video.stream.VideoStream) -> float:
+    for rate in (stream.average_rate, stream.guessed_rate, stream.base_rate):
+        if rate is not None and rate > 0:
+            return float(rate)
+    raise ValueError("the video stream declares no frame rate")
+
+
+def _set_frame_count(frames: torch.Tensor, target: int) -> torch.Tensor:
+    """Cut to ``target`` frames along dim -3, or repeat the last frame up to ``target``."""
+    num_frames = frames.shape[-3]
+    if num_frames >= target:
+        return frames if num_frames == target else frames[..., :target, :, :]
+    last = frames[..., -1:, :, :]
+    repeats = [1] * frames.ndim
+    repeats[-3] = target - num_frames
+    return torch.cat([frames, last.repeat(*repeats)], dim=-3)
+
+
+def _to_uint8_frames(frames: torch.Tensor) -> np.ndarray:
+    """``[3, T, H, W]`` float in ``[-1, 1]`` → ``(T, H, W, 3)`` uint8."""
+    if not isinstance(frames, torch.Tensor) or not frames.is_floating_point():
+        kind = frames.dtype if isinstance(frames, torch.Tensor) else type(frames).__name__
+        raise TypeError(f"frames must be a float tensor [3, T, H, W] in [-1, 1], got {kind}")
+    if frames.ndim != 4 or frames.shape[0] != 3 or 0 in frames.shape:
+        raise ValueError(f"frames must be a non-empty [3, T, H, W] tensor, got shape {tuple(frames.shape)}")
+    frames = frames.detach().cpu().float()
+    if not torch.isfinite(frames).all():
+        raise ValueError("frames hold NaN or inf values")
+    low, high = frames.min().item(), frames.max().item()
+    if low < -1 - _RANGE_TOLERANCE or high > 1 + _RANGE_TOLERANCE:
+        raise ValueError(f"frame values must lie in [-1, 1], got range [{low:.3g}, {high:.3g}]")
+    pixels = ((frames + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return pixels.permute(1, 2, 3, 0).contiguous().numpy()  # (T, H, W, 3)
+
+
+def _check_policy(policy: str) -> None:
+    if policy not in ("trim", "pad"):
+        raise ValueError(f"frame_policy must be 'trim' or 'pad', got {policy!r}")
+
+
+def _check_size(size: int | tuple[int, int] | None) -> None:
+    if size is None:
+        return
+    if isinstance(size, int) and not isinstance(size, bool):
+        if size < SPATIAL_MULTIPLE:
+            raise ValueError(f"size must be at least {SPATIAL_MULTIPLE}, got {size}")
+        return
+    if (
+        isinstance(size, (tuple, list))
+        and len(size) == 2
+        and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 and s % SPATIAL_MULTIPLE == 0 for s in size)
+    ):
+        return
+    raise ValueError(f"size must be None, an int >= 8, or (height, width) multiples of 8; got {size!r}")
