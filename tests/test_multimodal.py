@@ -3,12 +3,12 @@
 import PIL.Image
 import pytest
 import torch
-from tokenizers_mm.video import VideoTokenizer, VideoTokenizerConfig
 
 from tokenizers_mm.image import ImageTokenizer, ImageTokenizerConfig
 from tokenizers_mm.multimodal import MultimodalTokenizer
 from tokenizers_mm.segments import Image, Text, Understand, Video
 from tokenizers_mm.text import TextTokenizer
+from tokenizers_mm.video import VideoTokenizer, VideoTokenizerConfig
 from tokenizers_mm.vocab import Modality
 
 UND_TOKENS = 4
