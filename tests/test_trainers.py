@@ -1,0 +1,567 @@
+"""Training modules on the CPU at toy size: fits, overfitting one batch, loss masking, staged freezing,
+resume equivalence, export round trips, the sample logger and the CLI end to end.
+
+Data comes from tiny in-test data modules (deterministic, no shuffling) so the tests do not depend on
+``trainers.data``; ``TinyTokenData`` is also used by class path from a YAML in the CLI test.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import lightning as L
+import PIL.Image
+import pytest
+import torch
+import yaml
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader
+
+from anygen.api import AnyGen
+from anygen.model import routed_cross_entropy
+from anygen.testing import random_engine
+from tokenizers_mm.image import ImageTokenizer
+from tokenizers_mm.multimodal import MultimodalTokenizer
+from tokenizers_mm.segments import Image, Understand, Video
+from tokenizers_mm.video import VideoTokenizer
+from trainers.callbacks import SampleLogger
+from trainers.cli import fit as cli_fit
+from trainers.export import export_checkpoint
+from trainers.export import main as export_main
+from trainers.image_tokenizer import ImageTokenizerModule
+from trainers.losses import LPIPS, PatchDiscriminator, adaptive_weight, hinge_d_loss, hinge_g_loss
+from trainers.unified import NO_LOSS_SPECIALS, UnifiedModule, parameter_groups, resolve_groups
+from trainers.video_tokenizer import VideoTokenizerModule
+
+SEQ_LEN = 80
+
+
+# -- tiny data -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory) -> str:
+    """A tiny MultimodalTokenizer (BPE 300, 125-code image / video FSQ, 16 <|und|> per image) on disk."""
+    directory = tmp_path_factory.mktemp("tokenizer")
+    random_engine("tiny").tokenizer.save(directory)
+    return str(directory)
+
+
+def token_batches(tokenizer: MultimodalTokenizer, n_docs: int, batch_size: int, seq_len: int = SEQ_LEN,
+                  seed: int = 0) -> list[dict]:
+    """Deterministic batches of interleaved documents (text, image, video, understood image), one per row."""
+    g = torch.Generator().manual_seed(seed)
+    words = ["a red circle", "a blue square", "a green triangle moves", "make it yellow"]
+    docs = []
+    for i in range(n_docs):
+        image = Image(codes=torch.randint(0, tokenizer.vocab.image_codebook_size, (3, 3), generator=g))
+        video = Video(codes=torch.randint(0, tokenizer.vocab.video_codebook_size, (2, 2, 2), generator=g))
+        pixels = PIL.Image.fromarray((torch.rand(8, 8, 3, generator=g) * 255).byte().numpy())
+        docs.append(tokenizer.encode([words[i % 4], image, "then", video, Understand(pixels)]))
+    batches = []
+    for start in range(0, n_docs, batch_size):
+        seqs = docs[start:start + batch_size]
+        ids = torch.full((len(seqs), seq_len + 1), tokenizer.vocab.pad)
+        for row, seq in enumerate(seqs):
+            assert len(seq) <= seq_len + 1
+            ids[row, :len(seq)] = seq.ids
+        mask = ids[:, :-1] != tokenizer.vocab.pad
+        targets = ids[:, 1:].clone()
+        targets[targets == tokenizer.vocab.pad] = -100
+        batches.append({"ids": ids[:, :-1].contiguous(), "targets": targets, "attention_mask": mask,
+                        "document_ids": torch.zeros_like(ids[:, :-1]),
+                        "und_pixels": torch.cat([s.und_pixels for s in seqs])})
+    return batches
+
+
+class _ListData(torch.utils.data.Dataset):
+    def __init__(self, items: list) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        return self.items[i]
+
+
+def _loader(items: list) -> DataLoader:
+    return DataLoader(_ListData(items), batch_size=None, shuffle=False)  # items are whole batches
+
+
+class ResumableBatches:
+    """Fixed batches in order, with the ``state_dict`` / ``load_state_dict`` Lightning uses to resume mid-epoch.
+
+    Stands in for the real data modules' resumable loaders, so resume tests see exactly the batches
+    an uninterrupted run would.
+    """
+
+    def __init__(self, items: list) -> None:
+        self.items, self.position = items, 0
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __iter__(self):
+        while self.position < len(self.items):
+            self.position += 1
+            yield self.items[self.position - 1]
+        self.position = 0
+
+    def state_dict(self) -> dict:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = state["position"]
+
+
+class TinyTokenData(L.LightningDataModule):
+    """``TokenDataModule``'s batch format from a tokenizer directory, deterministic, for tests."""
+
+    def __init__(self, tokenizer_dir: str, n_docs: int = 6, batch_size: int = 2) -> None:
+        super().__init__()
+        self.batches = token_batches(MultimodalTokenizer.load(tokenizer_dir), n_docs, batch_size)
+
+    def train_dataloader(self) -> DataLoader:
+        return _loader(self.batches)
+
+    def val_dataloader(self) -> DataLoader:
+        return _loader(self.batches[:1])
+
+
+def smooth_pixels(*shape: int, seed: int = 0) -> torch.Tensor:
+    """Smooth random pixels in [-1, 1]: ``(B, 3, H, W)`` or ``(B, 3, T, H, W)``."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(*shape[:-2], 4, 4, generator=g) * 2 - 1
+    if len(shape) == 4:
+        return torch.nn.functional.interpolate(coarse, size=shape[-2:], mode="bilinear", align_corners=False)
+    return torch.nn.functional.interpolate(coarse, size=shape[-3:], mode="trilinear", align_corners=False)
+
+
+def image_batches(n: int = 3, batch_size: int = 2, size: int = 16) -> list[dict]:
+    return [{"pixels": smooth_pixels(batch_size, 3, size, size, seed=i)} for i in range(n)]
+
+
+def video_batches() -> list[dict]:
+    """Joint training: a batch of images (T=1) and a batch of 5-frame clips."""
+    return [{"pixels": smooth_pixels(2, 3, 1, 16, 16, seed=0)}, {"pixels": smooth_pixels(1, 3, 5, 16, 16, seed=1)}]
+
+
+def trainer(max_steps: int, **kwargs) -> L.Trainer:
+    defaults = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                    limit_val_batches=0)
+    return L.Trainer(max_steps=max_steps, **{**defaults, **kwargs})
+
+
+class LossRecorder(Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(trainer.callback_metrics["train/loss"]))
+
+
+def tiny_unified(tok_dir: str, **kwargs) -> UnifiedModule:
+    torch.manual_seed(0)
+    return UnifiedModule(tok_dir, **{"lr": 3e-3, "warmup_steps": 2, **kwargs})
+
+
+def tiny_image(**kwargs) -> ImageTokenizerModule:
+    torch.manual_seed(0)
+    return ImageTokenizerModule(tokenizer={"preset": "tiny", "image_size": 16}, **{"lr": 3e-3, **kwargs})
+
+
+def tiny_video(**kwargs) -> VideoTokenizerModule:
+    torch.manual_seed(0)
+    return VideoTokenizerModule(tokenizer={"preset": "tiny"}, **{"lr": 3e-3, **kwargs})
+
+
+GAN = {"gan_weight": 0.5, "gan_start_step": 1, "disc_channels": 8, "disc_layers": 1}
+
+
+# -- tiny fits ---------------------------------------------------------------------------------------------
+
+
+def test_unified_tiny_fit(tok_dir):
+    module = tiny_unified(tok_dir)
+    t = trainer(3)
+    t.fit(module, _loader(token_batches(module.tokenizer, 6, 2)))
+    assert t.global_step == 3
+    assert math.isfinite(float(t.callback_metrics["train/loss"]))
+    for m in ("text", "image", "video"):
+        assert f"train/ce_{m}" in t.callback_metrics
+
+
+@pytest.mark.parametrize("gan, quantizer", [(False, "fsq"), (True, "fsq"), (False, "vq")], ids=["recon", "gan", "vq"])
+def test_image_tokenizer_tiny_fit(gan, quantizer):
+    torch.manual_seed(0)
+    module = ImageTokenizerModule(tokenizer={"preset": "tiny", "image_size": 16, "quantizer": quantizer},
+                                  **(GAN if gan else {}))
+    t = trainer(3)
+    t.fit(module, _loader(image_batches()))
+    assert t.global_step == 3  # with a GAN too: the discriminator's step is not a training step
+    metrics = t.callback_metrics
+    assert {"train/loss", "train/psnr", "train/codebook_usage"} <= set(metrics)
+    if gan:
+        assert {"train/g_loss", "train/d_loss", "train/d_weight"} <= set(metrics)
+
+
+def test_video_tokenizer_tiny_fit():
+    module = tiny_video(**GAN)
+    t = trainer(2)
+    t.fit(module, _loader(video_batches()))
+    assert t.global_step == 2
+    assert {"train/mse_image", "train/mse_video", "train/d_loss"} <= set(t.callback_metrics)
+
+
+@pytest.mark.parametrize("kind", ["unified", "image_gan"])
+def test_bf16_mixed_precision(tok_dir, kind):
+    if kind == "unified":
+        module = tiny_unified(tok_dir)
+        data = _loader(token_batches(module.tokenizer, 4, 2))
+    else:
+        module, data = tiny_image(**GAN), _loader(image_batches())
+    t = trainer(2, precision="bf16-mixed")
+    t.fit(module, data)
+    assert t.global_step == 2 and math.isfinite(float(t.callback_metrics["train/loss"]))
+
+
+def test_validation_logs_codebook_usage_and_psnr():
+    module = tiny_image()
+    t = trainer(1, limit_val_batches=2)
+    t.validate(module, _loader(image_batches()), verbose=False)
+    metrics = t.callback_metrics
+    assert 0 < float(metrics["val/codebook_usage"]) <= 1
+    assert float(metrics["val/psnr"]) > 0
+
+
+# -- overfitting one batch ---------------------------------------------------------------------------------
+
+
+def test_unified_overfits_one_batch(tok_dir):
+    """Cross-entropy on one fixed batch falls at least 5x within 150 AdamW steps."""
+    module = tiny_unified(tok_dir)
+    batch = token_batches(module.tokenizer, 2, 2)[0]
+    opt = torch.optim.AdamW(module.parameters(), lr=3e-3)
+    first = None
+    for step in range(150):
+        out = module.compute_loss(batch)
+        first = first if first is not None else float(out["ce"])
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        if float(out["ce"]) * 5 <= first:
+            break
+    assert float(out["ce"]) * 5 <= first, (first, float(out["ce"]), step)
+
+
+@pytest.mark.parametrize("kind", ["image", "video"])
+def test_tokenizer_overfits_one_batch(kind):
+    """Reconstruction MSE on one fixed batch falls at least 3x (image: <= 60 steps, video: <= 80)."""
+    if kind == "image":
+        module, x, steps = tiny_image(), smooth_pixels(4, 3, 16, 16), 60
+    else:
+        module, x, steps = tiny_video(), smooth_pixels(1, 3, 5, 16, 16), 80
+    opt = module.configure_optimizers()
+    first = None
+    for step in range(steps):
+        out = module.reconstruction_losses(x)
+        first = first if first is not None else float(out["mse"])
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        if float(out["mse"]) * 3 <= first:
+            break
+    assert float(out["mse"]) * 3 <= first, (first, float(out["mse"]), step)
+
+
+# -- the unified loss --------------------------------------------------------------------------------------
+
+
+def test_structural_targets_carry_no_loss(tok_dir):
+    module = tiny_unified(tok_dir)
+    v = module.vocab
+    batch = token_batches(module.tokenizer, 2, 2)[0]
+    targets = batch["targets"]
+    mask = module.loss_mask(targets, batch["attention_mask"])
+    for name in NO_LOSS_SPECIALS:
+        assert not mask[targets == v.special(name)].any(), name
+    for counted in (v.boi, v.bov, v.eos):  # the model's choices: they count
+        assert mask[targets == counted].all()
+    sizes = (targets >= v.h_offset) & (targets < v.image_offset)
+    assert sizes.any() and mask[sizes].all()
+
+    with torch.no_grad():
+        base = module.compute_loss(batch)["loss"]
+
+        def loss_with(position: tuple[int, int], value: int) -> torch.Tensor:
+            changed = {**batch, "targets": targets.clone()}
+            changed["targets"][position] = value
+            return module.compute_loss(changed)["loss"]
+
+        eol = tuple(int(i) for i in (targets == v.eol).nonzero()[0])
+        assert torch.equal(loss_with(eol, v.eoi), base)  # one structural target for another
+        assert torch.equal(loss_with(eol, -100), base)
+        text = tuple(int(i) for i in ((targets >= 0) & (targets < v.special_offset)).nonzero()[0])
+        assert not torch.equal(loss_with(text, (int(targets[text]) + 1) % v.text_size), base)
+
+
+def test_loss_is_modality_weighted_mean_with_z_loss(tok_dir):
+    """loss = Σ w_m CE_m / N + z · mean(log Z²); with unit weights it is routed_cross_entropy's own z-loss."""
+    batch = token_batches(MultimodalTokenizer.load(tok_dir), 2, 2)[0]
+    module = tiny_unified(tok_dir, z_loss_weight=1e-2)
+    with torch.no_grad():
+        out = module.compute_loss(batch)
+        logits = module.model(batch["ids"], attention_mask=batch["attention_mask"], und_pixels=batch["und_pixels"],
+                              document_ids=batch["document_ids"])
+        mask = module.loss_mask(batch["targets"], batch["attention_mask"])
+        reference = routed_cross_entropy(logits, batch["targets"], module.vocab, mask, z_loss_weight=1e-2)
+    torch.testing.assert_close(out["loss"], reference)
+    assert (out["count"] > 0).all()
+
+    weighted = tiny_unified(tok_dir, loss_weights={"image": 0.0, "video": 2.0})
+    with torch.no_grad():
+        out = weighted.compute_loss(batch)
+    expected = (out["ce_sum"] * torch.tensor([1.0, 0.0, 2.0])).sum() / out["count"].sum()
+    torch.testing.assert_close(out["loss"], expected)
+
+
+def test_unknown_names_are_rejected(tok_dir):
+    with pytest.raises(ValueError, match="unknown parameter groups"):
+        resolve_groups(["decoder", "encoderz"])
+    with pytest.raises(ValueError, match="unknown loss_weights"):
+        UnifiedModule(tok_dir, loss_weights={"audio": 1.0})
+    with pytest.raises(ValueError, match="unknown AnyGenConfig fields"):
+        UnifiedModule(tok_dir, model={"n_layers": 3})
+    with pytest.raises(FileNotFoundError, match="tokenizer_dir"):
+        UnifiedModule(str(Path(tok_dir) / "missing"))
+
+
+def test_model_vocabulary_follows_the_tokenizer(tok_dir):
+    tokenizer = MultimodalTokenizer.load(tok_dir)
+    # the preset's vocabulary fields are overwritten, the rest is kept
+    module = UnifiedModule(tok_dir, model={"text_size": 5, "n_layer": 1})
+    assert module.model.vocab == tokenizer.vocab and module.model.config.n_layer == 1
+    with pytest.raises(ValueError, match="<\\|und\\|> positions"):
+        UnifiedModule(tok_dir, model={"und_image_size": 64, "und_encoder": {"patch_size": 8, "hidden_size": 32,
+                                                                             "num_hidden_layers": 1,
+                                                                             "num_attention_heads": 2,
+                                                                             "intermediate_size": 64}})
+
+
+# -- staged freezing ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("train", [
+    "all",
+    ["aligner", "image_embeddings", "video_embeddings", "heads"],  # stage 1
+    ["embeddings", "heads", "decoder", "aligner"],  # stage 2
+    ["decoder"],
+])
+def test_staged_freezing_trains_exactly_the_named_groups(tok_dir, train):
+    module = tiny_unified(tok_dir, train=train, weight_decay=0.0)
+    groups = parameter_groups(module.model)
+    trained = {id(p) for name in resolve_groups(train) for p in groups[name]}
+    before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
+    trainer(2).fit(module, _loader(token_batches(module.tokenizer, 4, 2)))
+    for name, p in module.model.named_parameters():
+        changed = not torch.equal(before[name], p.detach())
+        assert changed == (id(p) in trained), (name, changed)
+        assert p.requires_grad == (id(p) in trained), name
+    assert module.model.config.und_trainable == ("und_encoder" in resolve_groups(train))
+
+
+# -- checkpoints: resume, export, init_from ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["unified", "image_gan"])
+def test_resume_gives_the_same_loss_curve(tok_dir, tmp_path, kind):
+    """6 steps straight == 3 steps (mid-epoch: 4 batches an epoch), checkpoint, resume to 6: same losses, weights."""
+    def setup():
+        if kind == "unified":
+            module = tiny_unified(tok_dir, max_steps=6)  # the schedule's length, as a run killed at 3 would have
+            return module, ResumableBatches(token_batches(module.tokenizer, 8, 2))
+        return tiny_image(**GAN), ResumableBatches(image_batches(4))
+
+    module, data = setup()
+    straight = LossRecorder()
+    trainer(6, callbacks=[straight]).fit(module, data)
+    final = {k: v.clone() for k, v in module.state_dict().items()}
+
+    module, data = setup()
+    first = trainer(3)
+    first.fit(module, data)
+    ckpt = tmp_path / "half.ckpt"
+    first.save_checkpoint(ckpt)
+    module, data = setup()
+    resumed = LossRecorder()
+    trainer(6, callbacks=[resumed]).fit(module, data, ckpt_path=ckpt)
+
+    assert len(straight.losses) == 6 and len(resumed.losses) == 3
+    torch.testing.assert_close(torch.tensor(resumed.losses), torch.tensor(straight.losses[3:]), rtol=1e-5, atol=1e-6)
+    for key, value in module.state_dict().items():
+        torch.testing.assert_close(value, final[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def _fit_with_checkpoint(module: L.LightningModule, data: DataLoader, directory: Path, steps: int = 2) -> Path:
+    checkpoint = ModelCheckpoint(dirpath=directory, save_last=True)
+    trainer(steps, enable_checkpointing=True, callbacks=[checkpoint]).fit(module, data)
+    return directory / "last.ckpt"
+
+
+def test_export_unified_loads_and_generates(tok_dir, tmp_path):
+    module = tiny_unified(tok_dir)
+    ckpt = _fit_with_checkpoint(module, _loader(token_batches(module.tokenizer, 4, 2)), tmp_path / "ckpt")
+    out = tmp_path / "export"
+    assert export_main([str(ckpt), "--out", str(out), "--tokenizer-dir", tok_dir]) == 0
+    engine = AnyGen.from_pretrained(out)
+    for key, value in module.model.state_dict().items():
+        assert torch.equal(engine.model.state_dict()[key], value), key
+    result = engine.generate("a red circle", start_with="image", image_size=(2, 2), max_new_tokens=12, seed=0)
+    assert len(result.images) == 1
+    # the tokenizer directory recorded in the checkpoint is the default
+    assert export_checkpoint(ckpt, tmp_path / "export2").is_dir()
+
+
+def test_export_rejects_foreign_files(tmp_path, capsys):
+    path = tmp_path / "plain.ckpt"
+    torch.save({"state_dict": {}}, path)
+    assert export_main([str(path), "--out", str(tmp_path / "x")]) == 1
+    assert "not written by an anygen training module" in capsys.readouterr().err
+    assert export_main([str(tmp_path / "missing.ckpt"), "--out", str(tmp_path / "x")]) == 1
+
+
+@pytest.mark.parametrize("kind", ["image", "video"])
+def test_export_tokenizer_writes_its_safetensors(tmp_path, kind):
+    if kind == "image":
+        module, data, cls = tiny_image(), _loader(image_batches(1)), ImageTokenizer
+        x = smooth_pixels(1, 3, 16, 16)
+    else:
+        module, data, cls = tiny_video(), _loader(video_batches()[:1]), VideoTokenizer
+        x = smooth_pixels(1, 3, 1, 16, 16)
+    ckpt = _fit_with_checkpoint(module, data, tmp_path / "ckpt", steps=1)
+    path = export_checkpoint(ckpt, tmp_path / "tok")  # a directory gets the MultimodalTokenizer file name
+    assert path.name == f"{kind}_tokenizer.safetensors"
+    loaded = cls.load(path)
+    module.tokenizer.eval()
+    assert torch.equal(loaded.encode(x), module.tokenizer.encode(x))
+
+
+@pytest.mark.parametrize("source", ["ckpt", "pretrained"])
+def test_init_from_an_earlier_stage(tok_dir, tmp_path, source):
+    stage1 = tiny_unified(tok_dir, train=["aligner", "heads"])
+    ckpt = _fit_with_checkpoint(stage1, _loader(token_batches(stage1.tokenizer, 2, 2)), tmp_path / "ckpt", steps=1)
+    path = ckpt if source == "ckpt" else export_checkpoint(ckpt, tmp_path / "pretrained")
+    torch.manual_seed(1)  # a different random init, overwritten by init_from
+    stage2 = UnifiedModule(tok_dir, train=["embeddings", "heads", "decoder", "aligner"], init_from=str(path))
+    for key, value in stage1.model.state_dict().items():
+        assert torch.equal(stage2.model.state_dict()[key], value), key
+    with pytest.raises(FileNotFoundError, match="init_from"):
+        UnifiedModule(tok_dir, init_from=str(tmp_path / "nothing"))
+    with pytest.raises(ValueError, match="do not fit"):
+        UnifiedModule(tok_dir, model={"n_layer": 1}, init_from=str(path))
+
+
+# -- sample logger -----------------------------------------------------------------------------------------
+
+
+def test_sample_logger_writes_generations(tok_dir, tmp_path):
+    module = tiny_unified(tok_dir)
+    sampler = SampleLogger(every_n_steps=2, prompts=["a red circle", "a square"], image_size=(2, 2),
+                           video_size=(1, 2, 2), text_tokens=4)
+    trainer(2, callbacks=[sampler], default_root_dir=tmp_path).fit(
+        module, _loader(token_batches(module.tokenizer, 4, 2)))
+    names = sorted(p.name for p in sampler.written)
+    assert names == ["prompt0_image0.png", "prompt1_image0.png", "samples.txt", "video0.png"]
+    assert all(p.is_file() and p.parent.name == "step_0000002" for p in sampler.written)
+    assert module.model.training and module.model.blocks[0].attn.kv_cache is None
+
+
+@pytest.mark.parametrize("kind", ["image", "video"])
+def test_sample_logger_writes_reconstructions(tmp_path, kind):
+    module, data = (tiny_image(), image_batches(2)) if kind == "image" else (tiny_video(), video_batches())
+    sampler = SampleLogger(every_n_steps=2, num_reconstructions=2)
+    csv = L.pytorch.loggers.CSVLogger(tmp_path)
+    trainer(2, callbacks=[sampler], logger=csv).fit(module, _loader(data))
+    # the video module trains on images and clips: it shows one of each
+    names = ["reconstructions.png"] if kind == "image" else ["reconstructions_t1.png", "reconstructions_t5.png"]
+    assert [p.name for p in sampler.written] == names  # at step 2, not again when training ends there
+    assert PIL.Image.open(sampler.written[0]).size[0] > 16
+    assert module.tokenizer.training
+    csv.save()
+    logged = (Path(csv.log_dir) / "metrics.csv").read_text()
+    key = "" if kind == "image" else "_t5"
+    assert f"samples/codebook_usage{key}" in logged and f"samples/psnr{key}" in logged
+
+
+# -- GAN and LPIPS pieces ----------------------------------------------------------------------------------
+
+
+def test_gan_losses_and_adaptive_weight():
+    disc = PatchDiscriminator(channels=8, n_layers=2)
+    assert disc(torch.zeros(2, 3, 16, 16)).shape[:2] == (2, 1)
+    assert disc(torch.zeros(1, 3, 5, 16, 16)).shape[0] == 5  # a clip is judged frame by frame
+    with pytest.raises(ValueError, match="disc_layers"):
+        disc(torch.zeros(1, 3, 8, 8))
+    assert float(hinge_d_loss(torch.full((4,), 2.0), torch.full((4,), -2.0))) == 0.0
+    assert float(hinge_g_loss(torch.ones(3))) == -1.0
+    w = torch.ones(3, requires_grad=True)
+    rec, g = (w * 2).sum(), (w * 4).sum()  # gradient norms 2√3 and 4√3
+    assert abs(float(adaptive_weight(rec, g, w)) - 0.5) < 1e-3
+
+
+def test_lpips_only_from_local_weights(tmp_path):
+    with pytest.raises(ValueError, match="LPIPS weights not found at"):
+        ImageTokenizerModule(tokenizer={"preset": "tiny"}, lpips_weight=1.0, lpips_path=str(tmp_path / "none"))
+    with pytest.raises(ValueError, match="LPIPS weights not found at None"):
+        ImageTokenizerModule(tokenizer={"preset": "tiny"}, lpips_weight=1.0)
+    reference = LPIPS()
+    for lin in reference.lins:
+        lin.weight.data.abs_()  # LPIPS' learned weights are non-negative
+    path = tmp_path / "lpips.safetensors"
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(path))
+    module = ImageTokenizerModule(tokenizer={"preset": "tiny", "image_size": 16}, lpips_weight=1.0,
+                                  lpips_path=str(path))
+    x = smooth_pixels(2, 3, 16, 16)
+    assert float(module.lpips(x, x)) == 0.0 and float(module.lpips(x, -x)) > 0
+    assert "lpips" in module.reconstruction_losses(x)
+    # the frozen VGG is left out of checkpoints and restored from lpips_path on load
+    ckpt = _fit_with_checkpoint(module, _loader(image_batches(1)), tmp_path / "ckpt", steps=1)
+    state = torch.load(ckpt, weights_only=True)["state_dict"]
+    assert not any(k.startswith("lpips.") for k in state)
+    ImageTokenizerModule.load_from_checkpoint(ckpt, weights_only=True)
+
+
+# -- the CLI end to end ------------------------------------------------------------------------------------
+
+
+def test_cli_fit_saves_config_checkpoints_and_resumes(tok_dir, tmp_path, capsys):
+    root = tmp_path / "run"
+    config = {
+        "seed_everything": 0,
+        "trainer": {"accelerator": "cpu", "max_steps": 2, "default_root_dir": str(root), "logger": False,
+                    "enable_model_summary": False, "limit_val_batches": 1,
+                    "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                                   "init_args": {"dirpath": str(root / "checkpoints"), "save_last": True}}]},
+        "model": {"class_path": "trainers.unified.UnifiedModule",
+                  "init_args": {"tokenizer_dir": tok_dir, "preset": "tiny", "warmup_steps": 1}},
+        "data": {"class_path": "test_trainers.TinyTokenData", "init_args": {"tokenizer_dir": tok_dir}},
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli_fit(["--config", str(path), "--trainer.max_steps", "7", "--print_config"])
+    assert exit_info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["trainer"]["max_steps"] == 7 and printed["model"]["init_args"]["lr"] == 3e-4
+
+    assert cli_fit(["--config", str(path)]) == 0
+    saved = yaml.safe_load((root / "config.yaml").read_text())  # SaveConfigCallback, resolved
+    assert saved["model"]["init_args"]["weight_decay"] == 0.1 and saved["weights_only"] is True
+    assert (root / "checkpoints" / "last.ckpt").is_file()
+    assert cli_fit(["--config", str(path), "--trainer.max_steps", "3", "--ckpt_path", "last"]) == 0
+    assert torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3

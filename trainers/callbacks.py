@@ -1,0 +1,184 @@
+"""Lightning callbacks: ``SampleLogger`` shows what a model makes while it trains.
+
+- For ``UnifiedModule``: every ``every_n_steps`` steps it builds an ``anygen.api.AnyGen`` over the
+  module's own model and tokenizer and generates, from a few fixed prompts, one image each (text to
+  image), a text continuation each, and one video when ``video_size`` is set. Seeded, so successive
+  samples differ only because the weights did.
+- For the tokenizer modules: it keeps the first ``num_reconstructions`` images / clips of the first
+  training batch of each shape it meets (the video module trains on images and clips: it keeps one
+  of each) and shows them next to their reconstructions (video: one row of frames per clip), and
+  logs their PSNR and the fraction of the codebook they use as ``samples/psnr`` and
+  ``samples/codebook_usage`` (suffixed ``_t1`` / ``_t5``… per frame count for the video module).
+
+Where it goes: PNG (and ``samples.txt``) files under ``<log_dir>/samples/step_NNNNNNN/`` always, and the
+logger too when it takes images (TensorBoard's ``add_image``, or any logger with ``log_image`` such
+as W&B). CSV logs cannot hold images, so there the files are the record.
+
+Sampling runs on global rank 0 only, outside the training graph, in eval mode, and restores train
+mode afterwards. It is skipped under FSDP, where no rank holds the whole model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+from torchvision.utils import make_grid, save_image
+
+from trainers.image_tokenizer import VQModuleBase, codebook_usage, pixels_of, psnr
+from trainers.unified import UnifiedModule
+
+DEFAULT_PROMPTS = ("a red circle", "a blue square on the left", "a green triangle")
+
+
+class SampleLogger(Callback):
+    """Log sample generations (unified module) or reconstructions (tokenizer modules) during training.
+
+    Args:
+        every_n_steps: sample when ``global_step`` is a multiple of this (and once when training ends).
+        prompts: text prompts for the unified module.
+        image_size: ``(h, w)`` in tokens of the generated images.
+        video_size: ``(t, h, w)`` in tokens of one generated video; None generates no video.
+        text_tokens: new tokens of each text continuation; 0 skips text.
+        guidance_scale: classifier-free guidance for images / video; None keeps the engine's default.
+        num_reconstructions: images or clips shown by the tokenizer modules.
+        seed: sampling seed.
+    """
+
+    def __init__(self, every_n_steps: int = 500, prompts: list[str] | None = None,
+                 image_size: tuple[int, int] = (4, 4), video_size: tuple[int, int, int] | None = None,
+                 text_tokens: int = 24, guidance_scale: float | None = None, num_reconstructions: int = 4,
+                 seed: int = 0) -> None:
+        if every_n_steps < 1:
+            raise ValueError(f"SampleLogger.every_n_steps must be >= 1, got {every_n_steps}")
+        self.every_n_steps = every_n_steps
+        self.prompts = list(prompts) if prompts else list(DEFAULT_PROMPTS)
+        self.image_size = tuple(image_size)
+        self.video_size = tuple(video_size) if video_size is not None else None
+        self.text_tokens = text_tokens
+        self.guidance_scale = guidance_scale
+        self.num_reconstructions = num_reconstructions
+        self.seed = seed
+        self._fixed: dict[str, Tensor] = {}  # "" for images, "_t{T}" for clips of T frames
+        self._last_step = -1
+        self.written: list[Path] = []  # every file written, newest last
+
+    # -- hooks ---------------------------------------------------------------------------------------
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if isinstance(pl_module, VQModuleBase) and len(self._fixed) < 2:
+            x = pl_module._prepare(pixels_of(batch))
+            key = f"_t{x.shape[2]}" if x.ndim == 5 else ""
+            self._fixed.setdefault(key, x[: self.num_reconstructions].detach().cpu())
+        step = trainer.global_step
+        if step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
+            self.sample(trainer, pl_module)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.global_step != self._last_step:
+            self.sample(trainer, pl_module)
+
+    # -- sampling ------------------------------------------------------------------------------------
+    def sample(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Sample now and write / log the results (rank 0 only)."""
+        self._last_step = trainer.global_step
+        if "fsdp" in type(trainer.strategy).__name__.lower():
+            rank_zero_warn("SampleLogger: skipped under FSDP (no rank holds the whole model)")
+            return
+        if not trainer.is_global_zero:
+            return
+        out_dir = Path(trainer.log_dir or trainer.default_root_dir) / "samples" / f"step_{trainer.global_step:07d}"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if isinstance(pl_module, UnifiedModule):
+            self._sample_unified(trainer, pl_module, out_dir)
+        elif isinstance(pl_module, VQModuleBase):
+            self._sample_tokenizer(trainer, pl_module, out_dir)
+
+    def _sample_unified(self, trainer: Trainer, module: UnifiedModule, out_dir: Path) -> None:
+        model = module.model
+        was_training = model.training
+        engine = module.engine()  # sets eval mode
+        guided = {} if self.guidance_scale is None else {"guidance_scale": self.guidance_scale}
+        try:
+            h, w = self.image_size
+            outs = engine.generate(self.prompts, start_with="image", image_size=(h, w), max_images=1,
+                                   max_new_tokens=h * (w + 1) + 4, image=guided or None, seed=self.seed)
+            for i, out in enumerate(outs):
+                for j, image in enumerate(out.images):
+                    path = out_dir / f"prompt{i}_image{j}.png"
+                    image.save(path)
+                    self._record(trainer, f"samples/prompt{i}", path)
+            lines = []
+            if self.text_tokens > 0:
+                texts = engine.generate(self.prompts, max_new_tokens=self.text_tokens, seed=self.seed)
+                lines = [json.dumps({"prompt": p, "text": o.text}, ensure_ascii=False)
+                         for p, o in zip(self.prompts, texts)]
+            if self.video_size is not None and module.tokenizer.video is not None:
+                t, h, w = self.video_size
+                video = engine.generate(self.prompts[0], start_with="video", video_size=(t, h, w), max_images=1,
+                                        max_new_tokens=t * (h * (w + 1) + 1) + 6, video=guided or None,
+                                        seed=self.seed)
+                for j, clip in enumerate(video.videos):
+                    path = out_dir / f"video{j}.png"
+                    save_image(make_grid(_unit(clip.frames.transpose(0, 1)), nrow=clip.frames.shape[1]), path)
+                    self._record(trainer, f"samples/video{j}", path)
+            if lines:
+                path = out_dir / "samples.txt"
+                path.write_text("\n".join(lines) + "\n")
+                self.written.append(path)
+        finally:
+            for block in model.blocks:  # drop the generator's KV cache: training never uses it
+                block.attn.kv_cache = None
+            model.cache_valid, model.cache_slot_ids = None, None
+            model.train(was_training)
+
+    def _sample_tokenizer(self, trainer: Trainer, module: VQModuleBase, out_dir: Path) -> None:
+        tokenizer = module.tokenizer
+        was_training = tokenizer.training
+        tokenizer.eval()
+        metrics = {}
+        try:
+            for key, fixed in sorted(self._fixed.items()):
+                with torch.no_grad():
+                    x = fixed.to(module.device)
+                    recon, codes, _ = tokenizer(x)
+                    recon = recon.float().clamp(-1, 1)
+                if x.ndim == 5:  # (B, 3, T, H, W): per clip, a row of original frames over a row of reconstructions
+                    rows = [torch.cat([x[i].transpose(0, 1), recon[i].transpose(0, 1)]) for i in range(x.shape[0])]
+                    grid = make_grid(_unit(torch.cat(rows).cpu()), nrow=x.shape[2])
+                else:  # originals on top, reconstructions below
+                    grid = make_grid(_unit(torch.cat([x, recon]).cpu()), nrow=x.shape[0])
+                path = out_dir / f"reconstructions{key}.png"
+                save_image(grid, path)
+                self._record(trainer, f"samples/reconstructions{key}", path, grid)
+                metrics[f"samples/psnr{key}"] = float(psnr((recon - x.float()).square().mean()))
+                metrics[f"samples/codebook_usage{key}"] = float(codebook_usage(codes, tokenizer.codebook_size))
+        finally:
+            tokenizer.train(was_training)
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+
+    def _record(self, trainer: Trainer, tag: str, path: Path, image: Tensor | None = None) -> None:
+        """Remember ``path`` and hand the image to every logger that takes images."""
+        self.written.append(path)
+        for logger in trainer.loggers:
+            experiment = getattr(logger, "experiment", None)
+            if hasattr(experiment, "add_image"):  # TensorBoard
+                if image is None:
+                    from PIL import Image as PILImage
+                    from torchvision.transforms.functional import pil_to_tensor
+
+                    image = pil_to_tensor(PILImage.open(path).convert("RGB")).float() / 255
+                experiment.add_image(tag, image, global_step=trainer.global_step)
+            elif hasattr(logger, "log_image"):  # W&B and friends
+                logger.log_image(key=tag, images=[str(path)], step=trainer.global_step)
+
+
+def _unit(x: Tensor) -> Tensor:
+    """``[-1, 1]`` pixels to ``[0, 1]`` for image files."""
+    return (x.float().clamp(-1, 1) + 1) / 2

@@ -1,0 +1,323 @@
+"""Training the image VQ tokenizer: ``ImageTokenizerModule`` (and ``VQModuleBase``, shared with video).
+
+The objective is VQGAN's (Esser et al. 2021), with each term switchable from the config::
+
+    loss = l1_weight * |x - x̂| + l2_weight * (x - x̂)^2 + quantizer_weight * aux
+         + lpips_weight * LPIPS(x, x̂) + gan_weight * λ_adaptive * hinge_g(D(x̂))     (after gan_start_step)
+
+Notable:
+
+- Without a GAN (``gan_weight: 0``) training uses Lightning's automatic optimization: gradient
+  clipping (``--trainer.gradient_clip_val``), accumulation and every strategy work as usual.
+- With a GAN the module switches to manual optimization with two optimizers (autoencoder, then
+  PatchGAN discriminator). ``global_step`` counts autoencoder steps only, so ``max_steps``,
+  ``gan_start_step`` and checkpoint intervals mean the same with and without a GAN. Under DDP use
+  ``--trainer.strategy ddp_find_unused_parameters_true`` (the discriminator idles before
+  ``gan_start_step`` and the autoencoder idles in the discriminator step); clip with ``grad_clip``.
+- LPIPS is used only from a local weights file (``lpips_path``); without one, ``lpips_weight > 0``
+  fails at construction with a message saying what to provide. Its frozen VGG weights are left out
+  of the Lightning checkpoints.
+- Logged: ``train/loss``, ``train/l1``, ``train/mse``, ``train/psnr`` (dB, images in ``[-1, 1]``),
+  ``train/quantizer``, ``train/codebook_usage`` (fraction of codes in the batch), and with a GAN
+  ``train/g_loss``, ``train/d_loss``, ``train/d_weight``; ``val/mse``, ``val/psnr`` and
+  ``val/codebook_usage`` (codes seen over the whole validation set).
+- ``ModelCheckpoint`` files carry ``anygen_module`` and ``tokenizer_config`` as plain values, so
+  ``anygen export`` reads them with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from torch import Tensor, nn
+from torchmetrics import Metric
+
+from tokenizers_mm.image import ImageTokenizer, ImageTokenizerConfig
+from trainers.losses import LPIPS, PatchDiscriminator, adaptive_weight, hinge_d_loss, hinge_g_loss
+
+_LPIPS_PREFIX = "lpips."
+
+
+class CodebookUsage(Metric):
+    """Fraction of the codebook used by every code seen since the last reset (summed over DDP ranks)."""
+
+    full_state_update = False
+
+    def __init__(self, codebook_size: int) -> None:
+        super().__init__()
+        self.codebook_size = codebook_size
+        self.add_state("counts", default=torch.zeros(codebook_size, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, codes: Tensor) -> None:
+        self.counts += torch.bincount(codes.flatten().long(), minlength=self.codebook_size)
+
+    def compute(self) -> Tensor:
+        return (self.counts > 0).float().mean()
+
+
+def psnr(mse: Tensor) -> Tensor:
+    """PSNR in dB of images in ``[-1, 1]`` (peak-to-peak range 2) from their mean squared error."""
+    return 10.0 * torch.log10(4.0 / mse.clamp(min=1e-10))
+
+
+def codebook_usage(codes: Tensor, codebook_size: int) -> Tensor:
+    """Fraction of the ``codebook_size`` codes that occur in ``codes``."""
+    return torch.tensor(torch.unique(codes).numel() / codebook_size)
+
+
+def pixels_of(batch: Any) -> Tensor:
+    """The pixel tensor of a batch: ``batch["pixels"]``, a bare tensor, or the first item of a tuple."""
+    if isinstance(batch, dict):
+        if "pixels" not in batch:
+            raise ValueError(f"tokenizer batches need a 'pixels' entry, got keys {sorted(batch)}")
+        return batch["pixels"]
+    if isinstance(batch, (list, tuple)):
+        return batch[0]
+    if isinstance(batch, Tensor):
+        return batch
+    raise TypeError(f"a tokenizer batch is a dict with 'pixels', a tensor or a tuple; got {type(batch).__name__}")
+
+
+class VQModuleBase(LightningModule):
+    """Losses, optimizers and logging shared by the image and video tokenizer modules.
+
+    Subclasses set ``self.tokenizer`` (an ``ImageTokenizer`` or ``VideoTokenizer``: ``forward(x) ->
+    (recon, codes, aux_loss)``, ``decoder.conv_out``, ``codebook_size``), then call ``_build_losses``,
+    and may override ``_prepare`` (turn a batch into the tokenizer's input) and ``_log_kind``.
+    """
+
+    module_kind = "tokenizer"
+    tokenizer: nn.Module
+
+    def _build_losses(self, *, lr: float, betas: tuple[float, float], weight_decay: float, l1_weight: float,
+                      l2_weight: float, quantizer_weight: float, gan_weight: float, gan_start_step: int,
+                      disc_channels: int, disc_layers: int, disc_lr: float | None, max_adaptive_weight: float,
+                      lpips_weight: float, lpips_path: str | None, grad_clip: float | None) -> None:
+        for name, value in (("lr", lr), ("l1_weight", l1_weight), ("l2_weight", l2_weight),
+                            ("quantizer_weight", quantizer_weight), ("gan_weight", gan_weight),
+                            ("lpips_weight", lpips_weight), ("weight_decay", weight_decay)):
+            if not isinstance(value, (int, float)) or value < 0 or not math.isfinite(value):
+                raise ValueError(f"{type(self).__name__}.{name} must be a finite number >= 0, got {value!r}")
+        if l1_weight == l2_weight == lpips_weight == 0:
+            raise ValueError(f"{type(self).__name__}: l1_weight, l2_weight and lpips_weight are all 0; "
+                             "nothing would train the reconstruction")
+        if gan_start_step < 0:
+            raise ValueError(f"{type(self).__name__}.gan_start_step must be >= 0, got {gan_start_step}")
+        self.lr, self.betas, self.weight_decay = float(lr), tuple(betas), float(weight_decay)
+        self.l1_weight, self.l2_weight, self.quantizer_weight = l1_weight, l2_weight, quantizer_weight
+        self.gan_weight, self.gan_start_step = gan_weight, gan_start_step
+        self.disc_lr = float(disc_lr) if disc_lr is not None else self.lr
+        self.max_adaptive_weight = max_adaptive_weight
+        self.lpips_weight = lpips_weight
+        self.grad_clip = grad_clip
+        self.discriminator = PatchDiscriminator(disc_channels, disc_layers) if gan_weight > 0 else None
+        self.lpips = LPIPS.from_file(lpips_path) if lpips_weight > 0 else None
+        self.automatic_optimization = self.discriminator is None
+        self.val_usage = CodebookUsage(self.tokenizer.codebook_size)
+
+    # -- hooks subclasses may override ---------------------------------------------------------------
+    def _prepare(self, pixels: Tensor) -> Tensor:
+        return pixels
+
+    def _log_kind(self, x: Tensor) -> str | None:
+        """An extra suffix for per-kind metrics (the video module logs images and clips apart)."""
+        return None
+
+    # -- losses ----------------------------------------------------------------------------------------
+    def reconstruction_losses(self, x: Tensor) -> dict[str, Tensor]:
+        """Run the tokenizer on ``x`` and return every loss term (no GAN term), plus ``recon`` and ``codes``."""
+        recon, codes, aux = self.tokenizer(x)
+        err = recon.float() - x.float()
+        l1, mse = err.abs().mean(), err.square().mean()
+        rec = self.l1_weight * l1 + self.l2_weight * mse
+        out = {"l1": l1, "mse": mse, "quantizer": aux.float()}
+        if self.lpips is not None:
+            out["lpips"] = self.lpips(recon.float(), x.float())
+            rec = rec + self.lpips_weight * out["lpips"]
+        out["rec"] = rec
+        out["loss"] = rec + self.quantizer_weight * out["quantizer"]
+        out["recon"], out["codes"] = recon, codes
+        return out
+
+    def _gan_active(self) -> bool:
+        return self.discriminator is not None and self.global_step >= self.gan_start_step
+
+    def _log_train(self, x: Tensor, terms: dict[str, Tensor]) -> None:
+        metrics = {f"train/{k}": terms[k].detach() for k in ("loss", "l1", "mse", "quantizer", "lpips", "g_loss",
+                                                             "d_loss", "d_weight") if k in terms}
+        metrics["train/codebook_usage"] = codebook_usage(terms["codes"], self.tokenizer.codebook_size)
+        kind = self._log_kind(x)
+        if kind is not None:
+            metrics[f"train/mse_{kind}"] = terms["mse"].detach()
+        self.log_dict(metrics, batch_size=x.shape[0])
+        self.log("train/psnr", psnr(terms["mse"].detach()), prog_bar=True, batch_size=x.shape[0])
+
+    # -- steps -----------------------------------------------------------------------------------------
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
+        x = self._prepare(pixels_of(batch))
+        if self.automatic_optimization:
+            terms = self.reconstruction_losses(x)
+            self._log_train(x, terms)
+            return terms["loss"]
+        return self._gan_step(x)
+
+    def _gan_step(self, x: Tensor) -> None:
+        opt_g, opt_d = self.optimizers()
+        assert self.discriminator is not None
+        gan_on = self._gan_active()
+
+        # autoencoder step; the discriminator's parameters are frozen while it judges the reconstruction
+        self.toggle_optimizer(opt_g)
+        terms = self.reconstruction_losses(x)
+        loss = terms["loss"]
+        if gan_on:
+            g_loss = hinge_g_loss(self.discriminator(terms["recon"]))
+            d_weight = self.gan_weight * adaptive_weight(terms["rec"], g_loss, self.tokenizer.decoder.conv_out.weight,
+                                                         self.max_adaptive_weight)
+            loss = loss + d_weight * g_loss
+            terms.update(g_loss=g_loss, d_weight=d_weight)
+        opt_g.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        if self.grad_clip:
+            self.clip_gradients(opt_g, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
+        opt_g.step()
+        self.untoggle_optimizer(opt_g)
+
+        if gan_on:  # discriminator step on the detached reconstruction
+            self.toggle_optimizer(opt_d)
+            d_loss = hinge_d_loss(self.discriminator(x), self.discriminator(terms["recon"].detach()))
+            opt_d.zero_grad(set_to_none=True)
+            self.manual_backward(d_loss)
+            if self.grad_clip:
+                self.clip_gradients(opt_d, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
+            # Lightning counts every optimizer.step() in global_step (manual optimization); only the
+            # autoencoder's step is a training step, so this one skips the counter and max_steps,
+            # gan_start_step and checkpoint intervals mean the same with and without a GAN.
+            opt_d._on_before_step = lambda: self.trainer.profiler.start("optimizer_step")
+            opt_d._on_after_step = lambda: self.trainer.profiler.stop("optimizer_step")
+            opt_d.step()
+            self.untoggle_optimizer(opt_d)
+            terms["d_loss"] = d_loss
+        self._log_train(x, terms)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def _eval_step(self, batch: Any, stage: str) -> None:
+        x = self._prepare(pixels_of(batch))
+        recon, codes, _ = self.tokenizer(x)
+        mse = F.mse_loss(recon.float().clamp(-1, 1), x.float())
+        self.val_usage.update(codes)
+        n = x.shape[0]
+        self.log_dict({f"{stage}/mse": mse, f"{stage}/psnr": psnr(mse)}, batch_size=n, sync_dist=True,
+                      prog_bar=stage == "val")
+        self.log(f"{stage}/codebook_usage", self.val_usage, batch_size=n)
+
+    # -- optimizers ------------------------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.tokenizer.parameters() if p.requires_grad]
+        opt_g = torch.optim.AdamW(params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
+        if self.discriminator is None:
+            return opt_g
+        opt_d = torch.optim.AdamW(self.discriminator.parameters(), lr=self.disc_lr, betas=self.betas,
+                                  weight_decay=self.weight_decay)
+        return [opt_g, opt_d]
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        value = gradient_clip_val if gradient_clip_val is not None else self.grad_clip
+        self.clip_gradients(optimizer, gradient_clip_val=value or None, gradient_clip_algorithm=gradient_clip_algorithm)
+
+    # -- checkpoints -----------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # plain values only: anygen export reads checkpoints with torch.load(weights_only=True)
+        checkpoint["anygen_module"] = self.module_kind
+        checkpoint["tokenizer_config"] = self.tokenizer.config.to_dict()
+        state = checkpoint.get("state_dict", {})
+        for key in [k for k in state if k.startswith(_LPIPS_PREFIX)]:  # frozen, loaded from lpips_path
+            del state[key]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.lpips is not None and "state_dict" in checkpoint:
+            checkpoint["state_dict"].update({_LPIPS_PREFIX + k: v for k, v in self.lpips.state_dict().items()})
+
+
+class ImageTokenizerModule(VQModuleBase):
+    """Lightning module that trains an ``ImageTokenizer`` on batches ``{"pixels": (B, 3, H, W) in [-1, 1]}``.
+
+    Args:
+        tokenizer: ``ImageTokenizerConfig`` fields; None is the shipped default preset. A ``preset``
+            key (``"tiny"`` or ``"default"``) starts from that preset and the other keys override it.
+        lr: AdamW learning rate of the autoencoder.
+        betas: AdamW betas (VQGAN's ``(0.5, 0.9)``), used by both optimizers.
+        weight_decay: AdamW weight decay.
+        l1_weight: weight of the mean absolute error.
+        l2_weight: weight of the mean squared error.
+        quantizer_weight: weight of the quantizer's auxiliary loss (VQ commitment; 0 for FSQ anyway).
+        gan_weight: weight of the adversarial term (times the adaptive weight); 0 disables the GAN.
+        gan_start_step: training step from which the discriminator and adversarial term are on.
+        disc_channels: width of the PatchGAN's first layer.
+        disc_layers: strided PatchGAN layers (inputs must be at least ``2 ** (disc_layers + 2)`` pixels).
+        disc_lr: discriminator learning rate; None uses ``lr``.
+        max_adaptive_weight: clamp of VQGAN's adaptive weight.
+        lpips_weight: weight of the LPIPS perceptual loss; 0 disables it.
+        lpips_path: local LPIPS safetensors file (see ``trainers.losses.LPIPS``); needed when ``lpips_weight > 0``.
+        grad_clip: gradient-norm clip for the GAN's manual optimization (and the fallback when
+            ``trainer.gradient_clip_val`` is unset); None disables.
+    """
+
+    module_kind = "image_tokenizer"
+
+    def __init__(
+        self,
+        tokenizer: dict[str, Any] | None = None,
+        lr: float = 2e-4,
+        betas: tuple[float, float] = (0.5, 0.9),
+        weight_decay: float = 0.0,
+        l1_weight: float = 1.0,
+        l2_weight: float = 1.0,
+        quantizer_weight: float = 1.0,
+        gan_weight: float = 0.0,
+        gan_start_step: int = 0,
+        disc_channels: int = 64,
+        disc_layers: int = 3,
+        disc_lr: float | None = None,
+        max_adaptive_weight: float = 1e4,
+        lpips_weight: float = 0.0,
+        lpips_path: str | None = None,
+        grad_clip: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.tokenizer = ImageTokenizer(image_tokenizer_config(tokenizer))
+        self._build_losses(lr=lr, betas=betas, weight_decay=weight_decay, l1_weight=l1_weight, l2_weight=l2_weight,
+                           quantizer_weight=quantizer_weight, gan_weight=gan_weight, gan_start_step=gan_start_step,
+                           disc_channels=disc_channels, disc_layers=disc_layers, disc_lr=disc_lr,
+                           max_adaptive_weight=max_adaptive_weight, lpips_weight=lpips_weight,
+                           lpips_path=lpips_path, grad_clip=grad_clip)
+
+    def _prepare(self, pixels: Tensor) -> Tensor:
+        if pixels.ndim == 5 and pixels.shape[2] == 1:  # a one-frame clip is an image
+            pixels = pixels[:, :, 0]
+        return pixels
+
+
+def image_tokenizer_config(fields: dict[str, Any] | None) -> ImageTokenizerConfig:
+    """``ImageTokenizerConfig`` from config fields; ``{"preset": "tiny", ...}`` starts from a preset."""
+    fields = dict(fields or {})
+    preset = fields.pop("preset", "default")
+    presets = {"tiny": ImageTokenizerConfig.tiny, "default": ImageTokenizerConfig.default}
+    if preset not in presets:
+        raise ValueError(f"unknown ImageTokenizerConfig preset {preset!r}; accepted: {sorted(presets)}")
+    unknown = sorted(set(fields) - set(ImageTokenizerConfig.__dataclass_fields__))
+    if unknown:
+        raise ValueError(f"unknown ImageTokenizerConfig fields {unknown}; accepted: "
+                         f"{sorted(ImageTokenizerConfig.__dataclass_fields__)} and 'preset'")
+    return presets[preset](**fields)

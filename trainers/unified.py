@@ -1,0 +1,405 @@
+"""Training the any-to-any decoder: ``UnifiedModule``, next-token prediction over interleaved token shards.
+
+What this module owns:
+
+- building ``AnyGenModel`` for a ``MultimodalTokenizer`` directory: the model config is a preset plus
+  overrides, and its vocabulary (and understanding-encoder size) always come from the tokenizer, so the
+  two can never disagree;
+- the loss: routed next-token cross-entropy (``anygen.model.routed_cross_entropy``), structural targets
+  masked, per-modality weights, z-loss, and each modality's CE logged apart;
+- staged training (Janus): which parameter groups train (``train:``), and starting from an earlier
+  stage (``init_from:``);
+- AdamW with linear warm-up and cosine decay.
+
+Loss::
+
+    loss = Σ_i w[modality(target_i)] · CE_i / N  +  z_loss_weight · Σ_i log(Z_i)² / N
+
+over the N counted targets. A target counts unless it is ``-100``, padding (``attention_mask``
+False) or one of ``NO_LOSS_SPECIALS``: ``<|eol|> <|eoi|> <|eof|> <|eov|>`` are forced by the
+generator once a span's size is known, ``<|pad|>`` is filler and ``<|und|>`` is filled by the
+understanding encoder. Size tokens and ``<|boi|>`` / ``<|bov|>`` are the model's choices and do count.
+The modality of a target is its id range: text (BPE, specials, sizes), image codes, video codes.
+
+Parameter groups for ``train:`` (``"all"`` is every group)::
+
+    embeddings = text_embeddings + image_embeddings + video_embeddings     (routed; "embeddings" in shared mode)
+    heads      = text_head + image_head + video_head
+    decoder    = the transformer blocks and the final norm
+    aligner    = the understanding encoder's MLP aligner
+    und_encoder= the SigLIP tower (sets AnyGenConfig.und_trainable)
+
+A tied embedding / head weight trains when either of its groups does.
+
+Notable: a batch without understood images still adds ``0 · Σ aligner`` to the loss, so DDP sees every
+trainable parameter in every step (no ``find_unused_parameters`` needed).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_warn
+from safetensors import SafetensorError, safe_open
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+
+from anygen.config import AnyGenConfig
+from anygen.model import AnyGenModel, routed_cross_entropy
+from tokenizers_mm.multimodal import MultimodalTokenizer
+from tokenizers_mm.vocab import Vocab
+
+MODALITIES = ("text", "image", "video")
+NO_LOSS_SPECIALS = ("eol", "eoi", "eof", "eov", "pad", "und")
+GROUPS = ("text_embeddings", "image_embeddings", "video_embeddings", "embeddings", "text_head", "image_head",
+          "video_head", "heads", "decoder", "aligner", "und_encoder")
+
+
+# -- model config from a tokenizer -------------------------------------------------------------------
+
+
+def build_model_config(tokenizer: MultimodalTokenizer, preset: str = "tiny", model: dict[str, Any] | None = None, *,
+                       z_loss_weight: float | None = None, und_trainable: bool | None = None) -> AnyGenConfig:
+    """``AnyGenConfig.preset(preset, **model)`` with the vocabulary and understanding sizes of ``tokenizer``.
+
+    Raises:
+        ValueError: unknown preset or field, or the tokenizer writes ``<|und|>`` runs of a length the
+            model's understanding encoder does not produce.
+    """
+    base = AnyGenConfig.preset(preset, **dict(model or {}))
+    data = {**base.to_dict(), **tokenizer.vocab.to_dict()}
+    if tokenizer.und_tokens == 0:  # the tokenizer never writes <|und|>: an encoder would be dead weight
+        data["und_encoder"], data["und_encoder_path"] = None, None
+    elif base.und_encoder is None or base.und_tokens != tokenizer.und_tokens \
+            or base.und_image_size != tokenizer.und_image_size:
+        raise ValueError(
+            f"the tokenizer writes {tokenizer.und_tokens} <|und|> positions per understood image at "
+            f"{tokenizer.und_image_size} px, but the model config gives {base.und_tokens} at {base.und_image_size} px; "
+            "set model.und_encoder (patch_size) and model.und_image_size to match the tokenizer")
+    if z_loss_weight is not None:
+        data["z_loss_weight"] = z_loss_weight
+    if und_trainable is not None and data["und_encoder"] is not None:
+        data["und_trainable"] = und_trainable
+    return AnyGenConfig.from_dict(data)
+
+
+# -- parameter groups ---------------------------------------------------------------------------------
+
+
+def resolve_groups(train: str | list[str] | tuple[str, ...]) -> list[str]:
+    """Expand ``train`` (``"all"``, one group name or a list) into a sorted list of group names.
+
+    Raises:
+        ValueError: an unknown group name (the message lists the accepted ones).
+    """
+    names = [train] if isinstance(train, str) else list(train)
+    if not names:
+        raise ValueError(f"train must name at least one parameter group; accepted: 'all', {', '.join(GROUPS)}")
+    if "all" in names:
+        return sorted(GROUPS)
+    unknown = sorted(set(names) - set(GROUPS))
+    if unknown:
+        raise ValueError(f"unknown parameter groups {unknown} in train; accepted: 'all', {', '.join(GROUPS)}")
+    return sorted(set(names))
+
+
+def parameter_groups(model: AnyGenModel) -> dict[str, list[nn.Parameter]]:
+    """The named parameter groups of ``model`` (see the module docstring); absent parts give empty groups."""
+    groups: dict[str, list[nn.Parameter]] = {name: [] for name in GROUPS}
+    for kind in ("embed", "head"):
+        umbrella = "embeddings" if kind == "embed" else "heads"
+        for name, module in getattr(model, kind).items():
+            params = list(module.parameters())
+            groups[umbrella] += params
+            if name in MODALITIES:
+                groups[f"{name}_embeddings" if kind == "embed" else f"{name}_head"] += params
+    groups["decoder"] = list(model.blocks.parameters()) + list(model.norm.parameters())
+    if model.und is not None:
+        groups["aligner"] = list(model.und.aligner.parameters())
+        groups["und_encoder"] = list(model.und.tower.parameters())
+    return groups
+
+
+def apply_trainable(model: AnyGenModel, names: list[str]) -> None:
+    """Freeze every parameter of ``model``, then unfreeze the named groups.
+
+    Raises:
+        ValueError: a modality-specific group asked of a ``head_mode="shared"`` model.
+    """
+    groups = parameter_groups(model)
+    specific = [n for n in names if n.startswith(MODALITIES) and not groups[n]]
+    if model.config.head_mode == "shared" and specific and set(names) != set(GROUPS):
+        raise ValueError(f"head_mode='shared' has one embedding table and one head; groups {specific} do not "
+                         "exist there, use 'embeddings' / 'heads'")
+    model.requires_grad_(False)
+    for name in names:
+        for p in groups[name]:
+            p.requires_grad_(True)
+
+
+# -- loading an earlier stage -------------------------------------------------------------------------
+
+
+def load_initial_weights(model: AnyGenModel, path: str | Path) -> None:
+    """Load weights from a ``save_pretrained`` directory or a Lightning ``.ckpt`` of a ``UnifiedModule``.
+
+    A ``.ckpt`` is read with ``torch.load(weights_only=True)``: tensors and plain values only.
+
+    Raises:
+        FileNotFoundError: ``path`` is neither.
+        ValueError: the vocabulary or the tensors do not match ``model``.
+    """
+    path = Path(path)
+    if path.is_dir():
+        config_file, weights = path / "config.json", path / "model.safetensors"
+        if not config_file.is_file() or not weights.is_file():
+            raise FileNotFoundError(f"init_from directory {path} lacks config.json / model.safetensors "
+                                    "(expected a save_pretrained / anygen export directory)")
+        meta = json.loads(config_file.read_text())
+        vocab = meta.get("vocab")
+        if vocab is not None and Vocab.from_dict(vocab) != model.vocab:
+            raise ValueError(f"init_from {path} has vocabulary {vocab}, the tokenizer gives {model.vocab.to_dict()}")
+        try:
+            with safe_open(str(weights), framework="pt") as f:
+                state = {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"{weights} is not a readable safetensors file: {err}") from err
+    elif path.is_file():
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+            raise ValueError(f"init_from {path} is not a Lightning checkpoint (no state_dict)")
+        state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    else:
+        raise FileNotFoundError(f"init_from {path} does not exist; pass a save_pretrained directory or a .ckpt file")
+    load_model_state(model, state, str(path))
+
+
+def load_model_state(model: AnyGenModel, state: dict[str, Tensor], source: str) -> None:
+    """Strictly load ``state`` into ``model`` (tied heads may be absent), naming any mismatch."""
+    expected = model.state_dict()
+    optional = {k for k in expected if k.startswith("head.")} if model.config.tie_embeddings else set()
+    missing = sorted(set(expected) - set(state) - optional)
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
+              for k in sorted(set(state) & set(expected)) if state[k].shape != expected[k].shape]
+    if missing or unexpected or shapes:
+        parts = [f"{label}: {items[:4]}{' …' if len(items) > 4 else ''}"
+                 for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes))
+                 if items]
+        raise ValueError(f"weights from {source} do not fit this model config: " + "; ".join(parts))
+    model.load_state_dict(state, strict=not optional)
+
+
+# -- the Lightning module -----------------------------------------------------------------------------
+
+
+class UnifiedModule(LightningModule):
+    """Next-token training of ``AnyGenModel`` on batches from ``trainers.data.TokenDataModule``.
+
+    A batch is a dict: ``ids`` / ``targets`` ``(B, L)`` long (``-100`` = no target), optional
+    ``document_ids`` ``(B, L)``, ``attention_mask`` ``(B, L)`` bool and ``und_pixels`` ``(N, 3, S, S)``.
+
+    Args:
+        tokenizer_dir: a ``MultimodalTokenizer`` directory; the model's vocabulary is taken from it.
+        model: ``AnyGenConfig`` fields merged onto ``preset`` (vocabulary fields are overwritten).
+        preset: ``AnyGenConfig`` preset name.
+        lr: peak AdamW learning rate.
+        betas: AdamW betas.
+        weight_decay: AdamW weight decay (matrices only; norms and biases are not decayed).
+        warmup_steps: linear warm-up steps.
+        max_steps: step at which the cosine decay reaches ``min_lr_ratio * lr``; None uses
+            ``trainer.max_steps`` (constant after warm-up when that is -1).
+        min_lr_ratio: final learning rate as a fraction of ``lr``.
+        loss_weights: per-modality weights ``{"text", "image", "video"}``; missing keys weigh 1.
+        z_loss_weight: weight of ``log(Z)^2`` (PaLM / Chameleon); None keeps the model config's value.
+        train: parameter groups to train: ``"all"``, one name or a list (module docstring).
+        init_from: a ``save_pretrained`` directory or a ``.ckpt`` to start from (later stages).
+    """
+
+    def __init__(
+        self,
+        tokenizer_dir: str,
+        model: dict[str, Any] | None = None,
+        preset: str = "tiny",
+        lr: float = 3e-4,
+        betas: tuple[float, float] = (0.9, 0.95),
+        weight_decay: float = 0.1,
+        warmup_steps: int = 100,
+        max_steps: int | None = None,
+        min_lr_ratio: float = 0.1,
+        loss_weights: dict[str, float] | None = None,
+        z_loss_weight: float | None = None,
+        train: str | list[str] = "all",
+        init_from: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        weights = {m: 1.0 for m in MODALITIES}
+        unknown = sorted(set(loss_weights or {}) - set(MODALITIES))
+        if unknown:
+            raise ValueError(f"unknown loss_weights keys {unknown}; accepted: {list(MODALITIES)}")
+        weights.update({k: float(v) for k, v in (loss_weights or {}).items()})
+        if any(v < 0 for v in weights.values()):
+            raise ValueError(f"loss_weights must be >= 0, got {weights}")
+        if warmup_steps < 0 or not 0.0 <= min_lr_ratio <= 1.0:
+            raise ValueError(f"warmup_steps must be >= 0 and min_lr_ratio in [0, 1], got {warmup_steps}, "
+                             f"{min_lr_ratio}")
+        if not Path(tokenizer_dir).is_dir():
+            raise FileNotFoundError(f"tokenizer_dir {tokenizer_dir} is not a directory; expected a MultimodalTokenizer "
+                                    "directory (tokenizer_config.json, text_tokenizer.json, VQ .safetensors)")
+        self.tokenizer_dir = str(Path(tokenizer_dir).resolve())
+        self.tokenizer = MultimodalTokenizer.load(tokenizer_dir)  # a plain attribute: not in the state dict
+        self.groups = resolve_groups(train)
+        config = build_model_config(self.tokenizer, preset, model, z_loss_weight=z_loss_weight,
+                                    und_trainable="und_encoder" in self.groups)
+        self.model = AnyGenModel(config)
+        if init_from is not None:
+            load_initial_weights(self.model, init_from)
+        apply_trainable(self.model, self.groups)
+        empty = [n for n in self.groups if not parameter_groups(self.model)[n]]
+        if empty and train != "all":
+            rank_zero_warn(f"UnifiedModule: parameter groups {empty} are empty for this model and train nothing")
+        self.lr, self.betas, self.weight_decay = float(lr), tuple(betas), float(weight_decay)
+        self.warmup_steps, self.max_steps, self.min_lr_ratio = warmup_steps, max_steps, float(min_lr_ratio)
+        self.register_buffer("modality_weights", torch.tensor([weights[m] for m in MODALITIES]), persistent=False)
+        v = self.model.vocab
+        self.register_buffer("no_loss_ids", torch.tensor([v.special(n) for n in NO_LOSS_SPECIALS]), persistent=False)
+        self.eval_metrics = nn.ModuleDict({name: MeanMetric() for name in ("loss", "ce", *MODALITIES)})
+
+    @property
+    def vocab(self) -> Vocab:
+        return self.model.vocab
+
+    # -- loss ------------------------------------------------------------------------------------------
+    def loss_mask(self, targets: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """``(B, L)`` bool: targets that carry loss (not -100, not padding, not a structural token)."""
+        mask = (targets >= 0) & (targets < self.vocab.size) & ~torch.isin(targets, self.no_loss_ids)
+        return mask if attention_mask is None else mask & attention_mask
+
+    def target_modality(self, targets: Tensor) -> Tensor:
+        """``(B, L)`` long: 0 text (BPE, specials, sizes), 1 image code, 2 video code."""
+        v = self.vocab
+        return (targets >= v.image_offset).long() + (targets >= v.video_offset).long()
+
+    def compute_loss(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """Forward a batch; return ``loss`` (what trains), ``ce`` and ``z_loss`` (means over counted targets),
+        ``ce_sum`` / ``count`` per modality ``(3,)`` tensors, in ``MODALITIES`` order."""
+        ids, targets = batch["ids"], batch["targets"]
+        if ids.shape != targets.shape:
+            raise ValueError(f"ids {tuple(ids.shape)} and targets {tuple(targets.shape)} must have the same shape")
+        attention_mask = batch.get("attention_mask")
+        und_pixels = batch.get("und_pixels")
+        logits = self.model(ids, attention_mask=attention_mask, document_ids=batch.get("document_ids"),
+                            und_pixels=und_pixels)  # (B, L, V)
+        mask = self.loss_mask(targets, attention_mask)
+        cfg = self.model.config
+        ce = routed_cross_entropy(logits, targets, self.vocab, mask, head_mode=cfg.head_mode,
+                                  reduction="none")  # (B, L), 0 where masked
+        modality = self.target_modality(targets)
+        one_hot = (modality[..., None] == torch.arange(3, device=ids.device)) & mask[..., None]  # (B, L, 3)
+        counts = one_hot.sum(dim=(0, 1))  # (3,)
+        ce_sums = (ce[..., None] * one_hot).sum(dim=(0, 1))  # (3,)
+        n = mask.sum().clamp(min=1)
+        loss = (ce_sums * self.modality_weights).sum() / n
+        out = {"ce": ce_sums.sum() / n, "ce_sum": ce_sums.detach(), "count": counts}
+        if cfg.z_loss_weight:
+            # log Z of each target's own slice: CE = log Z - logit[target]
+            target_logit = logits.gather(-1, targets.clamp(0, self.vocab.size - 1)[..., None]).squeeze(-1).float()
+            lse = torch.where(mask, ce + target_logit, torch.zeros_like(ce))
+            out["z_loss"] = lse.square().sum() / n
+            loss = loss + cfg.z_loss_weight * out["z_loss"]
+        if und_pixels is None and self.model.und is not None:
+            # keep every trainable parameter in the graph, so DDP needs no find_unused_parameters
+            unused = [p.sum() for p in self.model.und.parameters() if p.requires_grad]
+            if unused:
+                loss = loss + 0.0 * torch.stack(unused).sum()
+        out["loss"] = loss
+        return out
+
+    # -- steps -----------------------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        out = self.compute_loss(batch)
+        b = batch["ids"].shape[0]
+        counts = out["count"].tolist()  # one host sync per step, for the per-modality logs
+        metrics = {"train/loss": out["loss"].detach(), "train/ce": out["ce"].detach(),
+                   "train/tokens": float(sum(counts))}
+        for i, m in enumerate(MODALITIES):
+            if counts[i]:
+                metrics[f"train/ce_{m}"] = out["ce_sum"][i] / counts[i]
+        if "z_loss" in out:
+            metrics["train/z_loss"] = out["z_loss"].detach()
+        self.log_dict(metrics, batch_size=b)
+        self.log("loss", out["loss"].detach(), prog_bar=True, logger=False, batch_size=b)
+        return out["loss"]
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def _eval_step(self, batch: dict[str, Any]) -> None:
+        out = self.compute_loss(batch)
+        n = out["count"].sum()
+        self.eval_metrics["loss"].update(out["loss"].detach(), weight=n)
+        self.eval_metrics["ce"].update(out["ce"].detach(), weight=n)
+        for i, m in enumerate(MODALITIES):
+            count = out["count"][i]
+            self.eval_metrics[m].update(out["ce_sum"][i] / count.clamp(min=1), weight=count)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval("test")
+
+    def _log_eval(self, stage: str) -> None:
+        for name, metric in self.eval_metrics.items():
+            value = metric.compute()  # synced over DDP ranks; NaN when no rank saw this modality
+            if bool(torch.isfinite(value)):  # a modality the set never had stays unlogged
+                key = f"{stage}/{name}" if name in ("loss", "ce") else f"{stage}/ce_{name}"
+                self.log(key, value, prog_bar=name == "loss")
+            metric.reset()
+
+    # -- optimizer ---------------------------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
+        groups = [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.lr, betas=self.betas)
+        total = self.max_steps
+        if total is None and self._trainer is not None and self._trainer.max_steps > 0:
+            total = self._trainer.max_steps
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_factor(step, self.warmup_steps, total, self.min_lr_ratio))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # -- checkpoints and export --------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # plain values only: anygen export reads checkpoints with torch.load(weights_only=True)
+        checkpoint["anygen_module"] = "unified"
+        checkpoint["anygen_config"] = self.model.config.to_dict()
+        checkpoint["tokenizer_dir"] = self.tokenizer_dir
+
+    def engine(self):  # -> anygen.api.AnyGen; imported here so training never pulls in the generator
+        """An ``AnyGen`` over this module's model and tokenizer (puts the model in eval mode)."""
+        from anygen.api import AnyGen
+
+        return AnyGen(self.model, self.tokenizer)
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int | None, min_ratio: float) -> float:
+    """Learning-rate multiplier: linear warm-up to 1, then cosine to ``min_ratio`` at ``total_steps``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if total_steps is None or total_steps <= warmup_steps:
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
