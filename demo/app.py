@@ -1,0 +1,675 @@
+"""The interleaved-generation gradio demo: ``build_demo(engine) -> gr.Blocks`` and ``anygen demo``.
+
+What it owns: the chat around one ``AnyGen`` engine — a ``gr.Chatbot`` that shows text, images and video
+inline, a ``gr.MultimodalTextbox`` that takes text with image / video uploads, sampling controls per
+modality, examples of each capability — and each session's conversation, kept as token ids.
+
+Notable:
+
+- The conversation is kept as tokens. A session's ``gr.State`` holds a ``Conversation``: the ids of every
+  earlier turn (the user's prompt and the model's reply, ``<|eos|>`` stripped) and the pixels behind its
+  ``<|und|>`` runs. A new turn is tokenized on its own and appended, so an earlier image is never
+  VQ-encoded again, and the whole context goes to ``engine.generator.stream`` as one ``TokenSequence``.
+  When the context would leave too little room for the reply, whole turns are dropped, oldest first, and
+  the chat says so.
+- Uploaded images are read by the understanding encoder (``Understand``, to ask about them) or given as
+  VQ context (``Image``, to edit them), as the user picks; uploaded video is VQ context.
+- Streaming: text shows as it arrives; an image shows at once as a grey canvas that fills in every
+  ``preview_every`` rows (``ImageRows.preview``); a video shows its frame count, then the mp4.
+- One engine, one generation at a time: the model holds a single KV cache, so the chat event runs with
+  ``concurrency_limit=1`` and several users are served in turn by gradio's queue; the cheap events use
+  the queue's ``default_concurrency_limit``. The KV cache is released after every reply and when Stop
+  cancels one.
+- Bad input never breaks the app: an unsupported file type, an upload over the size limit, a corrupt
+  image or video, or a prompt the engine refuses (``ValueError``) becomes a message in the chat.
+- Importing this module builds nothing and launches nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import logging
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import gradio as gr
+import PIL.Image
+import PIL.ImageDraw
+import torch
+
+from anygen.api import AnyGen
+from anygen.generation.events import (
+    ImageDone,
+    ImageRows,
+    ImageStarted,
+    RowDone,
+    TextDelta,
+    VideoDone,
+    VideoFrameDone,
+    VideoStarted,
+)
+from anygen.generation.generator import DEFAULT_IMAGE, DEFAULT_TEXT, DEFAULT_VIDEO, GenerationSettings
+from anygen.generation.sampling import SamplingConfig
+from tokenizers_mm.multimodal import TokenSequence
+from tokenizers_mm.preprocess import load_image
+from tokenizers_mm.segments import Image, Segment, Understand, Video
+from tokenizers_mm.video_io import load_video, write_video
+from tokenizers_mm.vocab import Vocab
+
+logger = logging.getLogger("anygen.demo")  # one name whether imported or run as a script
+
+RANDOM_NOTICE = "untrained tiny random model — outputs are noise; pass --checkpoint DIR"
+DEFAULT_MAX_UPLOAD_MB = 20.0
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".mov", ".avi", ".gif")
+ASPECTS: dict[str, float | None] = {"auto": None, "1:1": 1.0, "4:3": 4 / 3, "3:4": 3 / 4, "16:9": 16 / 9,
+                                    "9:16": 9 / 16}
+TEXT_REFRESH_S = 0.05  # at most this often a text delta alone re-sends the chat to the browser
+CANVAS_GREY = (128, 128, 128)
+CSS = """
+.anygen-notice { padding: 0.6em 1em; border-radius: 8px; background: #fff3cd; color: #664d03;
+                 border: 1px solid #ffe69c; font-weight: 600; }
+#chat img { min-width: 192px; image-rendering: pixelated; }
+#chat video { min-width: 192px; image-rendering: pixelated; }
+"""
+
+
+# -- per-request options and per-session state -----------------------------------------------------------
+@dataclass
+class ChatOptions:
+    """Everything the controls set for one reply (field names are the chat endpoint's parameter names).
+
+    ``image_side`` is the longer side of a generated image in tokens and ``aspect`` its width : height
+    (``"auto"`` lets the model pick the size); ``video_frames`` / ``video_side`` give a generated video's
+    latent frames and square side in tokens; ``seed=-1`` samples freshly each time.
+    """
+
+    upload_mode: Literal["understand", "edit"] = "understand"
+    start_with: Literal["auto", "image", "video"] = "auto"
+    image_side: int = 16
+    aspect: str = "1:1"
+    video_frames: int = 2
+    video_side: int = 4
+    max_new_tokens: int = 512
+    seed: int = -1
+    text_temperature: float = DEFAULT_TEXT.temperature
+    text_top_k: int = DEFAULT_TEXT.top_k
+    text_top_p: float = DEFAULT_TEXT.top_p
+    image_temperature: float = DEFAULT_IMAGE.temperature
+    image_top_k: int = DEFAULT_IMAGE.top_k
+    image_guidance: float = DEFAULT_IMAGE.guidance_scale
+    video_temperature: float = DEFAULT_VIDEO.temperature
+    video_top_k: int = DEFAULT_VIDEO.top_k
+    video_guidance: float = DEFAULT_VIDEO.guidance_scale
+    preview_every: int = 4
+    max_images: int = 0
+
+    @classmethod
+    def for_engine(cls, engine: AnyGen) -> ChatOptions:
+        """Defaults that fit the engine's vocabulary and context."""
+        v, ctx = engine.tokenizer.vocab, engine.config.max_seq_len
+        side = min(16, v.max_height, v.max_width)
+        return cls(image_side=side, video_frames=min(2, v.max_frames), video_side=min(4, v.max_height, v.max_width),
+                   max_new_tokens=min(512, ctx), preview_every=max(1, side // 4))
+
+    @classmethod
+    def from_values(cls, values: dict[str, Any]) -> ChatOptions:
+        """Build from control values (gradio sends numbers as floats; ints are rounded back)."""
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ValueError(f"unknown chat options {unknown}; accepted: {sorted(known)}")
+        out = {}
+        for name, value in values.items():
+            if value is None:
+                continue
+            default = known[name].default
+            if isinstance(default, int) and isinstance(value, (int, float)):
+                value = int(round(value))
+            elif isinstance(default, float) and isinstance(value, (int, float)):
+                value = float(value)
+            out[name] = value
+        return cls(**out)
+
+    def image_size(self, max_h: int, max_w: int) -> tuple[int, int] | None:
+        if self.aspect not in ASPECTS:
+            raise ValueError(f"aspect must be one of {list(ASPECTS)}, got {self.aspect!r}")
+        ratio = ASPECTS[self.aspect]
+        if ratio is None:
+            return None
+        side = max(1, self.image_side)
+        h, w = (max(1, round(side / ratio)), side) if ratio >= 1 else (side, max(1, round(side * ratio)))
+        return min(h, max_h), min(w, max_w)
+
+    def settings(self, engine: AnyGen) -> GenerationSettings:
+        """The ``GenerationSettings`` of one reply (``ValueError`` names a bad value)."""
+        v = engine.tokenizer.vocab
+        if self.start_with not in ("auto", "image", "video"):
+            raise ValueError(f"start_with must be 'auto', 'image' or 'video', got {self.start_with!r}")
+        side = min(self.video_side, v.max_height, v.max_width)
+        return GenerationSettings(
+            max_new_tokens=self.max_new_tokens,
+            text=SamplingConfig(self.text_temperature, self.text_top_k, self.text_top_p),
+            image=SamplingConfig(self.image_temperature, self.image_top_k, 1.0, self.image_guidance),
+            video=SamplingConfig(self.video_temperature, self.video_top_k, 1.0, self.video_guidance),
+            image_size=self.image_size(v.max_height, v.max_width),
+            video_size=(min(self.video_frames, v.max_frames), side, side),
+            start_with=None if self.start_with == "auto" else self.start_with,
+            max_images=max(0, self.max_images),
+            seed=None if self.seed < 0 else self.seed,
+            preview_every=max(0, self.preview_every),
+        )
+
+
+@dataclass
+class Turn:
+    """One exchange, as the model saw it: ``ids`` are the prompt then the reply (no ``<|bos|>`` / ``<|eos|>``)."""
+
+    ids: torch.Tensor  # (T,) long
+    und_pixels: list[torch.Tensor] = field(default_factory=list)  # (3, S, S) per <|und|> run, in order
+
+
+@dataclass
+class Conversation:
+    """One session's chat: what the chatbot shows and the turns the model reads."""
+
+    messages: list[dict] = field(default_factory=list)
+    turns: list[Turn] = field(default_factory=list)
+    folder: Path | None = None  # where this session's images and videos are written
+
+    def context(self, new: Turn, vocab: Vocab) -> TokenSequence:
+        """``<|bos|>`` + every kept turn + ``new``, as one prompt."""
+        ids = torch.cat([torch.tensor([vocab.bos]), *(t.ids for t in self.turns), new.ids])
+        und = [p for t in [*self.turns, new] for p in t.und_pixels]
+        return TokenSequence(ids, vocab.modality(ids), torch.stack(und) if und else None)
+
+    def forget(self) -> None:
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+# -- the chat logic (no gradio in here, so tests can drive it directly) ------------------------------------
+class ChatRunner:
+    """Answers chat messages with one engine.
+
+    Args:
+        engine: the model and tokenizer.
+        workdir: folder for generated files (served by gradio; anything under the temp dir is allowed).
+        max_upload_mb: uploads larger than this are refused with a message.
+    """
+
+    def __init__(self, engine: AnyGen, workdir: Path, *, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB) -> None:
+        if max_upload_mb <= 0:
+            raise ValueError(f"max_upload_mb must be > 0, got {max_upload_mb}")
+        self.engine = engine
+        self.workdir = workdir
+        self.max_upload_mb = max_upload_mb
+        self._owner: object | None = None  # the reply that set up the KV cache last
+        self.last_timings: dict[str, float] = {}
+
+    # -- uploads ------------------------------------------------------------------------------------------
+    def load_upload(self, path: str | Path, mode: Literal["understand", "edit"]) -> Segment:
+        """An uploaded file as a prompt segment; ``ValueError`` says what was wrong and what is accepted."""
+        path = Path(path)
+        name, suffix = path.name, path.suffix.lower()
+        if suffix not in IMAGE_SUFFIXES + VIDEO_SUFFIXES:
+            raise ValueError(f"{name}: unsupported file type {repr(suffix) if suffix else '(no extension)'}; "
+                             f"accepted images: "
+                             f"{', '.join(IMAGE_SUFFIXES)}; videos: {', '.join(VIDEO_SUFFIXES)}")
+        size_mb = path.stat().st_size / 2**20
+        if size_mb > self.max_upload_mb:
+            raise ValueError(f"{name} is {size_mb:.2f} MB, over the {self.max_upload_mb:g} MB upload limit")
+        tok = self.engine.tokenizer
+        try:
+            if suffix in IMAGE_SUFFIXES:
+                image = load_image(path)
+                if mode == "understand" and tok.und_tokens > 0:
+                    return Understand(image)
+                return Image(image)
+            if tok.video is None:
+                raise ValueError("this model has no video tokenizer, so it cannot read video")
+            frames, fps = load_video(path, size=tok.video_size)
+            most = tok.video.num_frames(tok.vocab.max_frames)  # the longest clip the size tokens can describe
+            return Video(frames[:, :most].contiguous(), fps=fps)
+        except ValueError as err:  # the readers name the server-side path; the user knows the file by its name
+            raise ValueError(f"{name}: {str(err).replace(str(path), name)}") from None
+        except Exception as err:  # e.g. PIL's DecompressionBombError, a decoder crash: still the file's fault
+            raise ValueError(f"{name} could not be read ({type(err).__name__}: {str(err).replace(str(path), name)})"
+                             ) from None
+
+    # -- one reply ----------------------------------------------------------------------------------------
+    def respond(self, message: dict | str | None, options: ChatOptions, conv: Conversation) -> Iterator[list[dict]]:
+        """Add the user's message to ``conv`` and stream the reply; yields the chat to show, each time new.
+
+        ``conv`` is updated in place: its messages as the reply is written, its turns when the reply ends.
+        """
+        text, files = _split_message(message)
+        if not text and not files:
+            yield conv.messages
+            return
+        if conv.folder is None:
+            conv.folder = Path(tempfile.mkdtemp(prefix="session-", dir=self.workdir))
+        tok = self.engine.tokenizer
+        segments: list[Segment] = []
+        errors: list[str] = []
+        for path in files:
+            try:
+                segments.append(self.load_upload(path, options.upload_mode))
+                conv.messages.append(_user({"path": str(path), "alt_text": Path(path).name}))
+            except (ValueError, OSError) as err:
+                conv.messages.append(_user(f"📎 {Path(path).name}"))
+                errors.append(str(err))
+        if text:
+            conv.messages.append(_user(text))
+        if errors:
+            conv.messages.append(_note("⚠️ " + "\n\n⚠️ ".join(errors) + "\n\nNothing was generated: fix the "
+                                       "upload and send again."))
+            yield conv.messages
+            return
+        if options.upload_mode == "understand" and tok.und_tokens == 0 and any(type(s) is Image for s in segments):
+            conv.messages.append(_note("ℹ️ this model has no understanding encoder: uploaded images are given "
+                                       "as VQ context instead."))
+        if text:
+            segments.append(("\n" if conv.turns else "") + text)
+        yield conv.messages
+
+        try:
+            settings = options.settings(self.engine)
+            seq = tok.encode(segments, bos=False, eos=False)
+        except (ValueError, TypeError) as err:
+            conv.messages.append(_note(f"⚠️ {err}"))
+            yield conv.messages
+            return
+        new = Turn(seq.ids, list(seq.und_pixels) if seq.und_pixels is not None else [])
+        dropped = self._make_room(conv, new, settings)
+        if dropped:
+            conv.messages.append(_note(f"ℹ️ dropped the {dropped} oldest turn(s) from the model's context to make "
+                                       f"room for this reply."))
+        yield from self._stream(conv, conv.context(new, tok.vocab), new, settings)
+
+    def _make_room(self, conv: Conversation, new: Turn, settings: GenerationSettings) -> int:
+        """Drop the oldest turns until the prompt leaves room for the reply; returns how many were dropped."""
+        gen = self.engine.generator
+        v, ctx = gen.vocab, self.engine.config.max_seq_len
+        reserve = min(settings.max_new_tokens, ctx // 2)
+        if settings.start_with == "image":
+            reserve = max(reserve, gen.image_span_len(*(settings.image_size or (v.max_height, v.max_width))))
+        elif settings.start_with == "video":
+            reserve = max(reserve, gen.video_span_len(*(settings.video_size or (v.max_frames, v.max_height,
+                                                                                v.max_width))))
+        dropped = 0
+        while conv.turns and 1 + sum(len(t.ids) for t in conv.turns) + len(new.ids) + reserve > ctx:
+            conv.turns.pop(0)
+            dropped += 1
+        return dropped
+
+    def _stream(self, conv: Conversation, prompt: TokenSequence, new: Turn, settings: GenerationSettings
+                ) -> Iterator[list[dict]]:
+        reply: list[dict] = []
+        text_item: dict | None = None  # the reply's open run of text
+        media_item: dict | None = None  # the reply's open image / video
+        canvas: PIL.Image.Image | None = None
+        done: RowDone | None = None
+        failed = False
+        owner = self._owner = object()
+        start = last = time.perf_counter()
+        timings = self.last_timings = {}
+        stream = self.engine.generator.stream([prompt], settings)
+        try:
+            for event in stream:
+                now = time.perf_counter()
+                if isinstance(event, TextDelta):
+                    timings.setdefault("first_text_s", now - start)
+                    if text_item is None:
+                        text_item = _bot("")
+                        reply.append(text_item)
+                    text_item["content"] += event.text
+                    if now - last < TEXT_REFRESH_S:
+                        continue
+                elif isinstance(event, ImageStarted):
+                    text_item = None
+                    h, w = event.pixel_size
+                    canvas = PIL.Image.new("RGB", (w, h), CANVAS_GREY)
+                    media_item = _bot(self._save_image(conv, canvas, f"drawing a {event.height}×{event.width}-token "
+                                                                     f"image"))
+                    reply.append(media_item)
+                elif isinstance(event, ImageRows):
+                    timings.setdefault("first_rows_s", now - start)
+                    if event.preview is None or media_item is None or canvas is None:
+                        continue
+                    canvas.paste(event.preview.convert("RGB"), (0, 0))
+                    media_item["content"] = self._save_image(conv, canvas, f"{event.rows_done}/{event.height} rows")
+                elif isinstance(event, ImageDone):
+                    if media_item is not None and event.image.image is not None:
+                        media_item["content"] = self._save_image(conv, event.image.image, "generated image")
+                    media_item = canvas = None
+                elif isinstance(event, VideoStarted):
+                    text_item = None
+                    media_item = _bot(f"🎞️ generating a {event.frames}×{event.height}×{event.width}-token video: "
+                                      f"frame 0/{event.frames}")
+                    reply.append(media_item)
+                elif isinstance(event, VideoFrameDone):
+                    timings.setdefault("first_frame_s", now - start)
+                    if media_item is not None:
+                        media_item["content"] = (media_item["content"].rsplit(": frame", 1)[0]
+                                                 + f": frame {event.frame + 1}/{event.frames}")
+                elif isinstance(event, VideoDone):
+                    if media_item is not None:
+                        media_item["content"] = self._save_video(conv, event.video)
+                    media_item = None
+                elif isinstance(event, RowDone):
+                    done = event
+                    continue
+                last = now
+                yield conv.messages + reply
+        except (ValueError, TypeError) as err:  # refused before any work (too long, bad size, ...)
+            failed = True
+            reply.append(_note(f"⚠️ {err}"))
+        except Exception as err:  # the app keeps working whatever one reply does
+            failed = True
+            logger.exception("generation failed")
+            reply.append(_note(f"⚠️ generation failed ({type(err).__name__}: {err})"))
+        finally:
+            stream.close()
+            if self._owner is owner:  # a later reply may already own the cache (after Stop): leave it alone
+                _release_kv_cache(self.engine.model)
+                self._owner = None
+            timings["total_s"] = time.perf_counter() - start
+            if done is None and not failed:
+                # cancelled (Stop, new chat, closed tab): keep what was shown, but the model never saw it
+                conv.messages.extend(reply)
+                conv.messages.append(_note("⏹️ stopped — this reply is not kept in the model's context."))
+                reply = []
+        if done is None:
+            conv.messages.extend(reply)
+            yield conv.messages
+            return
+        if media_item is not None:  # cut off by max_new_tokens: show the complete rows / frames
+            partial = [s for s in done.segments if isinstance(s, (Image, Video))][-1:]
+            media_item["content"] = self._partial(conv, partial[0] if partial else None)
+        if not reply:
+            reply.append(_note("ℹ️ the model ended its reply without writing anything."))
+        if done.reason == "max_new_tokens":
+            reply.append(_note("ℹ️ reached max new tokens."))
+        conv.turns.append(Turn(torch.cat([new.ids, self._reply_ids(done.ids)]), new.und_pixels))
+        conv.messages.extend(reply)
+        logger.info("reply: %s", {k: round(v, 3) for k, v in timings.items()})
+        yield conv.messages
+
+    def _reply_ids(self, ids: torch.Tensor | None) -> torch.Tensor:
+        """The reply's ids as later turns read them: no ``<|eos|>`` / ``<|pad|>``, no span left open."""
+        v = self.engine.tokenizer.vocab
+        out = [] if ids is None else ids.tolist()
+        while out and out[-1] in (v.eos, v.pad):
+            out.pop()
+        last_open = max((i for i, t in enumerate(out) if t in (v.boi, v.bov)), default=None)
+        if last_open is not None and not any(t in (v.eoi, v.eov) for t in out[last_open:]):
+            out = out[:last_open]  # cut off inside an image / video: the context cannot hold half a span
+        return torch.tensor(out, dtype=torch.long)
+
+    # -- files --------------------------------------------------------------------------------------------
+    def _save_image(self, conv: Conversation, image: PIL.Image.Image, alt: str) -> dict:
+        assert conv.folder is not None
+        path = conv.folder / f"{uuid.uuid4().hex}.png"  # a fresh name each time, so the browser reloads it
+        image.convert("RGB").save(path)
+        return {"path": str(path), "alt_text": alt}
+
+    def _save_video(self, conv: Conversation, video: Video) -> dict | str:
+        assert conv.folder is not None
+        if video.frames is None:
+            return "🎞️ (the video has no complete frame)"
+        path = write_video(conv.folder / f"{uuid.uuid4().hex}.mp4", video.frames, video.fps)
+        return {"path": str(path), "alt_text": "generated video"}
+
+    def _partial(self, conv: Conversation, seg: Image | Video | None) -> dict | str:
+        if isinstance(seg, Image) and seg.image is not None:
+            return self._save_image(conv, seg.image, "partial image (max new tokens reached)")
+        if isinstance(seg, Video) and seg.frames is not None:
+            return self._save_video(conv, seg)
+        return "(cut off by max new tokens before its first row)"
+
+
+def _release_kv_cache(model) -> None:
+    """Drop the model's KV cache buffers (the next reply sets up a fresh one anyway)."""
+    release = getattr(model, "release_cache", None)
+    if callable(release):
+        release()
+        return
+    for block in getattr(model, "blocks", []):
+        block.attn.kv_cache = None
+    model.cache_valid = None
+    model.cache_slot_ids = None
+
+
+def _split_message(message: dict | str | None) -> tuple[str, list[str]]:
+    if message is None:
+        return "", []
+    if isinstance(message, str):
+        return message.strip(), []
+    files = [f["path"] if isinstance(f, dict) else str(f) for f in message.get("files") or []]
+    return (message.get("text") or "").strip(), files
+
+
+def _user(content: str | dict) -> dict:
+    return {"role": "user", "content": content}
+
+
+def _bot(content: str | dict) -> dict:
+    return {"role": "assistant", "content": content}
+
+
+def _note(text: str) -> dict:
+    """A message from the app itself (errors, notices), not from the model."""
+    return {"role": "assistant", "content": text}
+
+
+def _example_files(folder: Path) -> dict[str, str]:
+    """Small pictures for the examples, drawn at build time (the corpus the tiny engine knows)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shapes = PIL.Image.new("RGB", (64, 64), "white")
+    draw = PIL.ImageDraw.Draw(shapes)
+    draw.ellipse((4, 4, 28, 28), fill="red")
+    draw.rectangle((38, 38, 60, 60), fill="blue")
+    circle = PIL.Image.new("RGB", (64, 64), "white")
+    PIL.ImageDraw.Draw(circle).ellipse((12, 12, 52, 52), fill="red")
+    paths = {"shapes": folder / "shapes.png", "circle": folder / "circle.png"}
+    shapes.save(paths["shapes"])
+    circle.save(paths["circle"])
+    return {k: str(p) for k, p in paths.items()}
+
+
+# -- the UI ---------------------------------------------------------------------------------------------------
+def build_demo(engine: AnyGen, *, notice: str | None = None, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
+               workdir: str | Path | None = None) -> gr.Blocks:
+    """Build the chat demo around ``engine`` (nothing is launched).
+
+    Args:
+        engine: the model and tokenizer to chat with.
+        notice: a warning shown above the chat (e.g. ``RANDOM_NOTICE`` for the untrained tiny model).
+        max_upload_mb: uploads over this size are refused with a message in the chat.
+        workdir: where generated images / videos and the examples' pictures are written (default: a new
+            temporary folder; gradio serves files from the temp dir and the working directory only).
+
+    Returns:
+        The ``gr.Blocks``; launch it with ``demo.queue(default_concurrency_limit=...).launch(...)``. Its API:
+        ``/chat`` (a message ``{"text", "files"}`` and the ``ChatOptions`` fields by name; streams the chat)
+        and ``/new_chat``.
+    """
+    workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="anygen-demo-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    runner = ChatRunner(engine, workdir, max_upload_mb=max_upload_mb)
+    defaults = ChatOptions.for_engine(engine)
+    v, ctx = engine.tokenizer.vocab, engine.config.max_seq_len
+    max_side = min(v.max_height, v.max_width)
+    examples = _example_files(workdir / "examples")
+    has_und = engine.tokenizer.und_tokens > 0
+
+    def chat(message: dict | None, conversation: Conversation, **options: Any) -> Iterator[tuple]:
+        """Send ``message`` (text and files) with the given options; streams the whole chat."""
+        try:
+            opts = ChatOptions.from_values(options)
+        except (ValueError, TypeError) as err:
+            conversation.messages.append(_note(f"⚠️ {err}"))
+            yield conversation.messages, gr.skip(), conversation
+            return
+        first = True
+        for shown in runner.respond(message, opts, conversation):
+            # the textbox is cleared once; later updates skip it, so typing the next prompt is not overwritten
+            yield shown, (None if first else gr.skip()), conversation
+            first = False
+
+    def new_chat(conversation: Conversation) -> tuple:
+        """Start over: forget this session's turns and files."""
+        conversation.forget()
+        return [], None, Conversation()
+
+    with gr.Blocks(title="anygen", fill_height=True, delete_cache=(3600, 3600), analytics_enabled=False) as demo:
+        gr.HTML(f"<style>{CSS}</style><h2 style='margin:0'>anygen — text, images and video in one stream</h2>")
+        if notice:
+            gr.HTML(f"<div class='anygen-notice' id='notice'>⚠️ {html.escape(notice)}</div>")
+        conversation = gr.State(Conversation(), delete_callback=Conversation.forget)
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=3):
+                chatbot = gr.Chatbot(label="chat", elem_id="chat", height=620, buttons=["copy"],
+                                     placeholder="Ask for text, an image, a video, or an illustrated story; attach "
+                                                 "an image to ask about it or edit it.")
+                textbox = gr.MultimodalTextbox(
+                    placeholder="Type a prompt; attach images (.png .jpg .webp .bmp) or video (.mp4 .webm .gif …)",
+                    file_count="multiple", sources=["upload"], show_label=False, elem_id="prompt", stop_btn=True,
+                    autofocus=True)
+                with gr.Row():
+                    stop = gr.Button("Stop", variant="stop", elem_id="stop", size="sm")
+                    clear = gr.Button("New chat", elem_id="new-chat", size="sm")
+            with gr.Column(scale=1, min_width=280):
+                controls: dict[str, gr.components.Component] = {}
+                controls["start_with"] = gr.Radio(
+                    # labels are not bare "image" / "video": gradio's i18n would read those as translation keys
+                    [("whatever the model writes", "auto"), ("an image", "image"), ("a video", "video")],
+                    value=defaults.start_with,
+                    label="start the reply with", elem_id="start-with")
+                controls["upload_mode"] = gr.Radio(
+                    [("read (understanding)", "understand"), ("edited (VQ context)", "edit")],
+                    value=defaults.upload_mode if has_und else "edit", label="uploaded images are",
+                    elem_id="upload-mode",
+                    info=None if has_und else "this model has no understanding encoder")
+                controls["max_new_tokens"] = gr.Slider(1, ctx, value=defaults.max_new_tokens, step=1,
+                                                       label="max new tokens")
+                controls["seed"] = gr.Number(defaults.seed, precision=0, label="seed (-1: random)", elem_id="seed")
+                with gr.Accordion("image", open=True):
+                    controls["image_side"] = gr.Slider(1, max_side, value=defaults.image_side, step=1,
+                                                       label="size (tokens, longer side)", elem_id="image-side")
+                    controls["aspect"] = gr.Dropdown(list(ASPECTS), value=defaults.aspect, label="aspect (w:h)",
+                                                     info="auto: the model picks the size")
+                    controls["preview_every"] = gr.Slider(0, max_side, value=defaults.preview_every, step=1,
+                                                          label="refresh the preview every N rows (0: at the end)")
+                    controls["image_temperature"] = gr.Slider(0, 2, value=defaults.image_temperature, step=0.05,
+                                                              label="temperature")
+                    controls["image_top_k"] = gr.Slider(0, v.image_codebook_size, value=defaults.image_top_k,
+                                                        step=1, label="top-k (0: off)")
+                    controls["image_guidance"] = gr.Slider(1, 10, value=defaults.image_guidance, step=0.1,
+                                                           label="guidance scale (1: off)")
+                with gr.Accordion("text", open=False):
+                    controls["text_temperature"] = gr.Slider(0, 2, value=defaults.text_temperature, step=0.05,
+                                                             label="temperature")
+                    controls["text_top_k"] = gr.Slider(0, v.text_size, value=defaults.text_top_k, step=1,
+                                                       label="top-k (0: off)")
+                    controls["text_top_p"] = gr.Slider(0.05, 1, value=defaults.text_top_p, step=0.05,
+                                                       label="top-p")
+                with gr.Accordion("video", open=False):
+                    controls["video_frames"] = gr.Slider(1, v.max_frames, value=defaults.video_frames, step=1,
+                                                         label="latent frames")
+                    controls["video_side"] = gr.Slider(1, max_side, value=defaults.video_side, step=1,
+                                                       label="size (tokens per side)")
+                    controls["video_temperature"] = gr.Slider(0, 2, value=defaults.video_temperature, step=0.05,
+                                                              label="temperature")
+                    controls["video_top_k"] = gr.Slider(0, v.video_codebook_size, value=defaults.video_top_k,
+                                                        step=1, label="top-k (0: off)")
+                    controls["video_guidance"] = gr.Slider(1, 10, value=defaults.video_guidance, step=0.1,
+                                                           label="guidance scale (1: off)")
+                controls["max_images"] = gr.Number(defaults.max_images, precision=0, minimum=0,
+                                                   label="stop after N images + videos (0: no limit)",
+                                                   elem_id="max-images")
+        gr.Examples(
+            label="examples (each shows one capability)",
+            examples=[
+                [{"text": "a red circle at the top left and a blue square at the bottom right", "files": []},
+                 "image", "understand", 0],
+                [{"text": "what is in the picture?", "files": [examples["shapes"]]}, "auto", "understand", 0],
+                [{"text": "a green triangle moves to the right", "files": []}, "video", "understand", 0],
+                [{"text": "make the circle yellow", "files": [examples["circle"]]}, "image", "edit", 0],
+                [{"text": "draw a red square, then add a blue circle below it: a short illustrated story",
+                  "files": []}, "auto", "understand", 2],
+            ],
+            example_labels=["text → image", "image → text", "text → video", "editing", "illustrated story"],
+            inputs=[textbox, controls["start_with"], controls["upload_mode"], controls["max_images"]],
+        )
+
+        send = textbox.submit(
+            chat, inputs=[textbox, conversation], inputs_kwargs=controls, outputs=[chatbot, textbox, conversation],
+            api_name="chat", concurrency_limit=1, concurrency_id="engine",  # one model, one KV cache
+            show_progress="minimal", show_progress_on=[chatbot])
+        stop.click(None, cancels=[send], api_visibility="private")
+        textbox.stop(None, cancels=[send], api_visibility="private")
+        clear.click(new_chat, inputs=[conversation], outputs=[chatbot, textbox, conversation], api_name="new_chat",
+                    cancels=[send])
+        chatbot.clear(new_chat, inputs=[conversation], outputs=[chatbot, textbox, conversation],
+                      api_visibility="private", cancels=[send])
+    demo.runner = runner  # for tests and benchmarks: timings of the last reply, the engine
+    return demo
+
+
+# -- anygen demo -------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="anygen demo", description="The interleaved-generation chat demo (gradio).")
+    p.add_argument("--checkpoint", type=Path, help="checkpoint directory (save_pretrained / anygen export)")
+    p.add_argument("--random-tiny", action="store_true",
+                   help="use the untrained tiny random engine (also the default when no --checkpoint is given)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_MB,
+                   help="uploads over this size are refused with a message in the chat")
+    p.add_argument("--concurrency", type=int, default=4,
+                   help="queue's default_concurrency_limit (generation itself runs one at a time per engine)")
+    p.add_argument("--queue-size", type=int, default=64, help="most requests waiting in the queue")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (on a busy CPU box, 1 avoids threads spinning against gradio's)")
+    p.add_argument("--share", action="store_true", help="ask gradio for a public share link")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from anygen.cli_generate import load_engine
+
+    try:
+        threads_ok = args.threads is None or args.threads >= 1
+        if args.max_upload_mb <= 0 or args.concurrency < 1 or args.queue_size < 1 or not threads_ok:
+            raise ValueError("--max-upload-mb, --concurrency, --queue-size and --threads must be positive")
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
+        notice = None if args.checkpoint is not None else RANDOM_NOTICE
+        engine = load_engine(args.checkpoint, random_tiny=args.checkpoint is None, device=args.device)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"anygen demo: error: {err}", file=sys.stderr)
+        return 2
+    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s")
+    logger.setLevel(logging.INFO)  # per-reply timings; the libraries stay at WARNING
+    demo = build_demo(engine, notice=notice, max_upload_mb=args.max_upload_mb)
+    demo.queue(default_concurrency_limit=args.concurrency, max_size=args.queue_size)
+    # a hard cap at the server, well above the chat's own limit, so one request cannot fill the disk
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share,
+                max_file_size=f"{max(1, int(4 * args.max_upload_mb))}mb")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

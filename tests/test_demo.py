@@ -1,0 +1,260 @@
+"""The gradio demo (``demo/app.py``): its chat logic in-process, then end to end through ``gradio_client``.
+
+One demo is launched for the module around the tiny random engine, with a 0.05 MB upload limit so the
+oversize case needs no big file. Every request asks for short replies and 4×4-token images.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import PIL.Image
+import pytest
+import torch
+
+gr = pytest.importorskip("gradio")
+gradio_client = pytest.importorskip("gradio_client")
+
+from anygen.api import AnyGen  # noqa: E402
+from anygen.testing import random_engine  # noqa: E402
+from demo import app  # noqa: E402
+from demo.app import RANDOM_NOTICE, ChatOptions, ChatRunner, Conversation, build_demo  # noqa: E402
+
+UPLOAD_LIMIT_MB = 0.05
+FAST = dict(max_new_tokens=24, image_side=4, aspect="1:1", video_frames=1, video_side=2, seed=0, preview_every=1)
+
+
+@pytest.fixture(scope="module")
+def engine() -> AnyGen:
+    return random_engine("tiny")
+
+
+@pytest.fixture(scope="module")
+def url(engine, tmp_path_factory):
+    demo = build_demo(engine, notice=RANDOM_NOTICE, max_upload_mb=UPLOAD_LIMIT_MB,
+                      workdir=tmp_path_factory.mktemp("demo"))
+    _, url, _ = demo.queue(default_concurrency_limit=4).launch(
+        prevent_thread_lock=True, server_port=_free_port(), server_name="127.0.0.1", quiet=True)
+    yield url
+    demo.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _client(url: str):
+    return gradio_client.Client(url, verbose=False, download_files=False)
+
+
+def _send(client, text: str, files: list[str | Path] = (), **options) -> list[dict]:
+    message = {"text": text, "files": [gradio_client.handle_file(str(f)) for f in files]}
+    chat, _ = client.predict(message, **{**FAST, **options}, api_name="/chat")
+    return chat
+
+
+def _texts(chat: list[dict], role: str) -> list[str]:
+    return [c["text"] for m in chat if m["role"] == role for c in m["content"] if c.get("type") == "text"]
+
+
+def _files(chat: list[dict], role: str = "assistant") -> list[str]:
+    out = []
+    for m in chat:
+        for c in m["content"]:
+            if m["role"] == role and c.get("type") == "file":
+                f = c["file"]
+                out.append(f if isinstance(f, str) else f["path"])
+    return out
+
+
+def _png(path: Path, size: int = 24) -> Path:
+    PIL.Image.new("RGB", (size, size), "red").save(path)
+    return path
+
+
+# -- in-process: the chat logic ---------------------------------------------------------------------------------
+def test_importing_builds_and_launches_nothing():
+    assert not any(isinstance(v, (gr.Blocks, AnyGen, ChatRunner)) for v in vars(app).values())
+    assert callable(app.build_demo) and callable(app.main)
+
+
+@pytest.mark.parametrize("aspect, expected", [("1:1", (8, 8)), ("16:9", (4, 8)), ("3:4", (8, 6)), ("auto", None)])
+def test_image_size_follows_aspect(aspect, expected):
+    assert ChatOptions(image_side=8, aspect=aspect).image_size(16, 16) == expected
+
+
+def test_conversation_is_kept_as_tokens_and_images_are_not_reencoded(engine, tmp_path, monkeypatch):
+    runner = ChatRunner(engine, tmp_path)
+    calls = {"encode": 0}
+    prompts = []
+    encode, stream = engine.tokenizer.image.encode, engine.generator.stream
+
+    def counting_encode(x):
+        calls["encode"] += 1
+        return encode(x)
+
+    def recording_stream(seqs, settings):
+        prompts.append(seqs[0])
+        return stream(seqs, settings)
+
+    monkeypatch.setattr(engine.tokenizer.image, "encode", counting_encode)
+    monkeypatch.setattr(engine.generator, "stream", recording_stream)
+    conv = Conversation()
+    options = ChatOptions(**{**FAST, "upload_mode": "edit", "start_with": "image"})
+    list(runner.respond({"text": "make it yellow", "files": [str(_png(tmp_path / "red.png"))]}, options, conv))
+    list(runner.respond({"text": "and now blue", "files": []}, ChatOptions(**FAST), conv))
+
+    assert calls["encode"] == 1  # the first turn's image, once; the second turn reuses its ids
+    v = engine.tokenizer.vocab
+    first, second = prompts
+    assert first.ids[0] == v.bos and (first.ids == v.boi).any()
+    turn1 = conv.turns[0].ids
+    assert torch.equal(second.ids[:1 + len(turn1)], torch.cat([torch.tensor([v.bos]), turn1]))
+    assert len(conv.turns) == 2 and not (conv.turns[1].ids == v.eos).any()
+    assert engine.model.cache_valid is None  # the KV cache is released after each reply
+
+
+def test_understood_images_keep_their_pixels_across_turns(engine, tmp_path, monkeypatch):
+    runner = ChatRunner(engine, tmp_path)
+    prompts = []
+    stream = engine.generator.stream
+    monkeypatch.setattr(engine.generator, "stream", lambda seqs, s: (prompts.append(seqs[0]), stream(seqs, s))[1])
+    conv = Conversation()
+    options = ChatOptions(**{**FAST, "upload_mode": "understand"})
+    list(runner.respond({"text": "what is in the picture?", "files": [str(_png(tmp_path / "a.png"))]}, options, conv))
+    list(runner.respond("and the colour?", options, conv))
+    assert prompts[0].und_pixels.shape[0] == 1 and prompts[1].und_pixels.shape[0] == 1
+    assert (prompts[1].ids == engine.tokenizer.vocab.und).sum() == engine.tokenizer.und_tokens
+
+
+def test_oldest_turns_are_dropped_when_the_context_is_full(engine, tmp_path):
+    runner = ChatRunner(engine, tmp_path)
+    conv = Conversation()
+    filler = torch.randint(0, 256, (250,))  # 250 byte-level text ids
+    conv.turns = [app.Turn(filler), app.Turn(filler)]
+    chat = list(runner.respond("a blue square", ChatOptions(**FAST), conv))[-1]
+    assert len(conv.turns) == 2  # one filler dropped, this reply added
+    assert any("dropped the" in m["content"] for m in chat if isinstance(m["content"], str))
+    assert 1 + sum(len(t.ids) for t in conv.turns) <= engine.config.max_seq_len
+
+
+def test_stop_releases_the_cache_and_keeps_the_app_working(engine, tmp_path):
+    runner = ChatRunner(engine, tmp_path)
+    conv = Conversation()
+    options = ChatOptions(**{**FAST, "start_with": "image", "image_side": 16, "max_new_tokens": 300})
+    replies = runner.respond("a red circle", options, conv)
+    for _ in range(4):  # the user message, the canvas, two previews
+        next(replies)
+    assert engine.model.cache_valid is not None
+    replies.close()  # what gradio does when Stop cancels the event
+    assert engine.model.cache_valid is None
+    assert conv.turns == [] and "stopped" in conv.messages[-1]["content"]
+    chat = list(runner.respond("a blue square", ChatOptions(**FAST), conv))[-1]
+    assert chat[-1]["role"] == "assistant" and len(conv.turns) == 1
+
+
+def test_a_reply_cut_inside_an_image_is_not_kept_half_open(engine, tmp_path):
+    v = engine.tokenizer.vocab
+    ids = torch.tensor([5, 6, v.boi, v.h_token(2), v.w_token(2), v.image_offset, v.image_offset])
+    assert ChatRunner(engine, tmp_path)._reply_ids(ids).tolist() == [5, 6]
+    assert ChatRunner(engine, tmp_path)._reply_ids(torch.tensor([5, v.eos])).tolist() == [5]
+    whole = [v.boi, v.h_token(1), v.w_token(1), v.image_offset, v.eol, v.eoi, 7]
+    assert ChatRunner(engine, tmp_path)._reply_ids(torch.tensor(whole + [v.eos])).tolist() == whole
+
+
+def test_main_reports_a_missing_checkpoint(tmp_path, capsys):
+    assert app.main(["--checkpoint", str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+# -- end to end: gradio_client against a launched demo ----------------------------------------------------------
+def test_text_to_image_streams_previews_then_a_real_image(url):
+    client = _client(url)
+    job = client.submit({"text": "a red circle", "files": []}, **FAST, start_with="image", max_images=1,
+                        api_name="/chat")
+    updates = [chat for chat, _ in job]
+    chat = job.result()[0]
+    images = _files(chat)
+    assert images, chat
+    with PIL.Image.open(images[0]) as image:
+        assert image.size == (32, 32)  # 4×4 tokens, 8× downsampling
+    shown = {f for update in updates for f in _files(update)}
+    assert len(shown) >= 3  # the grey canvas, row previews, the final image: each a fresh file
+    assert _texts(chat, "user") == ["a red circle"]
+
+
+def test_text_to_video_shows_an_mp4(url):
+    chat = _send(_client(url), "a green triangle moves to the right", start_with="video", max_images=1,
+                 max_new_tokens=64)
+    videos = [f for f in _files(chat) if f.endswith(".mp4")]
+    assert videos and Path(videos[0]).stat().st_size > 0, chat
+
+
+def test_sessions_at_once_do_not_share_history(url):
+    alice, bob = _client(url), _client(url)
+    _send(alice, "alpha one")
+
+    def submit(client, text):
+        return client.submit({"text": text, "files": []}, **FAST, api_name="/chat")
+
+    jobs = [submit(alice, "alpha two"), submit(bob, "bravo")]  # queued together, served in turn
+    alice_chat, bob_chat = (job.result()[0] for job in jobs)
+    assert _texts(alice_chat, "user") == ["alpha one", "alpha two"]
+    assert _texts(bob_chat, "user") == ["bravo"]
+    assert _texts(_client(url).predict(api_name="/new_chat")[0] or [], "user") == []
+
+
+@pytest.mark.parametrize("name, content, error", [
+    ("garbage.png", b"this is a text file, not a png" * 4, "not a readable image"),
+    ("notes.xyz", b"hello", "unsupported file type"),
+    ("huge.png", b"\x89PNG" + b"\0" * 80_000, "upload limit"),
+    ("broken.mp4", b"\0\0\0\x18ftypmp42" + b"garbage" * 50, "broken.mp4"),
+])
+def test_bad_uploads_become_chat_messages_and_the_app_keeps_working(url, tmp_path, name, content, error):
+    path = tmp_path / name
+    path.write_bytes(content)
+    client = _client(url)
+    chat = _send(client, "what is this?", [path])
+    message = chat[-1]["content"][0]["text"]
+    assert error in message and "⚠️" in message and str(tmp_path) not in message
+    chat = _send(client, "a red circle", [_png(tmp_path / "ok.png")], upload_mode="understand")
+    assert _files(chat, "user") and "⚠️" not in chat[-1]["content"][0].get("text", "")
+
+
+def test_a_prompt_that_cannot_fit_is_a_message(url):
+    client = _client(url)
+    chat = _send(client, "a red circle and a blue square " * 200)
+    assert "context" in chat[-1]["content"][0]["text"]
+    chat = _send(client, "a red circle")
+    assert "⚠️" not in chat[-1]["content"][0].get("text", "")
+
+
+def test_cancel_frees_the_engine_for_the_next_request(url, engine, monkeypatch):
+    stream = engine.generator.stream
+
+    def slow_stream(seqs, settings):  # a reply that surely lasts until the cancel arrives
+        for event in stream(seqs, settings):
+            time.sleep(0.05)
+            yield event
+
+    monkeypatch.setattr(engine.generator, "stream", slow_stream)
+    client = _client(url)
+    job = client.submit({"text": "a red circle", "files": []}, **{**FAST, "image_side": 16, "max_new_tokens": 400},
+                        start_with="image", api_name="/chat")
+    deadline = time.monotonic() + 30
+    while not any(_files(chat) for chat, _ in job.outputs()) and time.monotonic() < deadline:
+        time.sleep(0.02)  # until the reply's image is on screen: generation is under way
+    assert engine.model.cache_valid is not None and not job.done()
+    job.cancel()
+    deadline = time.monotonic() + 30
+    while engine.model.cache_valid is not None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert engine.model.cache_valid is None
+    monkeypatch.undo()
+    chat = _send(client, "a blue square")
+    assert _texts(chat, "user") == ["a red circle", "a blue square"]
+    assert any("stopped" in t for t in _texts(chat, "assistant"))  # cut mid-reply, not finished
