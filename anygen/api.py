@@ -13,6 +13,10 @@ Checkpoint directory (safetensors only; nothing here ever unpickles)::
     image_tokenizer.safetensors   image VQ weights + config in the metadata
     video_tokenizer.safetensors   video VQ weights + config in the metadata
 
+Imported checkpoints: ``from_pretrained`` also accepts a Janus / Emu3 / Chameleon directory in
+Hugging Face layout and converts it in memory (``anygen.convert``); a directory written by
+``anygen convert`` carries ``imported_from.json`` (the reference <-> anygen id map, ``AnyGen.id_map``).
+
 Prompts: a ``str`` or a list of segments is one prompt; a list of prompts (a list whose items are
 all ``str`` or all lists) is a batch, and ``generate`` then returns a list of outputs.
 """
@@ -93,6 +97,7 @@ class AnyGen:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.generator = Generator(model, tokenizer)
+        self.id_map = None  # anygen.convert.common.IdMap of an imported checkpoint: reference <-> anygen ids
 
     @property
     def config(self) -> AnyGenConfig:
@@ -128,15 +133,26 @@ class AnyGen:
     @classmethod
     def from_pretrained(cls, directory: str | Path, *, device: torch.device | str | None = None,
                         dtype: torch.dtype | None = None) -> AnyGen:
-        """Load a checkpoint directory written by ``save_pretrained`` (or ``anygen export``).
+        """Load a checkpoint directory written by ``save_pretrained`` (or ``anygen export`` / ``anygen convert``).
+
+        A Janus / Emu3 / Chameleon directory in Hugging Face layout (``config.json`` naming
+        ``JanusForConditionalGeneration`` …, safetensors shards, tokenizer files) is converted in memory.
 
         Raises:
             FileNotFoundError: the directory or one of its files is missing (the message lists them).
-            ValueError: a file is malformed, or the files do not belong together.
+            ValueError: a file is malformed, the files do not belong together, or a Hugging Face
+                directory holds an architecture anygen does not import (the message lists those it does).
         """
         directory = Path(directory)
         if not directory.is_dir():
             raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
+        if _is_hf_directory(directory):
+            from anygen import convert
+
+            engine = convert.load(directory, dtype=dtype)
+            if device is not None:
+                engine.to(device)
+            return engine
         missing = [name for name in (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_CONFIG, "text_tokenizer.json")
                    if not (directory / name).is_file()]
         if missing:
@@ -158,6 +174,10 @@ class AnyGen:
         model = AnyGenModel(config)
         _load_weights(model, directory / WEIGHTS_FILE)
         engine = cls(model, tokenizer)
+        if (directory / "imported_from.json").is_file():
+            from anygen.convert import read_id_map
+
+            engine.id_map = read_id_map(directory)
         if device is not None or dtype is not None:
             engine.to(device, dtype)
         return engine
@@ -231,6 +251,15 @@ class AnyGen:
                                        max_images=max_images, seed=seed) if isinstance(e, RowDone)]
         outputs = [GenerationOutput(e.segments, e.ids, e.reason) for e in sorted(done, key=lambda e: e.row)]
         return outputs if batched else outputs[0]
+
+
+def _is_hf_directory(directory: Path) -> bool:
+    """A ``config.json`` that is a Hugging Face model config (it names a model type), not anygen's."""
+    try:
+        meta = json.loads((directory / CONFIG_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return False  # the anygen path reports missing / malformed files
+    return isinstance(meta, dict) and meta.get("format") != FORMAT and ("model_type" in meta or "architectures" in meta)
 
 
 def _load_weights(model: AnyGenModel, path: Path) -> None:

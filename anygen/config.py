@@ -6,6 +6,8 @@ What this module owns:
 - the vocabulary layout as plain ints, exactly ``tokenizers_mm.vocab.Vocab``'s init fields
   (``vocab_dict()`` hands them over), so a checkpoint's ``config.json`` fully describes the id space;
 - the decoupled understanding encoder (Janus): SigLIP kwargs or a local directory, its input size;
+- the variants imported checkpoints need (``anygen.convert``): Janus's generation embedding + aligner
+  and MLP generation head for image codes, a separate epsilon for Chameleon's QK layer norm;
 - named presets (``tiny`` for tests, ``small`` for the CPU benchmark, the Janus-Pro shapes);
 - an analytic parameter count, so a 7B shape can be sized without building it.
 
@@ -65,10 +67,15 @@ class AnyGenConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     qk_norm: Literal["none", "rms", "layernorm"] = "rms"  # per-head norm of q and k (Chameleon)
+    qk_norm_eps: float | None = None  # epsilon of the QK-norm; None: norm_eps (Chameleon fixes 1e-5)
     post_norm: bool = False  # swin-norm: norm the attention / MLP output inside the residual branch
     head_mode: Literal["routed", "shared"] = "routed"  # routed: one table + head per modality
     max_seq_len: int = 2048  # longest sequence the KV cache may be set up for
     tie_embeddings: bool = False
+    # Janus's image path (routed mode): codes embed at image_embed_dim, then Linear -> GELU -> Linear to d_model;
+    # the image head is Linear(d_model, image_head_dim) -> GELU -> Linear(image_head_dim, K). 0: a plain table / head.
+    image_embed_dim: int = 0
+    image_head_dim: int = 0
 
     # training
     z_loss_weight: float = 0.0  # weight of log(Z)^2 per target token (PaLM, Chameleon); 0 disables
@@ -83,6 +90,19 @@ class AnyGenConfig:
         for name in (*_VOCAB_FIELDS, "n_layer", "n_head", "n_kv_head", "d_model", "intermediate_size", "max_seq_len",
                      "und_image_size"):
             _check_positive_int(name, getattr(self, name))
+        for name in ("image_embed_dim", "image_head_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"AnyGenConfig.{name} must be an int >= 0 (0: off), got {value!r}")
+        if (self.image_embed_dim or self.image_head_dim) and (self.head_mode != "routed" or self.tie_embeddings):
+            raise ValueError("AnyGenConfig.image_embed_dim / image_head_dim need head_mode='routed' and "
+                             f"tie_embeddings=False, got head_mode={self.head_mode!r}, "
+                             f"tie_embeddings={self.tie_embeddings}")
+        if self.qk_norm_eps is not None:
+            if not isinstance(self.qk_norm_eps, (int, float)) or isinstance(self.qk_norm_eps, bool) \
+                    or self.qk_norm_eps <= 0:
+                raise ValueError(f"AnyGenConfig.qk_norm_eps must be a number > 0 or None, got {self.qk_norm_eps!r}")
+            self.qk_norm_eps = float(self.qk_norm_eps)
         for name in ("rope_theta", "norm_eps", "z_loss_weight"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool):
@@ -173,6 +193,11 @@ class AnyGenConfig:
         layer = attn + qk + mlp + 2 * d  # two RMSNorm weights
         table = self.vocab_size * d  # routed tables partition the vocabulary, so the total is the same
         total = self.n_layer * layer + d + table + (0 if self.tie_embeddings else table)
+        k, e, p = self.image_codebook_size, self.image_embed_dim, self.image_head_dim
+        if e:  # Janus's generation embedding + aligner replace the K x d image table
+            total += k * e + (e * d + d) + (d * d + d) - k * d
+        if p:  # Janus's MLP generation head replaces the d x K image head
+            total += (d * p + p) + (p * k + k) - k * d
         if include_und and self.und_encoder is not None:
             total += self._und_parameters()
         return total

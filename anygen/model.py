@@ -8,6 +8,8 @@ What this module owns, top to bottom:
 - ``AnyGenModel``: routed embeddings and heads (one table and one head per modality, combined by id
   range), the ``<|und|>`` positions filled by the understanding encoder, a full causal ``forward``
   for training and reference, and ``prefill`` / ``decode_step`` over a preallocated KV cache;
+- the image-path variants imported Janus checkpoints need (``image_embed_dim`` / ``image_head_dim``):
+  codes embedded by a narrow table + GELU MLP, scored by a GELU MLP head;
 - the losses: ``routed_cross_entropy`` (each target scored by a softmax over its own modality's
   slice of the vocabulary) and ``z_loss``.
 
@@ -135,8 +137,9 @@ class Attention(nn.Module):
             self.q_norm: HeadNorm | None = None
             self.k_norm: HeadNorm | None = None
         else:
-            self.q_norm = HeadNorm(self.n_head, self.head_dim, config.qk_norm, config.norm_eps)
-            self.k_norm = HeadNorm(self.n_kv_head, self.head_dim, config.qk_norm, config.norm_eps)
+            eps = config.norm_eps if config.qk_norm_eps is None else config.qk_norm_eps
+            self.q_norm = HeadNorm(self.n_head, self.head_dim, config.qk_norm, eps)
+            self.k_norm = HeadNorm(self.n_kv_head, self.head_dim, config.qk_norm, eps)
         self.kv_cache: KVCache | None = None  # set by AnyGenModel.setup_cache
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, *, is_causal: bool = False,
@@ -235,6 +238,11 @@ class AnyGenModel(nn.Module):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm = RMSNorm(d, config.norm_eps)
         self.head = nn.ModuleDict({name: nn.Linear(d, n, bias=False) for name, n in sizes.items()})
+        k, e, p = v.image_codebook_size, config.image_embed_dim, config.image_head_dim
+        if e:  # Janus: a narrow code table, lifted to d_model by its generation aligner
+            self.embed["image"] = nn.Sequential(nn.Embedding(k, e), nn.Linear(e, d), nn.GELU(), nn.Linear(d, d))
+        if p:  # Janus: the generation head is a GELU MLP, not one projection
+            self.head["image"] = nn.Sequential(nn.Linear(d, p), nn.GELU(), nn.Linear(p, k))
         self.und = UnderstandingEncoder(config) if config.und_encoder is not None else None
         self._init_weights()
         if config.tie_embeddings:

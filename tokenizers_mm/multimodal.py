@@ -7,7 +7,10 @@ It owns the ``Vocab`` and the sequence grammar of DESIGN.md::
     understood <|boi|> <|und|> × N <|eoi|>
     document   <|bos|> segment … segment <|eos|>
 
-H, W and T count tokens (latent rows, columns, frames), not pixels.
+H, W and T count tokens (latent rows, columns, frames), not pixels. Imported checkpoints write
+their images in their own layout (``tokenizers_mm.layout.ImageLayout``: Janus and Chameleon have no
+size tokens and no row ends, Emu3 writes its size as text and ends the image with ``<|eof|>``);
+the tokenizer encodes and decodes whichever layout it holds, and saves it with its settings.
 
 Decoding policy for malformed spans (``decode``): a span whose structure is wrong (a row of the
 wrong length, a code of the other modality, a missing end token, a size token out of place) raises
@@ -20,6 +23,7 @@ invented codes.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +31,7 @@ from pathlib import Path
 import PIL.Image
 import torch
 
+from tokenizers_mm.layout import ImageLayout
 from tokenizers_mm.segments import Image, Segment, Text, Understand, Video
 from tokenizers_mm.text import TextTokenizer
 from tokenizers_mm.vocab import Modality, Vocab
@@ -81,6 +86,7 @@ class MultimodalTokenizer:
             length); 0 when the model has no understanding encoder.
         und_image_size: pixel edge of images given to the understanding encoder.
         max_height / max_width / max_frames: largest spans the size tokens can describe.
+        layout: how image spans are written; None: anygen's own grammar.
     """
 
     def __init__(
@@ -96,8 +102,10 @@ class MultimodalTokenizer:
         max_height: int = 64,
         max_width: int = 64,
         max_frames: int = 32,
+        layout: ImageLayout | None = None,
     ) -> None:
         self.text = text
+        self.layout = ImageLayout() if layout is None else layout
         self.image = image
         self.video = video
         self.image_size = _pair(image_size, "image_size")
@@ -183,12 +191,27 @@ class MultimodalTokenizer:
             return tok.encode(seg.frames[None].to(_device(tok)))[0].cpu()
 
     def image_span(self, codes: torch.Tensor) -> torch.Tensor:
-        """``<|boi|> <|h:H|> <|w:W|> (codes <|eol|>)×H <|eoi|>`` for codes ``(H, W)``."""
-        v = self.vocab
+        """``<|boi|> <|h:H|> <|w:W|> (codes <|eol|>)×H <|eoi|>`` for codes ``(H, W)``, or the layout's equivalent."""
+        v, lay = self.vocab, self.layout
         h, w = codes.shape
-        rows = torch.cat([codes + v.image_offset, torch.full((h, 1), v.eol)], dim=1).flatten()
-        head = torch.tensor([v.boi, v.h_token(h), v.w_token(w)])
-        return torch.cat([head, rows, torch.tensor([v.eoi])])
+        rows = codes + v.image_offset
+        if lay.row_end:
+            rows = torch.cat([rows, torch.full((h, 1), v.eol)], dim=1)
+        head = torch.tensor([v.boi, *self.image_header(h, w)], dtype=torch.long)
+        tail = torch.tensor([v.eof, v.eoi] if lay.frame_end else [v.eoi])
+        return torch.cat([head, rows.flatten(), tail])
+
+    def image_header(self, h: int, w: int) -> list[int]:
+        """Ids between ``<|boi|>`` and the first code: the size tokens, the layout's header, or nothing."""
+        if self.layout.size_tokens:
+            return [self.vocab.h_token(h), self.vocab.w_token(w)]
+        header = self.layout.header_text(h, w)
+        return [] if header is None else self.text.encode(header)
+
+    def image_span_len(self, h: int, w: int) -> int:
+        """Ids of a whole ``h`` x ``w`` image span, ``<|boi|>`` to ``<|eoi|>``."""
+        lay = self.layout
+        return 1 + len(self.image_header(h, w)) + h * (w + int(lay.row_end)) + int(lay.frame_end) + 1
 
     def video_span(self, codes: torch.Tensor) -> torch.Tensor:
         """``<|bov|> <|t:T|> <|h:H|> <|w:W|> ((codes <|eol|>)×H <|eof|>)×T <|eov|>`` for codes ``(T, H, W)``."""
@@ -200,8 +223,8 @@ class MultimodalTokenizer:
         return torch.cat([head, frames, torch.tensor([v.eov])])
 
     # -- decode ------------------------------------------------------------------------------------
-    def decode(self, ids: torch.Tensor | Iterable[int], *, pixels: bool = True, allow_partial: bool = False
-               ) -> list[Segment]:
+    def decode(self, ids: torch.Tensor | Iterable[int], *, pixels: bool = True, allow_partial: bool = False,
+               image_size: tuple[int, int] | None = None) -> list[Segment]:
         """Turn ids back into segments.
 
         Args:
@@ -210,6 +233,8 @@ class MultimodalTokenizer:
                 codes only.
             allow_partial: keep a span cut off by the end of ``ids`` with its complete rows
                 (``partial=True``) instead of raising.
+            image_size: ``(h, w)`` of image spans in a layout whose ids do not say it (no size tokens,
+                no header); default: inferred from the number of codes (``default_size``, else square).
         """
         ids = torch.as_tensor(ids, dtype=torch.long).flatten()
         self.vocab.check_ids(ids)
@@ -244,7 +269,10 @@ class MultimodalTokenizer:
                 i = j + 1
             elif tok == v.boi:
                 flush()
-                seg, i = self._parse_image(seq, i, pixels, allow_partial)
+                if self.layout.is_native:
+                    seg, i = self._parse_image(seq, i, pixels, allow_partial)
+                else:
+                    seg, i = self._parse_layout_image(seq, i, pixels, allow_partial, image_size)
                 out.append(seg)
             elif tok == v.bov:
                 flush()
@@ -319,6 +347,101 @@ class MultimodalTokenizer:
                 seg.image = _to_pil(tok.decode(codes[None].to(_device(tok)))[0].cpu())
         return seg, i
 
+    def _parse_layout_image(self, seq: list[int], start: int, pixels: bool, allow_partial: bool,
+                            image_size: tuple[int, int] | None) -> tuple[Image, int]:
+        """An image span in a non-native layout (see ``ImageLayout``): header, rows, optional ends."""
+        v, lay = self.vocab, self.layout
+        i = start + 1
+        if lay.size_tokens:
+            sizes = self._sizes(seq, start, "hw", "image", allow_partial)
+            if sizes is None:
+                return Image(partial=True), len(seq)
+            (h, w), i = sizes, start + 3
+        elif lay.header is not None:
+            found = self._parse_header(seq, i, start, allow_partial)
+            if found is None:
+                return Image(partial=True), len(seq)
+            (h, w), i = found
+        else:
+            h, w = image_size or self._infer_size(seq, i, start)
+        rows: list[list[int]] = []
+        cut = False
+        for _ in range(h):
+            row = seq[i:i + w]
+            if len(row) < w or (lay.row_end and i + w >= len(seq)):
+                if allow_partial:  # the ids ended inside this row: keep the complete rows
+                    cut, i = True, len(seq)
+                    break
+                raise ValueError(f"image span at position {start} is cut off after {len(rows)} of {h} rows")
+            for j, c in enumerate(row):
+                if not v.image_offset <= c < v.video_offset:
+                    raise ValueError(f"position {i + j}: expected an image code in row {len(rows)} of the image span "
+                                     f"at {start}, got {v.name_of(c)} (rows are {w} codes)")
+            i += w
+            if lay.row_end:
+                if seq[i] != v.eol:
+                    raise ValueError(f"position {i}: expected <|eol|> after {w} codes in image span at {start}, "
+                                     f"got {v.name_of(seq[i])}")
+                i += 1
+            rows.append([c - v.image_offset for c in row])
+        for end in ([v.eof] if lay.frame_end else []) + [v.eoi]:
+            if cut:
+                break
+            cut = not self._expect(seq, i, end, start, "image", allow_partial)
+            i += 1
+        codes = torch.tensor(rows, dtype=torch.long).reshape(len(rows), w)
+        seg = Image(codes=codes, partial=cut)
+        tok = self._need("image") if pixels else None
+        if tok is not None and len(rows) > 0 and getattr(tok, "can_decode", True):  # Chameleon's VQ cannot
+            with torch.no_grad():
+                seg.image = _to_pil(tok.decode(codes[None].to(_device(tok)))[0].cpu())
+        return seg, min(i, len(seq))
+
+    def _parse_header(self, seq: list[int], i: int, start: int, allow_partial: bool
+                      ) -> tuple[tuple[int, int], int] | None:
+        """Read a layout header (e.g. Emu3's ``"H*W<|image token|>"``); returns ((h, w), index after it)."""
+        probe = self.image_header(1, 1)
+        last = probe[-1] if probe else None  # the header's closing id (the same for every size)
+        end = i
+        while end < len(seq) and seq[end] != last and seq[end] < self.vocab.special_offset and end - i < 64:
+            end += 1
+        if end >= len(seq):
+            if allow_partial:
+                return None
+            raise ValueError(f"image span at position {start} is cut off inside its header")
+        if seq[end] != last:
+            raise ValueError(f"position {end}: expected the header {self.layout.header!r} of the image span at "
+                             f"{start}, got {self.vocab.name_of(seq[end])}")
+        text = self.text.decode(seq[i:end + 1])
+        pattern = re.escape(self.layout.header).replace(r"\{h\}", r"(\d+)").replace(r"\{w\}", r"(\d+)")
+        match = re.fullmatch(pattern, text)
+        if match is None:
+            raise ValueError(f"image span at position {start}: header {text!r} does not match the layout's "
+                             f"{self.layout.header!r}")
+        h, w = int(match.group(1)), int(match.group(2))
+        if seq[i:end + 1] != self.image_header(h, w):
+            raise ValueError(f"image span at position {start}: header ids {seq[i:end + 1]} are not the encoding of "
+                             f"{text!r}")
+        return (h, w), end + 1
+
+    def _infer_size(self, seq: list[int], i: int, start: int) -> tuple[int, int]:
+        """Size of a span whose ids do not state it: counted codes -> default size, else a square."""
+        v, lay = self.vocab, self.layout
+        default = lay.default_size
+        assert default is not None  # ImageLayout requires it without size tokens
+        n = 0
+        while i + n < len(seq) and v.image_offset <= seq[i + n] < v.video_offset:
+            n += 1
+        if i + n >= len(seq):  # cut off: only the default width can group the rows
+            return default
+        if n == default[0] * default[1]:
+            return default
+        side = int(round(n ** 0.5))
+        if side * side == n and n > 0:
+            return side, side
+        raise ValueError(f"image span at position {start} holds {n} codes: neither the default "
+                         f"{default[0]}x{default[1]} nor a square; pass image_size")
+
     def _parse_video(self, seq: list[int], start: int, pixels: bool, allow_partial: bool) -> tuple[Video, int]:
         v = self.vocab
         sizes = self._sizes(seq, start, "thw", "video", allow_partial)
@@ -387,13 +510,16 @@ class MultimodalTokenizer:
 
     # -- save / load -------------------------------------------------------------------------------
     def settings(self) -> dict:
-        return {
+        data = {
             "vocab": self.vocab.to_dict(),
             "image_size": list(self.image_size),
             "video_size": list(self.video_size),
             "und_tokens": self.und_tokens,
             "und_image_size": self.und_image_size,
         }
+        if self.layout != ImageLayout():  # written only when it differs, so old files stay byte-identical
+            data["layout"] = self.layout.to_dict()
+        return data
 
     def save(self, directory: str | Path) -> Path:
         """Write ``tokenizer_config.json``, ``text_tokenizer.json`` and the VQ tokenizers' safetensors."""
@@ -410,7 +536,7 @@ class MultimodalTokenizer:
     @classmethod
     def load(cls, directory: str | Path) -> MultimodalTokenizer:
         """Load what ``save`` wrote; a missing file or a vocabulary that does not match raises."""
-        from tokenizers_mm.image import ImageTokenizer
+        from tokenizers_mm.hf_adapters import load_image_tokenizer, load_text_tokenizer
         from tokenizers_mm.video import VideoTokenizer
 
         directory = Path(directory)
@@ -421,13 +547,14 @@ class MultimodalTokenizer:
             cfg = json.loads(cfg_path.read_text())
         except json.JSONDecodeError as err:
             raise ValueError(f"{cfg_path} is not valid JSON: {err}") from err
-        text = TextTokenizer.load(directory / TEXT_FILE)
-        image = ImageTokenizer.load(directory / IMAGE_FILE) if (directory / IMAGE_FILE).exists() else None
+        text = load_text_tokenizer(directory / TEXT_FILE)
+        image = load_image_tokenizer(directory / IMAGE_FILE) if (directory / IMAGE_FILE).exists() else None
         video = VideoTokenizer.load(directory / VIDEO_FILE) if (directory / VIDEO_FILE).exists() else None
         vocab = Vocab.from_dict(cfg["vocab"])
         tok = cls(text, image, video, image_size=tuple(cfg["image_size"]), video_size=tuple(cfg["video_size"]),
                   und_tokens=cfg.get("und_tokens", 0), und_image_size=cfg.get("und_image_size", 0),
-                  max_height=vocab.max_height, max_width=vocab.max_width, max_frames=vocab.max_frames)
+                  max_height=vocab.max_height, max_width=vocab.max_width, max_frames=vocab.max_frames,
+                  layout=ImageLayout.from_dict(cfg.get("layout")))
         if tok.vocab != vocab:
             raise ValueError(f"{cfg_path} describes vocabulary {vocab.to_dict()} but the tokenizer files give "
                              f"{tok.vocab.to_dict()}: the files do not belong together")

@@ -18,6 +18,10 @@ Notable:
   only inside image / video bodies; elsewhere the conditional logits are used as they are.
 - Limits are checked before any work: a prompt that does not fit the context, or a requested image /
   video that cannot fit in what is left, raises ``ValueError``.
+- Imported checkpoints (``tokenizer.layout`` not anygen's own) write images their reference's way:
+  the size is the requested one (or the layout's default), a header is forced after ``<|boi|>``, and
+  with ``guidance="masked"`` the unconditional twin is the prompt with every id but ``<|bos|>`` /
+  ``<|boi|>`` replaced by ``<|null|>`` (Janus), instead of ``<|bos|><|null|>``.
 """
 
 from __future__ import annotations
@@ -94,12 +98,19 @@ class Generator:
         self.tokenizer = tokenizer
         self.vocab = tokenizer.vocab
         self.device = model.norm.weight.device
+        self.layout = tokenizer.layout
         self.grammar = Grammar(self.vocab, allow_image=tokenizer.image is not None,
-                               allow_video=tokenizer.video is not None, device=self.device)
+                               allow_video=tokenizer.video is not None, device=self.device, layout=self.layout)
 
     # -- checks ----------------------------------------------------------------------------------------
     def image_span_len(self, h: int, w: int) -> int:
-        return 3 + h * (w + 1) + 1
+        return self.tokenizer.image_span_len(h, w)
+
+    def _image_size(self, s: GenerationSettings) -> tuple[int, int] | None:
+        """The requested image size; in a layout without size tokens, the layout's default when none is."""
+        if s.image_size is not None:
+            return _ints(s.image_size, 2, "image_size")
+        return None if self.layout.size_tokens else self.layout.default_size
 
     def video_span_len(self, t: int, h: int, w: int) -> int:
         return 4 + t * (h * (w + 1) + 1) + 1
@@ -133,7 +144,7 @@ class Generator:
         budget = min(s.max_new_tokens, ctx - longest)
         for what in set(starts) - {None}:
             if what == "image":
-                h, w = s.image_size or (v.max_height, v.max_width)
+                h, w = self._image_size(s) or (v.max_height, v.max_width)
                 need = self.image_span_len(h, w)
             else:
                 t, h, w = s.video_size or (v.max_frames, v.max_height, v.max_width)
@@ -163,7 +174,9 @@ class Generator:
         b = len(prompts)
         guided = any(cfg.guidance_scale != 1.0 for cfg in (s.image, s.video))
         rows = [p.ids for p in prompts]
-        if guided:
+        if guided and self.layout.guidance == "masked":  # the reference's twin: the prompt, blanked
+            rows += [torch.where((p.ids == v.bos) | (p.ids == v.boi), p.ids, v.null) for p in prompts]
+        elif guided:
             rows += [torch.tensor([v.bos, v.null])] * b
         r = len(rows)
         width = max(len(x) for x in rows)
@@ -185,7 +198,9 @@ class Generator:
         def tensor(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.long, device=dev)
 
-        ih, iw = s.image_size or (0, 0)
+        ih, iw = self._image_size(s) or (0, 0)
+        if self.layout.header is not None:
+            self.grammar.set_image_header(self.tokenizer.image_header(ih, iw))
         vt, vh, vw = s.video_size or (0, 0, 0)
         state = GrammarState.start(tensor([TEXT] * b), req_h=tensor([ih] * b), req_w=tensor([iw] * b),
                                    req_t=tensor([vt] * b), req_vh=tensor([vh] * b), req_vw=tensor([vw] * b),
@@ -199,7 +214,7 @@ class Generator:
         generator.manual_seed(s.seed if s.seed is not None else torch.seed())
         first = tensor([{"image": v.boi, "video": v.bov}.get(x or "", -1) for x in self._starts(s, b)])
 
-        trackers = [_RowTracker(row, self.tokenizer, s.preview_every) for row in range(b)]
+        trackers = [_RowTracker(row, self.tokenizer, s.preview_every, (ih, iw)) for row in range(b)]
         slot = torch.tensor(width, device=dev)
         for step in range(budget):
             setting = self.grammar.phase_setting[state.phase]  # (B,)
@@ -253,9 +268,11 @@ class Generator:
 class _RowTracker:
     """Host-side view of one row: turns its ids into events and, at the end, into segments."""
 
-    def __init__(self, row: int, tokenizer: MultimodalTokenizer, preview_every: int) -> None:
+    def __init__(self, row: int, tokenizer: MultimodalTokenizer, preview_every: int,
+                 image_size: tuple[int, int] = (0, 0)) -> None:
         self.row, self.tok, self.preview_every = row, tokenizer, preview_every
         self.v = tokenizer.vocab
+        self.image_size = image_size  # the requested size: the only one a layout without size tokens writes
         self.ids: list[int] = []
         self.segments: list[Segment] = []
         self.text_ids: list[int] = []
@@ -283,6 +300,8 @@ class _RowTracker:
         elif tok in (v.boi, v.bov):
             self._flush_text()
             self.span = [tok]
+            if tok == v.boi and not self.tok.layout.is_native:
+                yield from self._layout_image_event(tok)  # a header-less layout starts drawing at once
         if done:
             yield from self.finish("eos" if tok in (v.eos, v.pad) else "max_images")
 
@@ -290,6 +309,9 @@ class _RowTracker:
         v, span = self.v, self.span
         assert span is not None
         image = span[0] == v.boi
+        if image and not self.tok.layout.is_native:
+            yield from self._layout_image_event(tok)
+            return
         n = len(span)
         if image and n == 3:
             h, w = v.size_value(span[1], "h"), v.size_value(span[2], "w")
@@ -314,10 +336,36 @@ class _RowTracker:
             self.span = None
             yield ImageDone(self.row, seg) if isinstance(seg, Image) else VideoDone(self.row, seg)
 
+    def _layout_image_event(self, tok: int) -> Iterator[Event]:
+        """Events of an image in an imported layout: the header is known from the request, rows by counting."""
+        v, span, lay = self.v, self.span, self.tok.layout
+        assert span is not None
+        h, w = self.image_size
+        head = 1 + len(self.tok.image_header(h, w))
+        n = len(span)
+        body = n - head  # ids written after the header
+        per_row = w + int(lay.row_end)
+        if n == head:
+            ds = self.tok.image.downsample
+            yield ImageStarted(self.row, h, w, (h * ds, w * ds))
+        elif tok == v.eoi:
+            (seg,) = self.tok.decode(span, image_size=(h, w))
+            self.segments.append(seg)
+            self.span = None
+            yield ImageDone(self.row, seg)
+        elif 0 < body <= h * per_row and body % per_row == 0:
+            rows_done = body // per_row
+            preview = None
+            if self.preview_every and (rows_done % self.preview_every == 0 or rows_done == h):
+                (seg,) = self.tok.decode(span, allow_partial=True, image_size=(h, w))
+                preview = seg.image
+            yield ImageRows(self.row, rows_done, h, preview)
+
     def finish(self, reason: str) -> Iterator[Event]:
         self._flush_text()
         if self.span is not None:  # cut off by max_new_tokens: keep the complete rows, flagged partial
-            segs = self.tok.decode(self.span, allow_partial=True)
+            size = None if self.tok.layout.is_native else self.image_size
+            segs = self.tok.decode(self.span, allow_partial=True, image_size=size)
             self.segments.extend(s for s in segs if isinstance(s, (Image, Video)))
             self.span = None
         self.finished = True

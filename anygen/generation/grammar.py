@@ -7,6 +7,11 @@ table) or which id is forced (size tokens the caller requested, ``<|eol|>``, ``<
 branch-free ``torch.where`` updates, so the state machine runs inside the captured decode step
 with no host synchronisation, and rows advance independently (one row writes text while another
 draws).
+
+Imported checkpoints write images in their own layout (``tokenizers_mm.layout.ImageLayout``): no
+size tokens (the size is the requested one), a header forced id by id (``IMG_HEAD``, Emu3's
+``"H*W<|image token|>"``), no ``<|eol|>`` (a row ends after ``width`` codes), an ``<|eof|>`` before
+``<|eoi|>``. The layout is static, so it picks Python branches, never tensor-dependent ones.
 """
 
 from __future__ import annotations
@@ -15,10 +20,11 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from tokenizers_mm.layout import ImageLayout
 from tokenizers_mm.vocab import Vocab
 
 # phases
-TEXT, IMG_H, IMG_W, IMG_BODY, VID_T, VID_H, VID_W, VID_BODY, DONE = range(9)
+TEXT, IMG_H, IMG_W, IMG_BODY, VID_T, VID_H, VID_W, VID_BODY, DONE, IMG_HEAD = range(10)
 # mask classes (rows of Grammar.masks)
 M_TEXT, M_H, M_W, M_T, M_IMAGE, M_VIDEO, M_ANY = range(7)
 # modality of the sampling settings a phase uses
@@ -69,12 +75,17 @@ class Grammar:
         allow_image / allow_video: whether text may open an image / a video span (a model without
             that tokenizer never may).
         max_height / max_width / max_frames: the largest size the model may choose, in tokens.
+        layout: how image spans are written; None: anygen's own grammar. A layout without size tokens
+            takes every image's size from ``req_h`` / ``req_w`` and its header from ``set_image_header``.
     """
 
     def __init__(self, vocab: Vocab, *, allow_image: bool = True, allow_video: bool = True,
                  max_height: int | None = None, max_width: int | None = None, max_frames: int | None = None,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", layout: ImageLayout | None = None) -> None:
         self.vocab = v = vocab
+        self.layout = ImageLayout() if layout is None else layout
+        self.header = torch.zeros(1, dtype=torch.long, device=device)  # ids forced in IMG_HEAD, by position
+        self.header_len = 0
         max_height = min(max_height or v.max_height, v.max_height)
         max_width = min(max_width or v.max_width, v.max_width)
         max_frames = min(max_frames or v.max_frames, v.max_frames)
@@ -91,13 +102,19 @@ class Grammar:
         masks[M_ANY] = True
         self.masks = masks.to(device)
         # which sampling settings each phase uses
-        self.phase_setting = torch.tensor([S_TEXT, S_TEXT, S_TEXT, S_IMAGE, S_TEXT, S_TEXT, S_TEXT, S_VIDEO, S_TEXT],
-                                          device=device)
+        self.phase_setting = torch.tensor(
+            [S_TEXT, S_TEXT, S_TEXT, S_IMAGE, S_TEXT, S_TEXT, S_TEXT, S_VIDEO, S_TEXT, S_TEXT], device=device)
 
     def to(self, device: torch.device | str) -> Grammar:
         self.masks = self.masks.to(device)
         self.phase_setting = self.phase_setting.to(device)
+        self.header = self.header.to(device)
         return self
+
+    def set_image_header(self, ids: list[int]) -> None:
+        """Ids forced after ``<|boi|>`` in a layout with a header (the same size for every row of a call)."""
+        self.header_len = len(ids)
+        self.header = torch.tensor(ids or [0], dtype=torch.long, device=self.masks.device)
 
     def constraints(self, s: GrammarState) -> tuple[torch.Tensor, torch.Tensor]:
         """``(mask_class, forced)`` for every row: the mask row to sample under, or the id it must emit."""
@@ -120,7 +137,13 @@ class Grammar:
         img = p == IMG_BODY
         mclass = torch.where(img, M_IMAGE, mclass)
         forced = torch.where(img & (s.col == s.width), v.eol, forced)
-        forced = torch.where(img & (s.row == s.height), v.eoi, forced)
+        if self.layout.frame_end:  # <|eof|> then <|eoi|>: col counts the end tokens already written
+            forced = torch.where(img & (s.row == s.height), torch.where(s.col == 0, v.eof, v.eoi), forced)
+        else:
+            forced = torch.where(img & (s.row == s.height), v.eoi, forced)
+        if self.header_len:
+            head = p == IMG_HEAD
+            forced = torch.where(head, self.header[s.col.clamp(max=self.header_len - 1)], forced)
         # video body: the same per frame, <|eof|> after each frame's rows, <|eov|> after the last frame
         vid = p == VID_BODY
         mclass = torch.where(vid, M_VIDEO, mclass)
@@ -136,7 +159,15 @@ class Grammar:
         p = s.phase
         n = s.clone()
         text = p == TEXT
-        n.phase = torch.where(text & (tok == v.boi), IMG_H, n.phase)
+        if self.layout.size_tokens:
+            n.phase = torch.where(text & (tok == v.boi), IMG_H, n.phase)
+        else:  # the size is the requested one; the header (if any) is forced next
+            opens = text & (tok == v.boi)
+            n.phase = torch.where(opens, IMG_HEAD if self.header_len else IMG_BODY, n.phase)
+            n.height = torch.where(opens, s.req_h, n.height)
+            n.width = torch.where(opens, s.req_w, n.width)
+            n.row = torch.where(opens, 0, n.row)
+            n.col = torch.where(opens, 0, n.col)
         n.phase = torch.where(text & (tok == v.bov), VID_T, n.phase)
         n.phase = torch.where(text & (tok == v.eos), DONE, n.phase)
         # size tokens
@@ -152,13 +183,27 @@ class Grammar:
         n.row = torch.where(opened, 0, n.row)
         n.col = torch.where(opened, 0, n.col)
         n.frame = torch.where(opened, 0, n.frame)
+        if self.header_len:
+            head = p == IMG_HEAD
+            head_done = head & (s.col + 1 >= self.header_len)
+            n.col = torch.where(head, s.col + 1, n.col)
+            n.phase = torch.where(head_done, IMG_BODY, n.phase)
+            n.col = torch.where(head_done, 0, n.col)
         # bodies
         body = (p == IMG_BODY) | (p == VID_BODY)
         end_row = body & (s.col == s.width)  # this token was <|eol|>
         end_frame = (p == VID_BODY) & (s.row == s.height)  # <|eof|>
-        end_span = ((p == IMG_BODY) & (s.row == s.height)) | ((p == VID_BODY) & (s.frame == s.frames))
-        code = body & ~end_row & ~end_frame & ~end_span
-        n.col = torch.where(code, s.col + 1, n.col)
+        img_end = (p == IMG_BODY) & (s.row == s.height)
+        img_eof = torch.zeros_like(img_end)
+        if self.layout.frame_end:  # Emu3: <|eof|> (col 0) then <|eoi|> (col 1) close the image
+            img_eof = img_end & (s.col == 0)
+            img_end = img_end & (s.col == 1)
+        end_span = img_end | ((p == VID_BODY) & (s.frame == s.frames))
+        code = body & ~end_row & ~end_frame & ~end_span & ~img_eof
+        n.col = torch.where(code | img_eof, s.col + 1, n.col)
+        if not self.layout.row_end:  # no <|eol|>: the row ends with its last code
+            row_full = code & (p == IMG_BODY) & (s.col + 1 == s.width)
+            end_row = end_row | row_full
         n.col = torch.where(end_row, 0, n.col)
         n.row = torch.where(end_row, s.row + 1, n.row)
         n.row = torch.where(end_frame & ~end_span, 0, n.row)
@@ -170,7 +215,7 @@ class Grammar:
         return n
 
     def in_media(self, s: GrammarState) -> torch.Tensor:
-        """Rows inside an image / video span (size tokens included): ``(B,)`` bool."""
+        """Rows inside an image / video span (size tokens and headers included): ``(B,)`` bool."""
         return (s.phase != TEXT) & (s.phase != DONE)
 
     def in_body(self, s: GrammarState) -> torch.Tensor:
