@@ -24,6 +24,7 @@ all ``str`` or all lists) is a batch, and ``generate`` then returns a list of ou
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,6 +98,7 @@ class AnyGen:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.generator = Generator(model, tokenizer)
+        self._lock = threading.Lock()
         self.id_map = None  # anygen.convert.common.IdMap of an imported checkpoint: reference <-> anygen ids
 
     @property
@@ -183,14 +185,21 @@ class AnyGen:
         return engine
 
     # -- prompts -------------------------------------------------------------------------------------
-    def encode_prompt(self, prompt: Prompt) -> TokenSequence:
-        """Tokenize one prompt (``<|bos|>`` first, no ``<|eos|>``: generation continues it)."""
+    def encode_prompt(self, prompt: Prompt | TokenSequence) -> TokenSequence:
+        """Tokenize one prompt (``<|bos|>`` first, no ``<|eos|>``: generation continues it).
+
+        A ``TokenSequence`` passes through unchanged: callers that keep a conversation as tokens (the
+        demo) continue it without re-encoding earlier images.
+        """
+        if isinstance(prompt, TokenSequence):
+            return prompt
         return self.tokenizer.encode(prompt, bos=True, eos=False)
 
     @staticmethod
     def _split_batch(prompt: Prompt | Sequence[Prompt]) -> tuple[list[Prompt], bool]:
         if isinstance(prompt, (list, tuple)) and prompt and (
             all(isinstance(p, str) for p in prompt) or all(isinstance(p, (list, tuple)) for p in prompt)
+            or all(isinstance(p, TokenSequence) for p in prompt)
         ):
             return list(prompt), True
         return [prompt], False
@@ -220,7 +229,12 @@ class AnyGen:
         settings = self._settings(max_new_tokens, text, image, video, image_size, video_size, start_with,
                                   max_images, seed, preview_every)
         encoded = [self.encode_prompt(p) for p in prompts]
-        yield from self.generator.stream(encoded, settings)
+        # one KV cache per engine: a second caller waits here instead of overwriting the first one's cache
+        with self._lock:
+            try:
+                yield from self.generator.stream(encoded, settings)
+            finally:
+                self.model.release_cache()
 
     def generate(self, prompt: Prompt | Sequence[Prompt], *, max_new_tokens: int = 512,
                  text: SamplingConfig | dict | None = None, image: SamplingConfig | dict | None = None,

@@ -413,6 +413,13 @@ class AnyGenModel(nn.Module):
             block.attn.kv_cache.v.zero_()
         self.cache_valid.zero_()
 
+    def release_cache(self) -> None:
+        """Free the KV cache (its memory goes back to the allocator); ``setup_cache`` makes a new one."""
+        for block in self.blocks:
+            block.attn.kv_cache = None
+        self.cache_valid = None
+        self.cache_slot_ids = None
+
     def cache_bytes(self) -> int:
         """Bytes held by the k/v buffers: 2 * layers * kv_heads * head_dim * L * B * element size."""
         caches = [block.attn.kv_cache for block in self.blocks if block.attn.kv_cache is not None]

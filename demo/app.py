@@ -439,14 +439,7 @@ class ChatRunner:
 
 def _release_kv_cache(model) -> None:
     """Drop the model's KV cache buffers (the next reply sets up a fresh one anyway)."""
-    release = getattr(model, "release_cache", None)
-    if callable(release):
-        release()
-        return
-    for block in getattr(model, "blocks", []):
-        block.attn.kv_cache = None
-    model.cache_valid = None
-    model.cache_slot_ids = None
+    model.release_cache()
 
 
 def _split_message(message: dict | str | None) -> tuple[str, list[str]]:

@@ -253,3 +253,14 @@ def test_bad_requests_fail_before_any_work(engine):
         engine.generate("x", max_new_tokens=0)
     with pytest.raises(TypeError, match="accepted: str, Text, PIL.Image"):
         engine.generate(["x", 3.5])
+
+
+def test_stream_frees_its_cache_and_takes_token_sequences(engine):
+    seq = engine.encode_prompt("a red circle")
+    a = engine.generate(seq, max_new_tokens=12, seed=0)
+    assert engine.model.cache_valid is None  # released after the call
+    b = engine.generate("a red circle", max_new_tokens=12, seed=0)
+    assert torch.equal(a.ids, b.ids)
+    frames = [e for e in engine.stream("v", max_new_tokens=40, start_with="video", video_size=(2, 1, 1), seed=0,
+                                       preview_every=1, max_images=1) if isinstance(e, VideoFrameDone)]
+    assert [tuple(e.preview.shape) for e in frames] == [(3, 1, 8, 8), (3, 5, 8, 8)]

@@ -58,11 +58,16 @@ class VideoStarted:
 
 @dataclass
 class VideoFrameDone:
-    """A latent frame of the open video is complete (``frame`` counts from 0)."""
+    """A latent frame of the open video is complete (``frame`` counts from 0).
+
+    ``preview`` holds the pixel frames decoded so far, ``(3, T', H, W)`` in ``[-1, 1]``, when previews
+    were asked for (the video tokenizer is causal, so a prefix of codes decodes to a prefix of frames).
+    """
 
     row: int
     frame: int
     frames: int
+    preview: torch.Tensor | None = None
 
 
 @dataclass

@@ -329,7 +329,11 @@ class _RowTracker:
                 preview = seg.image
             yield ImageRows(self.row, rows_done, h, preview)
         elif not image and tok == v.eof:
-            yield VideoFrameDone(self.row, span.count(v.eof) - 1, v.size_value(span[1], "t"))
+            preview = None
+            if self.preview_every:
+                (seg,) = self.tok.decode(span, allow_partial=True)
+                preview = seg.frames
+            yield VideoFrameDone(self.row, span.count(v.eof) - 1, v.size_value(span[1], "t"), preview)
         elif tok in (v.eoi, v.eov):
             (seg,) = self.tok.decode(span)
             self.segments.append(seg)
