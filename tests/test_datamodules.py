@@ -4,6 +4,7 @@ import json
 import logging
 import random
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import numpy as np
@@ -161,9 +162,7 @@ def test_resume_mid_epoch_yields_exactly_the_remaining_batches(mixed, stop):
     second.load_state_dict(state)
     rest = [b["ids"].sum(1).tolist() for b in second.train_dataloader()]
     assert got + rest == full
-    # a finished epoch resumes at the start of the next
-    first.load_state_dict(state)
-    assert list(first.train_dataloader()) and first.state_dict()["epoch"] == 3
+    assert second.state_dict() == {"epoch": 3, "batches": 0, "seed": 3}  # a finished epoch: the next one
 
 
 class _Recorder(pl.LightningModule):
@@ -182,7 +181,8 @@ class _Recorder(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def _fit(root: Path, max_steps: int, tmp: Path, ckpt: str | None = None, every: int | None = None) -> list:
+def _fit(root: Path, max_steps: int, tmp: Path, ckpt: str | None = None, every: int | None = None,
+         num_workers: int = 0) -> list:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     callbacks = [ModelCheckpoint(dirpath=tmp, every_n_train_steps=every, save_top_k=-1)] if every else []
@@ -190,19 +190,26 @@ def _fit(root: Path, max_steps: int, tmp: Path, ckpt: str | None = None, every: 
                          enable_checkpointing=bool(every), enable_progress_bar=False, enable_model_summary=False,
                          callbacks=callbacks)
     model = _Recorder()
-    trainer.fit(model, datamodule=TokenDataModule(str(root), seq_len=32, batch_size=4, seed=5), ckpt_path=ckpt)
+    dm = TokenDataModule(str(root), seq_len=32, batch_size=4, seed=5, num_workers=num_workers)
+    trainer.fit(model, datamodule=dm, ckpt_path=ckpt)
     return model.seen
 
 
-def test_lightning_checkpoint_resumes_mid_epoch(mixed, tmp_path):
+@pytest.mark.filterwarnings("ignore::UserWarning")  # Lightning's notes on the minimal module below
+@pytest.mark.parametrize("where, num_workers", [("first epoch", 0), ("epoch end", 0), ("second epoch", 0),
+                                                ("second epoch", 2)])
+def test_lightning_checkpoint_resumes_mid_epoch(mixed, tmp_path, where, num_workers):
     root, _ = mixed
     per_epoch = len(TokenDataModule(str(root), seq_len=32, batch_size=4).train_dataloader())
-    stop, total = per_epoch + 3, 2 * per_epoch + 2  # stop inside the second epoch, finish in the third
+    stop = {"first epoch": 3, "epoch end": per_epoch, "second epoch": per_epoch + 3}[where]
+    total = 2 * per_epoch + 2  # finish in the third epoch
     reference = _fit(root, total, tmp_path / "a")
-    first = _fit(root, stop, tmp_path / "b", every=stop)
+    first = _fit(root, stop, tmp_path / "b", every=stop, num_workers=num_workers)
     ckpt = next((tmp_path / "b").glob("*.ckpt"))
-    assert torch.load(ckpt, weights_only=False)["TokenDataModule"] == {"epoch": 1, "batches": 3, "seed": 5}
-    rest = _fit(root, total, tmp_path / "c", ckpt=str(ckpt))
+    state = torch.load(ckpt, weights_only=False)["TokenDataModule"]
+    assert (state["epoch"], state["batches"]) == divmod(stop, per_epoch)
+    # workers prefetch ahead of training: the resumed run must still start at the right batch
+    rest = _fit(root, total, tmp_path / "c", ckpt=str(ckpt), num_workers=num_workers)
     assert first + rest == reference
 
 
@@ -249,6 +256,22 @@ def test_null_id_can_be_given(mixed):
     dm = TokenDataModule(str(root), seq_len=32, batch_size=4, prompt_dropout=1.0, null_id=7)
     ids = torch.cat([b["ids"] for b in dm.train_dataloader()])
     assert (ids == 7).any() and not (ids == VOCAB.null).any()
+
+
+def test_ranks_get_disjoint_equal_shares(mixed):
+    root, originals = mixed
+
+    def rank(r: int, use_distributed_sampler: bool = False) -> tuple[int, set[int]]:
+        dm = TokenDataModule(str(root), seq_len=32, batch_size=2, prompt_dropout=0.0)
+        connector = SimpleNamespace(use_distributed_sampler=use_distributed_sampler)
+        dm.trainer = SimpleNamespace(world_size=2, global_rank=r, _accelerator_connector=connector)
+        loader = dm.train_dataloader()
+        return len(loader), {originals[tuple(d.tolist())] for b in loader for row in _rows(b) for d in row}
+
+    (n0, docs0), (n1, docs1) = rank(0), rank(1)
+    assert n0 == n1 > 0 and docs0 and docs1 and not docs0 & docs1
+    with pytest.raises(ValueError, match="use_distributed_sampler=False"):
+        rank(0, use_distributed_sampler=True)
 
 
 def test_token_datamodule_refuses_missing_or_empty_shards(tmp_path):

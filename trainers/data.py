@@ -305,21 +305,22 @@ class ImageDataModule(LightningDataModule):
                              "train on")
         self.items = items
         self.train_idx, self.val_idx = _split(len(items), self.val_fraction, self.seed)
-        self._rank, self._world = _distribution(getattr(self, "trainer", None))
 
-    def _make(self, indices: np.ndarray, train: bool) -> DataLoader:
-        if not hasattr(self, "train_idx"):
-            self.setup()
+    def _make(self, split: str) -> DataLoader:
+        self.setup()
+        train = split == "train"
+        indices = self.train_idx if train else self.val_idx
+        rank, world = _distribution(getattr(self, "trainer", None))
         sampler = _ShuffledBatches(indices, self.batch_size, drop_last=train and len(indices) >= self.batch_size,
-                                   seed=self.seed, shuffle=train, rank=self._rank, world_size=self._world)
+                                   seed=self.seed, shuffle=train, rank=rank, world_size=world)
         load = _LoadImage(self.image_size, self.video_frames)
         return _loader(_FileBatches(self.items, load, self.strict, flip=train and self.flip), sampler, self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
-        return self._make(self.train_idx, True)
+        return self._make("train")
 
     def val_dataloader(self) -> DataLoader:
-        return self._make(self.val_idx, False)
+        return self._make("val")
 
 
 class _VideoBatches(_PlanSampler):
@@ -402,15 +403,14 @@ class VideoDataModule(LightningDataModule):
         c_train, c_val = _split(len(clips), self.val_fraction, self.seed)
         i_train, i_val = _split(len(images), self.val_fraction, self.seed + 1)
         self._splits = {"train": (c_train, i_train + self.n_clips), "val": (c_val, i_val + self.n_clips)}
-        self._rank, self._world = _distribution(getattr(self, "trainer", None))
 
     def _make(self, split: str) -> DataLoader:
-        if not self.items:
-            self.setup()
+        self.setup()
         clips, images = self._splits[split]
         train = split == "train"
+        rank, world = _distribution(getattr(self, "trainer", None))
         sampler = _VideoBatches(clips, images, self.batch_size, self.image_fraction, drop_last=train, seed=self.seed,
-                                shuffle=train, rank=self._rank, world_size=self._world)
+                                shuffle=train, rank=rank, world_size=world)
         load = _LoadClip(self.frames, self.size, self.fps)
         return _loader(_FileBatches(self.items, load, self.strict), sampler, self.num_workers)
 
@@ -614,7 +614,6 @@ class TokenDataModule(LightningDataModule):
         self.train_rows = [[int(order[p]) for p in row] for row in pack_documents(shards.lengths[order], self.seq_len)]
         self.val_rows = [[int(self.val_docs[p]) for p in row]
                          for row in pack_documents(shards.lengths[self.val_docs], self.seq_len)]
-        self._rank, self._world = _distribution(getattr(self, "trainer", None))
         self.shards = shards
 
     def _prompts(self, shards: TokenShards, vocab: Vocab) -> tuple[np.ndarray, np.ndarray]:
@@ -639,9 +638,10 @@ class TokenDataModule(LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
+        rank, world = _distribution(getattr(self, "trainer", None))
         sampler = _PackedBatches(self.train_rows, self.batch_size, self.droppable, self.prompt_dropout,
-                                 drop_last=len(self.train_rows) >= self.batch_size * self._world, seed=self.seed,
-                                 shuffle=True, rank=self._rank, world_size=self._world)
+                                 drop_last=len(self.train_rows) >= self.batch_size * world, seed=self.seed,
+                                 shuffle=True, rank=rank, world_size=world)
         if self._resume is not None:
             sampler.epoch, sampler.start = self._resume["epoch"], self._resume["batches"]
             self._resume = None
@@ -650,8 +650,9 @@ class TokenDataModule(LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         self.setup()
+        rank, world = _distribution(getattr(self, "trainer", None))
         sampler = _PackedBatches(self.val_rows, self.batch_size, self.droppable, 0.0, drop_last=False,
-                                 seed=self.seed, shuffle=False, rank=self._rank, world_size=self._world)
+                                 seed=self.seed, shuffle=False, rank=rank, world_size=world)
         return _loader(self._dataset(), sampler, self.num_workers)
 
     # -- resume --------------------------------------------------------------------------------------
@@ -668,7 +669,7 @@ class TokenDataModule(LightningDataModule):
         epoch, batches = sampler.epoch, sampler.position
         epoch_length = len(sampler.batches(epoch))
         trainer = getattr(self, "trainer", None)
-        if trainer is not None and getattr(trainer.state, "fn", None) == "fit":
+        if trainer is not None and getattr(getattr(trainer, "state", None), "fn", None) == "fit":
             batches = int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
             epoch_length = min(epoch_length, trainer.num_training_batches)  # limit_train_batches ends epochs early
         if batches >= epoch_length:
@@ -682,9 +683,11 @@ class TokenDataModule(LightningDataModule):
         if state_dict.get("seed", self.seed) != self.seed:
             log.warning("resuming TokenDataModule with seed %s from a checkpoint made with seed %s: the order differs",
                         self.seed, state_dict["seed"])
-        self._resume = {"epoch": int(state_dict["epoch"]), "batches": int(state_dict["batches"])}
-        if self._train_sampler is not None:  # move an existing loader too; a new one picks _resume up
-            self._train_sampler.epoch, self._train_sampler.start = self._resume["epoch"], self._resume["batches"]
+        epoch, batches = int(state_dict["epoch"]), int(state_dict["batches"])
+        if self._train_sampler is not None:  # Lightning restores the loader it already made
+            self._train_sampler.epoch, self._train_sampler.start = epoch, batches
+        else:  # the checkpoint is restored before train_dataloader() is called
+            self._resume = {"epoch": epoch, "batches": batches}
 
 
 __all__ = ["IGNORE_INDEX", "ImageDataModule", "TokenDataModule", "VideoDataModule", "pack_documents"]

@@ -1,1 +1,1 @@
-"""Data: real images and video bundled in PyPI packages, and (later) the procedural generators."""
+"""Data: interleaved JSONL documents, the shapes / digits generators, tokenization into shards, bundled samples."""

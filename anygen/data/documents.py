@@ -189,12 +189,6 @@ def read_documents(path: str | Path, *, on_error: Callable[[DocumentError], None
                 on_error(err)
 
 
-def count_documents(path: str | Path) -> int:
-    """Non-blank lines of a JSONL (the documents, if all are valid); cheap, for progress bars."""
-    with open(path, "rb") as f:
-        return sum(1 for line in f if line.strip())
-
-
 def write_documents(path: str | Path, documents: Iterable[Document | dict[str, Any]]) -> int:
     """Write documents (``Document`` or plain JSONL objects) one a line; returns how many."""
     n = 0
@@ -328,6 +322,6 @@ def prepare_dataset_dir(out: Path, overwrite: bool, names: Sequence[str]) -> Non
 
 __all__ = [
     "FILE_KINDS", "SEGMENT_KINDS", "ClipLengthError", "Document", "DocumentError", "SegmentSpec", "check_files",
-    "count_documents", "iter_texts", "load_clip", "load_document", "parse_document", "prepare_dataset_dir",
+    "iter_texts", "load_clip", "load_document", "parse_document", "prepare_dataset_dir",
     "read_documents", "write_documents",
 ]
