@@ -45,11 +45,9 @@ import random
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import PIL.Image
 import PIL.ImageDraw
 
@@ -429,31 +427,14 @@ class _Context:
 
 
 def write_clip(path: Path, frames: Sequence[PIL.Image.Image], fps: float, *, crf: int = 12) -> Path:
-    """Write RGB frames as an H.264 mp4 (yuv420p), byte-identical for identical frames.
+    """Write PIL frames as an H.264 mp4 through ``write_video`` (byte-identical for identical frames)."""
+    import torch
 
-    Same format as ``tokenizers_mm.video_io.write_video``, written here for what measured on PyAV
-    18 / libx264 goes wrong there with tiny clips: x264's default thread pool costs ~0.1 s per clip
-    (ten times the encoding itself); letting ``encode`` convert RGB to yuv420p implicitly gives
-    different bytes from run to run (~2 % of clips); and x264's macroblock tree (``mbtree``) makes
-    ~1 % of clips depend on what the process encoded before. One thread, an explicit ``reformat``
-    and ``mbtree=0`` make the bytes a function of the frames alone.
-    """
-    import av  # imported here: only clips need it
+    from tokenizers_mm.preprocess import to_tensor
+    from tokenizers_mm.video_io import write_video
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001),
-                                      options={"crf": str(crf), "threads": "1", "x264-params": "mbtree=0"})
-        stream.width, stream.height = frames[0].size
-        stream.pix_fmt = "yuv420p"
-        stream.thread_count = 1
-        for t, image in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(np.asarray(image.convert("RGB")), format="rgb24").reformat(
-                format="yuv420p")
-            frame.pts = t
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode(None))
-    return path
+    clip = torch.stack([to_tensor(frame) for frame in frames], dim=1)  # (3, T, H, W)
+    return write_video(path, clip, fps, crf=crf)
 
 
 def _edit(rng: random.Random, objects: list[SceneObject], *, ops: Sequence[str] = ("recolor", "move", "add", "remove")
