@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "quickstart": ("anygen.quickstart:main", "tokenize a real bundled image and clip; write reconstructions"),
     "generate": ("anygen.cli_generate:main", "generate text, images and video from prompts (.txt/.png/.mp4)"),
     "data": ("anygen.data.cli:main", "write built-in data sets (shapes, digits) as interleaved JSONL"),
+    "build-tokenizer": ("tokenizers_mm.build:main", "train the BPE, join it with the VQ tokenizers"),
     "tokenize": ("anygen.data.tokenize:main", "turn interleaved JSONL documents into token shards"),
     "fit": ("trainers.cli:fit", "train with the Lightning CLI: anygen fit --config configs/....yaml"),
     "validate": ("trainers.cli:validate", "validate with the Lightning CLI"),

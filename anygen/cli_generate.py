@@ -19,6 +19,12 @@ from anygen.generation.sampling import SamplingConfig
 
 MODALITIES = ("text", "image", "video")
 DEFAULT_CHECKPOINT_HINT = "pass --checkpoint DIR (a directory written by save_pretrained / anygen export)"
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "default"  # the shipped default model
+
+
+def default_checkpoint() -> Path | None:
+    """The shipped default model's directory, or ``None`` when this install holds no trained weights."""
+    return DEFAULT_MODEL_DIR if (DEFAULT_MODEL_DIR / "model.safetensors").is_file() else None
 
 
 def _size(text: str, n: int, name: str) -> tuple[int, ...]:
@@ -104,7 +110,8 @@ def _document(item: dict) -> list:
 
 
 def load_engine(checkpoint: Path | None, random_tiny: bool, device: str | None = None):
-    """The engine the CLI and the demo use: a checkpoint, the tiny random engine, or a clear error."""
+    """The engine the CLI and the demo use: a checkpoint, the tiny random engine, the shipped default model
+    (``anygen/assets/default``) when neither is asked for, or a clear error when none ships."""
     import torch
 
     from anygen.api import AnyGen
@@ -115,6 +122,8 @@ def load_engine(checkpoint: Path | None, random_tiny: bool, device: str | None =
         from anygen.testing import random_engine
 
         engine = random_engine("tiny")
+    elif default_checkpoint() is not None:
+        engine = AnyGen.from_pretrained(default_checkpoint())
     else:
         raise FileNotFoundError(f"no checkpoint given and no default model ships with this version; "
                                 f"{DEFAULT_CHECKPOINT_HINT}, or --random-tiny to try the plumbing")

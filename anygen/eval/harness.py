@@ -1,0 +1,413 @@
+"""The evaluation harness: prompts built from held-out attribute combinations, generations judged by rules.
+
+Categories (each a function ``eval_<name>(ctx) -> CategoryResult``):
+
+============  ===============================================================  ==========================
+name          what is asked                                                    judged by
+============  ===============================================================  ==========================
+t2i_single    text → image, one held-out object                                ``detect_objects``
+t2i_pair      text → image, a held-out object and a second one (spatial pair)  ``detect_objects``
+caption       image (understanding path) → text                                ``parse_caption``
+video         text → video, a held-out (colour, shape, direction) motion        ``motion_direction``
+digits        ``"a handwritten 7"`` → image                                    ``digit_classifier``
+edit          ``[image, "make the circle yellow"]`` → image                    ``detect_objects``
+story         ``"draw …"`` → image, ``"then add …"`` → image (two turns)        ``detect_objects``
+tokenizer     reconstruction PSNR / SSIM: held-out shapes, bundled photos/clip  ``torchmetrics``
+============  ===============================================================  ==========================
+
+Held-out combinations come from ``holdout_combinations(holdout, data_seed)``, the same function
+``anygen data shapes`` withholds with, so no prompt's combination was ever seen in training. Every
+prompt is drawn from its own seeded RNG: a run is a function of ``(engine, seed, num)``.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import PIL.Image
+import torch
+
+from anygen.data.digits import digit_caption
+from anygen.data.shapes import (
+    COLORS,
+    SceneObject,
+    caption,
+    holdout_combinations,
+    motion_caption,
+    parse_caption,
+    refer,
+    render_scene,
+    sample_motion,
+    sample_object,
+    sample_scene,
+)
+from anygen.eval.detect import detect_objects, motion_direction
+from tokenizers_mm.segments import Image, Understand
+
+# the issue's targets (fraction correct, on the category's headline metric)
+TARGETS: dict[str, float] = {"t2i_single": 0.95, "t2i_pair": 0.80, "caption": 0.90, "video": 0.85, "digits": 0.90,
+                             "edit": 0.80}
+CATEGORIES: tuple[str, ...] = ("t2i_single", "t2i_pair", "caption", "video", "digits", "edit", "story", "tokenizer")
+
+
+@dataclass
+class CategoryResult:
+    """Scores of one category.
+
+    Attributes:
+        name: the category.
+        num: prompts evaluated.
+        metric: the name of the headline metric (``score``).
+        score: the headline metric (fraction correct, or dB for the tokenizer), NaN when not run.
+        details: every other metric.
+        samples: per prompt: the prompt, the ground truth, what was generated / detected, correct.
+        seconds: wall time.
+    """
+
+    name: str
+    num: int
+    metric: str
+    score: float
+    details: dict[str, Any] = field(default_factory=dict)
+    samples: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def target(self) -> float | None:
+        return TARGETS.get(self.name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"num": self.num, "metric": self.metric, "score": _clean(self.score), "target": self.target,
+                "passed": None if self.target is None or math.isnan(self.score) else self.score >= self.target,
+                "details": {k: _clean(v) for k, v in self.details.items()}, "seconds": round(self.seconds, 2),
+                "samples": self.samples}
+
+
+@dataclass
+class EvalContext:
+    """What every category needs.
+
+    Attributes:
+        engine: the ``AnyGen`` engine under test.
+        num: prompts per category.
+        seed: prompt and sampling seed.
+        batch_size: prompts per ``generate`` call.
+        holdout / data_seed: the data set's held-out fraction and seed (``anygen data shapes``).
+        sampling: ``generate`` sampling keyword arguments (``text=``, ``image=``, ``video=``).
+        keep_images: called with ``(category, index, name, PIL.Image)`` for every generated image.
+    """
+
+    engine: Any
+    num: int = 50
+    seed: int = 0
+    batch_size: int = 16
+    holdout: float = 0.1
+    data_seed: int = 0
+    sampling: dict[str, Any] = field(default_factory=dict)
+    keep_images: Callable[[str, int, str, PIL.Image.Image], None] | None = None
+
+    def __post_init__(self) -> None:
+        self.objects, self.motions = (sorted(s) for s in holdout_combinations(self.holdout, self.data_seed))
+        tok = self.engine.tokenizer
+        self.image_px = tok.image_size
+        self.video_px = tok.video_size
+        self.image_tokens: tuple[int, int] | None = None
+        self.video_tokens: tuple[int, int, int] | None = None
+        self.frames = 9
+        if tok.image is not None:
+            down = tok.image.downsample
+            self.image_tokens = (self.image_px[0] // down, self.image_px[1] // down)
+        if tok.video is not None:
+            down = tok.video.downsample
+            self.video_tokens = (tok.video.num_latent_frames(self.frames), self.video_px[0] // down,
+                                 self.video_px[1] // down)
+
+    def rng(self, category: str, index: int) -> random.Random:
+        return random.Random(f"eval:{self.seed}:{category}:{index}")
+
+    def generate(self, prompts: list[list], **kwargs: Any) -> list:
+        """``engine.generate`` over ``prompts`` in batches of ``batch_size``; one output per prompt."""
+        out: list = []
+        for start in range(0, len(prompts), self.batch_size):
+            batch = prompts[start:start + self.batch_size]
+            out += self.engine.generate([list(p) for p in batch], seed=self.seed + start, **self.sampling, **kwargs)
+        return out
+
+    def generate_images(self, prompts: list[list]) -> list[PIL.Image.Image | None]:
+        """One image per prompt (the first generated; ``None`` when none came)."""
+        h, w = self.image_tokens
+        outputs = self.generate(prompts, start_with="image", image_size=(h, w), max_images=1,
+                                max_new_tokens=h * (w + 1) + 8)
+        return [o.images[0] if o.images else None for o in outputs]
+
+    def keep(self, category: str, index: int, name: str, image: PIL.Image.Image | None) -> None:
+        if self.keep_images is not None and image is not None:
+            self.keep_images(category, index, name, image)
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float):
+        return None if math.isnan(value) else round(value, 4)
+    return value
+
+
+def _mean(values: Sequence[float]) -> float:
+    return float(sum(values) / len(values)) if values else float("nan")
+
+
+def _keys(objects: Sequence[SceneObject]) -> list[tuple[str, str, str]]:
+    return sorted(o.key for o in objects)
+
+
+def _attribute_hits(truth: Sequence[SceneObject], found: Sequence[Any]) -> tuple[int, int, int]:
+    """Hits over the true objects: colour (the largest found object in its cell has its colour), shape (its
+    shape), position (some found object in its cell has both its colour and its shape)."""
+    color = shape = position = 0
+    for obj in truth:
+        here = [f for f in found if f.position == obj.position]
+        if here:
+            color += here[0].color == obj.color
+            shape += here[0].shape == obj.shape
+            position += any(f.color == obj.color and f.shape == obj.shape for f in here)
+    return color, shape, position
+
+
+def _judge_scene(truth: Sequence[SceneObject], image: PIL.Image.Image | None) -> dict[str, Any]:
+    found = detect_objects(image) if image is not None else []
+    color, shape, position = _attribute_hits(truth, found)
+    return {"truth": _keys(truth), "detected": sorted(d.key for d in found), "color": color, "shape": shape,
+            "position": position, "correct": image is not None and _keys(truth) == sorted(d.key for d in found)}
+
+
+def _scene_result(name: str, ctx: EvalContext, scenes: list[list[SceneObject]], started: float) -> CategoryResult:
+    prompts = [[caption(s)] for s in scenes]
+    images = ctx.generate_images(prompts)
+    samples = []
+    for i, (scene, image) in enumerate(zip(scenes, images)):
+        ctx.keep(name, i, "image", image)
+        samples.append({"prompt": prompts[i][0], **_judge_scene(scene, image)})
+    total = sum(len(s) for s in scenes)
+    details = {"exact": _mean([s["correct"] for s in samples]),
+               "color": sum(s["color"] for s in samples) / max(1, total),
+               "shape": sum(s["shape"] for s in samples) / max(1, total),
+               "position": sum(s["position"] for s in samples) / max(1, total),
+               "no_image": sum(im is None for im in images)}
+    if name == "t2i_single":
+        metric, score = "attributes", _mean([details["color"], details["shape"], details["position"]])
+    else:
+        metric, score = "exact", details["exact"]
+    return CategoryResult(name, len(scenes), metric, score, details, samples, time.perf_counter() - started)
+
+
+def eval_t2i_single(ctx: EvalContext) -> CategoryResult:
+    """One held-out object per prompt; headline: mean of colour, shape and position accuracy."""
+    started = time.perf_counter()
+    scenes = [[sample_object(ctx.rng("t2i_single", i), key=ctx.objects[i % len(ctx.objects)])]
+              for i in range(ctx.num)]
+    return _scene_result("t2i_single", ctx, scenes, started)
+
+
+def eval_t2i_pair(ctx: EvalContext) -> CategoryResult:
+    """A held-out object and a second one in another cell; headline: both exactly right (so their relation)."""
+    started = time.perf_counter()
+    scenes = [sample_scene(ctx.rng("t2i_pair", i), 2, first=ctx.objects[i % len(ctx.objects)]) for i in range(ctx.num)]
+    return _scene_result("t2i_pair", ctx, scenes, started)
+
+
+def eval_caption(ctx: EvalContext) -> CategoryResult:
+    """Render a held-out scene, read it through the understanding encoder, parse the caption."""
+    started = time.perf_counter()
+    tok = ctx.engine.tokenizer
+    scenes = [sample_scene(ctx.rng("caption", i), first=ctx.objects[i % len(ctx.objects)]) for i in range(ctx.num)]
+    images = [render_scene(s, ctx.image_px[0]) for s in scenes]
+    wrap = Understand if tok.und_tokens > 0 else Image  # no understanding path: the image as VQ context
+    outputs = ctx.generate([[wrap(im)] for im in images], max_new_tokens=48)
+    samples = []
+    hits = {"color": 0, "shape": 0, "position": 0}
+    for scene, out in zip(scenes, outputs):
+        parsed = parse_caption(out.text)
+        color, shape, position = _attribute_hits(scene, parsed)
+        hits["color"] += color
+        hits["shape"] += shape
+        hits["position"] += position
+        samples.append({"truth": caption(scene), "generated": out.text, "parsed": _keys(parsed),
+                        "correct": _keys(parsed) == _keys(scene)})
+    total = max(1, sum(len(s) for s in scenes))
+    details = {k: v / total for k, v in hits.items()}
+    details["exact"] = _mean([s["correct"] for s in samples])
+    details["path"] = "understand" if wrap is Understand else "vq"
+    score = _mean([details["color"], details["shape"], details["position"]])
+    return CategoryResult("caption", len(scenes), "attributes", score, details, samples,
+                          time.perf_counter() - started)
+
+
+def eval_video(ctx: EvalContext) -> CategoryResult:
+    """Text → video for held-out motions; headline: the detected direction of motion is the prompt's."""
+    started = time.perf_counter()
+    motions = [sample_motion(ctx.rng("video", i), key=ctx.motions[i % len(ctx.motions)]) for i in range(ctx.num)]
+    t, h, w = ctx.video_tokens
+    outputs = ctx.generate([[motion_caption(m)] for m in motions], start_with="video", video_size=(t, h, w),
+                           max_images=1, max_new_tokens=t * (h * (w + 1) + 1) + 8)
+    samples = []
+    for i, (motion, out) in enumerate(zip(motions, outputs)):
+        frames = out.videos[0].to_pil_frames() if out.videos else []
+        direction = motion_direction(frames) if frames else None
+        first = detect_objects(frames[0]) if frames else []
+        ctx.keep("video", i, "first_frame", frames[0] if frames else None)
+        ctx.keep("video", i, "last_frame", frames[-1] if frames else None)
+        samples.append({"prompt": motion_caption(motion), "direction": motion.direction, "detected": direction,
+                        "first_frame": [d.key for d in first[:1]],
+                        "color_shape": bool(first) and (first[0].color, first[0].shape) == (motion.color, motion.shape),
+                        "correct": direction == motion.direction})
+    details = {"color_shape": _mean([s["color_shape"] for s in samples]),
+               "no_video": sum(not o.videos for o in outputs)}
+    return CategoryResult("video", len(motions), "direction", _mean([s["correct"] for s in samples]), details,
+                          samples, time.perf_counter() - started)
+
+
+def eval_digits(ctx: EvalContext) -> CategoryResult:
+    """``"a handwritten d"`` for d = 0..9 in turn; headline: the classifier reads back d."""
+    from anygen.eval.digits import digit_classifier
+
+    started = time.perf_counter()
+    classifier = digit_classifier(size=ctx.image_px[0])
+    digits = [i % 10 for i in range(ctx.num)]
+    images = ctx.generate_images([[digit_caption(d)] for d in digits])
+    predicted = classifier.predict([im for im in images if im is not None])
+    it = iter(predicted)
+    samples = []
+    for i, (digit, image) in enumerate(zip(digits, images)):
+        ctx.keep("digits", i, "image", image)
+        guess = next(it) if image is not None else None
+        samples.append({"prompt": digit_caption(digit), "predicted": guess, "correct": guess == digit})
+    details = {"classifier_heldout_accuracy": classifier.heldout_accuracy, "classifier_heldout_num":
+               classifier.num_heldout, "no_image": sum(im is None for im in images)}
+    return CategoryResult("digits", len(digits), "class", _mean([s["correct"] for s in samples]), details, samples,
+                          time.perf_counter() - started)
+
+
+def eval_edit(ctx: EvalContext) -> CategoryResult:
+    """Recolour one object of a held-out scene; headline: the edited image is exactly the edited scene."""
+    started = time.perf_counter()
+    cases = []
+    for i in range(ctx.num):
+        rng = ctx.rng("edit", i)
+        before = sample_scene(rng, first=ctx.objects[i % len(ctx.objects)])
+        target = rng.randrange(len(before))
+        obj = before[target]
+        color = rng.choice([c for c in COLORS if c != obj.color])
+        after = list(before)
+        after[target] = SceneObject(obj.shape, color, obj.position, obj.dx, obj.dy, obj.scale)
+        cases.append((before, after, target, f"make {refer(obj, before)} {color}"))
+    prompts = [[Image(render_scene(b, ctx.image_px[0])), text] for b, _, _, text in cases]
+    images = ctx.generate_images(prompts)
+    samples = []
+    for i, ((before, after, target, text), image) in enumerate(zip(cases, images)):
+        ctx.keep("edit", i, "edited", image)
+        judged = _judge_scene(after, image)
+        detected = set(judged["detected"])
+        changed = after[target].key in detected
+        rest = all(o.key in detected for k, o in enumerate(after) if k != target)
+        samples.append({"instruction": text, "before": _keys(before), **judged, "changed": changed,
+                        "rest_unchanged": rest})
+    details = {"changed": _mean([s["changed"] for s in samples]),
+               "rest_unchanged": _mean([s["rest_unchanged"] for s in samples]),
+               "no_image": sum(im is None for im in images)}
+    return CategoryResult("edit", len(cases), "exact", _mean([s["correct"] for s in samples]), details, samples,
+                          time.perf_counter() - started)
+
+
+def eval_story(ctx: EvalContext) -> CategoryResult:
+    """Two turns: ``"draw <held-out object>"`` → image, then ``"then add <object>"`` → image."""
+    started = time.perf_counter()
+    firsts, seconds = [], []
+    for i in range(ctx.num):
+        rng = ctx.rng("story", i)
+        first = sample_object(rng, key=ctx.objects[i % len(ctx.objects)])
+        firsts.append(first)
+        seconds.append(sample_object(rng, exclude_positions=[first.position]))
+    steps1 = [f"draw {o.describe()}" for o in firsts]
+    images1 = ctx.generate_images([[s] for s in steps1])
+    steps2 = [f"then add {o.describe()}" for o in seconds]
+    prompts2 = [[s1, Image(im if im is not None else render_scene([], ctx.image_px[0])), s2]
+                for s1, im, s2 in zip(steps1, images1, steps2)]
+    images2 = ctx.generate_images(prompts2)
+    samples = []
+    for i in range(ctx.num):
+        ctx.keep("story", i, "step1", images1[i])
+        ctx.keep("story", i, "step2", images2[i])
+        j1 = _judge_scene([firsts[i]], images1[i])
+        j2 = _judge_scene([firsts[i], seconds[i]], images2[i])
+        samples.append({"steps": [steps1[i], steps2[i]], "step1": j1, "step2": j2,
+                        "correct": j1["correct"] and j2["correct"]})
+    details = {"step1": _mean([s["step1"]["correct"] for s in samples]),
+               "step2": _mean([s["step2"]["correct"] for s in samples])}
+    return CategoryResult("story", ctx.num, "both_steps", _mean([s["correct"] for s in samples]), details, samples,
+                          time.perf_counter() - started)
+
+
+def eval_tokenizer(ctx: EvalContext) -> CategoryResult:
+    """Reconstruction PSNR / SSIM of the VQ tokenizers: held-out shapes, bundled photos and clip."""
+    from anygen.eval.metrics import reconstruction_metrics
+
+    started = time.perf_counter()
+    details = reconstruction_metrics(ctx.engine.tokenizer, ctx.objects, ctx.motions, num=min(ctx.num, 32),
+                                     seed=ctx.seed, frames=ctx.frames)
+    score = details.get("image_shapes_psnr", float("nan"))
+    return CategoryResult("tokenizer", min(ctx.num, 32), "image_shapes_psnr", score, details, [],
+                          time.perf_counter() - started)
+
+
+EVALUATORS: dict[str, Callable[[EvalContext], CategoryResult]] = {
+    "t2i_single": eval_t2i_single, "t2i_pair": eval_t2i_pair, "caption": eval_caption, "video": eval_video,
+    "digits": eval_digits, "edit": eval_edit, "story": eval_story, "tokenizer": eval_tokenizer,
+}
+
+
+def run_eval(ctx: EvalContext, categories: Sequence[str] = CATEGORIES,
+             progress: Callable[[CategoryResult], None] | None = None) -> dict[str, CategoryResult]:
+    """Run the chosen categories in order; ``progress`` is called after each one."""
+    unknown = [c for c in categories if c not in EVALUATORS]
+    if unknown:
+        raise ValueError(f"unknown categories {unknown}; accepted: {', '.join(CATEGORIES)}")
+    results: dict[str, CategoryResult] = {}
+    for name in categories:
+        needs = {"video": ctx.video_tokens, "tokenizer": True}.get(name, ctx.image_tokens)
+        if needs is None:
+            skipped = {"skipped": "the tokenizer lacks the modality"}
+            results[name] = CategoryResult(name, 0, "n/a", float("nan"), skipped)
+        else:
+            with torch.inference_mode():
+                results[name] = EVALUATORS[name](ctx)
+        if progress is not None:
+            progress(results[name])
+    return results
+
+
+def format_table(results: dict[str, CategoryResult]) -> str:
+    """A plain-text table: category, n, metric, score, target, pass, and the other metrics."""
+    rows = [("category", "n", "metric", "score", "target", "pass", "details")]
+    for name, r in results.items():
+        score = "n/a" if math.isnan(r.score) else (f"{r.score:.2f}" if r.metric.endswith("psnr") else
+                                                    f"{100 * r.score:.1f}%")
+        target = "" if r.target is None else f">= {100 * r.target:.0f}%"
+        passed = "" if r.target is None or math.isnan(r.score) else ("yes" if r.score >= r.target else "no")
+        extra = ", ".join(f"{k}={_fmt(v)}" for k, v in r.details.items())
+        rows.append((name, str(r.num), r.metric, score, target, passed, extra))
+    widths = [max(len(row[i]) for row in rows) for i in range(6)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row[:6], widths)) + "  " + row[6] for row in rows]
+    return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return "n/a" if math.isnan(value) else f"{value:.3f}"
+    return str(value)
+
+
+__all__ = ["CATEGORIES", "EVALUATORS", "TARGETS", "CategoryResult", "EvalContext", "format_table", "run_eval"]
