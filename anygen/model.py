@@ -39,6 +39,8 @@ from anygen.config import AnyGenConfig
 from anygen.understanding import UnderstandingEncoder
 from tokenizers_mm.vocab import Vocab
 
+Head = Literal["all", "text", "image", "video"]  # a slice of the logits (AnyGenModel.head_logits)
+
 # -- building blocks ---------------------------------------------------------------------------------
 
 
@@ -289,6 +291,22 @@ class AnyGenModel(nn.Module):
             return self.head["shared"](hidden)
         return torch.cat([self.head["text"](hidden), self.head["image"](hidden), self.head["video"](hidden)], dim=-1)
 
+    def head_logits(self, hidden: Tensor, head: Head) -> Tensor:
+        """Logits of one slice of the vocabulary: ``"all"`` is ``logits``; ``"text"`` covers ids
+        ``[0, image_offset)``, ``"image"`` the ``K_image`` codes, ``"video"`` the video codes, each in id order.
+
+        Only that head's weights are read: the fast decode path scores an image body with the image
+        head alone (Janus-Pro: 16384 of ~118k outputs). In ``shared`` mode the slice's rows of the one head are used.
+        """
+        if head == "all":
+            return self.logits(hidden)
+        if self.config.head_mode == "routed":
+            return self.head[head](hidden)
+        v = self.vocab
+        lo, hi = {"text": (0, v.image_offset), "image": (v.image_offset, v.video_offset),
+                  "video": (v.video_offset, v.size)}[head]
+        return F.linear(hidden, self.head["shared"].weight[lo:hi])  # a row slice: a view, no copy
+
     def _embed_with_und(self, ids: Tensor, und_pixels: Tensor | None) -> Tensor:
         """Embeddings with the ``<|und|>`` positions (row-major over the batch) replaced by encoder features."""
         x = self.embed_ids(ids)  # (B, T, D)
@@ -432,7 +450,8 @@ class AnyGenModel(nn.Module):
 
     @torch.no_grad()
     def prefill(self, ids: Tensor, *, positions: Tensor | None = None, attention_mask: Tensor | None = None,
-                und_pixels: Tensor | None = None, start: int = 0) -> Tensor:
+                und_pixels: Tensor | None = None, start: int = 0, head: Head = "all",
+                all_positions: bool = False) -> Tensor:
         """Run a prompt through the model, writing its k/v into cache slots ``start .. start+T-1``.
 
         Args:
@@ -442,10 +461,14 @@ class AnyGenModel(nn.Module):
             attention_mask: ``(B, T)`` bool, False for padding; default: no padding.
             und_pixels: ``(N, 3, S, S)`` for the ``<|und|>`` positions of ``ids``.
             start: first slot to write. 0 starts a new sequence (earlier slots are forgotten); a later
-                start appends a chunk after what the cache already holds.
+                start appends a chunk after what the cache already holds (or overwrites slots from ``start``
+                on, as speculative decoding does with rejected drafts).
+            head: which logits to return (``head_logits``).
+            all_positions: return the logits of every position, not only the last one.
 
         Returns:
-            Logits ``(B, V)`` of the last position.
+            Logits ``(B, V)`` of the last position (``(B, K)`` for a one-modality head); ``(B, T, ·)`` with
+            ``all_positions``.
         """
         cache_b, cache_len = self._require_cache()
         self._check_inputs(ids, positions, attention_mask)
@@ -472,31 +495,39 @@ class AnyGenModel(nn.Module):
         mask = causal & (self.cache_valid[:, None, None, :kv_len] | (k_slots[None, :] == q_slots[:, None]))
         for block in self.blocks:
             x = block(x, cos, sin, mask, cache_slots=q_slots, kv_len=kv_len)
-        return self.logits(self.norm(x[:, -1]))  # (B, V)
+        return self.head_logits(self.norm(x if all_positions else x[:, -1]), head)  # (B, V) or (B, T, V)
 
     @torch.no_grad()
-    def decode_step(self, ids: Tensor, *, slot: Tensor | int, positions: Tensor) -> Tensor:
+    def decode_step(self, ids: Tensor, *, slot: Tensor | int, positions: Tensor, kv_len: int | None = None,
+                    head: Head | None = "all") -> Tensor | None:
         """One token per row through the cache; capturable (no host sync, no value-dependent branches).
 
         Args:
             ids: ``(B,)`` the tokens to feed (never ``<|und|>``; ids are not checked here).
             slot: 0-dim long tensor, the cache slot to write (the same for every row).
             positions: ``(B,)`` RoPE position of each row's token.
+            kv_len: attend over the first ``kv_len`` slots only (they must include ``slot``); None: the whole
+                preallocated length. A caller that buckets it keeps shapes static per bucket.
+            head: which logits to return (``head_logits``); None returns nothing (the step only writes
+                the cache: every row's next id is forced).
 
         Returns:
-            Logits ``(B, V)`` for the next token.
+            Logits ``(B, V)`` for the next token (``(B, K)`` for a one-modality head), or None.
         """
         self._require_cache()
         if not isinstance(slot, Tensor):  # a Python int is accepted for convenience; capture needs a tensor
             slot = torch.tensor(slot, device=self.cache_valid.device)
         slot = slot.reshape(1)  # (1,) index for index_copy_ / index_fill_
         self.cache_valid.index_fill_(1, slot, True)
-        mask = (self.cache_valid & (self.cache_slot_ids <= slot))[:, None, None, :]  # (B, 1, 1, L)
+        n = self.cache_valid.shape[1] if kv_len is None else kv_len
+        mask = (self.cache_valid[:, :n] & (self.cache_slot_ids[:n] <= slot))[:, None, None, :]  # (B, 1, 1, S)
         x = self.embed_ids(ids[:, None])  # (B, 1, D)
         cos, sin = rope_cos_sin(positions[:, None], self.config.head_dim, self.config.rope_theta)
         for block in self.blocks:
-            x = block(x, cos, sin, mask, cache_slots=slot)
-        return self.logits(self.norm(x[:, 0]))  # (B, V)
+            x = block(x, cos, sin, mask, cache_slots=slot, kv_len=kv_len)
+        if head is None:
+            return None
+        return self.head_logits(self.norm(x[:, 0]), head)  # (B, V) or (B, K)
 
 
 # -- losses ------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ Notable:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
@@ -43,15 +44,25 @@ from anygen.generation.events import (
     VideoFrameDone,
     VideoStarted,
 )
-from anygen.generation.grammar import DONE, TEXT, Grammar, GrammarState
-from anygen.generation.sampling import SamplingConfig, sample
-from anygen.model import AnyGenModel
+from anygen.generation.grammar import (
+    DONE,
+    NEED_ALL,
+    NEED_IMAGE,
+    NEED_NONE,
+    NEED_VIDEO,
+    TEXT,
+    Grammar,
+    GrammarState,
+)
+from anygen.generation.sampling import SamplingConfig, sample, sample_unfiltered
+from anygen.model import AnyGenModel, Head
 from tokenizers_mm.multimodal import MultimodalTokenizer, TokenSequence
 from tokenizers_mm.segments import Image, Segment, Text, Video
 
 DEFAULT_TEXT = SamplingConfig(temperature=0.8, top_k=0, top_p=0.95)
 DEFAULT_IMAGE = SamplingConfig(temperature=1.0, top_k=0, top_p=1.0, guidance_scale=3.0)
 DEFAULT_VIDEO = SamplingConfig(temperature=1.0, top_k=0, top_p=1.0, guidance_scale=3.0)
+_HEADS: dict[int, Head | None] = {NEED_NONE: None, NEED_IMAGE: "image", NEED_VIDEO: "video", NEED_ALL: "all"}
 
 
 @dataclass
@@ -88,12 +99,22 @@ class Generator:
     Args:
         model: the decoder (its KV cache is set up per call).
         tokenizer: the ``MultimodalTokenizer`` whose ``Vocab`` the model was built with.
+        fast: the fast decode loop (default); False runs the plain reference loop, which computes every
+            head and attends over the whole preallocated cache each step. Greedy tokens are identical.
+        compile: run the fast loop's decode step through ``torch.compile``; None (default) compiles on
+            CUDA only (``mode="reduce-overhead"``: one CUDA graph per step shape). On the CPU it is
+            opt-in: it pays off after a cold start of tens of seconds, and it freezes the weights
+            (changing them recompiles). See ``docs/speed.md``.
+        kv_bucket: the fast loop attends over the filled slots rounded up to a multiple of this.
     """
 
-    def __init__(self, model: AnyGenModel, tokenizer: MultimodalTokenizer) -> None:
+    def __init__(self, model: AnyGenModel, tokenizer: MultimodalTokenizer, *, fast: bool = True,
+                 compile: bool | None = None, kv_bucket: int = 64) -> None:
         if model.vocab != tokenizer.vocab:
             raise ValueError(f"model vocabulary {model.vocab.to_dict()} differs from the tokenizer's "
                              f"{tokenizer.vocab.to_dict()}")
+        if not isinstance(kv_bucket, int) or kv_bucket < 1:
+            raise ValueError(f"kv_bucket must be a positive int, got {kv_bucket!r}")
         self.model = model
         self.tokenizer = tokenizer
         self.vocab = tokenizer.vocab
@@ -101,6 +122,11 @@ class Generator:
         self.layout = tokenizer.layout
         self.grammar = Grammar(self.vocab, allow_image=tokenizer.image is not None,
                                allow_video=tokenizer.video is not None, device=self.device, layout=self.layout)
+        self.fast = fast
+        self.kv_bucket = kv_bucket
+        compile = self.device.type == "cuda" if compile is None else compile
+        self._step = FastStep(model, self.grammar)
+        self._compiled = CompiledStep(self._step) if fast and compile else None
 
     # -- checks ----------------------------------------------------------------------------------------
     def image_span_len(self, h: int, w: int) -> int:
@@ -170,6 +196,19 @@ class Generator:
         """Generate for a batch of prompts, yielding events as ids arrive; ends with one ``RowDone`` per row."""
         s = settings or GenerationSettings()
         budget = self._check(prompts, s)
+        run = self._start(prompts, s, budget)
+        yield from (self._fast_steps if self.fast else self._plain_steps)(run, s, budget)
+        for tracker in run.trackers:
+            if not tracker.finished:
+                yield from tracker.finish("max_new_tokens")
+
+    def generate(self, prompts: list[TokenSequence], settings: GenerationSettings | None = None) -> list[RowDone]:
+        """Run ``stream`` to the end; one ``RowDone`` (segments and new ids) per prompt, in order."""
+        done = [e for e in self.stream(prompts, settings) if isinstance(e, RowDone)]
+        return sorted(done, key=lambda e: e.row)
+
+    def _start(self, prompts: list[TokenSequence], s: GenerationSettings, budget: int) -> _Run:
+        """Left-pad the prompts (and their guidance twins), prefill the cache, build the sampler's tensors."""
         v, dev, model = self.vocab, self.device, self.model
         b = len(prompts)
         guided = any(cfg.guidance_scale != 1.0 for cfg in (s.image, s.video))
@@ -189,11 +228,12 @@ class Generator:
         und_pixels = torch.cat(und).to(dev) if und else None
         ids, mask = ids.to(dev), mask.to(dev)
 
-        model.setup_cache(r, width + budget, device=dev)
+        if self._compiled is not None:
+            self._compiled.setup_cache(r, width + budget)
+        else:
+            model.setup_cache(r, width + budget, device=dev)
         logits = model.prefill(ids, attention_mask=mask, und_pixels=und_pixels)  # (R, V)
-        prompt_valid = model.cache_valid.clone()
         positions = mask.sum(-1)  # (R,) next RoPE position of each row
-        twin_prompt_len = positions[b:].clone()
 
         def tensor(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.long, device=dev)
@@ -206,63 +246,316 @@ class Generator:
                                    req_t=tensor([vt] * b), req_vh=tensor([vh] * b), req_vw=tensor([vw] * b),
                                    max_media=tensor([s.max_images] * b))
         cfgs = (s.text, s.image, s.video)  # indexed by grammar.S_TEXT / S_IMAGE / S_VIDEO
-        temperature = torch.tensor([c.temperature for c in cfgs], device=dev)
-        top_k = tensor([c.top_k for c in cfgs])
-        top_p = torch.tensor([c.top_p for c in cfgs], device=dev)
-        scale = torch.tensor([c.guidance_scale for c in cfgs], device=dev)
         generator = torch.Generator(device=dev)
         generator.manual_seed(s.seed if s.seed is not None else torch.seed())
-        first = tensor([{"image": v.boi, "video": v.bov}.get(x or "", -1) for x in self._starts(s, b)])
+        tensors = StepTensors(
+            prompt_valid=model.cache_valid.clone(), twin_prompt_len=positions[b:].clone(),
+            temperature=torch.tensor([c.temperature for c in cfgs], device=dev),
+            top_k=tensor([c.top_k for c in cfgs]),
+            top_p=torch.tensor([c.top_p for c in cfgs], device=dev),
+            scale=torch.tensor([c.guidance_scale for c in cfgs], device=dev),
+        )
+        return _Run(
+            b=b, guided=guided, width=width, logits=logits, positions=positions, state=state,
+            first=tensor([{"image": v.boi, "video": v.bov}.get(x or "", -1) for x in self._starts(s, b)]),
+            tensors=tensors, generator=generator,
+            trackers=[_RowTracker(row, self.tokenizer, s.preview_every, (ih, iw)) for row in range(b)],
+        )
 
-        trackers = [_RowTracker(row, self.tokenizer, s.preview_every, (ih, iw)) for row in range(b)]
-        slot = torch.tensor(width, device=dev)
+    def _plain_steps(self, run: _Run, s: GenerationSettings, budget: int) -> Iterator[Event]:
+        """The reference loop: full logits and the whole preallocated cache every step."""
+        v, model, b, t = self.vocab, self.model, run.b, run.tensors
+        state, logits, positions = run.state, run.logits, run.positions
+        slot = torch.tensor(run.width, device=self.device)
         for step in range(budget):
-            setting = self.grammar.phase_setting[state.phase]  # (B,)
-            cond = logits[:b]
-            if guided:
-                g = scale[setting]
-                active = self.grammar.in_body(state) & (g != 1.0)
-                unc = logits[b:]
-                cond = torch.where(active[:, None], unc + g[:, None] * (cond - unc), cond)
             mclass, forced = self.grammar.constraints(state)
             if step == 0:
-                forced = torch.where(first >= 0, first, forced)
-            cond = cond.float().masked_fill(~self.grammar.masks[mclass], float("-inf"))
-            tok = sample(cond, temperature[setting], top_k[setting], top_p[setting], generator)
-            tok = torch.where(forced >= 0, forced, tok)  # (B,)
+                forced = torch.where(run.first >= 0, run.first, forced)
+            tok = select_all(self.grammar, logits, state, mclass, forced, t, b, run.guided, generator=run.generator)
             opens = (state.phase == TEXT) & ((tok == v.boi) | (tok == v.bov))
             twin_valid = self.grammar.in_media(state) | opens
             state = self.grammar.advance(state, tok)
 
             host = torch.stack([tok, (state.phase == DONE).long()]).tolist()  # the one sync per step
-            for row, tracker in enumerate(trackers):
+            for row, tracker in enumerate(run.trackers):
                 if not tracker.finished:
                     yield from tracker.feed(host[0][row], done=bool(host[1][row]))
-            if all(t.finished for t in trackers) or step == budget - 1:
+            if all(t.finished for t in run.trackers) or step == budget - 1:
                 break
 
             feed = tok
-            if guided:
+            if run.guided:
                 # a twin forgets its previous span when a new one opens, and keeps only span tokens
                 reset = torch.cat([torch.zeros_like(opens), opens])[:, None]
-                model.cache_valid.copy_(torch.where(reset, prompt_valid, model.cache_valid))
-                positions[b:] = torch.where(opens, twin_prompt_len, positions[b:])
+                model.cache_valid.copy_(torch.where(reset, t.prompt_valid, model.cache_valid))
+                positions[b:] = torch.where(opens, t.twin_prompt_len, positions[b:])
                 feed = torch.cat([tok, tok])
             logits = model.decode_step(feed, slot=slot, positions=positions)
-            if guided:
+            if run.guided:
                 model.cache_valid[b:].index_copy_(1, slot.reshape(1), twin_valid[:, None])
                 positions[b:] += twin_valid.long()
             positions[:b] += 1
             slot += 1
 
-        for tracker in trackers:
-            if not tracker.finished:
-                yield from tracker.finish("max_new_tokens")
+    def _fast_steps(self, run: _Run, s: GenerationSettings, budget: int) -> Iterator[Event]:
+        """The fast loop: the same tokens as ``_plain_steps`` (greedy), less work per step.
 
-    def generate(self, prompts: list[TokenSequence], settings: GenerationSettings | None = None) -> list[RowDone]:
-        """Run ``stream`` to the end; one ``RowDone`` (segments and new ids) per prompt, in order."""
-        done = [e for e in self.stream(prompts, settings) if isinstance(e, RowDone)]
-        return sorted(done, key=lambda e: e.row)
+        - The one sync per step also reads what each row's next logits must cover (``Grammar.next_head``),
+          so the next step computes only the image (or video) head when every row draws codes, and no
+          head at all when every row's next id is forced (``<|eol|>``, ``<|eoi|>``, a requested size).
+        - Attention reads the filled part of the cache only, in buckets of ``kv_bucket`` slots.
+        - Inside a body the modality's settings are host numbers: guidance is one fused expression and,
+          without top-k / top-p, sampling needs no sort (``sample_unfiltered``).
+        - Everything between two syncs is one ``FastStep`` call, which ``compile`` captures whole; its
+          random draws come in as a tensor (``torch.compile`` cannot trace a ``torch.Generator``).
+        """
+        v, b, t = self.vocab, run.b, run.tensors
+        step_fn = self._compiled if self._compiled is not None else self._step
+        cache_len = self.model.cache_valid.shape[1]
+        state, positions = run.state, run.positions
+        slot = torch.tensor(run.width, device=self.device)
+        mclass, forced = self.grammar.constraints(state)
+        forced = torch.where(run.first >= 0, run.first, forced)
+        # the prefill's logits cover the whole vocabulary: the first choice is made as in the plain loop
+        tok = select_all(self.grammar, run.logits, state, mclass, forced, t, b, run.guided, generator=run.generator)
+        opens, in_media, state, mclass, forced, host = self._step.advance(state, tok)
+        any_temperature = any(c.temperature > 0 for c in (s.text, s.image, s.video))
+        for step in range(budget):
+            toks, done, needs = host.tolist()  # the one sync per step
+            for row, tracker in enumerate(run.trackers):
+                if not tracker.finished:
+                    yield from tracker.feed(toks[row], done=bool(done[row]))
+            if step == budget - 1 or all(t.finished for t in run.trackers):
+                break
+            wanted = set(needs) - {NEED_NONE}  # the heads this step must compute
+            head = "all" if len(wanted) > 1 else _HEADS[wanted.pop() if wanted else NEED_NONE]
+            cfg = {"image": s.image, "video": s.video}.get(head or "")
+            noise = None
+            if head == "all" and any_temperature:  # the same draws as the plain loop's sampler
+                noise = torch.empty(b, v.size, device=self.device).exponential_(generator=run.generator)
+            elif cfg is not None and cfg.temperature > 0:
+                n = v.image_codebook_size if head == "image" else v.video_codebook_size
+                noise = torch.empty(b, n, device=self.device).exponential_(generator=run.generator)
+            kv_len = min(cache_len, -(-(run.width + step + 1) // self.kv_bucket) * self.kv_bucket)
+            tok, positions, slot, opens, in_media, state, mclass, forced, host = step_fn(
+                tok, opens, in_media, state, mclass, forced, positions, slot, noise, t,
+                kv_len=kv_len, head=head, cfg=cfg, b=b, guided=run.guided)
+
+
+@dataclass
+class _Run:
+    """What ``Generator._start`` set up for one call: the batch, its guidance twins, the sampler, the trackers."""
+
+    b: int  # prompts (rows b.. are their unconditional twins when guided)
+    guided: bool
+    width: int  # prompt slots (left-padded); generated ids go to slots width, width + 1, …
+    logits: torch.Tensor  # (R, V) of the prefill
+    positions: torch.Tensor  # (R,) next RoPE position of each row
+    state: GrammarState
+    first: torch.Tensor  # (B,) the id forced at step 0 (start_with), or -1
+    tensors: StepTensors
+    generator: torch.Generator
+    trackers: list[_RowTracker]
+
+
+@dataclass
+class StepTensors:
+    """The per-call tensors a step reads (a ``FastStep`` argument, so a compiled step is not specialised on them)."""
+
+    prompt_valid: torch.Tensor  # (R, L) the cache's valid slots after the prefill
+    twin_prompt_len: torch.Tensor  # (B,) real tokens in each twin's prompt
+    temperature: torch.Tensor  # (3,) per grammar.S_TEXT / S_IMAGE / S_VIDEO
+    top_k: torch.Tensor
+    top_p: torch.Tensor
+    scale: torch.Tensor
+
+
+def select_all(grammar: Grammar, logits: torch.Tensor, state: GrammarState, mclass: torch.Tensor,
+               forced: torch.Tensor, t: StepTensors, b: int, guided: bool, *,
+               generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """Next ids from logits over the whole vocabulary: guidance in bodies, the state's mask, sampling, forcing."""
+    setting = grammar.phase_setting[state.phase]  # (B,)
+    cond = logits[:b]
+    if guided:
+        g = t.scale[setting]
+        active = grammar.in_body(state) & (g != 1.0)
+        unc = logits[b:]
+        cond = torch.where(active[:, None], unc + g[:, None] * (cond - unc), cond)
+    cond = cond.float().masked_fill(~grammar.masks[mclass], float("-inf"))
+    tok = sample(cond, t.temperature[setting], t.top_k[setting], t.top_p[setting], generator, noise=noise)
+    return torch.where(forced >= 0, forced, tok)  # (B,)
+
+
+class FastStep(torch.nn.Module):
+    """Everything the fast loop does between two host syncs, as one function of tensors (what ``compile`` captures).
+
+    Feeds the ids chosen last step (with the guidance twins' bookkeeping), computes the logits of one
+    head over the filled part of the cache, applies guidance, samples, forces, and advances the
+    grammar. Host numbers (the head, the body's ``SamplingConfig``, the kv length, the batch size) are
+    arguments: a compiled step specialises on them, the kv length becoming dynamic after its second value.
+    """
+
+    def __init__(self, model: AnyGenModel, grammar: Grammar) -> None:
+        super().__init__()
+        self.model = model
+        self.grammar = grammar
+        self.vocab = grammar.vocab
+
+    def forward(self, tok: torch.Tensor, opens: torch.Tensor, in_media: torch.Tensor, state: GrammarState,
+                mclass: torch.Tensor, forced: torch.Tensor, positions: torch.Tensor, slot: torch.Tensor,
+                noise: torch.Tensor | None, t: StepTensors, *, kv_len: int, head: Head | None,
+                cfg: SamplingConfig | None, b: int, guided: bool) -> tuple:
+        model = self.model
+        feed = tok
+        if guided:
+            # a twin forgets its previous span when a new one opens, and keeps only span tokens
+            reset = torch.cat([torch.zeros_like(opens), opens])[:, None]
+            model.cache_valid.copy_(torch.where(reset, t.prompt_valid, model.cache_valid))
+            positions = torch.cat([positions[:b], torch.where(opens, t.twin_prompt_len, positions[b:])])
+            feed = torch.cat([tok, tok])
+        logits = model.decode_step(feed, slot=slot, positions=positions, kv_len=kv_len, head=head)
+        if guided:
+            twin_valid = in_media | opens
+            model.cache_valid[b:].index_copy_(1, slot.reshape(1), twin_valid[:, None])
+            positions = positions + torch.cat([torch.ones_like(positions[:b]), twin_valid.long()])
+        else:
+            positions = positions + 1
+        if head is None:
+            tok = forced
+        elif head == "all":
+            tok = select_all(self.grammar, logits, state, mclass, forced, t, b, guided, noise=noise)
+        else:
+            offset = self.vocab.image_offset if head == "image" else self.vocab.video_offset
+            cond = logits[:b]
+            if guided and cfg.guidance_scale != 1.0:
+                unc = logits[b:]
+                cond = unc + cfg.guidance_scale * (cond - unc)
+            if cfg.top_k == 0 and cfg.top_p >= 1.0:
+                code = sample_unfiltered(cond, cfg.temperature, noise=noise)
+            else:
+                n = cond.shape[0]
+                code = sample(cond.float(), cond.new_full((n,), cfg.temperature, dtype=torch.float32),
+                              torch.full((n,), cfg.top_k, dtype=torch.long, device=cond.device),
+                              cond.new_full((n,), cfg.top_p, dtype=torch.float32), noise=noise)
+            tok = torch.where(forced >= 0, forced, code + offset)
+        return (tok, positions, slot + 1, *self.advance(state, tok))
+
+    def advance(self, state: GrammarState, tok: torch.Tensor) -> tuple:
+        """The grammar after ``tok``: ``(opens, in_media, state, mclass, forced, host)``.
+
+        ``host`` is ``(3, B)``: the ids, whether each row is done, and which head its next step needs
+        (``Grammar.next_head``), stacked so that one ``tolist`` reads them all.
+        """
+        v, grammar = self.vocab, self.grammar
+        in_media = grammar.in_media(state)
+        opens = (state.phase == TEXT) & ((tok == v.boi) | (tok == v.bov))
+        state = grammar.advance(state, tok)
+        mclass, forced = grammar.constraints(state)
+        host = torch.stack([tok, (state.phase == DONE).long(), grammar.next_head(state, forced)])
+        return opens, in_media, state, mclass, forced, host
+
+
+class CompiledStep:
+    """A ``FastStep`` through ``torch.compile``: one graph per head / sampling setting, the kv length dynamic.
+
+    - CUDA: ``mode="reduce-overhead"``, so a whole step (decode, guidance, sampling, grammar) replays
+      as one CUDA graph. Written for the GPU benchmark; not exercised by the CPU test suite.
+    - CPU: inductor with frozen weights and max-autotune GEMMs: at a batch of 2 rows its C++
+      micro-kernels read the weights several times faster than MKL's sgemm (``docs/speed.md``).
+      Frozen weights are a snapshot, so a change of any parameter (its storage or version counter)
+      throws the compiled graphs away at the next call's ``setup_cache``.
+
+    The KV cache of the last shape is kept between calls (``release`` frees it): graphs are specialised
+    on the cache tensors (CUDA graphs on their addresses), so a new cache per call would recompile.
+    """
+
+    def __init__(self, step: FastStep, *, backend: str | None = None) -> None:
+        self.step = step
+        self.backend = backend  # a torch.compile backend instead of the device's default (tests: "eager")
+        self.model = step.model
+        self.cuda = self.model.norm.weight.device.type == "cuda"
+        self._fn = None
+        self._weights: tuple = ()
+        self._kept: tuple | None = None  # (shape, caches, cache_valid, slot_ids) reused across calls
+        self._failed = False  # the first compilation raised: run the eager step (with a warning)
+
+    def _fingerprint(self) -> tuple:
+        return tuple((p.data_ptr(), p._version) for p in self.model.parameters())
+
+    def _build(self) -> None:
+        step = _KvLenFromShape(self.step)
+        if self.backend is not None:
+            self._fn = torch.compile(step, backend=self.backend, fullgraph=True)
+        elif self.cuda:
+            self._fn = torch.compile(step, mode="reduce-overhead", fullgraph=True)
+        else:  # freezing (set around each call, see __call__) lets inductor pre-pack the weights for its GEMMs
+            self._fn = torch.compile(step, mode="max-autotune-no-cudagraphs", fullgraph=True)
+        self._weights = self._fingerprint()
+
+    def setup_cache(self, batch_size: int, max_seq_len: int) -> None:
+        """``model.setup_cache``, except that the cache of an earlier call of the same shape is reused (zeroed)."""
+        model = self.model
+        if self._fn is None or (not self.cuda and self._weights != self._fingerprint()):
+            self._build()
+        shape = (batch_size, max_seq_len)
+        if self._kept is not None and self._kept[0] == shape:
+            _, caches, model.cache_valid, model.cache_slot_ids = self._kept
+            for block, cache in zip(model.blocks, caches):
+                block.attn.kv_cache = cache
+            model.reset_cache()
+            return
+        model.setup_cache(batch_size, max_seq_len)
+        caches = [block.attn.kv_cache for block in model.blocks]
+        if self.cuda:  # CUDA graphs read and write these in place
+            for tensor in [model.cache_valid, *(c.k for c in caches), *(c.v for c in caches)]:
+                torch._dynamo.mark_static_address(tensor)
+        self._kept = (shape, caches, model.cache_valid, model.cache_slot_ids)
+
+    def release(self) -> None:
+        """Drop the kept cache and the compiled graphs."""
+        self._kept, self._fn = None, None
+
+    def __call__(self, *args, kv_len: int, **kwargs) -> tuple:
+        if self._fn is None:
+            self._build()
+        if self._failed:
+            return self.step(*args, kv_len=kv_len, **kwargs)
+        kv = torch.empty(kv_len, device=self.model.cache_valid.device)  # kv_len as a dynamic size, see below
+        torch._dynamo.maybe_mark_dynamic(kv, 0)
+        try:
+            if self.cuda:
+                torch.compiler.cudagraph_mark_step_begin()
+                # the next replay overwrites a graph's outputs: keep copies (gpt-fast clones its tokens too)
+                return tuple(_clone(x) for x in self._fn(kv, *args, **kwargs))
+            # compilation is lazy (a new head compiles inside this call) and reads freezing from the global
+            # inductor config there; inductor freezes in no-grad mode only
+            with torch.no_grad(), torch._inductor.config.patch(freezing=True):
+                return self._fn(kv, *args, **kwargs)
+        except torch._dynamo.exc.TorchDynamoException as err:  # tracing / compiling (fake tensors: no state touched)
+            warnings.warn(f"anygen: compiling the decode step failed ({type(err).__name__}: {err}); "
+                          "falling back to the eager fast step", stacklevel=2)
+            self._failed = True
+            return self.step(*args, kv_len=kv_len, **kwargs)
+
+
+def _clone(x):
+    if isinstance(x, torch.Tensor):
+        return x.clone()
+    if isinstance(x, GrammarState):
+        return x.clone()
+    return x
+
+
+class _KvLenFromShape(torch.nn.Module):
+    """``FastStep`` taking the kv length as a tensor's size: Dynamo specialises an int argument on its first
+    value and compiles again at the second, but a size marked dynamic is symbolic from the first compile."""
+
+    def __init__(self, step: FastStep) -> None:
+        super().__init__()
+        self.step = step
+
+    def forward(self, kv: torch.Tensor, *args, **kwargs) -> tuple:
+        return self.step(*args, kv_len=kv.shape[0], **kwargs)
 
 
 class _RowTracker:

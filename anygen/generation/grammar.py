@@ -16,7 +16,7 @@ size tokens (the size is the requested one), a header forced id by id (``IMG_HEA
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -29,6 +29,8 @@ TEXT, IMG_H, IMG_W, IMG_BODY, VID_T, VID_H, VID_W, VID_BODY, DONE, IMG_HEAD = ra
 M_TEXT, M_H, M_W, M_T, M_IMAGE, M_VIDEO, M_ANY = range(7)
 # modality of the sampling settings a phase uses
 S_TEXT, S_IMAGE, S_VIDEO = range(3)
+# which logits the next step needs (Grammar.next_head): none (the id is forced), one body's head, or all
+NEED_NONE, NEED_IMAGE, NEED_VIDEO, NEED_ALL = range(4)
 
 NO_FORCE = -1
 
@@ -157,7 +159,7 @@ class Grammar:
         """Move every row on by the id it emitted (``tok``: ``(B,)``). Returns a new state."""
         v = self.vocab
         p = s.phase
-        n = s.clone()
+        n = replace(s)  # shallow: every field below is rebound to a new tensor, never written in place
         text = p == TEXT
         if self.layout.size_tokens:
             n.phase = torch.where(text & (tok == v.boi), IMG_H, n.phase)
@@ -213,6 +215,16 @@ class Grammar:
         n.phase = torch.where(end_span, TEXT, n.phase)
         n.phase = torch.where(finished, DONE, n.phase)
         return n
+
+    def next_head(self, s: GrammarState, forced: torch.Tensor) -> torch.Tensor:
+        """What each row's next logits must cover, given ``forced = constraints(s)[1]``: ``(B,)`` long.
+
+        ``NEED_NONE`` when the id is forced, ``NEED_IMAGE`` / ``NEED_VIDEO`` for a code sampled in an image /
+        video body (only that head's logits are read), ``NEED_ALL`` otherwise (text, sampled sizes).
+        """
+        need = torch.where(s.phase == IMG_BODY, NEED_IMAGE, NEED_ALL)
+        need = torch.where(s.phase == VID_BODY, NEED_VIDEO, need)
+        return torch.where(forced >= 0, NEED_NONE, need)
 
     def in_media(self, s: GrammarState) -> torch.Tensor:
         """Rows inside an image / video span (size tokens and headers included): ``(B,)`` bool."""

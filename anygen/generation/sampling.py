@@ -7,6 +7,10 @@ to rows drawing an image. It never calls ``.item()`` or branches on tensor value
 step stays capturable by CUDA graphs / ``torch.compile``. Randomness is the exponential-race form
 of categorical sampling (``argmax(p / E)``, ``E ~ Exp(1)``) driven by an explicit
 ``torch.Generator``, so a seed reproduces the output.
+
+``sample_unfiltered`` is the fast path's sampler for the common image / video setting (no top-k,
+no top-p): the same distribution without the sort over the vocabulary. It draws its noise in id
+order, so for one seed it picks other (equally distributed) ids than ``sample``; greedy is identical.
 """
 
 from __future__ import annotations
@@ -64,6 +68,8 @@ def sample(
     top_k: torch.Tensor,
     top_p: torch.Tensor,
     generator: torch.Generator | None = None,
+    *,
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sample one id per row.
 
@@ -73,6 +79,8 @@ def sample(
         top_k: ``(B,)`` long; 0 keeps all ids.
         top_p: ``(B,)`` float in (0, 1].
         generator: the source of randomness (seeded by the caller).
+        noise: ``(B, V)`` ``Exp(1)`` draws to use instead of drawing from ``generator`` (what a compiled step
+            takes as an input: ``torch.compile`` cannot trace a ``torch.Generator``).
 
     Returns:
         ``(B,)`` long ids.
@@ -91,7 +99,27 @@ def sample(
     drop |= mass_before >= top_p[:, None]
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     probs = torch.softmax(sorted_logits, dim=-1)
-    race = torch.empty_like(probs).exponential_(generator=generator)
+    race = torch.empty_like(probs).exponential_(generator=generator) if noise is None else noise
     choice = (probs / race).argmax(dim=-1)  # categorical sample without torch.multinomial's host sync
     sampled = sorted_idx.gather(-1, choice[:, None]).squeeze(-1)
     return torch.where(temperature > 0, sampled, greedy)
+
+
+def sample_unfiltered(logits: torch.Tensor, temperature: float, generator: torch.Generator | None = None, *,
+                      noise: torch.Tensor | None = None) -> torch.Tensor:
+    """Sample one id per row from ``softmax(logits / temperature)``: ``sample`` with ``top_k=0, top_p=1``, no sort.
+
+    Args:
+        logits: ``(B, N)`` float; ``-inf`` marks ids that are not allowed.
+        temperature: one value for every row (a host float: the caller knows the setting); 0 is greedy.
+        generator: the source of randomness.
+        noise: ``(B, N)`` ``Exp(1)`` draws to use instead of drawing from ``generator``.
+
+    Returns:
+        ``(B,)`` long indices into the last dimension.
+    """
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    race = torch.empty_like(probs).exponential_(generator=generator) if noise is None else noise
+    return (probs / race).argmax(dim=-1)  # the exponential race: a categorical draw with no host sync
