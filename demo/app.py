@@ -641,7 +641,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from anygen.cli_generate import load_engine
+    from anygen.cli_generate import default_checkpoint, load_engine
 
     try:
         threads_ok = args.threads is None or args.threads >= 1
@@ -649,8 +649,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError("--max-upload-mb, --concurrency, --queue-size and --threads must be positive")
         if args.threads is not None:
             torch.set_num_threads(args.threads)
-        notice = None if args.checkpoint is not None else RANDOM_NOTICE
-        engine = load_engine(args.checkpoint, random_tiny=args.checkpoint is None, device=args.device)
+        random_tiny = args.random_tiny or (args.checkpoint is None and default_checkpoint() is None)
+        notice = RANDOM_NOTICE if random_tiny else None
+        engine = load_engine(args.checkpoint, random_tiny=random_tiny, device=args.device)
     except (ValueError, FileNotFoundError) as err:
         print(f"anygen demo: error: {err}", file=sys.stderr)
         return 2
