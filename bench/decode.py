@@ -97,6 +97,7 @@ def build_reference(shape: dict[str, Any], directory: Path, seed: int) -> list[i
     gen = model.generation_config
     gen.bos_token_id, gen.eos_token_id, gen.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
     gen.generation_kwargs = {"boi_token_id": boi}
+    model.to(getattr(torch, shape["dtype"]))  # stored as timed (bf16 on CUDA); the gate upcasts to fp32
     model.save_pretrained(directory)
     tok.save_pretrained(directory)
     specials = set(tok.all_special_ids) | {boi}

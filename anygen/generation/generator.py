@@ -18,6 +18,14 @@ Notable:
   only inside image / video bodies; elsewhere the conditional logits are used as they are.
 - Limits are checked before any work: a prompt that does not fit the context, or a requested image /
   video that cannot fit in what is left, raises ``ValueError``.
+- Two loops give the same greedy tokens. The plain one (``Generator(fast=False)``) is the reference:
+  every head, attention over the whole preallocated cache. The fast one (the default) reads, in its one
+  sync, which logits each row needs next (``Grammar.next_head``) and computes only those (just the
+  image head inside an image body, none when every row's next id is forced), attends over the filled
+  part of the cache in ``kv_bucket`` buckets, samples a body without sorting, and runs everything
+  between two syncs as one ``FastStep`` call that ``torch.compile`` can capture whole (``CompiledStep``:
+  CUDA graphs on a GPU by default, inductor with frozen weights on the CPU on request). See
+  ``docs/speed.md`` for what each part buys.
 - Imported checkpoints (``tokenizer.layout`` not anygen's own) write images their reference's way:
   the size is the requested one (or the layout's default), a header is forced after ``<|boi|>``, and
   with ``guidance="masked"`` the unconditional twin is the prompt with every id but ``<|bos|>`` /
@@ -280,7 +288,7 @@ class Generator:
             for row, tracker in enumerate(run.trackers):
                 if not tracker.finished:
                     yield from tracker.feed(host[0][row], done=bool(host[1][row]))
-            if all(t.finished for t in run.trackers) or step == budget - 1:
+            if all(tr.finished for tr in run.trackers) or step == budget - 1:
                 break
 
             feed = tok
@@ -319,27 +327,28 @@ class Generator:
         # the prefill's logits cover the whole vocabulary: the first choice is made as in the plain loop
         tok = select_all(self.grammar, run.logits, state, mclass, forced, t, b, run.guided, generator=run.generator)
         opens, in_media, state, mclass, forced, host = self._step.advance(state, tok)
-        any_temperature = any(c.temperature > 0 for c in (s.text, s.image, s.video))
         for step in range(budget):
             toks, done, needs = host.tolist()  # the one sync per step
+            opened = False
             for row, tracker in enumerate(run.trackers):
                 if not tracker.finished:
+                    opened |= toks[row] in (v.boi, v.bov)
                     yield from tracker.feed(toks[row], done=bool(done[row]))
-            if step == budget - 1 or all(t.finished for t in run.trackers):
+            if step == budget - 1 or all(tr.finished for tr in run.trackers):
                 break
             wanted = set(needs) - {NEED_NONE}  # the heads this step must compute
             head = "all" if len(wanted) > 1 else _HEADS[wanted.pop() if wanted else NEED_NONE]
             cfg = {"image": s.image, "video": s.video}.get(head or "")
             noise = None
-            if head == "all" and any_temperature:  # the same draws as the plain loop's sampler
+            if head == "all":  # the same draws as the plain loop's sampler
                 noise = torch.empty(b, v.size, device=self.device).exponential_(generator=run.generator)
             elif cfg is not None and cfg.temperature > 0:
                 n = v.image_codebook_size if head == "image" else v.video_codebook_size
                 noise = torch.empty(b, n, device=self.device).exponential_(generator=run.generator)
             kv_len = min(cache_len, -(-(run.width + step + 1) // self.kv_bucket) * self.kv_bucket)
             tok, positions, slot, opens, in_media, state, mclass, forced, host = step_fn(
-                tok, opens, in_media, state, mclass, forced, positions, slot, noise, t,
-                kv_len=kv_len, head=head, cfg=cfg, b=b, guided=run.guided)
+                tok, opens, in_media, state, mclass, forced, positions, slot, noise, t, kv_len=kv_len, head=head,
+                cfg=cfg, b=b, guided=run.guided, opened=opened or self._compiled is not None)  # one graph for both
 
 
 @dataclass
@@ -391,8 +400,8 @@ class FastStep(torch.nn.Module):
 
     Feeds the ids chosen last step (with the guidance twins' bookkeeping), computes the logits of one
     head over the filled part of the cache, applies guidance, samples, forces, and advances the
-    grammar. Host numbers (the head, the body's ``SamplingConfig``, the kv length, the batch size) are
-    arguments: a compiled step specialises on them, the kv length becoming dynamic after its second value.
+    grammar. Host numbers (the head, the body's ``SamplingConfig``, the batch size) are arguments: a
+    compiled step specialises on them (``CompiledStep`` passes the kv length as a dynamic size).
     """
 
     def __init__(self, model: AnyGenModel, grammar: Grammar) -> None:
@@ -404,14 +413,14 @@ class FastStep(torch.nn.Module):
     def forward(self, tok: torch.Tensor, opens: torch.Tensor, in_media: torch.Tensor, state: GrammarState,
                 mclass: torch.Tensor, forced: torch.Tensor, positions: torch.Tensor, slot: torch.Tensor,
                 noise: torch.Tensor | None, t: StepTensors, *, kv_len: int, head: Head | None,
-                cfg: SamplingConfig | None, b: int, guided: bool) -> tuple:
+                cfg: SamplingConfig | None, b: int, guided: bool, opened: bool = True) -> tuple:
         model = self.model
         feed = tok
         if guided:
-            # a twin forgets its previous span when a new one opens, and keeps only span tokens
-            reset = torch.cat([torch.zeros_like(opens), opens])[:, None]
-            model.cache_valid.copy_(torch.where(reset, t.prompt_valid, model.cache_valid))
-            positions = torch.cat([positions[:b], torch.where(opens, t.twin_prompt_len, positions[b:])])
+            if opened:  # a twin forgets its previous span when a new one opens (the host may know none did)
+                reset = torch.cat([torch.zeros_like(opens), opens])[:, None]
+                model.cache_valid.copy_(torch.where(reset, t.prompt_valid, model.cache_valid))
+                positions = torch.cat([positions[:b], torch.where(opens, t.twin_prompt_len, positions[b:])])
             feed = torch.cat([tok, tok])
         logits = model.decode_step(feed, slot=slot, positions=positions, kv_len=kv_len, head=head)
         if guided:
@@ -430,7 +439,7 @@ class FastStep(torch.nn.Module):
             if guided and cfg.guidance_scale != 1.0:
                 unc = logits[b:]
                 cond = unc + cfg.guidance_scale * (cond - unc)
-            if cfg.top_k == 0 and cfg.top_p >= 1.0:
+            if cfg.temperature == 0 or (cfg.top_k == 0 and cfg.top_p >= 1.0):  # no filter changes an argmax
                 code = sample_unfiltered(cond, cfg.temperature, noise=noise)
             else:
                 n = cond.shape[0]
@@ -497,6 +506,7 @@ class CompiledStep:
         model = self.model
         if self._fn is None or (not self.cuda and self._weights != self._fingerprint()):
             self._build()
+            self._kept = None  # new weights may have a new dtype or device
         shape = (batch_size, max_seq_len)
         if self._kept is not None and self._kept[0] == shape:
             _, caches, model.cache_valid, model.cache_slot_ids = self._kept
