@@ -206,7 +206,7 @@ def test_lightning_checkpoint_resumes_mid_epoch(mixed, tmp_path, where, num_work
     reference = _fit(root, total, tmp_path / "a")
     first = _fit(root, stop, tmp_path / "b", every=stop, num_workers=num_workers)
     ckpt = next((tmp_path / "b").glob("*.ckpt"))
-    state = torch.load(ckpt, weights_only=False)["TokenDataModule"]
+    state = torch.load(ckpt, weights_only=True)["TokenDataModule"]
     assert (state["epoch"], state["batches"]) == divmod(stop, per_epoch)
     # workers prefetch ahead of training: the resumed run must still start at the right batch
     rest = _fit(root, total, tmp_path / "c", ckpt=str(ckpt), num_workers=num_workers)
