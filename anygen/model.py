@@ -20,7 +20,9 @@ Notable:
 - ``decode_step`` does no host synchronisation and no Python branching on tensor values: the slot
   to write is a 0-dim tensor, k/v are written with ``index_copy_`` and attention runs over the whole
   preallocated length with a ``valid & (slot_index <= slot)`` mask, so CUDA graphs and
-  ``torch.compile`` can capture it whole (gpt-fast's recipe).
+  ``torch.compile`` can capture it whole (gpt-fast's recipe). The generator's fast loop narrows it with
+  two host numbers: ``kv_len`` (attend over the filled slots, bucketed) and ``head`` (compute one
+  modality's logits, or none), see ``head_logits``.
 - Rows of a batch may have different prompt lengths: callers left-pad, pass ``attention_mask``
   (False = padding) and per-row positions (the count of real tokens before each one).
 - Id checks (``Vocab.check_ids``) and the ``<|und|>`` count check sync with the host, so they run in

@@ -84,6 +84,13 @@ def test_fast_sampling_is_seeded_and_grammatical(engine):
     assert len({t for i, t in enumerate(body) if i % 5 != 4}) > 1
 
 
+def test_sampled_text_equals_plain(engine):
+    """Text steps draw the plain sampler's noise from the same seed: sampled text is identical."""
+    settings = _settings(text=SamplingConfig(temperature=1.0, top_p=0.9), max_new_tokens=30, seed=5)
+    prompts = ["a red circle", "draw"]
+    assert _ids(engine, prompts, settings) == _ids(engine, prompts, settings, fast=False)
+
+
 def test_filtered_image_sampling_takes_the_sorting_sampler(engine):
     """top-k in a body: the fast loop's per-modality branch through ``sample`` still yields codes of the top k."""
     settings = _settings(image=SamplingConfig(temperature=1.0, top_k=1, guidance_scale=3.0), start_with="image",

@@ -149,7 +149,7 @@ def generate_speculative(generator: Generator, prompts: list[TokenSequence], set
     if cfg.top_k or cfg.top_p < 1.0:
         raise ValueError(f"speculative decoding samples the full distribution: set the {kind} top_k=0 and top_p=1.0")
     v, model, dev = generator.vocab, generator.model, generator.device
-    head, offset = (kind, v.image_offset) if kind == "image" else (kind, v.video_offset)
+    offset = v.image_offset if kind == "image" else v.video_offset
     k = v.image_codebook_size if kind == "image" else v.video_codebook_size
     budget = generator._check(prompts, settings)  # validates the request; the span fits (start_with is set)
     run = generator._start(prompts, settings, budget)
@@ -159,7 +159,7 @@ def generate_speculative(generator: Generator, prompts: list[TokenSequence], set
     n_pos = len(template)
     forced = torch.tensor(template, device=dev)  # (T,) forced id or -1
     is_forced = forced >= 0
-    # the drafts of every position and the distribution each was drawn from (None: uniform)
+    # the draft of every position and the distribution it was drawn from (uniform until a forward redraws it)
     draft = torch.where(is_forced, forced, offset + torch.randint(k, (b, n_pos), device=dev, generator=gen))  # (B, T)
     q = torch.full((b, n_pos, k), 1.0 / k, device=dev)
     out = draft.clone()  # accepted ids; valid below each row's cursor
@@ -175,7 +175,7 @@ def generate_speculative(generator: Generator, prompts: list[TokenSequence], set
         feed = torch.cat([fed, fed]) if rows > b else fed  # the guidance twins read the same ids
         # every span id is valid for a twin too, so each row's position grows with the slot
         positions = run.positions[:, None] + (start - 1) + torch.arange(w, device=dev)[None]  # (R, W)
-        logits = model.prefill(feed, positions=positions, start=width + start - 1, head=head, all_positions=True)
+        logits = model.prefill(feed, positions=positions, start=width + start - 1, head=kind, all_positions=True)
         forwards += 1
         cond = logits[:b].float()
         if guided:
