@@ -6,6 +6,7 @@ import random
 import numpy as np
 import PIL.Image
 import pytest
+import torch
 
 from anygen.data.shapes import (
     BACKGROUND,
@@ -67,6 +68,38 @@ def test_motion_direction_of_a_still_clip_is_none():
     frame = render_scene([SceneObject("circle", "red", "center")], 64)
     assert motion_direction([frame] * 9) is None
     assert motion_direction([render_scene([], 64)] * 9) is None
+
+
+class _FakeVQ(torch.nn.Module):
+    """A "tokenizer" whose codes are the pixels: perfect (identity) or blind (decodes the background)."""
+
+    downsample = 8
+
+    def __init__(self, blind: bool) -> None:
+        super().__init__()
+        self.blind, self.anchor = blind, torch.nn.Parameter(torch.zeros(1))
+
+    def encode(self, x):
+        return x
+
+    def decode(self, codes):
+        return torch.full_like(codes, BACKGROUND[0] / 127.5 - 1) if self.blind else codes
+
+
+@pytest.mark.parametrize("blind", [False, True])
+def test_tokenizer_metrics_judge_reconstructions_with_the_detector(blind):
+    """A perfect round trip reads back every scene and direction; a blind one reads back none."""
+    from types import SimpleNamespace
+
+    from anygen.eval.metrics import reconstruction_metrics
+
+    vq = _FakeVQ(blind)
+    tok = SimpleNamespace(image=vq, video=vq, image_size=(64, 64), video_size=(64, 64))
+    objects = [("red", "circle", "top left"), ("blue", "square", "center")]
+    motions = [("green", "triangle", "right"), ("red", "circle", "up")]
+    out = reconstruction_metrics(tok, objects, motions, num=4)
+    expected = 0.0 if blind else 1.0
+    assert out["image_shapes_detect"] == expected and out["video_shapes_direction"] == expected
 
 
 def test_digit_classifier_heldout_accuracy():

@@ -500,6 +500,26 @@ def test_sample_logger_writes_reconstructions(tmp_path, kind):
 # -- GAN and LPIPS pieces ----------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("make", [tiny_image, tiny_video], ids=["image", "video"])
+def test_chroma_loss_is_the_error_of_the_deviation_from_grey(make):
+    """A grey reconstruction of a coloured input costs exactly chroma_weight · mean((x - mean_rgb x)²) more."""
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    if make is tiny_video:
+        x = x.unsqueeze(2)
+    grey = x.mean(dim=1, keepdim=True).expand_as(x)
+    chroma = (x - grey).square().mean()
+    for weight in (0.0, 3.0):
+        module = make(chroma_weight=weight)
+        module.tokenizer.forward = lambda inp: (grey, torch.zeros(1, dtype=torch.long), torch.zeros(()))
+        terms = module.reconstruction_losses(x)
+        plain = terms["l1"] + terms["mse"]
+        assert torch.allclose(terms["rec"], plain + weight * chroma)
+        assert ("chroma" in terms) == (weight > 0)
+    with pytest.raises(ValueError, match="chroma_weight"):
+        make(chroma_weight=-1.0)
+
+
 def test_gan_losses_and_adaptive_weight():
     disc = PatchDiscriminator(channels=8, n_layers=2)
     assert disc(torch.zeros(2, 3, 16, 16)).shape[:2] == (2, 1)
