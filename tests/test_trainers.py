@@ -520,6 +520,23 @@ def test_chroma_loss_is_the_error_of_the_deviation_from_grey(make):
         make(chroma_weight=-1.0)
 
 
+def test_foreground_weight_counts_a_small_shape_like_the_background():
+    """The error on one bright pixel of a flat image weighs 1 + w·|x - median| against the background's 1."""
+    x = torch.full((1, 3, 16, 16), -0.8)
+    x[0, :, 3, 4] = 0.6  # one "shape" pixel, RGB distance 1.4·√3 from the background (the median)
+    recon = x.clone()
+    recon[0, :, 3, 4] = -0.8  # the reconstruction misses it: error 1.4 per channel, only there
+    for weight in (0.0, 10.0):
+        module = tiny_image(foreground_weight=weight)
+        module.tokenizer.forward = lambda inp: (recon, torch.zeros(1, dtype=torch.long), torch.zeros(()))
+        terms = module.reconstruction_losses(x)
+        w_fg = 1 + weight * 1.4 * 3 ** 0.5
+        per_pixel = 3 * (1.4 + 1.4**2)  # l1 + l2 over the three channels of the missed pixel
+        expected = w_fg * per_pixel / (3 * (255 + w_fg))  # weighted mean over 3·256 entries / mean weight
+        assert torch.allclose(terms["rec"], torch.tensor(expected), rtol=1e-5)
+        assert torch.allclose(terms["mse"], torch.tensor(3 * 1.4**2 / (3 * 256)), rtol=1e-5)  # logged unweighted
+
+
 def test_gan_losses_and_adaptive_weight():
     disc = PatchDiscriminator(channels=8, n_layers=2)
     assert disc(torch.zeros(2, 3, 16, 16)).shape[:2] == (2, 1)

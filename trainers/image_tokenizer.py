@@ -2,12 +2,17 @@
 
 The objective is VQGAN's (Esser et al. 2021), with each term switchable from the config::
 
-    loss = l1_weight * |x - x̂| + l2_weight * (x - x̂)^2 + chroma_weight * (c(x) - c(x̂))^2
+    loss = mean_w(l1_weight * |x - x̂| + l2_weight * (x - x̂)^2 + chroma_weight * (c(x) - c(x̂))^2)
          + quantizer_weight * aux + lpips_weight * LPIPS(x, x̂)
          + gan_weight * λ_adaptive * hinge_g(D(x̂))     (after gan_start_step)
 
 Notable:
 
+- ``mean_w`` weighs each pixel by ``1 + foreground_weight * |x - median(x)|`` (the RGB distance to the
+  image's median colour, normalised so the weights average 1). On a flat background the median is the
+  background, so the few pixels of a small shape count as much as the rest; without it, a run sits for
+  hundreds of steps on the plateau of decoding the background alone (measured: 0 of 16 training scenes
+  read back after 300 steps, 2-3 of 16 with the weight). On a natural photo the weights are nearly flat.
 - ``c(x) = x - mean_rgb(x)`` is a pixel's deviation from grey, its chroma. Flat-colour scenes on a dark
   background (the shapes data) are mostly background; a short run with the plain pixel losses decodes
   grey blobs of the right brightness, which no detector reads as a colour. ``chroma_weight`` makes the
@@ -100,11 +105,11 @@ class VQModuleBase(LightningModule):
 
     def _build_losses(self, *, lr: float, betas: tuple[float, float], weight_decay: float, l1_weight: float,
                       l2_weight: float, quantizer_weight: float, gan_weight: float, gan_start_step: int,
-                      chroma_weight: float,
+                      chroma_weight: float, foreground_weight: float,
                       disc_channels: int, disc_layers: int, disc_lr: float | None, max_adaptive_weight: float,
                       lpips_weight: float, lpips_path: str | None, grad_clip: float | None) -> None:
         for name, value in (("lr", lr), ("l1_weight", l1_weight), ("l2_weight", l2_weight),
-                            ("chroma_weight", chroma_weight),
+                            ("chroma_weight", chroma_weight), ("foreground_weight", foreground_weight),
                             ("quantizer_weight", quantizer_weight), ("gan_weight", gan_weight),
                             ("lpips_weight", lpips_weight), ("weight_decay", weight_decay)):
             if not isinstance(value, (int, float)) or value < 0 or not math.isfinite(value):
@@ -116,7 +121,7 @@ class VQModuleBase(LightningModule):
             raise ValueError(f"{type(self).__name__}.gan_start_step must be >= 0, got {gan_start_step}")
         self.lr, self.betas, self.weight_decay = float(lr), tuple(betas), float(weight_decay)
         self.l1_weight, self.l2_weight, self.quantizer_weight = l1_weight, l2_weight, quantizer_weight
-        self.chroma_weight = chroma_weight
+        self.chroma_weight, self.foreground_weight = chroma_weight, foreground_weight
         self.gan_weight, self.gan_start_step = gan_weight, gan_start_step
         self.disc_lr = float(disc_lr) if disc_lr is not None else self.lr
         self.max_adaptive_weight = max_adaptive_weight
@@ -140,12 +145,20 @@ class VQModuleBase(LightningModule):
         """Run the tokenizer on ``x`` and return every loss term (no GAN term), plus ``recon`` and ``codes``."""
         recon, codes, aux = self.tokenizer(x)
         err = recon.float() - x.float()
-        l1, mse = err.abs().mean(), err.square().mean()
-        rec = self.l1_weight * l1 + self.l2_weight * mse
+        l1, mse = err.abs().mean(), err.square().mean()  # logged unweighted: PSNR stays PSNR
+        per_pixel = self.l1_weight * err.abs() + self.l2_weight * err.square()
         out = {"l1": l1, "mse": mse, "quantizer": aux.float()}
         if self.chroma_weight:
-            out["chroma"] = (err - err.mean(dim=1, keepdim=True)).square().mean()  # c(x̂) - c(x) = err - mean(err)
-            rec = rec + self.chroma_weight * out["chroma"]
+            chroma = (err - err.mean(dim=1, keepdim=True)).square()  # c(x̂) - c(x) = err - mean_rgb(err)
+            out["chroma"] = chroma.mean()
+            per_pixel = per_pixel + self.chroma_weight * chroma
+        if self.foreground_weight:
+            flat = x.float().flatten(2)  # (B, 3, N) or (B, 3, T·H·W)
+            median = flat.median(dim=2).values.view(*x.shape[:2], *([1] * (x.ndim - 2)))
+            w = 1 + self.foreground_weight * (x.float() - median).norm(dim=1, keepdim=True)
+            rec = (w * per_pixel).mean() / w.mean()
+        else:
+            rec = per_pixel.mean()
         if self.lpips is not None:
             out["lpips"] = self.lpips(recon.float(), x.float())
             rec = rec + self.lpips_weight * out["lpips"]
@@ -272,6 +285,7 @@ class ImageTokenizerModule(VQModuleBase):
         l1_weight: weight of the mean absolute error.
         l2_weight: weight of the mean squared error.
         chroma_weight: weight of the mean squared error of the chroma (each pixel minus its RGB mean); 0 disables.
+        foreground_weight: per-pixel loss weight ``1 + foreground_weight * |x - median(x)|``; 0 weighs all alike.
         quantizer_weight: weight of the quantizer's auxiliary loss (VQ commitment; 0 for FSQ anyway).
         gan_weight: weight of the adversarial term (times the adaptive weight); 0 disables the GAN.
         gan_start_step: training step from which the discriminator and adversarial term are on.
@@ -296,6 +310,7 @@ class ImageTokenizerModule(VQModuleBase):
         l1_weight: float = 1.0,
         l2_weight: float = 1.0,
         chroma_weight: float = 0.0,
+        foreground_weight: float = 0.0,
         quantizer_weight: float = 1.0,
         gan_weight: float = 0.0,
         gan_start_step: int = 0,
@@ -311,7 +326,8 @@ class ImageTokenizerModule(VQModuleBase):
         self.save_hyperparameters()
         self.tokenizer = ImageTokenizer(image_tokenizer_config(tokenizer))
         self._build_losses(lr=lr, betas=betas, weight_decay=weight_decay, l1_weight=l1_weight, l2_weight=l2_weight,
-                           chroma_weight=chroma_weight, quantizer_weight=quantizer_weight, gan_weight=gan_weight,
+                           chroma_weight=chroma_weight, foreground_weight=foreground_weight,
+                           quantizer_weight=quantizer_weight, gan_weight=gan_weight,
                            gan_start_step=gan_start_step,
                            disc_channels=disc_channels, disc_layers=disc_layers, disc_lr=disc_lr,
                            max_adaptive_weight=max_adaptive_weight, lpips_weight=lpips_weight,

@@ -40,6 +40,7 @@ class VideoTokenizerModule(VQModuleBase):
         l1_weight: float = 1.0,
         l2_weight: float = 1.0,
         chroma_weight: float = 0.0,
+        foreground_weight: float = 0.0,
         quantizer_weight: float = 1.0,
         gan_weight: float = 0.0,
         gan_start_step: int = 0,
@@ -55,7 +56,8 @@ class VideoTokenizerModule(VQModuleBase):
         self.save_hyperparameters()
         self.tokenizer = VideoTokenizer(video_tokenizer_config(tokenizer))
         self._build_losses(lr=lr, betas=betas, weight_decay=weight_decay, l1_weight=l1_weight, l2_weight=l2_weight,
-                           chroma_weight=chroma_weight, quantizer_weight=quantizer_weight, gan_weight=gan_weight,
+                           chroma_weight=chroma_weight, foreground_weight=foreground_weight,
+                           quantizer_weight=quantizer_weight, gan_weight=gan_weight,
                            gan_start_step=gan_start_step,
                            disc_channels=disc_channels, disc_layers=disc_layers, disc_lr=disc_lr,
                            max_adaptive_weight=max_adaptive_weight, lpips_weight=lpips_weight,
