@@ -92,12 +92,17 @@ class AnyGen:
     Args:
         model: the decoder.
         tokenizer: the ``MultimodalTokenizer`` it was trained with (same ``Vocab``).
+        fast: the fast decode loop (default); False runs the plain reference loop (same greedy tokens).
+        compile: ``torch.compile`` the fast decode step; None (default) compiles on CUDA only
+            (``Generator``, ``docs/speed.md``).
     """
 
-    def __init__(self, model: AnyGenModel, tokenizer: MultimodalTokenizer) -> None:
+    def __init__(self, model: AnyGenModel, tokenizer: MultimodalTokenizer, *, fast: bool = True,
+                 compile: bool | None = None) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.generator = Generator(model, tokenizer)
+        self.decoding = {"fast": fast, "compile": compile}
+        self.generator = Generator(model, tokenizer, **self.decoding)
         self._lock = threading.Lock()
         self.id_map = None  # anygen.convert.common.IdMap of an imported checkpoint: reference <-> anygen ids
 
@@ -115,7 +120,13 @@ class AnyGen:
         for tok in (self.tokenizer.image, self.tokenizer.video):
             if tok is not None:
                 tok.to(device=device)
-        self.generator = Generator(self.model, self.tokenizer)
+        self.generator = Generator(self.model, self.tokenizer, **self.decoding)
+        return self
+
+    def configure_decoding(self, *, fast: bool = True, compile: bool | None = None) -> AnyGen:
+        """Choose the decode loop (see the class arguments); rebuilds the generator."""
+        self.decoding = {"fast": fast, "compile": compile}
+        self.generator = Generator(self.model, self.tokenizer, **self.decoding)
         return self
 
     # -- checkpoint directory ----------------------------------------------------------------------
@@ -134,8 +145,10 @@ class AnyGen:
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, *, device: torch.device | str | None = None,
-                        dtype: torch.dtype | None = None) -> AnyGen:
+                        dtype: torch.dtype | None = None, fast: bool = True, compile: bool | None = None) -> AnyGen:
         """Load a checkpoint directory written by ``save_pretrained`` (or ``anygen export`` / ``anygen convert``).
+
+        ``fast`` / ``compile`` choose the decode loop (see ``AnyGen``).
 
         A Janus / Emu3 / Chameleon directory in Hugging Face layout (``config.json`` naming
         ``JanusForConditionalGeneration`` …, safetensors shards, tokenizer files) is converted in memory.
@@ -152,9 +165,8 @@ class AnyGen:
             from anygen import convert
 
             engine = convert.load(directory, dtype=dtype)
-            if device is not None:
-                engine.to(device)
-            return engine
+            engine.decoding = {"fast": fast, "compile": compile}
+            return engine.to(device) if device is not None else engine.configure_decoding(fast=fast, compile=compile)
         missing = [name for name in (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_CONFIG, "text_tokenizer.json")
                    if not (directory / name).is_file()]
         if missing:
@@ -175,7 +187,7 @@ class AnyGen:
                              f"tokenizer files give {tokenizer.vocab.to_dict()}")
         model = AnyGenModel(config)
         _load_weights(model, directory / WEIGHTS_FILE)
-        engine = cls(model, tokenizer)
+        engine = cls(model, tokenizer, fast=fast, compile=compile)
         if (directory / "imported_from.json").is_file():
             from anygen.convert import read_id_map
 

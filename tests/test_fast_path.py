@@ -179,3 +179,19 @@ def test_compiled_step_traces_whole(engine):
     assert out[0].ids.tolist() == eager[0].ids.tolist()  # the same seed draws the same noise outside the graph
     compiled.release()
     torch._dynamo.reset()
+
+
+def test_engine_chooses_its_decode_loop(engine, tmp_path):
+    """``AnyGen.from_pretrained(fast=False)`` runs the plain loop, and its greedy output equals the fast one's."""
+    from anygen.api import AnyGen
+
+    engine.save_pretrained(tmp_path / "ckpt")
+    plain = AnyGen.from_pretrained(tmp_path / "ckpt", fast=False)
+    fast = AnyGen.from_pretrained(tmp_path / "ckpt")
+    assert (plain.generator.fast, fast.generator.fast) == (False, True)
+    assert fast.generator._compiled is None  # the CPU compiles only when asked
+    kw = dict(max_new_tokens=24, text={"temperature": 0.0}, image={"temperature": 0.0}, start_with="image",
+              image_size=(2, 3), seed=0)
+    assert plain.generate("a red circle", **kw).ids.tolist() == fast.generate("a red circle", **kw).ids.tolist()
+    assert fast.to("cpu").generator.fast and not plain.to("cpu").generator.fast  # to() keeps the choice
+    assert not fast.configure_decoding(fast=False).generator.fast
