@@ -62,7 +62,7 @@ EOF
 fi
 CFG_DATA="--data.init_args.documents $DATA/documents.jsonl"
 
-# 2. image tokenizer (16x at 64 px: 4x4 tokens) and 3. video tokenizer (9 frames of 64 px: 3x8x8 tokens)
+# 2. image tokenizer (8x at 64 px: 8x8 tokens) and 3. video tokenizer (9 frames of 32 px: 3x4x4 tokens)
 if [[ ! -f "$RUNS/export/image_tokenizer.safetensors" ]]; then
   log "image tokenizer: anygen fit --config configs/default/image_tokenizer.yaml $(steps "${IMAGE_STEPS:-}")"
   $ANYGEN fit --config configs/default/image_tokenizer.yaml $CFG_DATA $(steps "${IMAGE_STEPS:-}") \
@@ -81,7 +81,7 @@ if [[ ! -f "$DATA/tokenizer/tokenizer_config.json" ]]; then
   log "build-tokenizer -> $DATA/tokenizer"
   $ANYGEN build-tokenizer --documents "$DATA/documents.jsonl" --vocab-size "$VOCAB" \
       --image-tokenizer "$RUNS/export/image_tokenizer.safetensors" \
-      --video-tokenizer "$RUNS/export/video_tokenizer.safetensors" --image-size 64 --video-size 64 \
+      --video-tokenizer "$RUNS/export/video_tokenizer.safetensors" --image-size 64 --video-size 32 \
       --und-tokens 16 --und-image-size 64 --max-height 32 --max-width 32 --max-frames 8 --out "$DATA/tokenizer"
 fi
 
@@ -89,7 +89,7 @@ fi
 if [[ ! -f "$DATA/shards/index.json" ]]; then
   log "tokenize -> $DATA/shards"
   $ANYGEN tokenize --documents "$DATA/documents.jsonl" --tokenizer "$DATA/tokenizer" --out "$DATA/shards" \
-      --workers "$WORKERS" --video-frames 9 --max-length 256 ${LIMIT:-} --overwrite --quiet > "$RUNS/logs/tokenize.log" 2>&1
+      --workers "$WORKERS" --video-frames 9 --max-length 384 ${LIMIT:-} --overwrite --quiet > "$RUNS/logs/tokenize.log" 2>&1
 fi
 
 # 6. the unified model, 7. export
