@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--max-images", type=int, default=0, help="stop after this many images + videos (0: no limit)")
     p.add_argument("--start-with", choices=("image", "video"), help="force the output to open with an image / video")
-    p.add_argument("--image-size", type=lambda t: _size(t, 2, "--image-size"), help="HxW in tokens")
+    p.add_argument("--image-size", type=lambda t: _size(t, 2, "--image-size"),
+                   help="HxW in tokens (default: the tokenizer's image size, the one the model trained on)")
     p.add_argument("--video-size", type=lambda t: _size(t, 3, "--video-size"), help="TxHxW in tokens")
     p.add_argument("--batch-size", type=int, default=4, help="prompts per batch with --prompts")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -149,9 +150,13 @@ def _run(engine, args: argparse.Namespace, documents: list[list]) -> int:
 
     from tokenizers_mm.video_io import write_video
 
+    tok = engine.tokenizer
+    image_size = args.image_size
+    if image_size is None and tok.image is not None:  # the trained size, not the largest the grammar allows
+        image_size = (tok.image_size[0] // tok.image.downsample, tok.image_size[1] // tok.image.downsample)
     kwargs = dict(max_new_tokens=args.max_new_tokens, text=_sampling(args, "text") or None,
                   image=_sampling(args, "image") or None, video=_sampling(args, "video") or None,
-                  image_size=args.image_size, video_size=args.video_size, start_with=args.start_with,
+                  image_size=image_size, video_size=args.video_size, start_with=args.start_with,
                   max_images=args.max_images, seed=args.seed)
     size = max(1, args.batch_size)
     batches = [documents[i:i + size] for i in range(0, len(documents), size)]

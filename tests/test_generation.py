@@ -264,3 +264,22 @@ def test_stream_frees_its_cache_and_takes_token_sequences(engine):
     frames = [e for e in engine.stream("v", max_new_tokens=40, start_with="video", video_size=(2, 1, 1), seed=0,
                                        preview_every=1, max_images=1) if isinstance(e, VideoFrameDone)]
     assert [tuple(e.preview.shape) for e in frames] == [(3, 1, 8, 8), (3, 5, 8, 8)]
+
+
+def test_cli_generate_defaults_to_the_trained_image_size(tmp_path, capsys):
+    """``anygen generate --start-with image`` without ``--image-size`` draws at the tokenizer's size (not the
+    grammar's largest, which may not fit the context), writes the PNG and prints its path."""
+    import PIL.Image
+
+    from anygen.cli_generate import main
+    from anygen.testing import random_engine
+
+    tok = random_engine("tiny").tokenizer
+    assert main(["a red circle", "--random-tiny", "--start-with", "image", "--max-new-tokens", "64",
+                 "--out", str(tmp_path)]) == 0
+    written = tmp_path / "0000" / "image_0.png"
+    assert str(written) in capsys.readouterr().out
+    assert PIL.Image.open(written).size == (tok.image_size[1], tok.image_size[0])
+    with pytest.raises(SystemExit):  # argparse names the flag and the accepted form
+        main(["a red circle", "--random-tiny", "--image-size", "0x3", "--out", str(tmp_path)])
+    assert "--image-size must be HxW in tokens" in capsys.readouterr().err
