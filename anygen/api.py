@@ -164,9 +164,8 @@ class AnyGen:
         if _is_hf_directory(directory):
             from anygen import convert
 
-            engine = convert.load(directory, dtype=dtype)
-            engine.decoding = {"fast": fast, "compile": compile}
-            return engine.to(device) if device is not None else engine.configure_decoding(fast=fast, compile=compile)
+            engine = convert.load(directory, dtype=dtype).configure_decoding(fast=fast, compile=compile)
+            return engine.to(device) if device is not None else engine
         missing = [name for name in (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_CONFIG, "text_tokenizer.json")
                    if not (directory / name).is_file()]
         if missing:

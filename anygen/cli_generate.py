@@ -150,10 +150,8 @@ def _run(engine, args: argparse.Namespace, documents: list[list]) -> int:
 
     from tokenizers_mm.video_io import write_video
 
-    tok = engine.tokenizer
-    image_size = args.image_size
-    if image_size is None and tok.image is not None:  # the trained size, not the largest the grammar allows
-        image_size = (tok.image_size[0] // tok.image.downsample, tok.image_size[1] // tok.image.downsample)
+    # the trained size, not the largest the grammar allows (which may not fit the context)
+    image_size = args.image_size or engine.tokenizer.image_grid
     kwargs = dict(max_new_tokens=args.max_new_tokens, text=_sampling(args, "text") or None,
                   image=_sampling(args, "image") or None, video=_sampling(args, "video") or None,
                   image_size=image_size, video_size=args.video_size, start_with=args.start_with,

@@ -85,9 +85,6 @@ class AnyGenConfig:
     und_encoder_path: str | None = None  # local directory for SiglipVisionModel.from_pretrained
     und_image_size: int = 384  # side of the square pixels the encoder reads
     und_trainable: bool = False  # False: the SigLIP tower is frozen (the aligner always trains)
-    # an RMSNorm on the aligned features, weight started at the embeddings' std: for towers trained from
-    # scratch, whose aligned features otherwise dwarf the token embeddings (docs/default_model.md)
-    und_norm: bool = False
 
     def __post_init__(self) -> None:
         for name in (*_VOCAB_FIELDS, "n_layer", "n_head", "n_kv_head", "d_model", "intermediate_size", "max_seq_len",
@@ -116,7 +113,7 @@ class AnyGenConfig:
             raise ValueError(f"AnyGenConfig.{name} must be > 0, got {getattr(self, name)}")
         if self.z_loss_weight < 0:
             raise ValueError(f"AnyGenConfig.z_loss_weight must be >= 0, got {self.z_loss_weight}")
-        for name in ("post_norm", "tie_embeddings", "und_trainable", "und_norm"):
+        for name in ("post_norm", "tie_embeddings", "und_trainable"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"AnyGenConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if self.qk_norm not in _QK_NORMS:

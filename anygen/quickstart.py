@@ -103,7 +103,7 @@ def generate_with_default(directory: Path, out: Path, prompt: str, seed: int) ->
     t0 = time.perf_counter()
     engine = AnyGen.from_pretrained(directory)
     tok = engine.tokenizer
-    image_grid = (tok.image_size[0] // tok.image.downsample, tok.image_size[1] // tok.image.downsample)
+    image_grid = tok.image_grid
     video_grid = (tok.video.num_latent_frames(9), tok.video_size[0] // tok.video.downsample,
                   tok.video_size[1] // tok.video.downsample)
     written: dict[str, str] = {}

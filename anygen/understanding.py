@@ -58,10 +58,6 @@ class UnderstandingEncoder(nn.Module):
             nn.GELU(),
             nn.Linear(config.d_model, config.d_model),
         )
-        # optional: features at the token embeddings' scale (their init std, 0.02), see AnyGenConfig.und_norm
-        self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps) if config.und_norm else None
-        if self.norm is not None:
-            nn.init.constant_(self.norm.weight, 0.02)
         self.trainable = config.und_trainable
         if not self.trainable:
             self.tower.requires_grad_(False)
@@ -91,5 +87,4 @@ class UnderstandingEncoder(nn.Module):
         with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
             feats = self.tower(pixel_values=pixels.to(tower_dtype)).last_hidden_state  # (N, P, h)
         aligner_dtype = self.aligner[0].weight.dtype
-        out = self.aligner(feats.to(aligner_dtype))  # (N, P, d_model)
-        return out if self.norm is None else self.norm(out)
+        return self.aligner(feats.to(aligner_dtype))  # (N, P, d_model)

@@ -46,7 +46,7 @@ def main() -> None:
         raise SystemExit("no default model ships (anygen/assets/default); pass --checkpoint DIR")
     engine = AnyGen.from_pretrained(checkpoint)
     tok = engine.tokenizer
-    grid = (tok.image_size[0] // tok.image.downsample, tok.image_size[1] // tok.image.downsample)
+    grid = tok.image_grid
     clip_grid = (tok.video.num_latent_frames(9), tok.video_size[0] // tok.video.downsample,
                  tok.video_size[1] // tok.video.downsample)
     args.out.mkdir(parents=True, exist_ok=True)

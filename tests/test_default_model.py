@@ -19,7 +19,7 @@ def test_default_model_generates_a_heldout_prompt():
 
     engine = AnyGen.from_pretrained(default_checkpoint())
     tok = engine.tokenizer
-    grid = (tok.image_size[0] // tok.image.downsample, tok.image_size[1] // tok.image.downsample)
+    grid = tok.image_grid
     objects, _ = holdout_combinations(0.1, 0)
     key = sorted(objects)[0]
     prompt = caption([sample_object(random.Random(0), key=key)])
@@ -38,7 +38,7 @@ def test_default_model_draws_the_digit_it_is_asked_for():
 
     engine = AnyGen.from_pretrained(default_checkpoint())
     tok = engine.tokenizer
-    grid = (tok.image_size[0] // tok.image.downsample, tok.image_size[1] // tok.image.downsample)
+    grid = tok.image_grid
     outs = engine.generate([digit_caption(d) for d in range(10)], start_with="image", image_size=grid,
                            max_images=1, seed=0, image={"temperature": 1.0, "guidance_scale": 3.0})
     predicted = digit_classifier(size=tok.image_size[0]).predict([o.images[0] for o in outs])

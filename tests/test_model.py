@@ -255,21 +255,6 @@ def test_trainable_understanding_encoder_gets_gradients():
     assert model.num_parameters(trainable_only=True) == model.num_parameters()
 
 
-def test_und_norm_puts_features_at_the_embedding_scale():
-    """und_norm: every aligned feature vector is RMS-normalised to 0.02 at init (the embeddings' std)."""
-    assert UnderstandingEncoder(AnyGenConfig.preset("tiny")).norm is None
-    model = build(und_norm=True)
-    with torch.no_grad():
-        feats = model.und(pixels(3))
-        raw = model.und.aligner(model.und.tower(pixel_values=pixels(3)).last_hidden_state)
-    ms = raw.square().mean(-1)
-    expected = 0.02 * (ms / (ms + model.config.norm_eps)).sqrt()  # RMSNorm's eps sits under the root
-    torch.testing.assert_close(feats.square().mean(-1).sqrt(), expected, atol=1e-6, rtol=1e-4)
-    assert "und.norm.weight" in model.state_dict()
-    with pytest.raises(ValueError, match="und_norm must be a bool"):
-        AnyGenConfig.preset("tiny", und_norm="yes")
-
-
 def test_packed_documents_equal_documents_alone():
     """Two documents packed in one row with document_ids give the logits each gives alone."""
     torch.manual_seed(0)

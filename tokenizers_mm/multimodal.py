@@ -121,6 +121,13 @@ class MultimodalTokenizer:
             max_frames=max_frames,
         )
 
+    @property
+    def image_grid(self) -> tuple[int, int] | None:
+        """``(h, w)`` in tokens of an image at ``image_size`` (the size the model trained on); None without images."""
+        if self.image is None:
+            return None
+        return (self.image_size[0] // self.image.downsample, self.image_size[1] // self.image.downsample)
+
     # -- encode ------------------------------------------------------------------------------------
     def encode(self, document: str | Segment | Sequence, *, bos: bool = True, eos: bool = True) -> TokenSequence:
         """Tokenize one document: a ``str``, one segment, or a list of segments.

@@ -26,7 +26,7 @@ Parameter groups for ``train:`` (``"all"`` is every group)::
     embeddings = text_embeddings + image_embeddings + video_embeddings     (routed; "embeddings" in shared mode)
     heads      = text_head + image_head + video_head
     decoder    = the transformer blocks and the final norm
-    aligner    = the understanding encoder's MLP aligner (and its und_norm)
+    aligner    = the understanding encoder's MLP aligner
     und_encoder= the SigLIP tower (sets AnyGenConfig.und_trainable)
 
 A tied embedding / head weight trains when either of its groups does.
@@ -121,8 +121,6 @@ def parameter_groups(model: AnyGenModel) -> dict[str, list[nn.Parameter]]:
     groups["decoder"] = list(model.blocks.parameters()) + list(model.norm.parameters())
     if model.und is not None:
         groups["aligner"] = list(model.und.aligner.parameters())
-        if model.und.norm is not None:  # AnyGenConfig.und_norm: part of the aligner
-            groups["aligner"] += list(model.und.norm.parameters())
         groups["und_encoder"] = list(model.und.tower.parameters())
     return groups
 

@@ -116,12 +116,9 @@ class EvalContext:
         tok = self.engine.tokenizer
         self.image_px = tok.image_size
         self.video_px = tok.video_size
-        self.image_tokens: tuple[int, int] | None = None
+        self.image_tokens: tuple[int, int] | None = tok.image_grid
         self.video_tokens: tuple[int, int, int] | None = None
         self.frames = 9
-        if tok.image is not None:
-            down = tok.image.downsample
-            self.image_tokens = (self.image_px[0] // down, self.image_px[1] // down)
         if tok.video is not None:
             down = tok.video.downsample
             self.video_tokens = (tok.video.num_latent_frames(self.frames), self.video_px[0] // down,

@@ -23,6 +23,7 @@ import torch
 
 from anygen.data.shapes import render_motion, render_scene, sample_motion, sample_scene
 from anygen.eval.detect import detect_objects, motion_direction
+from tokenizers_mm.preprocess import tensor_to_pil
 
 
 def psnr_ssim(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
@@ -51,11 +52,6 @@ def _round_trip_video(tok: Any, x: torch.Tensor) -> torch.Tensor:  # (B, 3, T, H
     device = next(tok.parameters()).device
     with torch.no_grad():
         return tok.decode(tok.encode(x.to(device))).cpu()
-
-
-def _to_uint8(x: torch.Tensor) -> Any:
-    """``(3, H, W)`` in ``[-1, 1]`` → an ``(H, W, 3)`` uint8 array for the detector."""
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
 
 
 def _frames(video: torch.Tensor) -> torch.Tensor:
@@ -89,7 +85,7 @@ def reconstruction_metrics(tokenizer: Any, objects: Sequence[tuple[str, str, str
         y = _round_trip_images(image, x)
         out["image_shapes_psnr"], out["image_shapes_ssim"] = psnr_ssim(x, y)
         truth = [sorted(o.key for o in s) for s in scenes]
-        read = [sorted((d.color, d.shape, d.position) for d in detect_objects(_to_uint8(im))) for im in y]
+        read = [sorted((d.color, d.shape, d.position) for d in detect_objects(tensor_to_pil(im))) for im in y]
         out["image_shapes_detect"] = sum(a == b for a, b in zip(truth, read)) / len(scenes)
         try:
             from anygen.data.bundled import SKIMAGE_IMAGES, SKLEARN_IMAGES, sample_image
@@ -106,7 +102,7 @@ def reconstruction_metrics(tokenizer: Any, objects: Sequence[tuple[str, str, str
         x = torch.stack([_images(c, (side, side), video.downsample).permute(1, 0, 2, 3) for c in clips])
         y = _round_trip_video(video, x)
         out["video_shapes_psnr"], out["video_shapes_ssim"] = psnr_ssim(_frames(x), _frames(y))
-        directions = [motion_direction([_to_uint8(f) for f in clip.unbind(1)]) for clip in y]
+        directions = [motion_direction([tensor_to_pil(f) for f in clip.unbind(1)]) for clip in y]
         out["video_shapes_direction"] = sum(d == m.direction for d, m in zip(directions, moves)) / len(moves)
         try:
             from anygen.data.bundled import sample_video_path
