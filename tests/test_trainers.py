@@ -265,7 +265,7 @@ def test_tokenizer_overfits_one_batch(kind):
         module, x, steps = tiny_image(), smooth_pixels(4, 3, 16, 16), 60
     else:
         module, x, steps = tiny_video(), smooth_pixels(1, 3, 5, 16, 16), 80
-    opt = module.configure_optimizers()
+    opt = module.configure_optimizers()["optimizer"]
     first = None
     for step in range(steps):
         out = module.reconstruction_losses(x)
@@ -404,6 +404,43 @@ def test_resume_gives_the_same_loss_curve(tok_dir, tmp_path, kind):
     torch.testing.assert_close(torch.tensor(resumed.losses), torch.tensor(straight.losses[3:]), rtol=1e-5, atol=1e-6)
     for key, value in module.state_dict().items():
         torch.testing.assert_close(value, final[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+class LrRecorder(Callback):
+    """The autoencoder optimizer's learning rate as each training batch starts."""
+
+    def __init__(self) -> None:
+        self.lrs: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+@pytest.mark.parametrize("gan", [False, True])
+def test_tokenizer_lr_schedule_follows_the_global_step(tmp_path, gan):
+    """Warm-up 1 step, cosine to 0.1·lr at max_steps 5, with and without the GAN's manual optimization;
+    resumed at step 2 (also from a checkpoint saved with another schedule), the remaining steps match."""
+    lr, kw = 3e-3, {"warmup_steps": 1, "min_lr_ratio": 0.1, **(GAN if gan else {})}
+    expected = [lr * (1 if s < 1 else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - 1) / 4))) for s in range(5)]
+
+    straight = LrRecorder()
+    trainer(5, callbacks=[straight]).fit(tiny_image(**kw), ResumableBatches(image_batches(5)))
+    torch.testing.assert_close(torch.tensor(straight.lrs), torch.tensor(expected))
+
+    first = trainer(2)
+    first.fit(tiny_image(**kw), ResumableBatches(image_batches(5)))
+    first.save_checkpoint(tmp_path / "half.ckpt")
+    resumed = LrRecorder()
+    trainer(5, callbacks=[resumed]).fit(tiny_image(**kw), ResumableBatches(image_batches(5)),
+                                        ckpt_path=tmp_path / "half.ckpt")
+    torch.testing.assert_close(torch.tensor(resumed.lrs), torch.tensor(expected[2:]))
+
+
+def test_tokenizer_lr_schedule_is_checked():
+    with pytest.raises(ValueError, match="min_lr_ratio in"):
+        tiny_image(min_lr_ratio=1.5)
+    with pytest.raises(ValueError, match="warmup_steps must be"):
+        tiny_image(warmup_steps=-1)
 
 
 def _fit_with_checkpoint(module: L.LightningModule, data: DataLoader, directory: Path, steps: int = 2) -> Path:

@@ -48,6 +48,7 @@ from torchmetrics import Metric
 
 from tokenizers_mm.image import ImageTokenizer, ImageTokenizerConfig
 from trainers.losses import LPIPS, PatchDiscriminator, adaptive_weight, hinge_d_loss, hinge_g_loss
+from trainers.schedule import lr_factor
 
 _LPIPS_PREFIX = "lpips."
 
@@ -107,7 +108,8 @@ class VQModuleBase(LightningModule):
                       l2_weight: float, quantizer_weight: float, gan_weight: float, gan_start_step: int,
                       chroma_weight: float, foreground_weight: float,
                       disc_channels: int, disc_layers: int, disc_lr: float | None, max_adaptive_weight: float,
-                      lpips_weight: float, lpips_path: str | None, grad_clip: float | None) -> None:
+                      lpips_weight: float, lpips_path: str | None, grad_clip: float | None,
+                      warmup_steps: int = 0, min_lr_ratio: float = 1.0) -> None:
         for name, value in (("lr", lr), ("l1_weight", l1_weight), ("l2_weight", l2_weight),
                             ("chroma_weight", chroma_weight), ("foreground_weight", foreground_weight),
                             ("quantizer_weight", quantizer_weight), ("gan_weight", gan_weight),
@@ -117,9 +119,13 @@ class VQModuleBase(LightningModule):
         if l1_weight == l2_weight == lpips_weight == 0:
             raise ValueError(f"{type(self).__name__}: l1_weight, l2_weight and lpips_weight are all 0; "
                              "nothing would train the reconstruction")
+        if not isinstance(warmup_steps, int) or warmup_steps < 0 or not 0.0 <= min_lr_ratio <= 1.0:
+            raise ValueError(f"{type(self).__name__}: warmup_steps must be an int >= 0 and min_lr_ratio in [0, 1], "
+                             f"got {warmup_steps!r}, {min_lr_ratio!r}")
         if gan_start_step < 0:
             raise ValueError(f"{type(self).__name__}.gan_start_step must be >= 0, got {gan_start_step}")
         self.lr, self.betas, self.weight_decay = float(lr), tuple(betas), float(weight_decay)
+        self.warmup_steps, self.min_lr_ratio = warmup_steps, float(min_lr_ratio)
         self.l1_weight, self.l2_weight, self.quantizer_weight = l1_weight, l2_weight, quantizer_weight
         self.chroma_weight, self.foreground_weight = chroma_weight, foreground_weight
         self.gan_weight, self.gan_start_step = gan_weight, gan_start_step
@@ -209,6 +215,7 @@ class VQModuleBase(LightningModule):
         if self.grad_clip:
             self.clip_gradients(opt_g, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
         opt_g.step()
+        self.lr_schedulers().step()  # manual optimization: Lightning leaves the schedule to us
         self.untoggle_optimizer(opt_g)
 
         if gan_on:  # discriminator step on the detached reconstruction
@@ -248,11 +255,24 @@ class VQModuleBase(LightningModule):
     def configure_optimizers(self) -> Any:
         params = [p for p in self.tokenizer.parameters() if p.requires_grad]
         opt_g = torch.optim.AdamW(params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
+        # the autoencoder's schedule follows the trainer's global step, not the scheduler's own counter: a run
+        # resumed from a checkpoint saved without a scheduler (or with other max_steps) lands where it should
+        schedule = torch.optim.lr_scheduler.LambdaLR(opt_g, lambda _: self.lr_factor())
         if self.discriminator is None:
-            return opt_g
+            return {"optimizer": opt_g, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
         opt_d = torch.optim.AdamW(self.discriminator.parameters(), lr=self.disc_lr, betas=self.betas,
                                   weight_decay=self.weight_decay)
-        return [opt_g, opt_d]
+        return [opt_g, opt_d], [schedule]
+
+    def on_train_start(self) -> None:
+        # after a resume the optimizer holds the rate it was saved with, which another max_steps (or no
+        # schedule at all) set: start from the rate of this step under this run's schedule
+        self.lr_schedulers().step()
+
+    def lr_factor(self) -> float:
+        """The autoencoder's learning-rate multiplier at the current step (warm-up, then cosine to ``min_lr_ratio``)."""
+        total = self._trainer.max_steps if self._trainer is not None and self._trainer.max_steps > 0 else None
+        return lr_factor(self.global_step, self.warmup_steps, total, self.min_lr_ratio)
 
     def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
                                     gradient_clip_algorithm: str | None = None) -> None:
@@ -279,7 +299,10 @@ class ImageTokenizerModule(VQModuleBase):
     Args:
         tokenizer: ``ImageTokenizerConfig`` fields; None is the shipped default preset. A ``preset``
             key (``"tiny"`` or ``"default"``) starts from that preset and the other keys override it.
-        lr: AdamW learning rate of the autoencoder.
+        lr: AdamW learning rate of the autoencoder (the peak, when a schedule is set).
+        warmup_steps: linear warm-up steps of the autoencoder's learning rate.
+        min_lr_ratio: cosine decay to ``min_lr_ratio * lr`` at ``trainer.max_steps``; 1.0 (the default) keeps
+            the learning rate constant after the warm-up.
         betas: AdamW betas (VQGAN's ``(0.5, 0.9)``), used by both optimizers.
         weight_decay: AdamW weight decay.
         l1_weight: weight of the mean absolute error.
@@ -305,6 +328,8 @@ class ImageTokenizerModule(VQModuleBase):
         self,
         tokenizer: dict[str, Any] | None = None,
         lr: float = 2e-4,
+        warmup_steps: int = 0,
+        min_lr_ratio: float = 1.0,
         betas: tuple[float, float] = (0.5, 0.9),
         weight_decay: float = 0.0,
         l1_weight: float = 1.0,
@@ -331,7 +356,8 @@ class ImageTokenizerModule(VQModuleBase):
                            gan_start_step=gan_start_step,
                            disc_channels=disc_channels, disc_layers=disc_layers, disc_lr=disc_lr,
                            max_adaptive_weight=max_adaptive_weight, lpips_weight=lpips_weight,
-                           lpips_path=lpips_path, grad_clip=grad_clip)
+                           lpips_path=lpips_path, grad_clip=grad_clip, warmup_steps=warmup_steps,
+                           min_lr_ratio=min_lr_ratio)
 
     def _prepare(self, pixels: Tensor) -> Tensor:
         if pixels.ndim == 5 and pixels.shape[2] == 1:  # a one-frame clip is an image

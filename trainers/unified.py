@@ -38,7 +38,6 @@ trainable parameter in every step (no ``find_unused_parameters`` needed).
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +52,7 @@ from anygen.config import AnyGenConfig
 from anygen.model import AnyGenModel, routed_cross_entropy
 from tokenizers_mm.multimodal import MultimodalTokenizer
 from tokenizers_mm.vocab import Vocab
+from trainers.schedule import lr_factor
 
 MODALITIES = ("text", "image", "video")
 NO_LOSS_SPECIALS = ("eol", "eoi", "eof", "eov", "pad", "und")
@@ -394,12 +394,3 @@ class UnifiedModule(LightningModule):
 
         return AnyGen(self.model, self.tokenizer)
 
-
-def lr_factor(step: int, warmup_steps: int, total_steps: int | None, min_ratio: float) -> float:
-    """Learning-rate multiplier: linear warm-up to 1, then cosine to ``min_ratio`` at ``total_steps``."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if total_steps is None or total_steps <= warmup_steps:
-        return 1.0
-    progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))

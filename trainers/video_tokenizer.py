@@ -35,6 +35,8 @@ class VideoTokenizerModule(VQModuleBase):
         self,
         tokenizer: dict[str, Any] | None = None,
         lr: float = 2e-4,
+        warmup_steps: int = 0,
+        min_lr_ratio: float = 1.0,
         betas: tuple[float, float] = (0.5, 0.9),
         weight_decay: float = 0.0,
         l1_weight: float = 1.0,
@@ -61,7 +63,8 @@ class VideoTokenizerModule(VQModuleBase):
                            gan_start_step=gan_start_step,
                            disc_channels=disc_channels, disc_layers=disc_layers, disc_lr=disc_lr,
                            max_adaptive_weight=max_adaptive_weight, lpips_weight=lpips_weight,
-                           lpips_path=lpips_path, grad_clip=grad_clip)
+                           lpips_path=lpips_path, grad_clip=grad_clip, warmup_steps=warmup_steps,
+                           min_lr_ratio=min_lr_ratio)
 
     def _prepare(self, pixels: Tensor) -> Tensor:
         if pixels.ndim == 4:  # (B, 3, H, W) images are one-frame clips
