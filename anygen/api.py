@@ -222,13 +222,21 @@ class AnyGen:
             text=SamplingConfig.coerce(text, "text", DEFAULT_TEXT),
             image=SamplingConfig.coerce(image, "image", DEFAULT_IMAGE),
             video=SamplingConfig.coerce(video, "video", DEFAULT_VIDEO),
-            image_size=tuple(image_size) if image_size is not None else None,
+            image_size=tuple(image_size) if image_size is not None else self._default_image_size(start_with),
             video_size=tuple(video_size) if video_size is not None else None,
             start_with=start_with,
             max_images=max_images,
             seed=seed,
             preview_every=preview_every,
         )
+
+    def _default_image_size(self, start_with: Any) -> tuple[int, int] | None:
+        """A forced image start without a size draws at the tokenizer's trained size; otherwise the model chooses
+        (the size check of a model-chosen size assumes the largest grid, which a short context may not hold)."""
+        starts = start_with if isinstance(start_with, (list, tuple)) else [start_with]
+        if "image" in starts and self.tokenizer.layout.is_native:
+            return self.tokenizer.image_grid
+        return None
 
     def stream(self, prompt: Prompt | Sequence[Prompt], *, max_new_tokens: int = 512,
                text: SamplingConfig | dict | None = None, image: SamplingConfig | dict | None = None,
@@ -261,7 +269,8 @@ class AnyGen:
             max_new_tokens: most ids generated per prompt.
             text / image / video: sampling per modality, a ``SamplingConfig`` or a dict of its fields
                 (``temperature``, ``top_k``, ``top_p``, ``guidance_scale``).
-            image_size: ``(h, w)`` in tokens for generated images; None lets the model choose.
+            image_size: ``(h, w)`` in tokens for generated images; None lets the model choose, except that
+                ``start_with="image"`` then draws at the size the tokenizer was built for (``tokenizer.image_grid``).
             video_size: ``(t, h, w)`` in tokens for generated videos.
             start_with: ``"image"`` or ``"video"`` forces the output to open with one (text→image).
             max_images: stop after this many images + videos (0: no limit).

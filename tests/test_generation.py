@@ -283,3 +283,14 @@ def test_cli_generate_defaults_to_the_trained_image_size(tmp_path, capsys):
     with pytest.raises(SystemExit):  # argparse names the flag and the accepted form
         main(["a red circle", "--random-tiny", "--image-size", "0x3", "--out", str(tmp_path)])
     assert "--image-size must be HxW in tokens" in capsys.readouterr().err
+
+
+def test_api_forced_image_start_defaults_to_the_trained_size():
+    """``generate(start_with="image")`` without ``image_size`` draws at ``tokenizer.image_grid``: the largest grid
+    the grammar allows would not fit this 64-token budget, and the call used to refuse it."""
+    engine = random_engine("tiny")
+    v = engine.tokenizer.vocab
+    assert engine.generator.image_span_len(v.max_height, v.max_width) > 64  # the worst case does not fit
+    out = engine.generate("a red circle", max_new_tokens=64, start_with="image", max_images=1, seed=0)
+    images = [s for s in out.segments if isinstance(s, Image)]
+    assert len(images) == 1 and tuple(images[0].codes.shape) == engine.tokenizer.image_grid
