@@ -13,7 +13,7 @@
 # $RUNS/logs/<stage>.log (tail -f them for progress); loss curves: runs/default/<stage>/lightning_logs/
 # version_*/metrics.csv. The Lightning checkpoints always go to runs/default/<stage>/checkpoints, as the
 # YAMLs say. Environment knobs (defaults in brackets):
-#   DATA [data/default]  RUNS [runs/default]  NUM_SHAPES [5000]  VOCAB [512]  WORKERS [1]  EVAL_NUM [50]
+#   DATA [data/default]  RUNS [runs/default]  NUM_SHAPES [20000]  VOCAB [512]  WORKERS [1]  EVAL_NUM [50]
 #   IMAGE_STEPS / VIDEO_STEPS / UNIFIED_STEPS [the YAMLs' max_steps]
 #   IMAGE_MINUTES / VIDEO_MINUTES / UNIFIED_MINUTES [none]: wall-clock caps per stage (Lightning max_time)
 #   SHIP [0]: 1 copies the exported model and its eval.json into anygen/assets/default/
@@ -23,7 +23,7 @@ PY=${PY:-.venv/bin/python}
 ANYGEN="$PY -m anygen.cli"
 DATA=${DATA:-data/default}
 RUNS=${RUNS:-runs/default}
-NUM_SHAPES=${NUM_SHAPES:-5000}
+NUM_SHAPES=${NUM_SHAPES:-20000}
 VOCAB=${VOCAB:-512}
 WORKERS=${WORKERS:-1}
 EVAL_NUM=${EVAL_NUM:-50}
@@ -95,10 +95,15 @@ fi
 # 6. the unified model, 7. export
 if [[ ! -f "$RUNS/model/model.safetensors" ]]; then
   log "unified: anygen fit --config configs/default/unified.yaml $(steps "${UNIFIED_STEPS:-}")"
+  rm -f runs/default/unified/checkpoints/best.ckpt  # a best step of an earlier run is not this run's
   $ANYGEN fit --config configs/default/unified.yaml --model.init_args.tokenizer_dir "$DATA/tokenizer" \
       --data.init_args.shards "$DATA/shards" $(steps "${UNIFIED_STEPS:-}") \
       $(limit "${UNIFIED_MINUTES:-}") > "$RUNS/logs/unified.log" 2>&1
-  $ANYGEN export runs/default/unified/checkpoints/last.ckpt --out "$RUNS/model"
+  # the step with the lowest validation CE, not the last one (a long run on few documents overfits); a run
+  # too short to validate (TOY=1) has only its last step
+  BEST=runs/default/unified/checkpoints/best.ckpt
+  [[ -f "$BEST" ]] || BEST=runs/default/unified/checkpoints/last.ckpt
+  $ANYGEN export "$BEST" --out "$RUNS/model"
 fi
 
 # 8. evaluation on held-out prompts, 9. ship
