@@ -267,7 +267,9 @@ class VQModuleBase(LightningModule):
     def on_train_start(self) -> None:
         # after a resume the optimizer holds the rate it was saved with, which another max_steps (or no
         # schedule at all) set: start from the rate of this step under this run's schedule
-        self.lr_schedulers().step()
+        schedule = self.lr_schedulers()
+        for group, base in zip(schedule.optimizer.param_groups, schedule.base_lrs):
+            group["lr"] = base * self.lr_factor()  # set, not step(): no step-before-optimizer warning
 
     def lr_factor(self) -> float:
         """The autoencoder's learning-rate multiplier at the current step (warm-up, then cosine to ``min_lr_ratio``)."""
