@@ -259,7 +259,8 @@ class AnyGen:
                  text: SamplingConfig | dict | None = None, image: SamplingConfig | dict | None = None,
                  video: SamplingConfig | dict | None = None, image_size: tuple[int, int] | None = None,
                  video_size: tuple[int, int, int] | None = None, start_with: Literal["image", "video"] | None = None,
-                 max_images: int = 0, seed: int | None = None) -> GenerationOutput | list[GenerationOutput]:
+                 max_images: int = 0, seed: int | None = None, speculative: int = 0
+                 ) -> GenerationOutput | list[GenerationOutput]:
         """Generate interleaved text, images and video.
 
         Args:
@@ -275,16 +276,48 @@ class AnyGen:
             start_with: ``"image"`` or ``"video"`` forces the output to open with one (text→image).
             max_images: stop after this many images + videos (0: no limit).
             seed: makes sampling reproducible.
+            speculative: opt-in speculative Jacobi decoding with this many ids per forward pass (0: off, the
+                default). The same output distribution in fewer forward passes (``docs/speed.md``). It draws
+                exactly one image or video: it needs ``start_with``, ``max_images`` 0 or 1, a known size
+                (``image_size`` / the trained grid, ``video_size``) and the modality's ``top_k=0``, ``top_p=1``.
 
         Returns:
             One ``GenerationOutput``, or a list of them for a batch.
         """
         prompts, batched = self._split_batch(prompt)
+        if speculative:
+            outputs = self._speculative(prompts, speculative, max_new_tokens=max_new_tokens, text=text, image=image,
+                                        video=video, image_size=image_size, video_size=video_size,
+                                        start_with=start_with, max_images=max_images, seed=seed)
+            return outputs if batched else outputs[0]
         done = [e for e in self.stream(prompts, max_new_tokens=max_new_tokens, text=text, image=image, video=video,
                                        image_size=image_size, video_size=video_size, start_with=start_with,
                                        max_images=max_images, seed=seed) if isinstance(e, RowDone)]
         outputs = [GenerationOutput(e.segments, e.ids, e.reason) for e in sorted(done, key=lambda e: e.row)]
         return outputs if batched else outputs[0]
+
+    def _speculative(self, prompts: list[Prompt], window: Any, *, start_with: Any, max_images: int,
+                     **kwargs: Any) -> list[GenerationOutput]:
+        from anygen.generation.speculative import generate_speculative
+
+        if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+            raise ValueError(f"speculative must be an int >= 1 (ids per forward pass; 0 turns it off), got {window!r}")
+        if start_with not in ("image", "video"):
+            raise ValueError("speculative decoding draws one image or video: pass start_with='image' or 'video', "
+                             f"got {start_with!r}")
+        if max_images not in (0, 1):
+            raise ValueError(f"speculative decoding draws exactly one image or video; max_images must be 0 or 1, "
+                             f"got {max_images!r}")
+        settings = self._settings(kwargs.pop("max_new_tokens"), kwargs.pop("text"), kwargs.pop("image"),
+                                  kwargs.pop("video"), kwargs.pop("image_size"), kwargs.pop("video_size"), start_with,
+                                  1, kwargs.pop("seed"), 0)
+        encoded = [self.encode_prompt(p) for p in prompts]
+        with self._lock:
+            try:
+                done, _ = generate_speculative(self.generator, encoded, settings, window=window)
+            finally:
+                self.model.release_cache()
+        return [GenerationOutput(e.segments, e.ids, e.reason) for e in sorted(done, key=lambda e: e.row)]
 
 
 def _is_hf_directory(directory: Path) -> bool:

@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=lambda t: _size(t, 2, "--image-size"),
                    help="HxW in tokens (default: the tokenizer's image size, the one the model trained on)")
     p.add_argument("--video-size", type=lambda t: _size(t, 3, "--video-size"), help="TxHxW in tokens")
+    p.add_argument("--speculative", type=int, default=0, metavar="WINDOW",
+                   help="opt-in speculative Jacobi decoding of the --start-with span, WINDOW ids per forward pass "
+                        "(same distribution, fewer passes; top-k and top-p stay off; default 0: off)")
     p.add_argument("--batch-size", type=int, default=4, help="prompts per batch with --prompts")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     for m in MODALITIES:
@@ -155,7 +158,7 @@ def _run(engine, args: argparse.Namespace, documents: list[list]) -> int:
     kwargs = dict(max_new_tokens=args.max_new_tokens, text=_sampling(args, "text") or None,
                   image=_sampling(args, "image") or None, video=_sampling(args, "video") or None,
                   image_size=image_size, video_size=args.video_size, start_with=args.start_with,
-                  max_images=args.max_images, seed=args.seed)
+                  max_images=args.max_images, seed=args.seed, speculative=args.speculative)
     size = max(1, args.batch_size)
     batches = [documents[i:i + size] for i in range(0, len(documents), size)]
     index = 0

@@ -141,3 +141,39 @@ def test_span_template_and_errors(engine):
                                                                      image=SamplingConfig(top_k=5)))
     with pytest.raises(ValueError, match="window"):
         generate_speculative(generator, prompts, GenerationSettings(start_with="image", image_size=(2, 2)), window=0)
+
+
+def test_public_api_speculative_is_opt_in_and_lossless(engine):
+    """``AnyGen.generate(speculative=W)``: greedy ids equal the default path's for a batch; the trained grid is
+    the default size; requests it cannot serve are refused with what to pass instead."""
+    greedy = {"temperature": 0.0, "guidance_scale": 3.0}
+    prompts = ["a red circle", "draw a cat on a mat"]
+    plain = engine.generate(prompts, max_new_tokens=80, start_with="image", max_images=1, image=greedy)
+    fast = engine.generate(prompts, max_new_tokens=80, start_with="image", max_images=1, image=greedy, speculative=4)
+    assert [o.ids.tolist() for o in fast] == [o.ids.tolist() for o in plain]
+    assert [o.finish_reason for o in fast] == ["max_images"] * 2
+    assert fast[0].images and fast[0].images[0].size == plain[0].images[0].size
+    assert tuple(fast[0].segments[0].codes.shape) == engine.tokenizer.image_grid
+    assert engine.model.cache_valid is None  # released, as after every call
+    one = engine.generate("a red circle", max_new_tokens=80, start_with="image", image=greedy, speculative=4)
+    assert one.ids.tolist() == plain[0].ids.tolist()  # an unbatched prompt gives one output
+    with pytest.raises(ValueError, match="start_with"):
+        engine.generate("a", speculative=4)
+    with pytest.raises(ValueError, match="max_images must be 0 or 1"):
+        engine.generate("a", start_with="image", max_images=2, speculative=4)
+    with pytest.raises(ValueError, match="speculative must be an int"):
+        engine.generate("a", start_with="image", speculative=-2)
+    with pytest.raises(ValueError, match="top_k"):
+        engine.generate("a", start_with="image", image={"top_k": 5}, speculative=4)
+
+
+def test_cli_generate_speculative(tmp_path, capsys):
+    import PIL.Image
+
+    from anygen.cli_generate import main
+
+    assert main(["a red circle", "--random-tiny", "--start-with", "image", "--speculative", "8", "--seed", "0",
+                 "--out", str(tmp_path)]) == 0
+    assert PIL.Image.open(tmp_path / "0000" / "image_0.png").size[0] > 0
+    assert main(["a red circle", "--random-tiny", "--speculative", "8", "--out", str(tmp_path)]) == 2
+    assert "start_with" in capsys.readouterr().err
