@@ -2,20 +2,20 @@
 # Train the shipped default model from nothing, with the project's own CLI and configs/default/*.yaml:
 #
 #   data (shapes + digits) -> image tokenizer -> video tokenizer -> build-tokenizer (BPE + the two VQ)
-#   -> tokenize -> unified model (leg 1, then an annealing leg 2) -> export -> eval -> copy into anygen/assets/default/
+#   -> tokenize -> unified model -> export -> eval -> copy into anygen/assets/default/
 #
 #   bash scripts/train_default.sh                  # the recipe as configured (CPU: a few hours; GPU: minutes)
 #   TOY=1 bash scripts/train_default.sh            # a few steps per stage: proves the pipeline end to end
 #   IMAGE_STEPS=600 VIDEO_STEPS=400 UNIFIED_STEPS=800 nice -n 19 bash scripts/train_default.sh   # a budget
 #
 # Each stage is skipped when its output exists ($RUNS/export/*.safetensors, $DATA/tokenizer, $DATA/shards,
-# $RUNS/unified_leg1, $RUNS/model), so a rerun carries on where it stopped; delete an output to redo its stage. Logs:
+# $RUNS/model), so a rerun carries on where it stopped; delete an output to redo its stage. Logs:
 # $RUNS/logs/<stage>.log (tail -f them for progress); loss curves: runs/default/<stage>/lightning_logs/
 # version_*/metrics.csv. The Lightning checkpoints always go to runs/default/<stage>/checkpoints, as the
 # YAMLs say. Environment knobs (defaults in brackets):
 #   DATA [data/default]  RUNS [runs/default]  NUM_SHAPES [20000]  VOCAB [512]  WORKERS [1]  EVAL_NUM [50]
-#   IMAGE_STEPS / VIDEO_STEPS / UNIFIED_STEPS / ANNEAL_STEPS [the YAMLs' max_steps]
-#   IMAGE_MINUTES / VIDEO_MINUTES / UNIFIED_MINUTES / ANNEAL_MINUTES [none]: wall-clock caps per stage (Lightning max_time)
+#   IMAGE_STEPS / VIDEO_STEPS / UNIFIED_STEPS [the YAMLs' max_steps]
+#   IMAGE_MINUTES / VIDEO_MINUTES / UNIFIED_MINUTES [none]: wall-clock caps per stage (Lightning max_time)
 #   SHIP [0]: 1 copies the exported model and its eval.json into anygen/assets/default/
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,7 +29,7 @@ WORKERS=${WORKERS:-1}
 EVAL_NUM=${EVAL_NUM:-50}
 if [[ "${TOY:-0}" == 1 ]]; then
   NUM_SHAPES=${TOY_SHAPES:-60}; IMAGE_STEPS=${IMAGE_STEPS:-4}; VIDEO_STEPS=${VIDEO_STEPS:-3}
-  UNIFIED_STEPS=${UNIFIED_STEPS:-4}; ANNEAL_STEPS=${ANNEAL_STEPS:-3}; EVAL_NUM=${EVAL_NUM_TOY:-2}; LIMIT="--limit 200"
+  UNIFIED_STEPS=${UNIFIED_STEPS:-4}; EVAL_NUM=${EVAL_NUM_TOY:-2}; LIMIT="--limit 200"
 fi
 steps() { [[ -n "${1:-}" ]] && echo "--trainer.max_steps $1" || true; }
 # a wall-clock cap per stage (minutes), Lightning's --trainer.max_time: training stops, the last checkpoint counts
@@ -92,26 +92,18 @@ if [[ ! -f "$DATA/shards/index.json" ]]; then
       --workers "$WORKERS" --video-frames 9 --max-length 384 ${LIMIT:-} --overwrite --quiet > "$RUNS/logs/tokenize.log" 2>&1
 fi
 
-# 6. the unified model in two legs, 7. export. Leg 1 (configs/default/unified.yaml) from nothing; its step with
-# the lowest validation CE (not the last one: a long run on few documents overfits; a run too short to
-# validate, TOY=1, has only its last step) is exported to $RUNS/unified_leg1. Leg 2
-# (configs/default/unified_anneal.yaml) restarts from it with a fresh optimizer and anneals the rate.
-best_or_last() { [[ -f "$1/best.ckpt" ]] && echo "$1/best.ckpt" || echo "$1/last.ckpt"; }
-if [[ ! -f "$RUNS/unified_leg1/model.safetensors" && ! -f "$RUNS/model/model.safetensors" ]]; then
-  log "unified leg 1: anygen fit --config configs/default/unified.yaml $(steps "${UNIFIED_STEPS:-}")"
+# 6. the unified model, 7. export
+if [[ ! -f "$RUNS/model/model.safetensors" ]]; then
+  log "unified: anygen fit --config configs/default/unified.yaml $(steps "${UNIFIED_STEPS:-}")"
   rm -f runs/default/unified/checkpoints/best.ckpt  # a best step of an earlier run is not this run's
   $ANYGEN fit --config configs/default/unified.yaml --model.init_args.tokenizer_dir "$DATA/tokenizer" \
       --data.init_args.shards "$DATA/shards" $(steps "${UNIFIED_STEPS:-}") \
       $(limit "${UNIFIED_MINUTES:-}") > "$RUNS/logs/unified.log" 2>&1
-  $ANYGEN export "$(best_or_last runs/default/unified/checkpoints)" --out "$RUNS/unified_leg1"
-fi
-if [[ ! -f "$RUNS/model/model.safetensors" ]]; then
-  log "unified leg 2: anygen fit --config configs/default/unified_anneal.yaml $(steps "${ANNEAL_STEPS:-}")"
-  rm -f runs/default/unified_anneal/checkpoints/best.ckpt
-  $ANYGEN fit --config configs/default/unified_anneal.yaml --model.init_args.tokenizer_dir "$DATA/tokenizer" \
-      --model.init_args.init_from "$RUNS/unified_leg1" --data.init_args.shards "$DATA/shards" \
-      $(steps "${ANNEAL_STEPS:-}") $(limit "${ANNEAL_MINUTES:-}") > "$RUNS/logs/unified_anneal.log" 2>&1
-  $ANYGEN export "$(best_or_last runs/default/unified_anneal/checkpoints)" --out "$RUNS/model"
+  # the step with the lowest validation CE, not the last one (a long run on few documents overfits); a run
+  # too short to validate (TOY=1) has only its last step
+  BEST=runs/default/unified/checkpoints/best.ckpt
+  [[ -f "$BEST" ]] || BEST=runs/default/unified/checkpoints/last.ckpt
+  $ANYGEN export "$BEST" --out "$RUNS/model"
 fi
 
 # 8. evaluation on held-out prompts, 9. ship
