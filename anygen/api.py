@@ -286,9 +286,9 @@ class AnyGen:
         """
         prompts, batched = self._split_batch(prompt)
         if speculative:
-            outputs = self._speculative(prompts, speculative, max_new_tokens=max_new_tokens, text=text, image=image,
-                                        video=video, image_size=image_size, video_size=video_size,
-                                        start_with=start_with, max_images=max_images, seed=seed)
+            settings = self._settings(max_new_tokens, text, image, video, image_size, video_size, start_with,
+                                      1, seed, 0)  # max_images 1: the one span it draws
+            outputs = self._speculative(prompts, speculative, settings, max_images)
             return outputs if batched else outputs[0]
         done = [e for e in self.stream(prompts, max_new_tokens=max_new_tokens, text=text, image=image, video=video,
                                        image_size=image_size, video_size=video_size, start_with=start_with,
@@ -296,21 +296,18 @@ class AnyGen:
         outputs = [GenerationOutput(e.segments, e.ids, e.reason) for e in sorted(done, key=lambda e: e.row)]
         return outputs if batched else outputs[0]
 
-    def _speculative(self, prompts: list[Prompt], window: Any, *, start_with: Any, max_images: int,
-                     **kwargs: Any) -> list[GenerationOutput]:
+    def _speculative(self, prompts: list[Prompt], window: Any, settings: GenerationSettings,
+                     max_images: int) -> list[GenerationOutput]:
         from anygen.generation.speculative import generate_speculative
 
         if not isinstance(window, int) or isinstance(window, bool) or window < 1:
             raise ValueError(f"speculative must be an int >= 1 (ids per forward pass; 0 turns it off), got {window!r}")
-        if start_with not in ("image", "video"):
+        if settings.start_with not in ("image", "video"):
             raise ValueError("speculative decoding draws one image or video: pass start_with='image' or 'video', "
-                             f"got {start_with!r}")
+                             f"got {settings.start_with!r}")
         if max_images not in (0, 1):
             raise ValueError(f"speculative decoding draws exactly one image or video; max_images must be 0 or 1, "
                              f"got {max_images!r}")
-        settings = self._settings(kwargs.pop("max_new_tokens"), kwargs.pop("text"), kwargs.pop("image"),
-                                  kwargs.pop("video"), kwargs.pop("image_size"), kwargs.pop("video_size"), start_with,
-                                  1, kwargs.pop("seed"), 0)
         encoded = [self.encode_prompt(p) for p in prompts]
         with self._lock:
             try:
