@@ -342,6 +342,22 @@ class ImageTokenizer(nn.Module):
         quant, codes, aux_loss = self._quantize(self._check_images(x), update_codebook=True)
         return self._decode_latent(quant), codes, aux_loss
 
+    def code_vectors(self) -> torch.Tensor:
+        """The quantized latent of every code, ``(codebook_size, latent_channels)``, in code order.
+
+        FSQ: the code's grid point, each channel in ``[-1, 1]``. Two FSQ tokenizers with the same latent
+        channels can be compared code by code this way (a refined codebook's codes and their nearest coarse
+        ones, ``trainers.unified``'s ``init_image_codes``).
+
+        Raises:
+            ValueError: a ``"vq"`` tokenizer (its codes live on a learned, unnormalised codebook).
+        """
+        if not isinstance(self.quantizer, FSQ):
+            raise ValueError("code_vectors needs an FSQ tokenizer (ImageTokenizerConfig.quantizer='fsq')")
+        codes = torch.arange(self.codebook_size, device=self.quant_conv.weight.device)
+        with torch.no_grad():
+            return self.quantizer.indices_to_codes(codes).float()  # (K, C)
+
     def codebook_usage(self, codes: torch.Tensor) -> float:
         """Fraction of the codebook that appears in ``codes`` (any shape of valid codes)."""
         if not isinstance(codes, torch.Tensor) or not _is_int(codes):

@@ -43,6 +43,7 @@ class VideoTokenizerModule(VQModuleBase):
         l2_weight: float = 1.0,
         chroma_weight: float = 0.0,
         foreground_weight: float = 0.0,
+        edge_weight: float = 0.0,
         quantizer_weight: float = 1.0,
         gan_weight: float = 0.0,
         gan_start_step: int = 0,
@@ -53,6 +54,7 @@ class VideoTokenizerModule(VQModuleBase):
         lpips_weight: float = 0.0,
         lpips_path: str | None = None,
         grad_clip: float | None = None,
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -64,7 +66,7 @@ class VideoTokenizerModule(VQModuleBase):
                            disc_channels=disc_channels, disc_layers=disc_layers, disc_lr=disc_lr,
                            max_adaptive_weight=max_adaptive_weight, lpips_weight=lpips_weight,
                            lpips_path=lpips_path, grad_clip=grad_clip, warmup_steps=warmup_steps,
-                           min_lr_ratio=min_lr_ratio)
+                           min_lr_ratio=min_lr_ratio, edge_weight=edge_weight, init_from=init_from)
 
     def _prepare(self, pixels: Tensor) -> Tensor:
         if pixels.ndim == 4:  # (B, 3, H, W) images are one-frame clips
