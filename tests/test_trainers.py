@@ -7,6 +7,7 @@ Data comes from tiny in-test data modules (deterministic, no shuffling) so the t
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from tokenizers_mm.image import ImageTokenizer
 from tokenizers_mm.multimodal import MultimodalTokenizer
 from tokenizers_mm.segments import Image, Understand, Video
 from tokenizers_mm.video import VideoTokenizer
-from trainers.callbacks import SampleLogger
+from trainers.callbacks import HeldoutEval, SampleLogger
 from trainers.cli import fit as cli_fit
 from trainers.export import export_checkpoint
 from trainers.export import main as export_main
@@ -171,12 +172,12 @@ def tiny_unified(tok_dir: str, **kwargs) -> UnifiedModule:
 
 def tiny_image(**kwargs) -> ImageTokenizerModule:
     torch.manual_seed(0)
-    return ImageTokenizerModule(tokenizer={"preset": "tiny", "image_size": 16}, **{"lr": 3e-3, **kwargs})
+    return ImageTokenizerModule(**{"tokenizer": {"preset": "tiny", "image_size": 16}, "lr": 3e-3, **kwargs})
 
 
 def tiny_video(**kwargs) -> VideoTokenizerModule:
     torch.manual_seed(0)
-    return VideoTokenizerModule(tokenizer={"preset": "tiny"}, **{"lr": 3e-3, **kwargs})
+    return VideoTokenizerModule(**{"tokenizer": {"preset": "tiny"}, "lr": 3e-3, **kwargs})
 
 
 GAN = {"gan_weight": 0.5, "gan_start_step": 1, "disc_channels": 8, "disc_layers": 1}
@@ -502,6 +503,57 @@ def test_init_from_an_earlier_stage(tok_dir, tmp_path, source):
         UnifiedModule(tok_dir, model={"n_layer": 1}, init_from=str(path))
 
 
+
+def _refined_tokenizer_dir(tok_dir: str, tmp_path: Path) -> tuple[str, Path]:
+    """``tok_dir`` with its image VQ swapped for a finer FSQ grid over the same latent (5x5x5 -> 8x8x8)."""
+    tokenizer = MultimodalTokenizer.load(tok_dir)
+    coarse = tmp_path / "coarse_image.safetensors"
+    tokenizer.image.save(coarse)
+    fine = ImageTokenizer(type(tokenizer.image.config).from_dict({**tokenizer.image.config.to_dict(),
+                                                                   "fsq_levels": [8, 8, 8]}))
+    fine.load_state_dict(tokenizer.image.state_dict())
+    v = tokenizer.vocab
+    refined = MultimodalTokenizer(tokenizer.text, fine, tokenizer.video, image_size=tokenizer.image_size,
+                                  video_size=tokenizer.video_size, und_tokens=tokenizer.und_tokens,
+                                  und_image_size=tokenizer.und_image_size, max_height=v.max_height,
+                                  max_width=v.max_width, max_frames=v.max_frames, layout=tokenizer.layout)
+    refined.save(tmp_path / "refined")
+    return str(tmp_path / "refined"), coarse
+
+
+def test_init_image_codes_carries_a_model_across_a_refined_codebook(tok_dir, tmp_path):
+    stage1 = tiny_unified(tok_dir)
+    pretrained = stage1.model
+    path = tmp_path / "stage1"
+    AnyGen(pretrained, stage1.tokenizer).save_pretrained(path)
+    refined_dir, coarse = _refined_tokenizer_dir(tok_dir, tmp_path)
+    with pytest.raises(ValueError, match="vocabulary"):  # a plain init_from refuses the other codebook
+        UnifiedModule(refined_dir, init_from=str(path))
+    with pytest.raises(ValueError, match="set init_from"):
+        UnifiedModule(refined_dir, init_image_codes=str(coarse))
+    torch.manual_seed(1)
+    stage2 = UnifiedModule(refined_dir, init_from=str(path), init_image_codes=str(coarse))
+    assert stage2.model.vocab.image_codebook_size == 512 != pretrained.vocab.image_codebook_size
+    old, new = ImageTokenizer.load(coarse), stage2.tokenizer.image
+    old_vectors, new_vectors = old.code_vectors(), new.code_vectors()
+    for code in range(0, 512, 37):  # each fine code starts from the coarse code nearest to its grid point
+        distances = (old_vectors - new_vectors[code]).norm(dim=1)
+        nearest = int(distances.argmin())
+        assert torch.equal(stage2.model.embed["image"].weight[code], pretrained.embed["image"].weight[nearest])
+        assert torch.equal(stage2.model.head["image"].weight[code], pretrained.head["image"].weight[nearest])
+    # a coarse grid point is also a fine one here (0 and +-1 are on both grids): it maps onto itself
+    same = [i for i in range(512) if (old_vectors - new_vectors[i]).norm(dim=1).min() == 0]
+    assert same and all(int((old_vectors - new_vectors[i]).norm(dim=1).argmin()) in range(125) for i in same)
+    for key, value in pretrained.state_dict().items():
+        if not key.startswith(("embed.image", "head.image")):
+            assert torch.equal(stage2.model.state_dict()[key], value), key
+    # the text rows mean strings of one BPE table: a checkpoint made with another one is refused
+    other = json.loads((path / "text_tokenizer.json").read_text())
+    other["model"]["merges"] = other["model"]["merges"][::-1]
+    (path / "text_tokenizer.json").write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="another text tokenizer"):
+        UnifiedModule(refined_dir, init_from=str(path), init_image_codes=str(coarse))
+
 # -- sample logger -----------------------------------------------------------------------------------------
 
 
@@ -516,6 +568,30 @@ def test_sample_logger_writes_generations(tok_dir, tmp_path):
     assert all(p.is_file() and p.parent.name == "step_0000002" for p in sampler.written)
     assert module.model.training and module.model.blocks[0].attn.kv_cache is None
 
+
+
+def test_heldout_eval_logs_the_harness_scores_for_checkpointing(tok_dir, tmp_path):
+    from anygen.eval.harness import EvalContext, eval_sampling, run_eval
+
+    module = tiny_unified(tok_dir)
+    heldout = HeldoutEval(num=2, categories=["t2i_single", "caption"], batch_size=2)
+    best = ModelCheckpoint(dirpath=tmp_path, filename="best", monitor="heldout/score", mode="max", save_top_k=1)
+    data = _loader(token_batches(module.tokenizer, 4, 2))
+    trainer(2, enable_checkpointing=True, callbacks=[heldout, best], val_check_interval=2, limit_val_batches=1,
+            check_val_every_n_epoch=None).fit(module, data, data)
+    assert [h["step"] for h in heldout.history] == [2]
+    logged = heldout.history[0]
+    assert set(logged) == {"step", "heldout/t2i_single", "heldout/caption", "heldout/score"}
+    assert logged["heldout/score"] == pytest.approx((logged["heldout/t2i_single"] + logged["heldout/caption"]) / 2)
+    assert (tmp_path / "best.ckpt").is_file() and float(best.best_model_score) == pytest.approx(logged["heldout/score"])
+    # the numbers are the harness's own on the same weights and seed
+    ctx = EvalContext(module.engine(), num=2, seed=1, batch_size=2, sampling=eval_sampling())
+    again = run_eval(ctx, ["t2i_single", "caption"])
+    assert logged["heldout/caption"] == pytest.approx(again["caption"].score)
+    assert logged["heldout/t2i_single"] == pytest.approx(again["t2i_single"].score)
+    assert module.model.blocks[0].attn.kv_cache is None
+    with pytest.raises(ValueError, match="unknown or unscored"):
+        HeldoutEval(categories=["tokenizer"])
 
 @pytest.mark.parametrize("kind", ["image", "video"])
 def test_sample_logger_writes_reconstructions(tmp_path, kind):
@@ -556,6 +632,47 @@ def test_chroma_loss_is_the_error_of_the_deviation_from_grey(make):
     with pytest.raises(ValueError, match="chroma_weight"):
         make(chroma_weight=-1.0)
 
+
+
+@pytest.mark.parametrize("make", [tiny_image, tiny_video], ids=["image", "video"])
+def test_edge_loss_is_the_error_of_neighbouring_differences(make):
+    """A reconstruction off by a constant has no edge error; one sharp step blurred away has exactly its own."""
+    x = torch.full((1, 3, 16, 16), -0.5)
+    x[..., 4:10, 4:10] = 0.5  # a square
+    offset = x + 0.1
+    blurred = x.clone()
+    blurred[..., 4:10, 4:10] = 0.0  # the step halved: every difference across the border is off by 0.5
+    if make is tiny_video:
+        x, offset, blurred = x.unsqueeze(2), offset.unsqueeze(2), blurred.unsqueeze(2)
+    module = make(edge_weight=2.0)
+    for recon, expected in ((offset, 0.0), (blurred, 0.5 * 4 * 6 * 3 / x.numel())):  # 4 sides x 6 pixels x RGB
+        module.tokenizer.forward = lambda inp, r=recon: (r, torch.zeros(1, dtype=torch.long), torch.zeros(()))
+        terms = module.reconstruction_losses(x)
+        assert torch.allclose(terms["edge"], torch.tensor(expected), atol=1e-6)
+        assert torch.allclose(terms["rec"], terms["l1"] + terms["mse"] + 2.0 * terms["edge"], atol=1e-6)
+    assert "edge" not in make().reconstruction_losses(x)
+    with pytest.raises(ValueError, match="edge_weight"):
+        make(edge_weight=-1.0)
+
+
+@pytest.mark.parametrize("make", [tiny_image, tiny_video], ids=["image", "video"])
+def test_tokenizer_init_from_a_coarser_codebook(make, tmp_path):
+    coarse = make()
+    path = coarse.tokenizer.save(tmp_path / "coarse.safetensors")
+    fine = make(tokenizer={"preset": "tiny", "fsq_levels": [8, 8, 8]}, init_from=str(path))
+    assert fine.tokenizer.codebook_size == 512 != coarse.tokenizer.codebook_size
+    for key, value in coarse.tokenizer.state_dict().items():
+        assert torch.equal(fine.tokenizer.state_dict()[key], value), key
+    with pytest.raises(FileNotFoundError):
+        make(init_from=str(tmp_path / "missing.safetensors"))
+    other = ImageTokenizerModule(tokenizer={"preset": "tiny", "base_channels": 8, "norm_num_groups": 4})
+    if make is tiny_image:
+        wrong = other.tokenizer.save(tmp_path / "narrow.safetensors")
+        with pytest.raises(ValueError, match="does not fit"):
+            make(init_from=str(wrong))
+    else:
+        with pytest.raises(ValueError, match="video_tokenizer"):  # an image tokenizer file is refused by kind
+            make(init_from=str(other.tokenizer.save(tmp_path / "image.safetensors")))
 
 def test_foreground_weight_counts_a_small_shape_like_the_background():
     """The error on one bright pixel of a flat image weighs 1 + w·|x - median| against the background's 1."""

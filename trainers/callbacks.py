@@ -1,4 +1,4 @@
-"""Lightning callbacks: ``SampleLogger`` shows what a model makes while it trains.
+"""Lightning callbacks: ``SampleLogger`` shows what a model makes while it trains; ``HeldoutEval`` scores it.
 
 - For ``UnifiedModule``: every ``every_n_steps`` steps it builds an ``anygen.api.AnyGen`` over the
   module's own model and tokenizer and generates, from a few fixed prompts, one image each (text to
@@ -13,6 +13,11 @@
 Where it goes: PNG (and ``samples.txt``) files under ``<log_dir>/samples/step_NNNNNNN/`` always, and the
 logger too when it takes images (TensorBoard's ``add_image``, or any logger with ``log_image`` such
 as W&B). CSV logs cannot hold images, so there the files are the record.
+
+``HeldoutEval`` (``UnifiedModule`` only) runs categories of ``anygen eval`` (held-out attribute combinations,
+rule-judged) at the end of every validation and logs ``heldout/<category>`` and their mean ``heldout/score``,
+so a ``ModelCheckpoint`` can keep the step that generalises best, not the one with the lowest validation CE:
+on the shapes data the two disagree (a run whose val CE fell 0.62 -> 0.61 drew held-out motions 41 -> 21 %).
 
 Sampling runs on global rank 0 only, outside the training graph, in eval mode, and restores train
 mode afterwards. It is skipped under FSDP, where no rank holds the whole model.
@@ -182,3 +187,54 @@ class SampleLogger(Callback):
 def _unit(x: Tensor) -> Tensor:
     """``[-1, 1]`` pixels to ``[0, 1]`` for image files."""
     return (x.float().clamp(-1, 1) + 1) / 2
+
+
+class HeldoutEval(Callback):
+    """Score the unified model on held-out prompts after every validation (``anygen eval``'s categories).
+
+    Logs ``heldout/<category>`` (each category's headline score) and ``heldout/score`` (their mean) into the
+    validation metrics, where ``ModelCheckpoint(monitor="heldout/score", mode="max")`` sees them. Use a
+    ``seed`` other than the one reported by ``anygen eval``: the same held-out combinations, other scenes.
+
+    Args:
+        num: prompts per category.
+        categories: ``anygen.eval.harness.CATEGORIES`` to run (the image / video / caption ones).
+        seed: prompt and sampling seed.
+        holdout / data_seed: the data set's held-out fraction and seed (``anygen data shapes``).
+        batch_size: prompts per ``generate`` call.
+    """
+
+    def __init__(self, num: int = 32, categories: list[str] | None = None, seed: int = 1, holdout: float = 0.1,
+                 data_seed: int = 0, batch_size: int = 16) -> None:
+        from anygen.eval.harness import EVALUATORS
+
+        self.categories = list(categories) if categories else ["t2i_single", "caption", "video"]
+        unknown = [c for c in self.categories if c not in EVALUATORS or c == "tokenizer"]
+        if unknown:
+            raise ValueError(f"HeldoutEval: unknown or unscored categories {unknown}; accepted: "
+                             f"{sorted(set(EVALUATORS) - {'tokenizer'})}")
+        if num < 1:
+            raise ValueError(f"HeldoutEval.num must be >= 1, got {num}")
+        self.num, self.seed, self.holdout, self.data_seed, self.batch_size = num, seed, holdout, data_seed, batch_size
+        self.history: list[dict[str, float]] = []  # one entry per scored validation, newest last
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.sanity_checking or not isinstance(pl_module, UnifiedModule):
+            return
+        from anygen.eval.harness import EvalContext, eval_sampling, run_eval
+
+        model = pl_module.model
+        was_training = model.training
+        try:
+            ctx = EvalContext(pl_module.engine(), num=self.num, seed=self.seed, batch_size=self.batch_size,
+                              holdout=self.holdout, data_seed=self.data_seed, sampling=eval_sampling())
+            results = run_eval(ctx, self.categories)
+        finally:
+            model.release_cache()  # training never uses the generator's KV cache
+            model.train(was_training)
+        scores = {f"heldout/{name}": float(r.score) for name, r in results.items()}
+        scores["heldout/score"] = sum(scores.values()) / len(scores)
+        self.history.append({"step": trainer.global_step, **scores})
+        # under DDP every rank runs the same seeded prompts on the same weights, so every rank logs the same
+        # numbers and a ModelCheckpoint monitoring them works on each
+        pl_module.log_dict(scores, batch_size=1)

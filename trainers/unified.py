@@ -8,7 +8,7 @@ What this module owns:
 - the loss: routed next-token cross-entropy (``anygen.model.routed_cross_entropy``), structural targets
   masked, per-modality weights, z-loss, and each modality's CE logged apart;
 - staged training (Janus): which parameter groups train (``train:``), and starting from an earlier
-  stage (``init_from:``);
+  stage (``init_from:``), also across a refined image codebook (``init_image_codes:``);
 - AdamW with linear warm-up and cosine decay.
 
 Loss::
@@ -50,7 +50,8 @@ from torchmetrics import MeanMetric
 
 from anygen.config import AnyGenConfig
 from anygen.model import AnyGenModel, routed_cross_entropy
-from tokenizers_mm.multimodal import MultimodalTokenizer
+from tokenizers_mm.image import ImageTokenizer
+from tokenizers_mm.multimodal import TEXT_FILE, MultimodalTokenizer
 from tokenizers_mm.vocab import Vocab
 from trainers.schedule import lr_factor
 
@@ -145,10 +146,42 @@ def apply_trainable(model: AnyGenModel, names: list[str]) -> None:
 # -- loading an earlier stage -------------------------------------------------------------------------
 
 
-def load_initial_weights(model: AnyGenModel, path: str | Path) -> None:
+def nearest_code_map(old: ImageTokenizer, new: ImageTokenizer) -> Tensor:
+    """For every code of ``new``, the code of ``old`` whose quantized latent is nearest, ``(K_new,)`` long.
+
+    Meant for a refined tokenizer warm-started from ``old`` (same latent channels, a finer FSQ grid): its
+    codes mean roughly what their nearest coarse codes meant, so a decoder trained on the coarse codes can
+    start the fine ones from their rows.
+
+    Raises:
+        ValueError: either tokenizer is not FSQ, or their latent channels differ.
+    """
+    a, b = old.code_vectors(), new.code_vectors()  # (K_old, C), (K_new, C)
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"init_image_codes: the tokenizers' latents have {a.shape[1]} and {b.shape[1]} channels; "
+                         "codes can only be matched between FSQ tokenizers with the same latent channels")
+    return torch.cdist(b, a).argmin(dim=1)
+
+
+def _bpe_table(path: Path) -> Any:
+    model = json.loads(path.read_text()).get("model", {})
+    return model.get("vocab"), model.get("merges")
+
+
+def load_initial_weights(model: AnyGenModel, path: str | Path, *, image_code_map: Tensor | None = None,
+                         text_tokenizer: Path | None = None) -> None:
     """Load weights from a ``save_pretrained`` directory or a Lightning ``.ckpt`` of a ``UnifiedModule``.
 
     A ``.ckpt`` is read with ``torch.load(weights_only=True)``: tensors and plain values only.
+
+    Args:
+        model: the model to fill.
+        path: the directory or checkpoint.
+        image_code_map: ``(K_new,)`` old image code for each of ``model``'s (``nearest_code_map``): the
+            checkpoint may then have another image codebook size, and the image embedding and image head
+            rows are gathered through the map; every other tensor loads as it is.
+        text_tokenizer: this run's ``text_tokenizer.json``; a directory ``path`` with another BPE table is refused
+            (same sizes, other strings: nothing else would notice).
 
     Raises:
         FileNotFoundError: ``path`` is neither.
@@ -161,7 +194,13 @@ def load_initial_weights(model: AnyGenModel, path: str | Path) -> None:
             raise FileNotFoundError(f"init_from directory {path} lacks config.json / model.safetensors "
                                     "(expected a save_pretrained / anygen export directory)")
         meta = json.loads(config_file.read_text())
+        if text_tokenizer is not None and (path / TEXT_FILE).is_file() \
+                and _bpe_table(path / TEXT_FILE) != _bpe_table(text_tokenizer):
+            raise ValueError(f"init_from {path} was trained with another text tokenizer than {text_tokenizer} "
+                             "(the BPE vocabularies or merges differ): its text rows would mean other strings")
         vocab = meta.get("vocab")
+        if vocab is not None and image_code_map is not None:  # the image codebook may differ, nothing else
+            vocab = {**vocab, "image_codebook_size": model.vocab.image_codebook_size}
         if vocab is not None and Vocab.from_dict(vocab) != model.vocab:
             raise ValueError(f"init_from {path} has vocabulary {vocab}, the tokenizer gives {model.vocab.to_dict()}")
         try:
@@ -176,6 +215,16 @@ def load_initial_weights(model: AnyGenModel, path: str | Path) -> None:
         state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     else:
         raise FileNotFoundError(f"init_from {path} does not exist; pass a save_pretrained directory or a .ckpt file")
+    if image_code_map is not None:
+        if model.config.head_mode != "routed" or model.config.image_embed_dim or model.config.image_head_dim:
+            raise ValueError("init_image_codes needs routed heads with plain image tables (no Janus image MLPs)")
+        for key in ("embed.image.weight", "head.image.weight"):
+            if key in state:
+                rows = state[key].shape[0]
+                if int(image_code_map.max()) >= rows:
+                    raise ValueError(f"init_image_codes maps onto {int(image_code_map.max()) + 1} old codes, but "
+                                     f"{path} has {rows} rows in {key}: the tokenizer is not the one it trained on")
+                state[key] = state[key][image_code_map.to(state[key].device)]
     load_model_state(model, state, str(path))
 
 
@@ -219,6 +268,9 @@ class UnifiedModule(LightningModule):
         z_loss_weight: weight of ``log(Z)^2`` (PaLM / Chameleon); None keeps the model config's value.
         train: parameter groups to train: ``"all"``, one name or a list (module docstring).
         init_from: a ``save_pretrained`` directory or a ``.ckpt`` to start from (later stages).
+        init_image_codes: the image tokenizer ``.safetensors`` that ``init_from``'s model was trained on, when
+            ``tokenizer_dir`` holds a refined one (same latent channels, a finer FSQ grid): each new code's
+            embedding and image-head row start from its nearest old code (``nearest_code_map``).
     """
 
     def __init__(
@@ -236,6 +288,7 @@ class UnifiedModule(LightningModule):
         z_loss_weight: float | None = None,
         train: str | list[str] = "all",
         init_from: str | None = None,
+        init_image_codes: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -258,8 +311,16 @@ class UnifiedModule(LightningModule):
         config = build_model_config(self.tokenizer, preset, model, z_loss_weight=z_loss_weight,
                                     und_trainable="und_encoder" in self.groups)
         self.model = AnyGenModel(config)
+        if init_image_codes is not None and init_from is None:
+            raise ValueError("init_image_codes maps the image codes of init_from's model; set init_from too")
         if init_from is not None:
-            load_initial_weights(self.model, init_from)
+            code_map = None
+            if init_image_codes is not None:
+                if self.tokenizer.image is None:
+                    raise ValueError(f"init_image_codes is set but the tokenizer in {tokenizer_dir} has no image VQ")
+                code_map = nearest_code_map(ImageTokenizer.load(init_image_codes), self.tokenizer.image)
+            load_initial_weights(self.model, init_from, image_code_map=code_map,
+                                 text_tokenizer=Path(tokenizer_dir) / TEXT_FILE)
         apply_trainable(self.model, self.groups)
         empty = [n for n in self.groups if not parameter_groups(self.model)[n]]
         if empty and train != "all":

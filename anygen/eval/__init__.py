@@ -67,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from anygen.cli_generate import load_engine
-    from anygen.eval.harness import EvalContext, format_table, run_eval
+    from anygen.eval.harness import EvalContext, eval_sampling, format_table, run_eval
 
     if args.num < 1:
         raise ValueError(f"--num must be >= 1, got {args.num}")
@@ -81,10 +81,9 @@ def _run(args: argparse.Namespace) -> int:
         folder.mkdir(parents=True, exist_ok=True)
         image.save(folder / f"{index:04d}_{name}.png")
 
-    visual = {"temperature": args.temperature, "top_k": args.top_k, "guidance_scale": args.guidance_scale}
     ctx = EvalContext(engine, num=args.num, seed=args.seed, batch_size=args.batch_size, holdout=args.holdout,
-                      data_seed=args.data_seed, sampling={"text": {"temperature": 0.0}, "image": visual,
-                                                          "video": visual},
+                      data_seed=args.data_seed,
+                      sampling=eval_sampling(args.temperature, args.top_k, args.guidance_scale),
                       keep_images=None if args.no_images else keep)
 
     def progress(result) -> None:

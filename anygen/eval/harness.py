@@ -55,6 +55,12 @@ TARGETS: dict[str, float] = {"t2i_single": 0.95, "t2i_pair": 0.80, "caption": 0.
 CATEGORIES: tuple[str, ...] = ("t2i_single", "t2i_pair", "caption", "video", "digits", "edit", "story", "tokenizer")
 
 
+def eval_sampling(temperature: float = 1.0, top_k: int = 0, guidance_scale: float = 3.0) -> dict[str, Any]:
+    """``generate`` sampling arguments of an evaluation: greedy text, images and video sampled alike."""
+    visual = {"temperature": temperature, "top_k": top_k, "guidance_scale": guidance_scale}
+    return {"text": {"temperature": 0.0}, "image": visual, "video": dict(visual)}
+
+
 @dataclass
 class CategoryResult:
     """Scores of one category.
@@ -407,4 +413,5 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-__all__ = ["CATEGORIES", "EVALUATORS", "TARGETS", "CategoryResult", "EvalContext", "format_table", "run_eval"]
+__all__ = ["CATEGORIES", "EVALUATORS", "TARGETS", "CategoryResult", "EvalContext", "eval_sampling", "format_table",
+           "run_eval"]
