@@ -663,6 +663,25 @@ def test_tokenizer_init_from_a_coarser_codebook(make, tmp_path):
     assert fine.tokenizer.codebook_size == 512 != coarse.tokenizer.codebook_size
     for key, value in coarse.tokenizer.state_dict().items():
         assert torch.equal(fine.tokenizer.state_dict()[key], value), key
+    # a wider latent (3 FSQ channels -> 4, or 5 for the video tokenizer, whose FSQ projects from 4 latent
+    # channels and so keeps its projections): the tensors around it grow, the old channels keep their weights
+    levels = [4, 4, 4, 4] if make is tiny_image else [4, 4, 4, 4, 4]
+    torch.manual_seed(5)
+    fresh = make(tokenizer={"preset": "tiny", "fsq_levels": levels}).tokenizer.state_dict()
+    torch.manual_seed(5)
+    wide = make(tokenizer={"preset": "tiny", "fsq_levels": levels}, init_from=str(path)).tokenizer.state_dict()
+    grown = 0
+    for key, value in coarse.tokenizer.state_dict().items():
+        if wide[key].shape == value.shape:
+            assert torch.equal(wide[key], value), key
+            continue
+        grown += 1
+        lead = tuple(slice(0, n) for n in value.shape)
+        assert torch.equal(wide[key][lead], value), key
+        rest = torch.ones_like(wide[key], dtype=torch.bool)
+        rest[lead] = False
+        assert torch.equal(wide[key][rest], fresh[key][rest]), key  # the new channels keep their fresh init
+    assert grown >= (4 if make is tiny_image else 2)  # around the latent: encoder out ... decoder in
     with pytest.raises(FileNotFoundError):
         make(init_from=str(tmp_path / "missing.safetensors"))
     other = ImageTokenizerModule(tokenizer={"preset": "tiny", "base_channels": 8, "norm_num_groups": 4})

@@ -22,9 +22,10 @@ Notable:
   losses are content with a soft edge: a 16 px square and a circle blurred at the corners differ in a few
   pixels, and a shape detector that reads fill ratios cannot tell them apart. Penalising the gradient
   error directly is what sharpens corners (the gradient-difference loss of Mathieu et al. 2016).
-- ``init_from`` starts the tokenizer from an exported ``.safetensors`` one whose tensors have the same
-  shapes: the quantizer's levels may differ (FSQ ``[8, 5, 5, 5]`` -> ``[8, 8, 8, 8]`` has no parameters of
-  its own), so a finer codebook warm-starts from a coarser one.
+- ``init_from`` starts the tokenizer from an exported ``.safetensors`` one: the quantizer's levels may differ
+  (FSQ has no parameters of its own), and the latent may gain channels (FSQ ``[8, 5, 5, 5]`` ->
+  ``[4, 4, 4, 4, 4, 4]``): the tensors around it grow, the old channels keep their weights and the new ones
+  their fresh initialisation. Everything else must match.
 - Without a GAN (``gan_weight: 0``) training uses Lightning's automatic optimization: gradient
   clipping (``--trainer.gradient_clip_val``), accumulation and every strategy work as usual.
 - With a GAN the module switches to manual optimization with two optimizers (autoencoder, then
@@ -51,6 +52,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchmetrics import Metric
 
@@ -153,15 +155,29 @@ class VQModuleBase(LightningModule):
 
     def _warm_start(self, path: str) -> None:
         kind = type(self.tokenizer).__name__
-        _, state = load_state(path, kind=self.module_kind)  # FileNotFoundError / ValueError name the file
+        config, state = load_state(path, kind=self.module_kind)  # FileNotFoundError / ValueError name the file
         expected = self.tokenizer.state_dict()
         missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-        shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
-                  for k in sorted(set(state) & set(expected)) if state[k].shape != expected[k].shape]
-        if missing or unexpected or shapes:
-            raise ValueError(f"init_from {path} does not fit this {kind} (only the quantizer's levels may differ): "
-                             f"missing {missing[:5]}, unexpected {unexpected[:5]}, shapes {shapes[:5]}")
+        widened = [k for k in sorted(set(state) & set(expected)) if state[k].shape != expected[k].shape]
+        grow = (len(config.get("fsq_levels", [])), len(self.tokenizer.config.fsq_levels))  # FSQ channels, old -> new
+
+        def fits(old: torch.Size, new: torch.Size) -> bool:  # only the FSQ channel dimensions may grow
+            same_rank = len(old) == len(new) and grow[0] < grow[1]
+            return same_rank and all(a == b or (a, b) == grow for a, b in zip(old, new))
+
+        bad = [f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}" for k in widened
+               if not fits(state[k].shape, expected[k].shape)]
+        if missing or unexpected or bad:
+            raise ValueError(f"init_from {path} does not fit this {kind} (the quantizer's levels may differ and the "
+                             f"latent may gain channels): missing {missing[:5]}, unexpected {unexpected[:5]}, "
+                             f"shapes {bad[:5]}")
+        for key in widened:  # more latent channels: the old ones keep their weights, the new ones their fresh init
+            grown = expected[key].clone()
+            grown[tuple(slice(0, n) for n in state[key].shape)] = state[key]
+            state[key] = grown
         self.tokenizer.load_state_dict(state)
+        if widened:
+            rank_zero_info(f"init_from {path}: widened {len(widened)} tensors to the new latent ({widened[:4]} ...)")
 
     # -- hooks subclasses may override ---------------------------------------------------------------
     def _prepare(self, pixels: Tensor) -> Tensor:

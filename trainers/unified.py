@@ -149,18 +149,17 @@ def apply_trainable(model: AnyGenModel, names: list[str]) -> None:
 def nearest_code_map(old: ImageTokenizer, new: ImageTokenizer) -> Tensor:
     """For every code of ``new``, the code of ``old`` whose quantized latent is nearest, ``(K_new,)`` long.
 
-    Meant for a refined tokenizer warm-started from ``old`` (same latent channels, a finer FSQ grid): its
-    codes mean roughly what their nearest coarse codes meant, so a decoder trained on the coarse codes can
-    start the fine ones from their rows.
+    Meant for a refined tokenizer warm-started from ``old`` (``ImageTokenizerModule(init_from=...)``: a finer
+    FSQ grid, perhaps more latent channels): its codes mean roughly what their nearest coarse codes meant, so a
+    decoder trained on the coarse codes can start the fine ones from their rows. When the new latent has more
+    channels, codes are compared on the channels they share (the warm start keeps those, the new ones are new).
 
     Raises:
-        ValueError: either tokenizer is not FSQ, or their latent channels differ.
+        ValueError: either tokenizer is not FSQ.
     """
-    a, b = old.code_vectors(), new.code_vectors()  # (K_old, C), (K_new, C)
-    if a.shape[1] != b.shape[1]:
-        raise ValueError(f"init_image_codes: the tokenizers' latents have {a.shape[1]} and {b.shape[1]} channels; "
-                         "codes can only be matched between FSQ tokenizers with the same latent channels")
-    return torch.cdist(b, a).argmin(dim=1)
+    a, b = old.code_vectors(), new.code_vectors()  # (K_old, C_old), (K_new, C_new)
+    shared = min(a.shape[1], b.shape[1])
+    return torch.cdist(b[:, :shared], a[:, :shared]).argmin(dim=1)
 
 
 def _bpe_table(path: Path) -> Any:
@@ -269,7 +268,7 @@ class UnifiedModule(LightningModule):
         train: parameter groups to train: ``"all"``, one name or a list (module docstring).
         init_from: a ``save_pretrained`` directory or a ``.ckpt`` to start from (later stages).
         init_image_codes: the image tokenizer ``.safetensors`` that ``init_from``'s model was trained on, when
-            ``tokenizer_dir`` holds a refined one (same latent channels, a finer FSQ grid): each new code's
+            ``tokenizer_dir`` holds a refined one (a finer FSQ grid, perhaps more latent channels): each new code's
             embedding and image-head row start from its nearest old code (``nearest_code_map``).
     """
 
