@@ -22,8 +22,7 @@ from trainers.video_tokenizer import video_tokenizer_config
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
 EXPECTED = {"tokenizers/image.yaml", "tokenizers/video.yaml", "unified/tiny.yaml", "unified/stage1_adaptors.yaml",
             "unified/stage2_pretrain.yaml", "unified/stage3_sft.yaml", "default/image_tokenizer.yaml",
-            "default/video_tokenizer.yaml", "default/unified.yaml", "default/image_tokenizer_refine.yaml",
-            "default/unified_refine.yaml"}
+            "default/video_tokenizer.yaml", "default/unified.yaml"}
 
 
 def _name(path: Path) -> str:

@@ -655,6 +655,21 @@ def test_edge_loss_is_the_error_of_neighbouring_differences(make):
         make(edge_weight=-1.0)
 
 
+
+@pytest.mark.parametrize("gan", [False, True], ids=["plain", "gan"])
+def test_decoder_only_training_keeps_every_code(gan):
+    module = tiny_image(trainable="decoder", **(GAN if gan else {}))
+    x = image_batches(1)[0]["pixels"]
+    before = {k: v.clone() for k, v in module.tokenizer.state_dict().items()}
+    codes = module.tokenizer.encode(x)
+    trainer(3).fit(module, _loader(image_batches(2)))
+    after = module.tokenizer.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(("decoder.", "post_quant_conv.")) for k in changed), sorted(changed)[:5]
+    assert torch.equal(module.tokenizer.encode(x), codes)
+    with pytest.raises(ValueError, match="trainable"):
+        tiny_image(trainable="encoder")
+
 @pytest.mark.parametrize("make", [tiny_image, tiny_video], ids=["image", "video"])
 def test_tokenizer_init_from_a_coarser_codebook(make, tmp_path):
     coarse = make()
