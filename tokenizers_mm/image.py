@@ -345,9 +345,9 @@ class ImageTokenizer(nn.Module):
     def code_vectors(self) -> torch.Tensor:
         """The quantized latent of every code, ``(codebook_size, latent_channels)``, in code order.
 
-        FSQ: the code's grid point, each channel in ``[-1, 1]``. Two FSQ tokenizers with the same latent
-        channels can be compared code by code this way (a refined codebook's codes and their nearest coarse
-        ones, ``trainers.unified``'s ``init_image_codes``).
+        FSQ: the code's grid point, each channel in ``[-1, 1]``. Two FSQ tokenizers can be compared code by
+        code this way, on the channels they share (a refined codebook's codes and their nearest coarse ones,
+        ``trainers.unified.nearest_code_map``).
 
         Raises:
             ValueError: a ``"vq"`` tokenizer (its codes live on a learned, unnormalised codebook).
