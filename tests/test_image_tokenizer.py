@@ -42,12 +42,13 @@ def _images(batch: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
         ImageTokenizerConfig.tiny(),
         ImageTokenizerConfig.tiny(quantizer="vq", downsample=16, decoder_norm="spatial"),
         ImageTokenizerConfig(downsample=8, channel_mult=(1, 2, 2, 2), fsq_levels=(7, 5, 5, 5, 5)),
+        ImageTokenizerConfig(downsample=4, norm_num_groups=1),  # the shipped default's shape
     ],
 )
 def test_config_round_trip(config):
     data = json.loads(json.dumps(config.to_dict()))
     assert ImageTokenizerConfig.from_dict(data) == config
-    assert len(config.channel_mult) == {8: 4, 16: 5}[config.downsample]
+    assert len(config.channel_mult) == {4: 3, 8: 4, 16: 5}[config.downsample]
 
 
 def test_config_unknown_key():
@@ -58,8 +59,9 @@ def test_config_unknown_key():
 @pytest.mark.parametrize(
     ("overrides", "match"),
     [
-        ({"downsample": 4}, r"downsample must be 8 or 16, got 4"),
-        ({"downsample": 8.0}, r"downsample must be 8 or 16"),
+        ({"downsample": 2}, r"downsample must be 4, 8 or 16, got 2"),
+        ({"downsample": 32}, r"downsample must be 4, 8 or 16, got 32"),
+        ({"downsample": 8.0}, r"downsample must be 4, 8 or 16"),
         ({"channel_mult": [1, 2]}, r"channel_mult needs 5 entries for downsample 16"),
         ({"channel_mult": [1, 0, 1, 1, 1]}, r"channel_mult must be a list of ints >= 1"),
         ({"base_channels": 0}, r"base_channels must be an int >= 1"),
@@ -97,7 +99,7 @@ def test_presets():
 
 
 @pytest.mark.parametrize("decoder_norm", ["group", "spatial"])
-@pytest.mark.parametrize("downsample", [8, 16])
+@pytest.mark.parametrize("downsample", [4, 8, 16])
 @pytest.mark.parametrize("quantizer", ["fsq", "vq"])
 def test_encode_decode_contract(quantizer, downsample, decoder_norm):
     model = _model(quantizer=quantizer, downsample=downsample, decoder_norm=decoder_norm)
@@ -169,7 +171,7 @@ def test_load_errors(tmp_path):
     with pytest.raises(ValueError, match="holds a 'text_tokenizer' module, expected 'image_tokenizer'"):
         ImageTokenizer.load(tmp_path / "text.safetensors")
     save_module(model, {"downsample": 3}, tmp_path / "badcfg.safetensors", kind="image_tokenizer")
-    with pytest.raises(ValueError, match="invalid ImageTokenizerConfig: .*downsample must be 8 or 16"):
+    with pytest.raises(ValueError, match="invalid ImageTokenizerConfig: .*downsample must be 4, 8 or 16"):
         ImageTokenizer.load(tmp_path / "badcfg.safetensors")
     for other in (ImageTokenizerConfig.tiny(downsample=16), ImageTokenizerConfig.tiny(base_channels=32)):
         save_module(model, other.to_dict(), tmp_path / "mismatch.safetensors", kind="image_tokenizer")

@@ -47,10 +47,10 @@ class ImageTokenizerConfig:
     """Shape of an ``ImageTokenizer``. Torch-free; round-trips through ``to_dict`` / ``from_dict``.
 
     Args:
-        downsample: pixels per token along each side: 8 or 16.
+        downsample: pixels per token along each side: 4, 8 or 16.
         base_channels: width of the first (full-resolution) encoder block and last decoder block.
         channel_mult: width multiplier of each block, ``log2(downsample) + 1`` entries; ``None``
-            derives ``[1, 1, 2, 4, 8]`` (downsample 16) or ``[1, 2, 4, 8]`` (downsample 8).
+            derives ``[1, 1, 2, 4, 8]`` (16), ``[1, 2, 4, 8]`` (8) or ``[1, 2, 4]`` (4).
         layers_per_block: resnets per encoder block (the decoder uses one more, as diffusers does).
         norm_num_groups: GroupNorm groups; must divide every block width.
         mid_block_attention: self-attention in the lowest-resolution middle block of both halves.
@@ -91,8 +91,8 @@ class ImageTokenizerConfig:
     image_size: int = 256
 
     def __post_init__(self) -> None:
-        if type(self.downsample) is not int or self.downsample not in (8, 16):
-            raise ValueError(f"ImageTokenizerConfig.downsample must be 8 or 16, got {self.downsample!r}")
+        if type(self.downsample) is not int or self.downsample not in (4, 8, 16):
+            raise ValueError(f"ImageTokenizerConfig.downsample must be 4, 8 or 16, got {self.downsample!r}")
         for name in ("base_channels", "layers_per_block", "norm_num_groups", "vq_codebook_size", "vq_dim"):
             _check_int(name, getattr(self, name), minimum=1)
         _check_int("vq_threshold_ema_dead_code", self.vq_threshold_ema_dead_code, minimum=0)
@@ -109,7 +109,7 @@ class ImageTokenizerConfig:
 
         stages = _num_stages(self.downsample)
         if self.channel_mult is None:
-            self.channel_mult = [1, 1, 2, 4, 8] if self.downsample == 16 else [1, 2, 4, 8]
+            self.channel_mult = {4: [1, 2, 4], 8: [1, 2, 4, 8], 16: [1, 1, 2, 4, 8]}[self.downsample]
         self.channel_mult = _int_list("channel_mult", self.channel_mult, minimum=1)
         if len(self.channel_mult) != stages:
             raise ValueError(
