@@ -7,16 +7,22 @@
 #   bash scripts/train_default.sh                  # the recipe as configured (CPU: a few hours; GPU: minutes)
 #   TOY=1 bash scripts/train_default.sh            # a few steps per stage: proves the pipeline end to end
 #   IMAGE_STEPS=600 VIDEO_STEPS=400 UNIFIED_STEPS=800 nice -n 19 bash scripts/train_default.sh   # a budget
+#   GRID=16 DATA=data/grid16 RUNS=runs/grid16 bash scripts/train_default.sh   # 16x16 image tokens (not shipped yet)
 #
 # Each stage is skipped when its output exists ($RUNS/export/*.safetensors, $DATA/tokenizer, $DATA/shards,
 # $RUNS/model), so a rerun carries on where it stopped; delete an output to redo its stage. Logs:
 # $RUNS/logs/<stage>.log (tail -f them for progress); loss curves: runs/default/<stage>/lightning_logs/
 # version_*/metrics.csv. The Lightning checkpoints always go to runs/default/<stage>/checkpoints, as the
-# YAMLs say. Environment knobs (defaults in brackets):
+# YAMLs say (<stage>: image_tokenizer or image_tokenizer_4x, video_tokenizer, unified or unified_16x16).
+# Environment knobs (defaults in brackets):
 #   DATA [data/default]  RUNS [runs/default]  NUM_SHAPES [20000]  VOCAB [512]  WORKERS [1]  EVAL_NUM [50]
 #   IMAGE_STEPS / VIDEO_STEPS / UNIFIED_STEPS [the YAMLs' max_steps]
 #   IMAGE_MINUTES / VIDEO_MINUTES / UNIFIED_MINUTES [none]: wall-clock caps per stage (Lightning max_time)
 #   SHIP [0]: 1 copies the exported model and its eval.json into anygen/assets/default/
+#   GRID [8]: image tokens per side of a 64 px image. 8 is what ships (configs/default/image_tokenizer.yaml,
+#     unified.yaml); 16 trains the 4x image tokenizer and a model with rows of 896 tokens
+#     (image_tokenizer_4x.yaml, unified_16x16.yaml): shapes survive its round trip, but its unified model
+#     needs more compute than a CPU session had (docs/default_model.md)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -27,6 +33,11 @@ NUM_SHAPES=${NUM_SHAPES:-20000}
 VOCAB=${VOCAB:-512}
 WORKERS=${WORKERS:-1}
 EVAL_NUM=${EVAL_NUM:-50}
+case "${GRID:-8}" in
+  8) IMAGE_STAGE=image_tokenizer; UNIFIED_STAGE=unified; MAX_LENGTH=384 ;;
+  16) IMAGE_STAGE=image_tokenizer_4x; UNIFIED_STAGE=unified_16x16; MAX_LENGTH=896 ;;
+  *) echo "GRID must be 8 (what ships) or 16, got '${GRID}'" >&2; exit 2 ;;
+esac
 if [[ "${TOY:-0}" == 1 ]]; then
   NUM_SHAPES=${TOY_SHAPES:-60}; IMAGE_STEPS=${IMAGE_STEPS:-4}; VIDEO_STEPS=${VIDEO_STEPS:-3}
   UNIFIED_STEPS=${UNIFIED_STEPS:-4}; EVAL_NUM=${EVAL_NUM_TOY:-2}; LIMIT="--limit 200"
@@ -62,12 +73,13 @@ EOF
 fi
 CFG_DATA="--data.init_args.documents $DATA/documents.jsonl"
 
-# 2. image tokenizer (8x at 64 px: 8x8 tokens) and 3. video tokenizer (9 frames of 32 px: 3x4x4 tokens)
+# 2. image tokenizer (8x at 64 px: 8x8 tokens; GRID=16: 4x, 16x16) and 3. video tokenizer (9 frames of 32 px:
+# 3x4x4 tokens)
 if [[ ! -f "$RUNS/export/image_tokenizer.safetensors" ]]; then
-  log "image tokenizer: anygen fit --config configs/default/image_tokenizer.yaml $(steps "${IMAGE_STEPS:-}")"
-  $ANYGEN fit --config configs/default/image_tokenizer.yaml $CFG_DATA $(steps "${IMAGE_STEPS:-}") \
+  log "image tokenizer: anygen fit --config configs/default/$IMAGE_STAGE.yaml $(steps "${IMAGE_STEPS:-}")"
+  $ANYGEN fit --config configs/default/$IMAGE_STAGE.yaml $CFG_DATA $(steps "${IMAGE_STEPS:-}") \
       $(limit "${IMAGE_MINUTES:-}") > "$RUNS/logs/image_tokenizer.log" 2>&1
-  $ANYGEN export runs/default/image_tokenizer/checkpoints/last.ckpt --out "$RUNS/export/"
+  $ANYGEN export runs/default/$IMAGE_STAGE/checkpoints/last.ckpt --out "$RUNS/export/"
 fi
 if [[ ! -f "$RUNS/export/video_tokenizer.safetensors" ]]; then
   log "video tokenizer: anygen fit --config configs/default/video_tokenizer.yaml $(steps "${VIDEO_STEPS:-}")"
@@ -89,20 +101,20 @@ fi
 if [[ ! -f "$DATA/shards/index.json" ]]; then
   log "tokenize -> $DATA/shards"
   $ANYGEN tokenize --documents "$DATA/documents.jsonl" --tokenizer "$DATA/tokenizer" --out "$DATA/shards" \
-      --workers "$WORKERS" --video-frames 9 --max-length 384 ${LIMIT:-} --overwrite --quiet > "$RUNS/logs/tokenize.log" 2>&1
+      --workers "$WORKERS" --video-frames 9 --max-length $MAX_LENGTH ${LIMIT:-} --overwrite --quiet > "$RUNS/logs/tokenize.log" 2>&1
 fi
 
 # 6. the unified model, 7. export
 if [[ ! -f "$RUNS/model/model.safetensors" ]]; then
-  log "unified: anygen fit --config configs/default/unified.yaml $(steps "${UNIFIED_STEPS:-}")"
-  rm -f runs/default/unified/checkpoints/best.ckpt  # a best step of an earlier run is not this run's
-  $ANYGEN fit --config configs/default/unified.yaml --model.init_args.tokenizer_dir "$DATA/tokenizer" \
+  log "unified: anygen fit --config configs/default/$UNIFIED_STAGE.yaml $(steps "${UNIFIED_STEPS:-}")"
+  rm -f runs/default/$UNIFIED_STAGE/checkpoints/best.ckpt  # a best step of an earlier run is not this run's
+  $ANYGEN fit --config configs/default/$UNIFIED_STAGE.yaml --model.init_args.tokenizer_dir "$DATA/tokenizer" \
       --data.init_args.shards "$DATA/shards" $(steps "${UNIFIED_STEPS:-}") \
       $(limit "${UNIFIED_MINUTES:-}") > "$RUNS/logs/unified.log" 2>&1
   # the step with the lowest validation CE, not the last one (a long run on few documents overfits); a run
   # too short to validate (TOY=1) has only its last step
-  BEST=runs/default/unified/checkpoints/best.ckpt
-  [[ -f "$BEST" ]] || BEST=runs/default/unified/checkpoints/last.ckpt
+  BEST=runs/default/$UNIFIED_STAGE/checkpoints/best.ckpt
+  [[ -f "$BEST" ]] || BEST=runs/default/$UNIFIED_STAGE/checkpoints/last.ckpt
   $ANYGEN export "$BEST" --out "$RUNS/model"
 fi
 

@@ -22,7 +22,8 @@ from trainers.video_tokenizer import video_tokenizer_config
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
 EXPECTED = {"tokenizers/image.yaml", "tokenizers/video.yaml", "unified/tiny.yaml", "unified/stage1_adaptors.yaml",
             "unified/stage2_pretrain.yaml", "unified/stage3_sft.yaml", "default/image_tokenizer.yaml",
-            "default/video_tokenizer.yaml", "default/unified.yaml"}
+            "default/video_tokenizer.yaml", "default/unified.yaml", "default/image_tokenizer_4x.yaml",
+            "default/unified_16x16.yaml"}
 
 
 def _name(path: Path) -> str:
@@ -67,3 +68,39 @@ def test_a_misspelled_argument_fails_to_parse(capsys):
         run_cli("fit", ["--config", str(path), "--model.init_args.warmup_step", "3", "--print_config"])
     assert exit_info.value.code != 0
     assert "warmup_step" in capsys.readouterr().err
+
+
+# -- scripts/train_default.sh and the configs it names -------------------------------------------------------------
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_default.sh"
+
+
+def _stages(grid: str) -> dict[str, str]:
+    """``{"IMAGE_STAGE": ..., "UNIFIED_STAGE": ..., "MAX_LENGTH": ...}`` of the script's ``GRID`` case."""
+    import re
+
+    line = next(s for s in SCRIPT.read_text().splitlines() if s.strip().startswith(f"{grid})"))
+    return dict(re.findall(r"(\w+)=(\w+)", line))
+
+
+@pytest.mark.parametrize("grid", ["8", "16"])
+def test_the_recipe_script_names_configs_whose_checkpoints_it_exports(grid):
+    """The script exports ``runs/default/<stage>/checkpoints/*.ckpt``: each YAML it trains must write there, and
+    its rows must hold the longest document the script lets ``anygen tokenize`` keep."""
+    stages = _stages(grid)
+    for key in ("IMAGE_STAGE", "UNIFIED_STAGE"):
+        raw = yaml.safe_load((SCRIPT.parents[1] / "configs" / "default" / f"{stages[key]}.yaml").read_text())
+        dirs = {c["init_args"]["dirpath"] for c in raw["trainer"]["callbacks"] if "dirpath" in c.get("init_args", {})}
+        assert dirs == {f"runs/default/{stages[key]}/checkpoints"}, (grid, key, dirs)
+        if key == "UNIFIED_STAGE":
+            seq_len = raw["data"]["init_args"]["seq_len"]
+            assert seq_len >= int(stages["MAX_LENGTH"]) and raw["model"]["init_args"]["model"]["max_seq_len"] >= seq_len
+
+
+def test_the_recipe_script_refuses_an_unknown_grid(tmp_path):
+    import os
+    import subprocess
+
+    env = {**os.environ, "GRID": "12", "RUNS": str(tmp_path / "runs"), "DATA": str(tmp_path / "data")}
+    done = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "GRID must be 8 (what ships) or 16, got '12'" in done.stderr
+    assert not (tmp_path / "runs").exists()  # refused before anything was written
