@@ -569,6 +569,22 @@ def test_sample_logger_writes_generations(tok_dir, tmp_path):
     assert module.model.training and module.model.blocks[0].attn.kv_cache is None
 
 
+def test_sample_logger_draws_at_the_tokenizers_grid_when_no_size_is_given(tok_dir, tmp_path):
+    import PIL.Image
+
+    module = tiny_unified(tok_dir)
+    tok = module.tokenizer
+    tok.image_size = (2 * tok.image.downsample, 3 * tok.image.downsample)  # a grid no default could stand for
+    grid = tok.image_grid
+    assert grid == (2, 3)
+    sampler = SampleLogger(every_n_steps=2, prompts=["a red circle"], image_size=None, text_tokens=0)
+    trainer(2, callbacks=[sampler], default_root_dir=tmp_path).fit(
+        module, _loader(token_batches(module.tokenizer, 4, 2)))
+    (image,) = [p for p in sampler.written if p.suffix == ".png"]
+    with PIL.Image.open(image) as im:
+        assert im.size == (grid[1] * tok.image.downsample, grid[0] * tok.image.downsample)
+
+
 
 def test_heldout_eval_logs_the_harness_scores_for_checkpointing(tok_dir, tmp_path, monkeypatch):
     """The callback runs the harness with its own settings and logs each headline score and their mean, where a

@@ -47,7 +47,8 @@ class SampleLogger(Callback):
     Args:
         every_n_steps: sample when ``global_step`` is a multiple of this (and once when training ends).
         prompts: text prompts for the unified module.
-        image_size: ``(h, w)`` in tokens of the generated images.
+        image_size: ``(h, w)`` in tokens of the generated images; None: the tokenizer's ``image_grid`` (the size
+            its images were trained at, so a config need not repeat the image tokenizer's downsampling).
         video_size: ``(t, h, w)`` in tokens of one generated video; None generates no video.
         text_tokens: new tokens of each text continuation; 0 skips text.
         guidance_scale: classifier-free guidance for images / video; None keeps the engine's default.
@@ -56,14 +57,14 @@ class SampleLogger(Callback):
     """
 
     def __init__(self, every_n_steps: int = 500, prompts: list[str] | None = None,
-                 image_size: tuple[int, int] = (4, 4), video_size: tuple[int, int, int] | None = None,
+                 image_size: tuple[int, int] | None = (4, 4), video_size: tuple[int, int, int] | None = None,
                  text_tokens: int = 24, guidance_scale: float | None = None, num_reconstructions: int = 4,
                  seed: int = 0) -> None:
         if every_n_steps < 1:
             raise ValueError(f"SampleLogger.every_n_steps must be >= 1, got {every_n_steps}")
         self.every_n_steps = every_n_steps
         self.prompts = list(prompts) if prompts else list(DEFAULT_PROMPTS)
-        self.image_size = tuple(image_size)
+        self.image_size = tuple(image_size) if image_size is not None else None
         self.video_size = tuple(video_size) if video_size is not None else None
         self.text_tokens = text_tokens
         self.guidance_scale = guidance_scale
@@ -110,7 +111,7 @@ class SampleLogger(Callback):
         engine = module.engine()  # sets eval mode
         guided = {} if self.guidance_scale is None else {"guidance_scale": self.guidance_scale}
         try:
-            h, w = self.image_size
+            h, w = self.image_size or engine.tokenizer.image_grid
             outs = engine.generate(self.prompts, start_with="image", image_size=(h, w), max_images=1,
                                    max_new_tokens=h * (w + 1) + 4, image=guided or None, seed=self.seed)
             for i, out in enumerate(outs):
