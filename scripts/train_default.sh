@@ -13,16 +13,17 @@
 # $RUNS/model), so a rerun carries on where it stopped; delete an output to redo its stage. Logs:
 # $RUNS/logs/<stage>.log (tail -f them for progress); loss curves: runs/default/<stage>/lightning_logs/
 # version_*/metrics.csv. The Lightning checkpoints always go to runs/default/<stage>/checkpoints, as the
-# YAMLs say (<stage>: image_tokenizer or image_tokenizer_4x, video_tokenizer, unified or unified_16x16).
+# YAMLs say (<stage>: image_tokenizer or image_tokenizer_4x, video_tokenizer, unified or unified_16x16
+# and unified_16x16_mix).
 # Environment knobs (defaults in brackets):
 #   DATA [data/default]  RUNS [runs/default]  NUM_SHAPES [20000]  VOCAB [512]  WORKERS [1]  EVAL_NUM [50]
-#   IMAGE_STEPS / VIDEO_STEPS / UNIFIED_STEPS [the YAMLs' max_steps]
-#   IMAGE_MINUTES / VIDEO_MINUTES / UNIFIED_MINUTES [none]: wall-clock caps per stage (Lightning max_time)
+#   IMAGE_STEPS / VIDEO_STEPS / UNIFIED_STEPS / MIX_STEPS [the YAMLs' max_steps]
+#   IMAGE_MINUTES / VIDEO_MINUTES / UNIFIED_MINUTES / MIX_MINUTES [none]: wall-clock caps per stage (max_time)
 #   SHIP [0]: 1 copies the exported model and its eval.json into anygen/assets/default/
 #   GRID [8]: image tokens per side of a 64 px image. 8 is what ships (configs/default/image_tokenizer.yaml,
 #     unified.yaml); 16 trains the 4x image tokenizer and a model with rows of 896 tokens
-#     (image_tokenizer_4x.yaml, unified_16x16.yaml): shapes survive its round trip, but its unified model
-#     needs more compute than a CPU session had (docs/default_model.md)
+#     (image_tokenizer_4x.yaml, unified_16x16.yaml, then unified_16x16_mix.yaml: stage 2, mixture weights):
+#     shapes survive its round trip (docs/default_model.md)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -34,13 +35,15 @@ VOCAB=${VOCAB:-512}
 WORKERS=${WORKERS:-1}
 EVAL_NUM=${EVAL_NUM:-50}
 case "${GRID:-8}" in
-  8) IMAGE_STAGE=image_tokenizer; UNIFIED_STAGE=unified; MAX_LENGTH=384 ;;
-  16) IMAGE_STAGE=image_tokenizer_4x; UNIFIED_STAGE=unified_16x16; MAX_LENGTH=896 ;;
+  8) IMAGE_STAGE=image_tokenizer; UNIFIED_STAGE=unified; MIX_STAGE=; MAX_LENGTH=384 ;;
+  16) IMAGE_STAGE=image_tokenizer_4x; UNIFIED_STAGE=unified_16x16; MIX_STAGE=unified_16x16_mix; MAX_LENGTH=896 ;;
   *) echo "GRID must be 8 (what ships) or 16, got '${GRID}'" >&2; exit 2 ;;
 esac
 if [[ "${TOY:-0}" == 1 ]]; then
   NUM_SHAPES=${TOY_SHAPES:-60}; IMAGE_STEPS=${IMAGE_STEPS:-4}; VIDEO_STEPS=${VIDEO_STEPS:-3}
-  UNIFIED_STEPS=${UNIFIED_STEPS:-4}; EVAL_NUM=${EVAL_NUM_TOY:-2}; LIMIT="--limit 200"
+  UNIFIED_STEPS=${UNIFIED_STEPS:-4}; MIX_STEPS=${MIX_STEPS:-3}; EVAL_NUM=${EVAL_NUM_TOY:-2}; LIMIT="--limit 200"
+  # 200 documents need not hold every group the stage-2 weights name (a name matching none is refused)
+  MIX_WEIGHTS='{"*": 1.5}'
 fi
 steps() { [[ -n "${1:-}" ]] && echo "--trainer.max_steps $1" || true; }
 # a wall-clock cap per stage (minutes), Lightning's --trainer.max_time: training stops, the last checkpoint counts
@@ -104,17 +107,27 @@ if [[ ! -f "$DATA/shards/index.json" ]]; then
       --workers "$WORKERS" --video-frames 9 --max-length $MAX_LENGTH ${LIMIT:-} --overwrite --quiet > "$RUNS/logs/tokenize.log" 2>&1
 fi
 
-# 6. the unified model, 7. export
+# 6. the unified model (GRID=16: two stages, the second with mixture weights), 7. export
+# kept(STAGE): the step with the lowest validation CE, not the last one (a long run on few documents
+# overfits); a run too short to validate (TOY=1) has only its last step
+kept() { [[ -f "runs/default/$1/checkpoints/best.ckpt" ]] && echo "runs/default/$1/checkpoints/best.ckpt" \
+  || echo "runs/default/$1/checkpoints/last.ckpt"; }
 if [[ ! -f "$RUNS/model/model.safetensors" ]]; then
   log "unified: anygen fit --config configs/default/$UNIFIED_STAGE.yaml $(steps "${UNIFIED_STEPS:-}")"
   rm -f runs/default/$UNIFIED_STAGE/checkpoints/best.ckpt  # a best step of an earlier run is not this run's
   $ANYGEN fit --config configs/default/$UNIFIED_STAGE.yaml --model.init_args.tokenizer_dir "$DATA/tokenizer" \
       --data.init_args.shards "$DATA/shards" $(steps "${UNIFIED_STEPS:-}") \
       $(limit "${UNIFIED_MINUTES:-}") > "$RUNS/logs/unified.log" 2>&1
-  # the step with the lowest validation CE, not the last one (a long run on few documents overfits); a run
-  # too short to validate (TOY=1) has only its last step
-  BEST=runs/default/$UNIFIED_STAGE/checkpoints/best.ckpt
-  [[ -f "$BEST" ]] || BEST=runs/default/$UNIFIED_STAGE/checkpoints/last.ckpt
+  BEST=$(kept $UNIFIED_STAGE)
+  if [[ -n "$MIX_STAGE" ]]; then
+    log "unified stage 2: anygen fit --config configs/default/$MIX_STAGE.yaml from $BEST $(steps "${MIX_STEPS:-}")"
+    rm -f runs/default/$MIX_STAGE/checkpoints/best.ckpt
+    $ANYGEN fit --config configs/default/$MIX_STAGE.yaml --model.init_args.tokenizer_dir "$DATA/tokenizer" \
+        --model.init_args.init_from "$BEST" --data.init_args.shards "$DATA/shards" \
+        ${MIX_WEIGHTS:+--data.init_args.weights "$MIX_WEIGHTS"} $(steps "${MIX_STEPS:-}") \
+        $(limit "${MIX_MINUTES:-}") > "$RUNS/logs/unified_mix.log" 2>&1
+    BEST=$(kept $MIX_STAGE)
+  fi
   $ANYGEN export "$BEST" --out "$RUNS/model"
 fi
 

@@ -23,7 +23,7 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml
 EXPECTED = {"tokenizers/image.yaml", "tokenizers/video.yaml", "unified/tiny.yaml", "unified/stage1_adaptors.yaml",
             "unified/stage2_pretrain.yaml", "unified/stage3_sft.yaml", "default/image_tokenizer.yaml",
             "default/video_tokenizer.yaml", "default/unified.yaml", "default/image_tokenizer_4x.yaml",
-            "default/unified_16x16.yaml"}
+            "default/unified_16x16.yaml", "default/unified_16x16_mix.yaml"}
 
 
 def _name(path: Path) -> str:
@@ -87,11 +87,16 @@ def test_the_recipe_script_names_configs_whose_checkpoints_it_exports(grid):
     """The script exports ``runs/default/<stage>/checkpoints/*.ckpt``: each YAML it trains must write there, and
     its rows must hold the longest document the script lets ``anygen tokenize`` keep."""
     stages = _stages(grid)
-    for key in ("IMAGE_STAGE", "UNIFIED_STAGE"):
+    assert ("MIX_STAGE" in stages) == (grid == "16")  # GRID=16 trains its unified model in two stages
+    for key in ("IMAGE_STAGE", "UNIFIED_STAGE", "MIX_STAGE")[:3 if "MIX_STAGE" in stages else 2]:
         raw = yaml.safe_load((SCRIPT.parents[1] / "configs" / "default" / f"{stages[key]}.yaml").read_text())
         dirs = {c["init_args"]["dirpath"] for c in raw["trainer"]["callbacks"] if "dirpath" in c.get("init_args", {})}
         assert dirs == {f"runs/default/{stages[key]}/checkpoints"}, (grid, key, dirs)
-        if key == "UNIFIED_STAGE":
+        if key == "MIX_STAGE":  # stage 2 starts where the script finds stage 1's kept step
+            stage1 = f"runs/default/{stages['UNIFIED_STAGE']}/checkpoints/best.ckpt"
+            assert raw["model"]["init_args"]["init_from"] == stage1
+            assert raw["data"]["init_args"]["weights"]
+        if key != "IMAGE_STAGE":
             seq_len = raw["data"]["init_args"]["seq_len"]
             assert seq_len >= int(stages["MAX_LENGTH"]) and raw["model"]["init_args"]["model"]["max_seq_len"] >= seq_len
 

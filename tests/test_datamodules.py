@@ -3,6 +3,7 @@
 import json
 import logging
 import random
+from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -40,13 +41,17 @@ def _document(rng: random.Random, kind: str, n: int) -> TokenizedDocument:
     return TokenizedDocument(f"doc-{n}", np.array(ids, dtype=np.int32), und)
 
 
-def _shards(root: Path, kinds: list[str], seed: int = 0, shard_size: int = 64, extra: list | None = None) -> Path:
+def _shards(root: Path, kinds: list[str], seed: int = 0, shard_size: int = 64, extra: list | None = None,
+            groups: bool = False) -> Path:
     rng = random.Random(seed)
     docs = [_document(rng, kind, n) for n, kind in enumerate(kinds)] + (extra or [])
     writer = ShardWriter(root, shard_size=shard_size)
     for doc in docs:
         writer.add(doc)
     index = {"format": "safetensors", "vocab": VOCAB.to_dict(), "docs": len(docs), "shards": writer.close()}
+    if groups:  # as anygen tokenize records them: the kind is the group
+        names = sorted(set(kinds))
+        index["groups"] = {"names": names, "of_document": [names.index(k) for k in kinds]}
     (root / "index.json").write_text(json.dumps(index))
     return root
 
@@ -272,6 +277,79 @@ def test_ranks_get_disjoint_equal_shares(mixed):
     assert n0 == n1 > 0 and docs0 and docs1 and not docs0 & docs1
     with pytest.raises(ValueError, match="use_distributed_sampler=False"):
         rank(0, use_distributed_sampler=True)
+
+
+# -- mixture weights -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def grouped(tmp_path_factory) -> tuple[Path, list[str]]:
+    kinds = [random.Random(i).choice(["t2i", "caption", "video", "text"]) for i in range(160)]
+    return _shards(tmp_path_factory.mktemp("grouped"), kinds, groups=True), kinds
+
+
+def _copies(dm: TokenDataModule, epoch: int) -> Counter:
+    """How often each document comes in one epoch's batch plans."""
+    loader = _loader_at(dm, epoch)
+    return Counter(doc for batch in loader.sampler.batches(epoch) for row in batch for doc, _ in row)
+
+
+def test_weights_set_how_often_each_group_comes(grouped):
+    root, kinds = grouped
+    dm = TokenDataModule(str(root), seq_len=32, batch_size=1, prompt_dropout=0.0,
+                         weights={"t2i": 3, "caption": 0, "vid*": 0.5})
+    dm.setup()
+    train = [int(d) for d in dm.train_docs]
+    per_kind = lambda kind: [d for d in train if kinds[d] == kind]  # noqa: E731
+    for epoch in (0, 1):
+        copies = _copies(dm, epoch)
+        assert all(copies[d] == 3 for d in per_kind("t2i"))
+        assert not any(copies[d] for d in per_kind("caption"))
+        assert all(copies[d] == 1 for d in per_kind("text"))  # no pattern: weight 1
+        videos = [copies[d] for d in per_kind("video")]
+        assert set(videos) <= {0, 1} and sum(videos) == round(0.5 * len(videos))
+        assert set(copies) <= set(train)  # never a validation document
+    assert _copies(dm, 0) != _copies(dm, 1)  # which half of the clips comes changes with the epoch
+    for batch in _loader_at(dm, 0):  # the copies are packed: whole documents, rows of seq_len
+        assert batch["ids"].shape == (1, 32) and batch["attention_mask"].any()
+    # the unweighted validation rows do not change
+    plain = TokenDataModule(str(root), seq_len=32, batch_size=1, prompt_dropout=0.0)
+    assert [b["ids"].tolist() for b in dm.val_dataloader()] == [b["ids"].tolist() for b in plain.val_dataloader()]
+
+
+def test_weighted_order_is_seeded_and_resumes_mid_epoch(grouped):
+    root, _ = grouped
+    make = lambda seed=3: TokenDataModule(str(root), seq_len=32, batch_size=4, seed=seed,  # noqa: E731
+                                          weights={"caption": 2.5, "text": 0})
+    full = _epoch(make(), 2)
+    assert full == _epoch(make(), 2) != _epoch(make(4), 2)
+    first = make()
+    loader = _loader_at(first, 2)
+    it = iter(loader)
+    got = [next(it)["ids"].sum(1).tolist() for _ in range(5)]
+    second = make()
+    second.load_state_dict(first.state_dict())
+    assert got + [b["ids"].sum(1).tolist() for b in second.train_dataloader()] == full
+
+
+@pytest.mark.parametrize("weights, message", [
+    ({"image": 2}, "'image' matches no document group; these shards have"),
+    ({"t*": 2, "*2i": 3}, "group 't2i' matches"),
+    ({"t2i": -1}, "must be a finite number >= 0"),
+    ({"t2i": "lots"}, "must be a finite number >= 0"),
+    ({}, "non-empty mapping"),
+    ({"*": 0}, "leave no training document"),
+])
+def test_bad_weights_are_refused(grouped, weights, message):
+    root, _ = grouped
+    with pytest.raises(ValueError, match=message):
+        TokenDataModule(str(root), seq_len=32, weights=weights).setup()
+
+
+def test_weights_need_shards_that_record_groups(mixed):
+    root, _ = mixed
+    with pytest.raises(ValueError, match="records no document groups.*anygen tokenize"):
+        TokenDataModule(str(root), seq_len=32, weights={"t2i": 2}).setup()
 
 
 def test_token_datamodule_refuses_missing_or_empty_shards(tmp_path):

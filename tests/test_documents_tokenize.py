@@ -70,6 +70,16 @@ def test_documents_resolve_paths_and_round_trip(tmp_path):
         list(read_documents(tmp_path / "missing.jsonl"))
 
 
+@pytest.mark.parametrize("doc_id, meta, group", [
+    ("digits-train-000007", {"kind": "caption"}, "digits/caption"),
+    ("shapes-train-000001", {}, "shapes/document"),
+    ("plain", {"kind": "t2i"}, "documents/t2i"),
+    ("shapes-train-000002", {"kind": "t2i", "group": "mine"}, "mine"),
+])
+def test_document_group_comes_from_id_and_kind(doc_id, meta, group):
+    assert parse_document({"id": doc_id, "segments": [{"text": "hi"}], "meta": meta}).group == group
+
+
 def test_load_document_brings_pixels_to_the_tokenizer_sizes(tmp_path):
     render_scene([SceneObject("circle", "red", "center")], 48).save(tmp_path / "a.png")
     write_clip(tmp_path / "c.mp4", render_motion(_motion(), 9, 24), 8.0)
@@ -175,6 +185,9 @@ def test_shards_hold_exactly_what_the_tokenizer_encodes(shards, corpus, tokenize
         else:
             assert data.und_pixels(i).dtype == np.float16
             assert np.allclose(data.und_pixels(i), seq.und_pixels.numpy(), atol=1e-3)
+    # each document's mixture group, from its id and meta.kind, for TokenDataModule(weights=...)
+    assert data.groups == [f"shapes/{docs[d].meta['kind']}" for d in data.doc_ids]
+    assert len(set(data.groups)) >= 5
     t2i = next(i for i in range(len(data)) if docs[data.doc_ids[i]].meta["kind"] == "t2i")
     text, image = tok.decode(data.ids(t2i), pixels=False)
     assert text.text == docs[data.doc_ids[t2i]].meta["caption"] and image.codes.shape == (4, 4)
@@ -184,6 +197,7 @@ def test_workers_write_the_same_shards(shards, corpus, tokenizer_dir, tmp_path):
     tokenize_documents(corpus, tokenizer_dir, tmp_path, workers=2, shard_size=5, max_length=MAX_LENGTH,
                        video_frames=5, progress=False)
     _same_shards(TokenShards(shards), TokenShards(tmp_path))
+    assert TokenShards(shards).groups == TokenShards(tmp_path).groups
     assert json.loads((tmp_path / "index.json").read_text())["skipped"]["count"] == 5
 
 
@@ -220,6 +234,7 @@ def test_webdataset_round_trip(shards, corpus, tokenizer_dir, tmp_path):
     tars = sorted(tmp_path.glob("shard-*.tar"))
     assert len(tars) == 3
     _same_shards(TokenShards(shards), TokenShards(tmp_path))
+    assert TokenShards(shards).groups == TokenShards(tmp_path).groups
     # plain tar + .npy: readable without this project
     with tarfile.open(tars[0]) as tar:
         names = tar.getnames()

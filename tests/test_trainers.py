@@ -8,6 +8,7 @@ Data comes from tiny in-test data modules (deterministic, no shuffling) so the t
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from tokenizers_mm.segments import Image, Understand, Video
 from tokenizers_mm.video import VideoTokenizer
 from trainers.callbacks import HeldoutEval, SampleLogger
 from trainers.cli import fit as cli_fit
+from trainers.cli import show_anygen_logs
 from trainers.export import export_checkpoint
 from trainers.export import main as export_main
 from trainers.image_tokenizer import ImageTokenizerModule
@@ -797,7 +799,23 @@ def test_lpips_only_from_local_weights(tmp_path):
 # -- the CLI end to end ------------------------------------------------------------------------------------
 
 
-def test_cli_fit_saves_config_checkpoints_and_resumes(tok_dir, tmp_path, capsys):
+@pytest.fixture
+def anygen_logger(monkeypatch):
+    """The ``anygen`` logger as a fresh process has it; restored afterwards (the CLI adds a handler)."""
+    logger = logging.getLogger("anygen")
+    monkeypatch.setattr(logger, "handlers", [])
+    monkeypatch.setattr(logger, "level", logging.NOTSET)
+    return logger
+
+
+def test_the_cli_prints_anygen_info_lines_once(anygen_logger, capsys):
+    show_anygen_logs()
+    show_anygen_logs()
+    logging.getLogger("anygen.data").info("mixture of shards: shapes/t2i x1")
+    assert capsys.readouterr().err.count("mixture of shards: shapes/t2i x1") == 1
+
+
+def test_cli_fit_saves_config_checkpoints_and_resumes(tok_dir, tmp_path, capsys, anygen_logger):
     root = tmp_path / "run"
     config = {
         "seed_everything": 0,

@@ -18,6 +18,8 @@ Nothing here is home-made distributed code: ``--trainer.strategy ddp | fsdp`` an
 
 from __future__ import annotations
 
+import logging
+import sys
 from collections.abc import Sequence
 
 import torch
@@ -54,20 +56,35 @@ def run_cli(subcommand: str, argv: Sequence[str] | None = None, **kwargs) -> Any
     )
 
 
+def show_anygen_logs() -> None:
+    """Print the ``anygen.*`` loggers' INFO lines (the data mixture, skipped documents) on stderr, beside
+    Lightning's own; once, and not when the application already configured the ``anygen`` logger."""
+    logger = logging.getLogger("anygen")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        if logger.level == logging.NOTSET:
+            logger.setLevel(logging.INFO)
+
+
 def fit(argv: Sequence[str] | None = None) -> int:
     """``anygen fit``: train (``--ckpt_path`` resumes)."""
+    show_anygen_logs()
     run_cli("fit", argv)
     return 0
 
 
 def validate(argv: Sequence[str] | None = None) -> int:
     """``anygen validate``: one pass over the validation set."""
+    show_anygen_logs()
     run_cli("validate", argv)
     return 0
 
 
 def test(argv: Sequence[str] | None = None) -> int:
     """``anygen test``: one pass over the test set."""
+    show_anygen_logs()
     run_cli("test", argv)
     return 0
 

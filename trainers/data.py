@@ -8,7 +8,7 @@ This module owns:
   image / video training; every batch is all clips or all images → ``{"pixels": (B, 3, T, H, W)}``.
 * ``TokenDataModule``: the shards of ``anygen tokenize`` → rows of ``seq_len`` tokens packed with
   whole documents (greedy first-fit, a document is never split), prompt dropout for
-  classifier-free guidance, and an exact mid-epoch resume.
+  classifier-free guidance, per-group mixture weights, and an exact mid-epoch resume.
 * ``pack_documents``: the first-fit packer.
 
 How batches are made: each DataLoader has ``batch_size=None`` and a sampler that yields whole batch
@@ -25,6 +25,7 @@ uninterrupted run would have seen.
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import math
 from collections.abc import Iterator, Sequence
@@ -64,6 +65,22 @@ def _epoch_rng(seed: int, epoch: int, stream: int) -> np.random.Generator:
 def _check_positive(name: str, value: Any) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _check_weights(weights: Any) -> dict[str, float] | None:
+    if weights is None:
+        return None
+    if not isinstance(weights, dict) or not weights:
+        raise ValueError(f"weights must be a non-empty mapping of group pattern to weight, got {weights!r}")
+    out: dict[str, float] = {}
+    for pattern, weight in weights.items():
+        if not isinstance(pattern, str) or not pattern:
+            raise ValueError(f"weights: a key must be a group name or pattern such as 'shapes/caption', "
+                             f"got {pattern!r}")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"weights[{pattern!r}] must be a finite number >= 0, got {weight!r}")
+        out[pattern] = float(weight)
+    return out
 
 
 def _distribution(trainer: Any) -> tuple[int, int]:
@@ -465,27 +482,68 @@ def pack_documents(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     return rows
 
 
+class _Mixture:
+    """Which documents an epoch holds under per-document weights, and their packed rows.
+
+    A document of weight ``w`` appears ``floor(w)`` times per epoch, and a seeded share of each
+    group's documents once more, so that group ``g`` contributes ``round(n_g * w_g)`` copies every
+    epoch (weight 0 leaves a group out). The epoch's copies are shuffled and packed first-fit.
+    """
+
+    def __init__(self, docs: np.ndarray, weights: np.ndarray, groups: np.ndarray, lengths: np.ndarray,
+                 seq_len: int) -> None:
+        self.docs, self.weights, self.groups, self.lengths, self.seq_len = docs, weights, groups, lengths, seq_len
+
+    def copies(self, rng: np.random.Generator) -> np.ndarray:
+        """Copies of each of ``docs`` in one epoch."""
+        base = np.floor(self.weights).astype(np.int64)
+        for g in np.unique(self.groups):
+            members = np.flatnonzero(self.groups == g)
+            extra = int(round(len(members) * float(self.weights[members[0]]))) - int(base[members].sum())
+            if extra > 0:
+                base[rng.choice(members, size=extra, replace=False)] += 1
+        return base
+
+    def rows(self, rng: np.random.Generator) -> list[list[int]]:
+        """One epoch's rows of documents (a document may sit in several rows)."""
+        docs = rng.permutation(np.repeat(self.docs, self.copies(rng)))
+        return [[int(docs[p]) for p in row] for row in pack_documents(self.lengths[docs], self.seq_len)]
+
+
 class _PackedBatches(_PlanSampler):
     """Batch plans of packed rows: each row a tuple of ``(document, drop_prompt)``.
 
     Rows are packed once (first-fit over a seeded document order); every epoch reshuffles the rows
     and draws the prompt dropout afresh. Attention never crosses documents, so which documents
     share a row does not change what the model sees; only batch composition and dropout vary.
+    With a ``mixture``, each epoch draws its weighted copies and packs them afresh instead (its
+    number of batches may then differ by one or two from epoch to epoch).
     """
 
     def __init__(self, rows: list[list[int]], batch_size: int, droppable: np.ndarray, prompt_dropout: float, *,
-                 drop_last: bool, **kw: Any) -> None:
+                 drop_last: bool, mixture: _Mixture | None = None, **kw: Any) -> None:
         super().__init__(**kw)
         self.rows, self.batch_size, self.drop_last = rows, batch_size, drop_last
-        self.droppable, self.prompt_dropout = droppable, prompt_dropout
+        self.droppable, self.prompt_dropout, self.mixture = droppable, prompt_dropout, mixture
 
     def plan(self, epoch: int) -> list[tuple]:
+        if self.mixture is not None:
+            return self._mixed_plan(epoch)
         order = _epoch_rng(self.seed, epoch, 3).permutation(len(self.rows)) if self.shuffle else range(len(self.rows))
         if self.prompt_dropout > 0:
             drop = (_epoch_rng(self.seed, epoch, 4).random(len(self.droppable)) < self.prompt_dropout) & self.droppable
         else:
             drop = np.zeros(len(self.droppable), dtype=bool)
         rows = [tuple((doc, bool(drop[doc])) for doc in self.rows[r]) for r in order]
+        return [tuple(batch) for batch in _chunks(rows, self.batch_size, self.drop_last)]
+
+    def _mixed_plan(self, epoch: int) -> list[tuple]:
+        packed = self.mixture.rows(_epoch_rng(self.seed, epoch, 5))
+        order = _epoch_rng(self.seed, epoch, 3).permutation(len(packed))
+        # dropout per copy: two copies of a document in one epoch draw it independently
+        draws = iter(_epoch_rng(self.seed, epoch, 4).random(sum(map(len, packed))).tolist())
+        rows = [tuple((doc, bool(self.droppable[doc]) and next(draws) < self.prompt_dropout) for doc in packed[r])
+                for r in order]
         return [tuple(batch) for batch in _chunks(rows, self.batch_size, self.drop_last)]
 
 
@@ -553,6 +611,12 @@ class TokenDataModule(LightningDataModule):
         null_id: id of ``<|null|>``; ``None`` reads it from the vocabulary in ``index.json``.
         tokenizer: a tokenizer directory whose ``tokenizer_config.json`` gives the vocabulary
             instead of ``index.json``.
+        weights: mixture weights, ``{pattern: weight}``: each training document whose group
+            (``Document.group``, recorded by ``anygen tokenize``: ``shapes/t2i``, ``digits/caption``,
+            ...) matches a pattern (``fnmatch``: ``"*/caption"``, ``"digits/*"``) appears ``weight``
+            times per epoch on average (0 leaves it out); unmatched groups keep weight 1. Each
+            pattern must match a group and no group two patterns. Every epoch then draws and packs
+            its copies afresh. Validation stays unweighted. ``None``: every document once.
 
     Batches (``L = seq_len``): ``ids`` Long[B, L]; ``targets`` Long[B, L], the next id, -100 on
     padding and on each document's last position; ``document_ids`` Long[B, L], the document's index
@@ -562,7 +626,7 @@ class TokenDataModule(LightningDataModule):
 
     def __init__(self, shards: str, seq_len: int = 512, batch_size: int = 8, prompt_dropout: float = 0.1,
                  num_workers: int = 0, val_fraction: float = 0.05, seed: int = 0, null_id: int | None = None,
-                 tokenizer: str | None = None) -> None:
+                 tokenizer: str | None = None, weights: dict[str, float] | None = None) -> None:
         super().__init__()
         _check_positive("seq_len", seq_len)
         _check_positive("batch_size", batch_size)
@@ -571,6 +635,8 @@ class TokenDataModule(LightningDataModule):
         self.shards_dir, self.seq_len, self.batch_size = shards, seq_len, batch_size
         self.prompt_dropout, self.num_workers, self.val_fraction = prompt_dropout, num_workers, val_fraction
         self.seed, self.null_id, self.tokenizer = seed, null_id, tokenizer
+        self.weights = _check_weights(weights)
+        self.mixture: _Mixture | None = None
         self.shards: TokenShards | None = None
         self._train_sampler: _PackedBatches | None = None
         self._resume: dict[str, int] | None = None
@@ -614,7 +680,37 @@ class TokenDataModule(LightningDataModule):
         self.train_rows = [[int(order[p]) for p in row] for row in pack_documents(shards.lengths[order], self.seq_len)]
         self.val_rows = [[int(self.val_docs[p]) for p in row]
                          for row in pack_documents(shards.lengths[self.val_docs], self.seq_len)]
+        if self.weights is not None:
+            self.mixture = self._mixture(shards)
         self.shards = shards
+
+    def _mixture(self, shards: TokenShards) -> _Mixture:
+        """The weighted training mixture; logs each group's share of tokens before and after."""
+        if shards.groups is None:
+            raise ValueError(f"{self.shards_dir}/index.json records no document groups (written by an older "
+                             "anygen tokenize): run `anygen tokenize` again to use weights")
+        names = sorted(set(shards.groups))
+        for pattern in self.weights:
+            if not fnmatch.filter(names, pattern):
+                raise ValueError(f"weights: {pattern!r} matches no document group; these shards have {names}")
+        weight_of: dict[str, float] = {}
+        for name in names:
+            hits = [p for p in self.weights if fnmatch.fnmatchcase(name, p)]
+            if len(hits) > 1:
+                raise ValueError(f"weights: group {name!r} matches {hits}; give each group one weight")
+            weight_of[name] = self.weights[hits[0]] if hits else 1.0
+        code = {name: i for i, name in enumerate(names)}
+        groups = np.array([code[shards.groups[d]] for d in self.train_docs], dtype=np.int64)
+        weights = np.array([weight_of[names[g]] for g in groups], dtype=np.float64)
+        if not (weights > 0).any():
+            raise ValueError(f"weights {self.weights} leave no training document")
+        tokens = shards.lengths[self.train_docs].astype(np.float64)
+        before = np.bincount(groups, weights=tokens, minlength=len(names))
+        after = np.bincount(groups, weights=tokens * weights, minlength=len(names))
+        log.info("mixture of %s (share of training tokens, unweighted -> weighted): %s", self.shards_dir,
+                 ", ".join(f"{n} x{weight_of[n]:g} {before[i] / before.sum():.1%} -> {after[i] / after.sum():.1%}"
+                           for i, n in enumerate(names)))
+        return _Mixture(self.train_docs, weights, groups, shards.lengths, self.seq_len)
 
     def _prompts(self, shards: TokenShards, vocab: Vocab) -> tuple[np.ndarray, np.ndarray]:
         """Per document: tokens between ``<|bos|>`` and its first image / video span, and whether
@@ -641,7 +737,7 @@ class TokenDataModule(LightningDataModule):
         rank, world = _distribution(getattr(self, "trainer", None))
         sampler = _PackedBatches(self.train_rows, self.batch_size, self.droppable, self.prompt_dropout,
                                  drop_last=len(self.train_rows) >= self.batch_size * world, seed=self.seed,
-                                 shuffle=True, rank=rank, world_size=world)
+                                 shuffle=True, rank=rank, world_size=world, mixture=self.mixture)
         if self._resume is not None:
             sampler.epoch, sampler.start = self._resume["epoch"], self._resume["batches"]
             self._resume = None

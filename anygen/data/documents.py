@@ -112,6 +112,22 @@ class Document:
             out["meta"] = self.meta
         return out
 
+    @property
+    def group(self) -> str:
+        """The mixture group ``TokenDataModule(weights=...)`` weighs this document by.
+
+        ``meta["group"]`` when it is a string; else ``"<source>/<kind>"``: the id up to its first
+        ``-`` (``"shapes"`` for ``shapes-train-000123``; ``"documents"`` for an id without one) and
+        ``meta["kind"]`` (``"document"`` without one). ``anygen data shapes`` / ``digits`` give
+        ``shapes/t2i``, ``shapes/caption``, ..., ``digits/t2i``, ``digits/caption``.
+        """
+        group = self.meta.get("group")
+        if isinstance(group, str) and group:
+            return group
+        source = self.id.split("-", 1)[0] if "-" in self.id else "documents"
+        kind = self.meta.get("kind")
+        return f"{source}/{kind if isinstance(kind, str) and kind else 'document'}"
+
     def error(self, reason: str, category: str = "invalid-document") -> DocumentError:
         """A ``DocumentError`` located at this document."""
         return DocumentError(self.source, reason, self.id, category)

@@ -229,6 +229,8 @@ class TokenShards:
         lengths: int64 ``[n_docs]`` tokens per document.
         und_counts: int64 ``[n_docs]`` understood images per document.
         doc_ids: the documents' ids.
+        groups: the documents' mixture groups (``Document.group``), or ``None`` for shards written
+            before ``index.json`` recorded them.
 
     Raises:
         FileNotFoundError: the directory or its ``index.json`` is missing, or a shard it lists.
@@ -263,6 +265,14 @@ class TokenShards:
         if len(self.lengths) != self.index.get("docs", len(self.lengths)):
             raise ValueError(f"{index_path} says {self.index.get('docs')} documents, "
                              f"the shards hold {len(self.lengths)}")
+        self.groups: list[str] | None = None
+        recorded = self.index.get("groups")
+        if recorded is not None:
+            names, codes = recorded.get("names", []), recorded.get("of_document", [])
+            if len(codes) != len(self.lengths) or any(not 0 <= c < len(names) for c in codes):
+                raise ValueError(f"{index_path}: 'groups' gives {len(codes)} document groups over {len(names)} "
+                                 f"names for {len(self.lengths)} documents")
+            self.groups = [names[c] for c in codes]
         self._handles: dict[int, Any] = {}
 
     # -- opening -------------------------------------------------------------------------------------

@@ -16,6 +16,9 @@ file, an unreadable image or clip, a clip shorter than ``--video-frames``, a doc
 refuses, or one longer than ``--max-length`` tokens is skipped, counted by category, logged, and
 listed in ``index.json`` (``skipped``). With ``--strict`` the first one stops the run with an error
 naming the document and the problem (and the shards written so far are removed).
+
+``index.json`` also records each written document's mixture group (``Document.group``, e.g.
+``shapes/caption``), which ``TokenDataModule(weights=...)`` samples by.
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ class TokenizeOptions:
 class _Result:
     doc_id: str
     source: str
+    group: str = "documents/document"
     ids: np.ndarray | None = None
     und: np.ndarray | None = None
     modality_tokens: list[int] = field(default_factory=list)
@@ -84,7 +88,7 @@ def _tokenize_one(doc: Document) -> _Result:
     import torch
 
     tok, opts = _WORKER["tokenizer"], _WORKER["options"]
-    result = _Result(doc.id, doc.source)
+    result = _Result(doc.id, doc.source, doc.group)
     try:
         segments = load_document(doc, image_size=tok.image_size, video_size=tok.video_size,
                                  video_frames=opts.video_frames, video_fps=opts.video_fps,
@@ -215,6 +219,8 @@ def tokenize_documents(
     writer = ShardWriter(out, format=format, shard_size=shard_size)
     modality = [0] * len(MODALITY_NAMES)
     und_size = 0
+    group_names: dict[str, int] = {}  # group -> code, in order of first appearance
+    group_codes: list[int] = []  # per written document
     for err in skipped:
         _log_skip(err, len(skipped))
     try:
@@ -229,6 +235,7 @@ def tokenize_documents(
                 bar.set_postfix(skipped=len(skipped), refresh=False)
                 continue
             writer.add(TokenizedDocument(result.doc_id, result.ids, result.und))
+            group_codes.append(group_names.setdefault(result.group, len(group_names)))
             modality = [a + b for a, b in zip(modality, result.modality_tokens)]
             if result.und is not None:
                 und_size = int(result.und.shape[-1])
@@ -253,6 +260,8 @@ def tokenize_documents(
         "modality_tokens": dict(zip(MODALITY_NAMES, modality)),
         "und_images": sum(s["und_images"] for s in shards),
         "und_size": und_size,
+        # each written document's mixture group (Document.group), for TokenDataModule(weights=...)
+        "groups": {"names": list(group_names), "of_document": group_codes},
         "shards": shards,
         "skipped": {
             "count": len(skipped),
