@@ -691,7 +691,7 @@ class TokenDataModule(LightningDataModule):
                              "anygen tokenize): run `anygen tokenize` again to use weights")
         names = sorted(set(shards.groups))
         for pattern in self.weights:
-            if not fnmatch.filter(names, pattern):
+            if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
                 raise ValueError(f"weights: {pattern!r} matches no document group; these shards have {names}")
         weight_of: dict[str, float] = {}
         for name in names:
