@@ -88,7 +88,7 @@ def test_the_recipe_script_names_configs_whose_checkpoints_it_exports(grid):
     its rows must hold the longest document the script lets ``anygen tokenize`` keep."""
     stages = _stages(grid)
     assert ("MIX_STAGE" in stages) == (grid == "16")  # GRID=16 trains its unified model in two stages
-    for key in ("IMAGE_STAGE", "UNIFIED_STAGE", "MIX_STAGE")[:3 if "MIX_STAGE" in stages else 2]:
+    for key in [k for k in ("IMAGE_STAGE", "UNIFIED_STAGE", "MIX_STAGE") if k in stages]:
         raw = yaml.safe_load((SCRIPT.parents[1] / "configs" / "default" / f"{stages[key]}.yaml").read_text())
         dirs = {c["init_args"]["dirpath"] for c in raw["trainer"]["callbacks"] if "dirpath" in c.get("init_args", {})}
         assert dirs == {f"runs/default/{stages[key]}/checkpoints"}, (grid, key, dirs)

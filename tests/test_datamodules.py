@@ -14,7 +14,7 @@ import torch
 
 from anygen.data.documents import DocumentError
 from anygen.data.shapes import generate_shapes
-from anygen.data.shards import ShardWriter, TokenizedDocument
+from anygen.data.shards import ShardWriter, TokenizedDocument, TokenShards
 from tokenizers_mm.vocab import Vocab
 from trainers.data import IGNORE_INDEX, ImageDataModule, TokenDataModule, VideoDataModule, pack_documents
 
@@ -345,6 +345,18 @@ def test_bad_weights_are_refused(grouped, weights, message):
     root, _ = grouped
     with pytest.raises(ValueError, match=message):
         TokenDataModule(str(root), seq_len=32, weights=weights).setup()
+
+
+def test_shards_with_a_malformed_group_record_are_refused(grouped, tmp_path):
+    import shutil
+
+    root, kinds = grouped
+    copy = Path(shutil.copytree(root, tmp_path / "shards"))
+    index = json.loads((copy / "index.json").read_text())
+    index["groups"]["of_document"] = index["groups"]["of_document"][:-1]  # one document short
+    (copy / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=f"'groups' gives {len(kinds) - 1} document groups .* for {len(kinds)}"):
+        TokenShards(copy)
 
 
 def test_weights_need_shards_that_record_groups(mixed):

@@ -483,26 +483,31 @@ def pack_documents(lengths: Sequence[int], capacity: int) -> list[list[int]]:
 
 
 class _Mixture:
-    """Which documents an epoch holds under per-document weights, and their packed rows.
+    """Which documents an epoch holds under per-group weights, and their packed rows.
 
-    A document of weight ``w`` appears ``floor(w)`` times per epoch, and a seeded share of each
-    group's documents once more, so that group ``g`` contributes ``round(n_g * w_g)`` copies every
-    epoch (weight 0 leaves a group out). The epoch's copies are shuffled and packed first-fit.
+    Args:
+        docs: the training documents; ``groups``: each one's group code; ``weights``: the weight of
+            each group code; ``lengths``: tokens of every document in the shards.
+
+    A document of group weight ``w`` appears ``floor(w)`` times per epoch, and a seeded share of its
+    group once more, so that group ``g`` contributes ``round(n_g * w_g)`` copies every epoch (weight 0
+    leaves it out). The epoch's copies are shuffled and packed first-fit.
     """
 
-    def __init__(self, docs: np.ndarray, weights: np.ndarray, groups: np.ndarray, lengths: np.ndarray,
+    def __init__(self, docs: np.ndarray, groups: np.ndarray, weights: np.ndarray, lengths: np.ndarray,
                  seq_len: int) -> None:
-        self.docs, self.weights, self.groups, self.lengths, self.seq_len = docs, weights, groups, lengths, seq_len
+        self.docs, self.groups, self.weights, self.lengths, self.seq_len = docs, groups, weights, lengths, seq_len
 
     def copies(self, rng: np.random.Generator) -> np.ndarray:
         """Copies of each of ``docs`` in one epoch."""
-        base = np.floor(self.weights).astype(np.int64)
-        for g in np.unique(self.groups):
+        whole = np.floor(self.weights).astype(np.int64)
+        copies = whole[self.groups]
+        for g, weight in enumerate(self.weights):
             members = np.flatnonzero(self.groups == g)
-            extra = int(round(len(members) * float(self.weights[members[0]]))) - int(base[members].sum())
+            extra = int(round(len(members) * weight)) - len(members) * int(whole[g])
             if extra > 0:
-                base[rng.choice(members, size=extra, replace=False)] += 1
-        return base
+                copies[rng.choice(members, size=extra, replace=False)] += 1
+        return copies
 
     def rows(self, rng: np.random.Generator) -> list[list[int]]:
         """One epoch's rows of documents (a document may sit in several rows)."""
@@ -701,16 +706,15 @@ class TokenDataModule(LightningDataModule):
             weight_of[name] = self.weights[hits[0]] if hits else 1.0
         code = {name: i for i, name in enumerate(names)}
         groups = np.array([code[shards.groups[d]] for d in self.train_docs], dtype=np.int64)
-        weights = np.array([weight_of[names[g]] for g in groups], dtype=np.float64)
-        if not (weights > 0).any():
+        weights = np.array([weight_of[name] for name in names], dtype=np.float64)
+        if not (weights[groups] > 0).any():
             raise ValueError(f"weights {self.weights} leave no training document")
-        tokens = shards.lengths[self.train_docs].astype(np.float64)
-        before = np.bincount(groups, weights=tokens, minlength=len(names))
-        after = np.bincount(groups, weights=tokens * weights, minlength=len(names))
+        before = np.bincount(groups, weights=shards.lengths[self.train_docs], minlength=len(names))
+        after = before * weights
         log.info("mixture of %s (share of training tokens, unweighted -> weighted): %s", self.shards_dir,
-                 ", ".join(f"{n} x{weight_of[n]:g} {before[i] / before.sum():.1%} -> {after[i] / after.sum():.1%}"
+                 ", ".join(f"{n} x{weights[i]:g} {before[i] / before.sum():.1%} -> {after[i] / after.sum():.1%}"
                            for i, n in enumerate(names)))
-        return _Mixture(self.train_docs, weights, groups, shards.lengths, self.seq_len)
+        return _Mixture(self.train_docs, groups, weights, shards.lengths, self.seq_len)
 
     def _prompts(self, shards: TokenShards, vocab: Vocab) -> tuple[np.ndarray, np.ndarray]:
         """Per document: tokens between ``<|bos|>`` and its first image / video span, and whether
