@@ -18,6 +18,7 @@ import pytest
 import torch
 import yaml
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
@@ -555,6 +556,42 @@ def test_init_image_codes_carries_a_model_across_a_refined_codebook(tok_dir, tmp
     (path / "text_tokenizer.json").write_text(json.dumps(other))
     with pytest.raises(ValueError, match="another text tokenizer"):
         UnifiedModule(refined_dir, init_from=str(path), init_image_codes=str(coarse))
+
+def test_reinit_keeps_the_named_rows_fresh_and_loads_the_rest(tok_dir, tmp_path):
+    """The 16x16 recipe starts from the shipped 8x model: another image tokenizer, so its image rows start
+    afresh (``reinit``) while text, video, understanding and the transformer come from ``init_from``."""
+    pretrained = tiny_unified(tok_dir).model
+    path = tmp_path / "stage1"
+    AnyGen(pretrained, MultimodalTokenizer.load(tok_dir)).save_pretrained(path)
+    torch.manual_seed(1)
+    fresh = UnifiedModule(tok_dir).model.state_dict()
+    torch.manual_seed(1)  # the same fresh init, then init_from over all but the image rows
+    warm = UnifiedModule(tok_dir, init_from=str(path), reinit=["embed.image", "head.image"]).model.state_dict()
+    renewed = [k for k in warm if k.startswith(("embed.image.", "head.image."))]
+    assert renewed == ["embed.image.weight", "head.image.weight"]
+    for key, value in warm.items():
+        source = fresh if key in renewed else pretrained.state_dict()
+        assert torch.equal(value, source[key]), key
+    assert not torch.equal(fresh["embed.image.weight"], pretrained.state_dict()["embed.image.weight"])
+    # another image codebook size is accepted once both image rows start afresh, refused otherwise
+    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    for key in ("embed.image.weight", "head.image.weight"):
+        state[key] = torch.zeros(7, state[key].shape[1])
+    save_file(state, str(path / "model.safetensors"))
+    config = json.loads((path / "config.json").read_text())
+    config["vocab"]["image_codebook_size"] = 7
+    (path / "config.json").write_text(json.dumps(config))
+    UnifiedModule(tok_dir, init_from=str(path), reinit=["embed.image", "head.image"])
+    with pytest.raises(ValueError, match="vocabulary"):
+        UnifiedModule(tok_dir, init_from=str(path), reinit=["embed.image"])
+    with pytest.raises(ValueError, match="name no parameter.*embed.image"):
+        UnifiedModule(tok_dir, init_from=str(path), reinit=["embed.images"])
+    with pytest.raises(ValueError, match="list of parameter-name prefixes"):
+        UnifiedModule(tok_dir, init_from=str(path), reinit="embed.image")
+    with pytest.raises(ValueError, match="set init_from too"):
+        UnifiedModule(tok_dir, reinit=["embed.image"])
+
 
 # -- sample logger -----------------------------------------------------------------------------------------
 

@@ -8,7 +8,8 @@ What this module owns:
 - the loss: routed next-token cross-entropy (``anygen.model.routed_cross_entropy``), structural targets
   masked, per-modality weights, z-loss, and each modality's CE logged apart;
 - staged training (Janus): which parameter groups train (``train:``), and starting from an earlier
-  stage (``init_from:``), also across a refined image codebook (``init_image_codes:``);
+  stage (``init_from:``), also across a refined image codebook (``init_image_codes:``) or another image
+  tokenizer altogether (``reinit: [embed.image, head.image]``: the image rows start afresh, the rest is kept);
 - AdamW with linear warm-up and cosine decay.
 
 Loss::
@@ -167,8 +168,35 @@ def _bpe_table(path: Path) -> Any:
     return model.get("vocab"), model.get("merges")
 
 
+def check_reinit(model: AnyGenModel, reinit: list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
+    """``reinit`` as a tuple of state-dict prefixes, each naming at least one of ``model``'s tensors.
+
+    A prefix matches a key equal to it or starting with it and a dot (``embed.image`` matches
+    ``embed.image.weight``, never ``embed.images``).
+
+    Raises:
+        ValueError: not a list of strings, or a prefix that names nothing (the accepted top-level names are listed).
+    """
+    if reinit is None:
+        return ()
+    if isinstance(reinit, str) or not all(isinstance(r, str) and r for r in reinit):
+        raise ValueError(f"reinit must be a list of parameter-name prefixes such as ['embed.image', 'head.image'], "
+                         f"got {reinit!r}")
+    keys = list(model.state_dict())
+    unknown = [r for r in reinit if not any(_under(k, r) for k in keys)]
+    if unknown:
+        tops = sorted({".".join(k.split(".")[:2]) for k in keys if not k.startswith("blocks.")} | {"blocks"})
+        raise ValueError(f"reinit prefixes {unknown} name no parameter of this model; accepted prefixes start with "
+                         f"one of {tops} (e.g. embed.image, head.image, blocks.0)")
+    return tuple(reinit)
+
+
+def _under(key: str, prefix: str) -> bool:
+    return key == prefix or key.startswith(prefix.rstrip(".") + ".")
+
+
 def load_initial_weights(model: AnyGenModel, path: str | Path, *, image_code_map: Tensor | None = None,
-                         text_tokenizer: Path | None = None) -> None:
+                         text_tokenizer: Path | None = None, reinit: tuple[str, ...] = ()) -> None:
     """Load weights from a ``save_pretrained`` directory or a Lightning ``.ckpt`` of a ``UnifiedModule``.
 
     A ``.ckpt`` is read with ``torch.load(weights_only=True)``: tensors and plain values only.
@@ -181,6 +209,9 @@ def load_initial_weights(model: AnyGenModel, path: str | Path, *, image_code_map
             rows are gathered through the map; every other tensor loads as it is.
         text_tokenizer: this run's ``text_tokenizer.json``; a directory ``path`` with another BPE table is refused
             (same sizes, other strings: nothing else would notice).
+        reinit: state-dict prefixes (``check_reinit``) not loaded: those tensors keep ``model``'s own
+            initialisation, and may be absent from ``path`` or have another shape there. When both image rows
+            (``embed.image`` and ``head.image``) are reinitialised, the image codebook size may differ too.
 
     Raises:
         FileNotFoundError: ``path`` is neither.
@@ -198,7 +229,8 @@ def load_initial_weights(model: AnyGenModel, path: str | Path, *, image_code_map
             raise ValueError(f"init_from {path} was trained with another text tokenizer than {text_tokenizer} "
                              "(the BPE vocabularies or merges differ): its text rows would mean other strings")
         vocab = meta.get("vocab")
-        if vocab is not None and image_code_map is not None:  # the image codebook may differ, nothing else
+        fresh_image = all(any(_under(f"{part}.image.weight", r) for r in reinit) for part in ("embed", "head"))
+        if vocab is not None and (image_code_map is not None or fresh_image):  # the image codebook may differ
             vocab = {**vocab, "image_codebook_size": model.vocab.image_codebook_size}
         if vocab is not None and Vocab.from_dict(vocab) != model.vocab:
             raise ValueError(f"init_from {path} has vocabulary {vocab}, the tokenizer gives {model.vocab.to_dict()}")
@@ -224,6 +256,10 @@ def load_initial_weights(model: AnyGenModel, path: str | Path, *, image_code_map
                     raise ValueError(f"init_image_codes maps onto {int(image_code_map.max()) + 1} old codes, but "
                                      f"{path} has {rows} rows in {key}: the tokenizer is not the one it trained on")
                 state[key] = state[key][image_code_map.to(state[key].device)]
+    if reinit:
+        own = model.state_dict()
+        state = {k: v for k, v in state.items() if not any(_under(k, r) for r in reinit)}
+        state.update({k: v for k, v in own.items() if any(_under(k, r) for r in reinit)})
     load_model_state(model, state, str(path))
 
 
@@ -270,6 +306,10 @@ class UnifiedModule(LightningModule):
         init_image_codes: the image tokenizer ``.safetensors`` that ``init_from``'s model was trained on, when
             ``tokenizer_dir`` holds a refined one (a finer FSQ grid, perhaps more latent channels): each new code's
             embedding and image-head row start from its nearest old code (``nearest_code_map``).
+        reinit: parameter-name prefixes that ``init_from`` does not fill (``check_reinit``): those keep their
+            fresh initialisation. ``[embed.image, head.image]`` carries a model to another image tokenizer (say
+            the 4x one of the 16x16 recipe from the shipped 8x one): text, video, understanding and the
+            transformer are kept, the image codes are learned anew.
     """
 
     def __init__(
@@ -288,6 +328,7 @@ class UnifiedModule(LightningModule):
         train: str | list[str] = "all",
         init_from: str | None = None,
         init_image_codes: str | None = None,
+        reinit: list[str] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -312,6 +353,9 @@ class UnifiedModule(LightningModule):
         self.model = AnyGenModel(config)
         if init_image_codes is not None and init_from is None:
             raise ValueError("init_image_codes maps the image codes of init_from's model; set init_from too")
+        reinit_prefixes = check_reinit(self.model, reinit)
+        if reinit_prefixes and init_from is None:
+            raise ValueError(f"reinit {list(reinit_prefixes)} names what init_from should not fill; set init_from too")
         if init_from is not None:
             code_map = None
             if init_image_codes is not None:
@@ -319,7 +363,7 @@ class UnifiedModule(LightningModule):
                     raise ValueError(f"init_image_codes is set but the tokenizer in {tokenizer_dir} has no image VQ")
                 code_map = nearest_code_map(ImageTokenizer.load(init_image_codes), self.tokenizer.image)
             load_initial_weights(self.model, init_from, image_code_map=code_map,
-                                 text_tokenizer=Path(tokenizer_dir) / TEXT_FILE)
+                                 text_tokenizer=Path(tokenizer_dir) / TEXT_FILE, reinit=reinit_prefixes)
         apply_trainable(self.model, self.groups)
         empty = [n for n in self.groups if not parameter_groups(self.model)[n]]
         if empty and train != "all":
