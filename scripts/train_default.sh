@@ -7,7 +7,7 @@
 #   bash scripts/train_default.sh                  # the recipe as configured (CPU: a few hours; GPU: minutes)
 #   TOY=1 bash scripts/train_default.sh            # a few steps per stage: proves the pipeline end to end
 #   IMAGE_STEPS=600 VIDEO_STEPS=400 UNIFIED_STEPS=800 nice -n 19 bash scripts/train_default.sh   # a budget
-#   GRID=16 DATA=data/grid16 RUNS=runs/grid16 bash scripts/train_default.sh   # 16x16 image tokens (not shipped yet)
+#   GRID=16 DATA=data/grid16 RUNS=runs/grid16 bash scripts/train_default.sh   # 16x16 image tokens, from the 8x8 model
 #
 # Each stage is skipped when its output exists ($RUNS/export/*.safetensors, $DATA/tokenizer, $DATA/shards,
 # $RUNS/model), so a rerun carries on where it stopped; delete an output to redo its stage. Logs:
@@ -20,10 +20,12 @@
 #   IMAGE_STEPS / VIDEO_STEPS / UNIFIED_STEPS / MIX_STEPS [the YAMLs' max_steps]
 #   IMAGE_MINUTES / VIDEO_MINUTES / UNIFIED_MINUTES / MIX_MINUTES [none]: wall-clock caps per stage (max_time)
 #   SHIP [0]: 1 copies the exported model and its eval.json into anygen/assets/default/
-#   GRID [8]: image tokens per side of a 64 px image. 8 is what ships (configs/default/image_tokenizer.yaml,
-#     unified.yaml); 16 trains the 4x image tokenizer and a model with rows of 896 tokens
-#     (image_tokenizer_4x.yaml, unified_16x16.yaml, then unified_16x16_mix.yaml: stage 2, mixture weights):
-#     shapes survive its round trip (docs/default_model.md)
+#   GRID [8]: image tokens per side of a 64 px image. 8: configs/default/image_tokenizer.yaml, unified.yaml; 16
+#     trains the 4x image tokenizer (image_tokenizer_4x.yaml: shapes survive its round trip) and a model with rows
+#     of 896 tokens, warm-started from the 8x8 model INIT_FROM (unified_16x16_warm.yaml; docs/default_model.md)
+#   INIT_FROM [anygen/assets/default]: GRID=16's 8x8 model (its BPE table, video tokenizer and weights but the
+#     image rows are kept; GRID=8 of this script makes one, e.g. runs/default/model); none: from scratch in two
+#     stages instead (unified_16x16.yaml, then unified_16x16_mix.yaml with mixture weights), ~2x the steps
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -36,9 +38,22 @@ WORKERS=${WORKERS:-1}
 EVAL_NUM=${EVAL_NUM:-50}
 case "${GRID:-8}" in
   8) IMAGE_STAGE=image_tokenizer; UNIFIED_STAGE=unified; MIX_STAGE=; MAX_LENGTH=384 ;;
-  16) IMAGE_STAGE=image_tokenizer_4x; UNIFIED_STAGE=unified_16x16; MIX_STAGE=unified_16x16_mix; MAX_LENGTH=896 ;;
-  *) echo "GRID must be 8 (what ships) or 16, got '${GRID}'" >&2; exit 2 ;;
+  16) IMAGE_STAGE=image_tokenizer_4x; UNIFIED_STAGE=unified_16x16_warm; MIX_STAGE=; MAX_LENGTH=896 ;;
+  *) echo "GRID must be 8 or 16, got '${GRID}'" >&2; exit 2 ;;
 esac
+WARM=
+if [[ "${GRID:-8}" == 16 ]]; then
+  INIT_FROM=${INIT_FROM:-anygen/assets/default}
+  if [[ "$INIT_FROM" == none ]]; then
+    UNIFIED_STAGE=unified_16x16; MIX_STAGE=unified_16x16_mix
+  elif [[ -f "$INIT_FROM/model.safetensors" && -f "$INIT_FROM/video_tokenizer.safetensors" \
+          && -f "$INIT_FROM/text_tokenizer.json" ]]; then
+    WARM=$INIT_FROM
+  else
+    echo "INIT_FROM=$INIT_FROM is not a model directory (model.safetensors, video_tokenizer.safetensors," \
+         "text_tokenizer.json); give one (anygen export writes them) or INIT_FROM=none" >&2; exit 2
+  fi
+fi
 if [[ "${TOY:-0}" == 1 ]]; then
   NUM_SHAPES=${TOY_SHAPES:-60}; IMAGE_STEPS=${IMAGE_STEPS:-4}; VIDEO_STEPS=${VIDEO_STEPS:-3}
   UNIFIED_STEPS=${UNIFIED_STEPS:-4}; MIX_STEPS=${MIX_STEPS:-3}; EVAL_NUM=${EVAL_NUM_TOY:-2}; LIMIT="--limit 200"
@@ -84,6 +99,10 @@ if [[ ! -f "$RUNS/export/image_tokenizer.safetensors" ]]; then
       $(limit "${IMAGE_MINUTES:-}") > "$RUNS/logs/image_tokenizer.log" 2>&1
   $ANYGEN export runs/default/$IMAGE_STAGE/checkpoints/last.ckpt --out "$RUNS/export/"
 fi
+if [[ -n "$WARM" && ! -f "$RUNS/export/video_tokenizer.safetensors" ]]; then
+  log "video tokenizer: $WARM's (the warm start's video codes mean what they meant to it)"
+  cp "$WARM/video_tokenizer.safetensors" "$RUNS/export/"
+fi
 if [[ ! -f "$RUNS/export/video_tokenizer.safetensors" ]]; then
   log "video tokenizer: anygen fit --config configs/default/video_tokenizer.yaml $(steps "${VIDEO_STEPS:-}")"
   $ANYGEN fit --config configs/default/video_tokenizer.yaml $CFG_DATA $(steps "${VIDEO_STEPS:-}") \
@@ -94,7 +113,7 @@ fi
 # 4. the tokenizer directory: BPE on the documents' text + the two VQ tokenizers, 16 <|und|> per 64 px image
 if [[ ! -f "$DATA/tokenizer/tokenizer_config.json" ]]; then
   log "build-tokenizer -> $DATA/tokenizer"
-  $ANYGEN build-tokenizer --documents "$DATA/documents.jsonl" --vocab-size "$VOCAB" \
+  $ANYGEN build-tokenizer --documents "$DATA/documents.jsonl" --vocab-size "$VOCAB" ${WARM:+--text-tokenizer "$WARM"} \
       --image-tokenizer "$RUNS/export/image_tokenizer.safetensors" \
       --video-tokenizer "$RUNS/export/video_tokenizer.safetensors" --image-size 64 --video-size 32 \
       --und-tokens 16 --und-image-size 64 --max-height 32 --max-width 32 --max-frames 8 --out "$DATA/tokenizer"
@@ -107,7 +126,7 @@ if [[ ! -f "$DATA/shards/index.json" ]]; then
       --workers "$WORKERS" --video-frames 9 --max-length $MAX_LENGTH ${LIMIT:-} --overwrite --quiet > "$RUNS/logs/tokenize.log" 2>&1
 fi
 
-# 6. the unified model (GRID=16: two stages, the second with mixture weights), 7. export
+# 6. the unified model (GRID=16 with INIT_FROM=none: two stages, the second with mixture weights), 7. export
 # kept(STAGE): the step with the lowest validation CE, not the last one (a long run on few documents
 # overfits); a run too short to validate (TOY=1) has only its last step
 kept() { [[ -f "runs/default/$1/checkpoints/best.ckpt" ]] && echo "runs/default/$1/checkpoints/best.ckpt" \
@@ -116,6 +135,7 @@ if [[ ! -f "$RUNS/model/model.safetensors" ]]; then
   log "unified: anygen fit --config configs/default/$UNIFIED_STAGE.yaml $(steps "${UNIFIED_STEPS:-}")"
   rm -f runs/default/$UNIFIED_STAGE/checkpoints/best.ckpt  # a best step of an earlier run is not this run's
   $ANYGEN fit --config configs/default/$UNIFIED_STAGE.yaml --model.init_args.tokenizer_dir "$DATA/tokenizer" \
+      ${WARM:+--model.init_args.init_from "$WARM"} ${WARM:+${MIX_WEIGHTS:+--data.init_args.weights "$MIX_WEIGHTS"}} \
       --data.init_args.shards "$DATA/shards" $(steps "${UNIFIED_STEPS:-}") \
       $(limit "${UNIFIED_MINUTES:-}") > "$RUNS/logs/unified.log" 2>&1
   BEST=$(kept $UNIFIED_STAGE)

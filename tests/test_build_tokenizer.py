@@ -64,3 +64,27 @@ def test_build_tokenizer_errors(inputs, tmp_path, capsys):
         build_tokenizer([empty], tmp_path / "t", image_tokenizer=image, video_tokenizer=None)
     assert main(["--documents", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "t")]) == 1
     assert "nope.jsonl" in capsys.readouterr().err
+
+
+def test_build_tokenizer_reuses_a_trained_bpe_table(inputs, tmp_path, capsys):
+    """--text-tokenizer keeps an earlier directory's BPE table (its ids), so a model trained with it can be
+    warm-started on the new directory; the documents are then not needed."""
+    docs, image, video = inputs
+    first = build_tokenizer([docs], tmp_path / "first", image_tokenizer=image, video_tokenizer=video, vocab_size=300)
+    other_docs = tmp_path / "other.jsonl"
+    other_docs.write_text(json.dumps({"segments": [{"text": "zebra zebra quokka quokka"}]}) + "\n")
+    for source in (tmp_path / "first", tmp_path / "first" / "text_tokenizer.json"):
+        out = tmp_path / f"reused_{source.name}"
+        assert main(["--text-tokenizer", str(source), "--documents", str(other_docs), "--image-tokenizer",
+                     str(image), "--out", str(out)]) == 0
+        reused = MultimodalTokenizer.load(out)
+        assert (out / "text_tokenizer.json").read_text() == (tmp_path / "first" / "text_tokenizer.json").read_text()
+        text = "a red circle at the top left"
+        assert reused.text.encode(text) == first.text.encode(text)
+        assert reused.vocab.text_size == first.vocab.text_size and reused.video is None
+    capsys.readouterr()
+    # without documents the BPE has to come from somewhere
+    with pytest.raises(ValueError, match="--text-tokenizer"):
+        build_tokenizer([], tmp_path / "t", image_tokenizer=image, video_tokenizer=None)
+    assert main(["--text-tokenizer", str(tmp_path / "nothing.json"), "--out", str(tmp_path / "t")]) == 1
+    assert "nothing.json" in capsys.readouterr().err

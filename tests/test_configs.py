@@ -23,7 +23,8 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml
 EXPECTED = {"tokenizers/image.yaml", "tokenizers/video.yaml", "unified/tiny.yaml", "unified/stage1_adaptors.yaml",
             "unified/stage2_pretrain.yaml", "unified/stage3_sft.yaml", "default/image_tokenizer.yaml",
             "default/video_tokenizer.yaml", "default/unified.yaml", "default/image_tokenizer_4x.yaml",
-            "default/unified_16x16.yaml", "default/unified_16x16_mix.yaml"}
+            "default/unified_16x16.yaml", "default/unified_16x16_mix.yaml",
+            "default/unified_16x16_warm.yaml"}
 
 
 def _name(path: Path) -> str:
@@ -75,19 +76,30 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_default.sh"
 
 
 def _stages(grid: str) -> dict[str, str]:
-    """``{"IMAGE_STAGE": ..., "UNIFIED_STAGE": ..., "MAX_LENGTH": ...}`` of the script's ``GRID`` case."""
+    """``{"IMAGE_STAGE": ..., "UNIFIED_STAGE": ..., "MAX_LENGTH": ...}`` of the script's ``GRID`` case; grid
+    ``16-none`` is GRID=16 with ``INIT_FROM=none`` (from scratch, two stages)."""
     import re
 
-    line = next(s for s in SCRIPT.read_text().splitlines() if s.strip().startswith(f"{grid})"))
-    return dict(re.findall(r"(\w+)=(\w+)", line))
+    lines = SCRIPT.read_text().splitlines()
+    stages = dict(re.findall(r"(\w+)=(\w+)", next(s for s in lines if s.strip().startswith(f"{grid[:2]})"))))
+    if grid == "16-none":
+        after = lines[next(i for i, s in enumerate(lines) if '"$INIT_FROM" == none' in s) + 1]
+        stages.update(re.findall(r"(\w+)=(\w+)", after))
+    return stages
 
 
-@pytest.mark.parametrize("grid", ["8", "16"])
+@pytest.mark.parametrize("grid", ["8", "16", "16-none"])
 def test_the_recipe_script_names_configs_whose_checkpoints_it_exports(grid):
     """The script exports ``runs/default/<stage>/checkpoints/*.ckpt``: each YAML it trains must write there, and
     its rows must hold the longest document the script lets ``anygen tokenize`` keep."""
     stages = _stages(grid)
-    assert ("MIX_STAGE" in stages) == (grid == "16")  # GRID=16 trains its unified model in two stages
+    assert ("MIX_STAGE" in stages) == (grid == "16-none")  # only from scratch does 16x16 take two stages
+    if grid == "16":  # warm-started from the shipped 8x8 model, its image rows afresh
+        warm = SCRIPT.parents[1] / "configs" / "default" / f"{stages['UNIFIED_STAGE']}.yaml"
+        raw = yaml.safe_load(warm.read_text())
+        args = raw["model"]["init_args"]
+        assert args["init_from"] == "anygen/assets/default" and set(args["reinit"]) == {"embed.image", "head.image"}
+        assert raw["data"]["init_args"]["weights"]
     for key in [k for k in ("IMAGE_STAGE", "UNIFIED_STAGE", "MIX_STAGE") if k in stages]:
         raw = yaml.safe_load((SCRIPT.parents[1] / "configs" / "default" / f"{stages[key]}.yaml").read_text())
         dirs = {c["init_args"]["dirpath"] for c in raw["trainer"]["callbacks"] if "dirpath" in c.get("init_args", {})}
@@ -107,5 +119,8 @@ def test_the_recipe_script_refuses_an_unknown_grid(tmp_path):
 
     env = {**os.environ, "GRID": "12", "RUNS": str(tmp_path / "runs"), "DATA": str(tmp_path / "data")}
     done = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60)
-    assert done.returncode == 2 and "GRID must be 8 (what ships) or 16, got '12'" in done.stderr
+    assert done.returncode == 2 and "GRID must be 8 or 16, got '12'" in done.stderr
+    env = {**env, "GRID": "16", "INIT_FROM": str(tmp_path / "no_model")}
+    done = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "is not a model directory" in done.stderr and "INIT_FROM=none" in done.stderr
     assert not (tmp_path / "runs").exists()  # refused before anything was written

@@ -12,6 +12,10 @@ line of every ``--documents`` file), loads the VQ tokenizers written by ``anygen
 the directory ``MultimodalTokenizer.load`` reads: ``tokenizer_config.json``, ``text_tokenizer.json``,
 ``image_tokenizer.safetensors``, ``video_tokenizer.safetensors``. The size-token ranges
 (``--max-height`` / ``--max-width`` / ``--max-frames``) fix the vocabulary the model is built on.
+
+``--text-tokenizer`` reuses a trained BPE table instead (a ``text_tokenizer.json``, or a tokenizer or
+checkpoint directory holding one): a model trained with that table can then be warm-started on the new
+directory, say with another image tokenizer (``UnifiedModule(init_from=..., reinit=[...])``).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import sys
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
-from tokenizers_mm.multimodal import MultimodalTokenizer
+from tokenizers_mm.multimodal import TEXT_FILE, MultimodalTokenizer
 from tokenizers_mm.text import TextTokenizer
 
 
@@ -59,6 +63,7 @@ def build_tokenizer(
     max_height: int = 32,
     max_width: int = 32,
     max_frames: int = 8,
+    text_tokenizer: str | Path | None = None,
 ) -> MultimodalTokenizer:
     """Train the BPE, attach the VQ tokenizers and save the directory ``out``.
 
@@ -72,6 +77,8 @@ def build_tokenizer(
         und_tokens / und_image_size: ``<|und|>`` positions per understood image and the pixel side
             given to the understanding encoder (0: no understanding path).
         max_height / max_width / max_frames: largest token grid the size tokens describe.
+        text_tokenizer: a ``text_tokenizer.json`` (or a directory holding one) to reuse; ``documents`` are then
+            not read and may be empty.
 
     Returns:
         The saved tokenizer.
@@ -79,15 +86,21 @@ def build_tokenizer(
     from tokenizers_mm.image import ImageTokenizer
     from tokenizers_mm.video import VideoTokenizer
 
-    if not documents:
-        raise ValueError("give at least one documents JSONL (--documents) to train the BPE on")
-    texts = list(document_texts(documents))
-    if not texts:
-        raise ValueError(f"the documents {[str(d) for d in documents]} hold no text segments to train the BPE on")
+    if text_tokenizer is None:
+        if not documents:
+            raise ValueError("give at least one documents JSONL (--documents) to train the BPE on, "
+                             "or a trained BPE table (--text-tokenizer)")
+        texts = list(document_texts(documents))
+        if not texts:
+            raise ValueError(f"the documents {[str(d) for d in documents]} hold no text segments to train the BPE on")
     for name, path in (("image", image_tokenizer), ("video", video_tokenizer)):
         if path is not None and not Path(path).is_file():
             raise FileNotFoundError(f"no {name} tokenizer at {path} (expected a .safetensors from anygen export)")
-    text = TextTokenizer.train(texts, vocab_size=vocab_size)
+    if text_tokenizer is not None:
+        path = Path(text_tokenizer)
+        text = TextTokenizer.load(path / TEXT_FILE if path.is_dir() else path)
+    else:
+        text = TextTokenizer.train(texts, vocab_size=vocab_size)
     image = ImageTokenizer.load(image_tokenizer).eval() if image_tokenizer is not None else None
     video = VideoTokenizer.load(video_tokenizer).eval() if video_tokenizer is not None else None
     tokenizer = MultimodalTokenizer(text, image, video, image_size=image_size, video_size=video_size,
@@ -100,8 +113,10 @@ def build_tokenizer(
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="anygen build-tokenizer", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--documents", type=Path, action="append", required=True, metavar="JSONL",
-                   help="documents whose text trains the BPE; repeatable")
+    p.add_argument("--documents", type=Path, action="append", default=[], metavar="JSONL",
+                   help="documents whose text trains the BPE; repeatable (not needed with --text-tokenizer)")
+    p.add_argument("--text-tokenizer", type=Path, default=None, metavar="PATH",
+                   help="reuse this BPE table (a text_tokenizer.json or a directory holding one) instead of training")
     p.add_argument("--out", type=Path, required=True, help="tokenizer directory to write")
     p.add_argument("--image-tokenizer", type=Path, default=None, help="image VQ .safetensors")
     p.add_argument("--video-tokenizer", type=Path, default=None, help="video VQ .safetensors")
@@ -124,7 +139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                               video_tokenizer=args.video_tokenizer, vocab_size=args.vocab_size,
                               image_size=args.image_size, video_size=args.video_size, und_tokens=args.und_tokens,
                               und_image_size=args.und_image_size, max_height=args.max_height,
-                              max_width=args.max_width, max_frames=args.max_frames)
+                              max_width=args.max_width, max_frames=args.max_frames,
+                              text_tokenizer=args.text_tokenizer)
     except (FileNotFoundError, ValueError) as err:
         print(f"anygen build-tokenizer: error: {err}", file=sys.stderr)
         return 1
