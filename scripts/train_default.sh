@@ -103,6 +103,10 @@ if [[ -n "$WARM" && ! -f "$RUNS/export/video_tokenizer.safetensors" ]]; then
   log "video tokenizer: $WARM's (the warm start's video codes mean what they meant to it)"
   cp "$WARM/video_tokenizer.safetensors" "$RUNS/export/"
 fi
+if [[ -n "$WARM" ]] && ! cmp -s "$WARM/video_tokenizer.safetensors" "$RUNS/export/video_tokenizer.safetensors"; then
+  echo "$RUNS/export/video_tokenizer.safetensors is not $WARM's video tokenizer: the warm start's video rows would" \
+       "mean other codes; delete it (the recipe then copies $WARM's) or use INIT_FROM=none" >&2; exit 2
+fi
 if [[ ! -f "$RUNS/export/video_tokenizer.safetensors" ]]; then
   log "video tokenizer: anygen fit --config configs/default/video_tokenizer.yaml $(steps "${VIDEO_STEPS:-}")"
   $ANYGEN fit --config configs/default/video_tokenizer.yaml $CFG_DATA $(steps "${VIDEO_STEPS:-}") \

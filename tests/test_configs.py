@@ -124,3 +124,13 @@ def test_the_recipe_script_refuses_an_unknown_grid(tmp_path):
     done = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "is not a model directory" in done.stderr and "INIT_FROM=none" in done.stderr
     assert not (tmp_path / "runs").exists()  # refused before anything was written
+    # a video tokenizer already exported that is not the warm start's: its video rows would mean other codes
+    export = tmp_path / "runs" / "export"
+    export.mkdir(parents=True)
+    (export / "image_tokenizer.safetensors").write_bytes(b"")
+    (export / "video_tokenizer.safetensors").write_bytes(b"another one")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "documents.jsonl").write_text("{}\n")
+    env = {**env, "INIT_FROM": "anygen/assets/default"}
+    done = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "is not anygen/assets/default's video tokenizer" in done.stderr
