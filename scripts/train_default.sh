@@ -19,6 +19,8 @@
 #   DATA [data/default]  RUNS [runs/default]  NUM_SHAPES [20000]  VOCAB [512]  WORKERS [1]  EVAL_NUM [50]
 #   IMAGE_STEPS / VIDEO_STEPS / UNIFIED_STEPS / MIX_STEPS [the YAMLs' max_steps]
 #   IMAGE_MINUTES / VIDEO_MINUTES / UNIFIED_MINUTES / MIX_MINUTES [none]: wall-clock caps per stage (max_time)
+#   PRECISION [the YAMLs': 32-true]: Lightning's --trainer.precision for every fit, e.g. bf16-mixed (GPUs; CPUs with
+#     AMX or AVX512-BF16 run it ~1.5x faster too: bench/train_step.py)
 #   SHIP [0]: 1 copies the exported model and its eval.json into anygen/assets/default/
 #   GRID [8]: image tokens per side of a 64 px image. 8: configs/default/image_tokenizer.yaml, unified.yaml; 16
 #     trains the 4x image tokenizer (image_tokenizer_4x.yaml: shapes survive its round trip) and a model with rows
@@ -62,6 +64,7 @@ if [[ "${TOY:-0}" == 1 ]]; then
 fi
 steps() { [[ -n "${1:-}" ]] && echo "--trainer.max_steps $1" || true; }
 # a wall-clock cap per stage (minutes), Lightning's --trainer.max_time: training stops, the last checkpoint counts
+precision() { [[ -n "${PRECISION:-}" ]] && echo "--trainer.precision $PRECISION" || true; }
 limit() { [[ -n "${1:-}" ]] && printf -- "--trainer.max_time 00:%02d:%02d:00" $(($1 / 60)) $(($1 % 60)) || true; }
 mkdir -p "$RUNS/logs" "$RUNS/export"
 log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$RUNS/logs/recipe.log"; }
@@ -95,7 +98,7 @@ CFG_DATA="--data.init_args.documents $DATA/documents.jsonl"
 # 3x4x4 tokens)
 if [[ ! -f "$RUNS/export/image_tokenizer.safetensors" ]]; then
   log "image tokenizer: anygen fit --config configs/default/$IMAGE_STAGE.yaml $(steps "${IMAGE_STEPS:-}")"
-  $ANYGEN fit --config configs/default/$IMAGE_STAGE.yaml $CFG_DATA $(steps "${IMAGE_STEPS:-}") \
+  $ANYGEN fit --config configs/default/$IMAGE_STAGE.yaml $CFG_DATA $(steps "${IMAGE_STEPS:-}") $(precision) \
       $(limit "${IMAGE_MINUTES:-}") > "$RUNS/logs/image_tokenizer.log" 2>&1
   $ANYGEN export runs/default/$IMAGE_STAGE/checkpoints/last.ckpt --out "$RUNS/export/"
 fi
@@ -109,7 +112,7 @@ if [[ -n "$WARM" ]] && ! cmp -s "$WARM/video_tokenizer.safetensors" "$RUNS/expor
 fi
 if [[ ! -f "$RUNS/export/video_tokenizer.safetensors" ]]; then
   log "video tokenizer: anygen fit --config configs/default/video_tokenizer.yaml $(steps "${VIDEO_STEPS:-}")"
-  $ANYGEN fit --config configs/default/video_tokenizer.yaml $CFG_DATA $(steps "${VIDEO_STEPS:-}") \
+  $ANYGEN fit --config configs/default/video_tokenizer.yaml $CFG_DATA $(steps "${VIDEO_STEPS:-}") $(precision) \
       $(limit "${VIDEO_MINUTES:-}") > "$RUNS/logs/video_tokenizer.log" 2>&1
   $ANYGEN export runs/default/video_tokenizer/checkpoints/last.ckpt --out "$RUNS/export/"
 fi
@@ -140,7 +143,7 @@ if [[ ! -f "$RUNS/model/model.safetensors" ]]; then
   rm -f runs/default/$UNIFIED_STAGE/checkpoints/best.ckpt  # a best step of an earlier run is not this run's
   $ANYGEN fit --config configs/default/$UNIFIED_STAGE.yaml --model.init_args.tokenizer_dir "$DATA/tokenizer" \
       ${WARM:+--model.init_args.init_from "$WARM"} ${WARM:+${MIX_WEIGHTS:+--data.init_args.weights "$MIX_WEIGHTS"}} \
-      --data.init_args.shards "$DATA/shards" $(steps "${UNIFIED_STEPS:-}") \
+      --data.init_args.shards "$DATA/shards" $(steps "${UNIFIED_STEPS:-}") $(precision) \
       $(limit "${UNIFIED_MINUTES:-}") > "$RUNS/logs/unified.log" 2>&1
   BEST=$(kept $UNIFIED_STAGE)
   if [[ -n "$MIX_STAGE" ]]; then
@@ -148,7 +151,7 @@ if [[ ! -f "$RUNS/model/model.safetensors" ]]; then
     rm -f runs/default/$MIX_STAGE/checkpoints/best.ckpt
     $ANYGEN fit --config configs/default/$MIX_STAGE.yaml --model.init_args.tokenizer_dir "$DATA/tokenizer" \
         --model.init_args.init_from "$BEST" --data.init_args.shards "$DATA/shards" \
-        ${MIX_WEIGHTS:+--data.init_args.weights "$MIX_WEIGHTS"} $(steps "${MIX_STEPS:-}") \
+        ${MIX_WEIGHTS:+--data.init_args.weights "$MIX_WEIGHTS"} $(steps "${MIX_STEPS:-}") $(precision) \
         $(limit "${MIX_MINUTES:-}") > "$RUNS/logs/unified_mix.log" 2>&1
     BEST=$(kept $MIX_STAGE)
   fi

@@ -134,3 +134,25 @@ def test_the_recipe_script_refuses_an_unknown_grid(tmp_path):
     env = {**env, "INIT_FROM": "anygen/assets/default"}
     done = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "is not anygen/assets/default's video tokenizer" in done.stderr
+
+
+def test_the_recipe_script_passes_precision_to_every_fit(tmp_path):
+    """``PRECISION=bf16-mixed`` reaches each ``anygen fit`` of the recipe (a stand-in interpreter records the calls)."""
+    import os
+    import subprocess
+
+    calls = tmp_path / "calls.txt"
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/usr/bin/env bash\necho "$*" >> {calls}\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "PY": str(fake), "RUNS": str(tmp_path / "runs"), "DATA": str(tmp_path / "data"),
+           "PRECISION": "bf16-mixed"}
+    done = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    fits = [line for line in calls.read_text().splitlines() if " fit " in f" {line} "]
+    assert len(fits) == 3  # image tokenizer, video tokenizer, unified model (GRID=8)
+    assert all("--trainer.precision bf16-mixed" in line for line in fits), fits
+    env.pop("PRECISION")
+    calls.unlink()
+    subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60, check=True)
+    assert not any("precision" in line for line in calls.read_text().splitlines())  # the YAMLs' own otherwise
