@@ -53,7 +53,7 @@ def main() -> None:
     cfg = AnyGenConfig.preset("small", text_size=512, image_codebook_size=1000, video_codebook_size=1000,
                               qk_norm="rms", max_seq_len=max(1024, max(args.lengths)))
     torch.manual_seed(0)
-    print(f"decoder: {sum(p.numel() for p in AnyGenModel(cfg).parameters()) / 1e6:.1f}M parameters, "
+    print(f"decoder: {cfg.num_parameters_estimate() / 1e6:.1f}M parameters, "
           f"{torch.get_num_threads()} threads, oneDNN: {torch.backends.mkldnn.is_available()}")
     print("| rows x tokens | fp32 ms/step | bf16 ms/step | fp32 tok/s | bf16 tok/s | bf16 speed-up |")
     print("|---|---|---|---|---|---|")
