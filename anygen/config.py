@@ -76,6 +76,10 @@ class AnyGenConfig:
     # the image head is Linear(d_model, image_head_dim) -> GELU -> Linear(image_head_dim, K). 0: a plain table / head.
     image_embed_dim: int = 0
     image_head_dim: int = 0
+    # learned row and column embeddings added to each image code's input (max_height + max_width rows of d_model,
+    # zero at init, so a model without them loads with them and starts out unchanged): 1D RoPE alone makes the
+    # model find a code's column by counting back to the last <|eol|>. Needs anygen's own layout (<|eol|> rows)
+    image_grid_embed: bool = False
 
     # training
     z_loss_weight: float = 0.0  # weight of log(Z)^2 per target token (PaLM, Chameleon); 0 disables
@@ -113,7 +117,7 @@ class AnyGenConfig:
             raise ValueError(f"AnyGenConfig.{name} must be > 0, got {getattr(self, name)}")
         if self.z_loss_weight < 0:
             raise ValueError(f"AnyGenConfig.z_loss_weight must be >= 0, got {self.z_loss_weight}")
-        for name in ("post_norm", "tie_embeddings", "und_trainable"):
+        for name in ("post_norm", "tie_embeddings", "und_trainable", "image_grid_embed"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"AnyGenConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if self.qk_norm not in _QK_NORMS:
@@ -198,6 +202,8 @@ class AnyGenConfig:
             total += k * e + (e * d + d) + (d * d + d) - k * d
         if p:  # Janus's MLP generation head replaces the d x K image head
             total += (d * p + p) + (p * k + k) - k * d
+        if self.image_grid_embed:
+            total += (self.max_height + self.max_width) * d
         if include_und and self.und_encoder is not None:
             total += self._und_parameters()
         return total

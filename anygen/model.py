@@ -100,6 +100,33 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return (x.float() * cos + rotated * sin).type_as(x)
 
 
+def image_grid_coords(ids: Tensor, vocab: Vocab, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Row and column of every image code in ``ids (B, T)``, from the ``<|boi|>`` / ``<|eol|>`` around it.
+
+    ``state (B, 2)``: the ``(row, col)`` the next code would take before ``ids`` begins (a chunk that continues
+    a cached sequence mid-image); None: zeros. Branch-free cumulative sums, so ``decode_step`` can call it on
+    one token.
+
+    Returns:
+        ``coords (B, T, 2)``: ``(row, col)`` of each position's code (meaningful at image codes only), and
+        ``after (B, T, 2)``: the state after each position, i.e. where a code following it would go.
+    """
+    b, t = ids.shape
+    idx = torch.arange(t, device=ids.device).expand(b, t)
+    is_code = (ids >= vocab.image_offset) & (ids < vocab.video_offset)
+    is_boi, is_eol = ids == vocab.boi, ids == vocab.eol
+    start = torch.zeros(b, 2, dtype=torch.long, device=ids.device) if state is None else state.long()
+    eols = is_eol.long().cumsum(-1)  # (B, T), inclusive
+    codes = is_code.long().cumsum(-1)
+    last_boi = torch.cummax(torch.where(is_boi, idx, -1), dim=-1).values  # a new image: row 0
+    last_reset = torch.cummax(torch.where(is_boi | is_eol, idx, -1), dim=-1).values  # a new row: column 0
+    row = torch.where(last_boi >= 0, eols - eols.gather(-1, last_boi.clamp(min=0)), start[:, :1] + eols)
+    count = torch.where(last_reset >= 0, codes - codes.gather(-1, last_reset.clamp(min=0)), start[:, 1:] + codes)
+    after = torch.stack([row, count], dim=-1)  # (B, T, 2)
+    coords = torch.stack([row, count - is_code.long()], dim=-1)
+    return coords, after
+
+
 class KVCache(nn.Module):
     """Static key/value store of one attention layer, written by slot.
 
@@ -248,6 +275,9 @@ class AnyGenModel(nn.Module):
         if p:  # Janus: the generation head is a GELU MLP, not one projection
             self.head["image"] = nn.Sequential(nn.Linear(d, p), nn.GELU(), nn.Linear(p, k))
         self.und = UnderstandingEncoder(config) if config.und_encoder is not None else None
+        # image_grid_embed: a code's row and column, added to its embedding (zero at init: see _init_weights)
+        self.grid_embed = nn.ModuleDict({"row": nn.Embedding(v.max_height, d), "col": nn.Embedding(v.max_width, d)}) \
+            if config.image_grid_embed else None
         self._init_weights()
         if config.tie_embeddings:
             for name in sizes:
@@ -255,6 +285,9 @@ class AnyGenModel(nn.Module):
         # static cache state, allocated by setup_cache
         self.register_buffer("cache_valid", None, persistent=False)  # (B, L) bool: slot holds a real token
         self.register_buffer("cache_slot_ids", None, persistent=False)  # (L,) arange, kept to avoid a per-step alloc
+        # image_grid_embed: (B, L, 2) the image_grid_coords state after the token in each slot (a rewritten slot,
+        # e.g. a rejected speculative draft, rewrites its state too)
+        self.register_buffer("cache_grid", None, persistent=False)
 
     def _init_weights(self) -> None:
         # the SigLIP tower keeps transformers' own init (or its pretrained weights)
@@ -265,6 +298,9 @@ class AnyGenModel(nn.Module):
                     nn.init.normal_(module.weight, mean=0.0, std=0.02)
                     if isinstance(module, nn.Linear) and module.bias is not None:
                         nn.init.zeros_(module.bias)
+        if self.grid_embed is not None:  # zero: a model warm-started without them begins exactly as it was
+            for table in self.grid_embed.values():
+                nn.init.zeros_(table.weight)
 
     def num_parameters(self, *, trainable_only: bool = False) -> int:
         """Parameter count (tied weights once); ``trainable_only`` skips a frozen SigLIP tower."""
@@ -329,6 +365,18 @@ class AnyGenModel(nn.Module):
         feats = self.und(und_pixels).to(x.dtype)  # (N, und_tokens, D)
         return x.masked_scatter(und_mask[..., None], feats)  # fills masked rows in row-major order
 
+    def _add_grid(self, x: Tensor, ids: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """``x`` plus the row and column embeddings at the image codes of ``ids``, and the states after each position
+        (``image_grid_coords``); ``x`` unchanged and None without ``image_grid_embed``."""
+        if self.grid_embed is None:
+            return x, None
+        v = self.vocab
+        coords, after = image_grid_coords(ids, v, state)
+        grid = self.grid_embed["row"](coords[..., 0].clamp(0, v.max_height - 1)) \
+            + self.grid_embed["col"](coords[..., 1].clamp(0, v.max_width - 1))
+        is_code = ((ids >= v.image_offset) & (ids < v.video_offset))[..., None]
+        return x + torch.where(is_code, grid.to(x.dtype), torch.zeros_like(x)), after
+
     def _check_inputs(self, ids: Tensor, positions: Tensor | None, attention_mask: Tensor | None) -> None:
         if ids.ndim != 2 or ids.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"ids must be an integer tensor of shape (B, T), got {ids.dtype} {tuple(ids.shape)}")
@@ -363,7 +411,7 @@ class AnyGenModel(nn.Module):
                 starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
                 first = torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), dim=1).values
                 positions = idx - first
-        x = self._embed_with_und(ids, und_pixels)  # (B, T, D)
+        x, _ = self._add_grid(self._embed_with_und(ids, und_pixels), ids)  # (B, T, D)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
         if attention_mask is None and document_ids is None:
             mask, is_causal = None, True  # lets SDPA pick its fused causal kernels
@@ -423,6 +471,8 @@ class AnyGenModel(nn.Module):
                                           device=device, dtype=dtype)
         self.cache_valid = torch.zeros(batch_size, max_seq_len, dtype=torch.bool, device=device)
         self.cache_slot_ids = torch.arange(max_seq_len, device=device)
+        self.cache_grid = torch.zeros(batch_size, max_seq_len, 2, dtype=torch.long, device=device) \
+            if self.grid_embed is not None else None
 
     def reset_cache(self) -> None:
         """Forget every cached token (zeroes k/v and the valid mask) without reallocating."""
@@ -432,6 +482,8 @@ class AnyGenModel(nn.Module):
             block.attn.kv_cache.k.zero_()
             block.attn.kv_cache.v.zero_()
         self.cache_valid.zero_()
+        if self.cache_grid is not None:
+            self.cache_grid.zero_()
 
     def release_cache(self) -> None:
         """Free the KV cache (its memory goes back to the allocator); ``setup_cache`` makes a new one."""
@@ -439,6 +491,7 @@ class AnyGenModel(nn.Module):
             block.attn.kv_cache = None
         self.cache_valid = None
         self.cache_slot_ids = None
+        self.cache_grid = None
 
     def cache_bytes(self) -> int:
         """Bytes held by the k/v buffers: 2 * layers * kv_heads * head_dim * L * B * element size."""
@@ -488,6 +541,9 @@ class AnyGenModel(nn.Module):
             positions = self.default_positions(ids, attention_mask) + before
         self.cache_valid[:, start:start + t] = attention_mask
         x = self._embed_with_und(ids, und_pixels)  # (B, T, D)
+        if self.cache_grid is not None:  # a chunk after cached slots continues the state of the slot before it
+            x, after = self._add_grid(x, ids, self.cache_grid[:, start - 1] if start else None)
+            self.cache_grid[:, start:start + t] = after
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
         kv_len = start + t
         q_slots = self.cache_slot_ids[start:kv_len]  # (T,)
@@ -524,6 +580,10 @@ class AnyGenModel(nn.Module):
         n = self.cache_valid.shape[1] if kv_len is None else kv_len
         mask = (self.cache_valid[:, :n] & (self.cache_slot_ids[:n] <= slot))[:, None, None, :]  # (B, 1, 1, S)
         x = self.embed_ids(ids[:, None])  # (B, 1, D)
+        if self.cache_grid is not None:  # the state of the slot before (slot 0 has none: zeros), branch-free
+            before = self.cache_grid.index_select(1, (slot - 1).clamp(min=0))[:, 0]  # (B, 2)
+            x, after = self._add_grid(x, ids[:, None], torch.where(slot > 0, before, torch.zeros_like(before)))
+            self.cache_grid.index_copy_(1, slot, after)
         cos, sin = rope_cos_sin(positions[:, None], self.config.head_dim, self.config.rope_theta)
         for block in self.blocks:
             x = block(x, cos, sin, mask, cache_slots=slot, kv_len=kv_len)

@@ -98,8 +98,10 @@ def test_the_recipe_script_names_configs_whose_checkpoints_it_exports(grid):
         warm = SCRIPT.parents[1] / "configs" / "default" / f"{stages['UNIFIED_STAGE']}.yaml"
         raw = yaml.safe_load(warm.read_text())
         args = raw["model"]["init_args"]
-        assert args["init_from"] == "anygen/assets/default" and set(args["reinit"]) == {"embed.image", "head.image"}
+        assert args["init_from"] == "anygen/assets/default"
+        assert set(args["reinit"]) == {"embed.image", "head.image", "grid_embed"}
         assert raw["data"]["init_args"]["weights"]
+        assert raw["model"]["init_args"]["model"]["image_grid_embed"] is True  # its tables are in reinit: new
     for key in [k for k in ("IMAGE_STAGE", "UNIFIED_STAGE", "MIX_STAGE") if k in stages]:
         raw = yaml.safe_load((SCRIPT.parents[1] / "configs" / "default" / f"{stages[key]}.yaml").read_text())
         dirs = {c["init_args"]["dirpath"] for c in raw["trainer"]["callbacks"] if "dirpath" in c.get("init_args", {})}

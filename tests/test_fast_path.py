@@ -195,3 +195,58 @@ def test_engine_chooses_its_decode_loop(engine, tmp_path):
     assert plain.generate("a red circle", **kw).ids.tolist() == fast.generate("a red circle", **kw).ids.tolist()
     assert fast.to("cpu").generator.fast and not plain.to("cpu").generator.fast  # to() keeps the choice
     assert not fast.configure_decoding(fast=False).generator.fast
+
+
+@pytest.fixture(scope="module")
+def grid_engine():
+    """The tiny engine with row / column embeddings of image codes (``image_grid_embed``), far from zero."""
+    engine = random_engine("tiny", seed=0, image_grid_embed=True)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for table in engine.model.grid_embed.values():
+            table.weight.copy_(torch.randn(table.weight.shape, generator=g))
+    return engine
+
+
+def test_image_grid_embed_generation_follows_the_full_forward(grid_engine):
+    """Every greedy image code the plain and the fast loop draw is the argmax of a full forward over the
+    sequence, so the cached row / column state is the one the training forward computes."""
+    model, v = grid_engine.model, grid_engine.tokenizer.vocab
+    settings = _settings(image=GREEDY, start_with="image", max_images=1, max_new_tokens=40)
+    prompt = grid_engine.encode_prompt("a red circle")
+    for fast in (False, True):
+        (result,) = Generator(model, grid_engine.tokenizer, fast=fast).generate([prompt], settings)
+        ids = torch.cat([prompt.ids, result.ids])[None]
+        with torch.no_grad():
+            full = model(ids)[0, :, v.image_offset:v.video_offset]
+        n = len(prompt.ids)
+        codes = [j for j in range(n, ids.shape[1]) if v.image_offset <= ids[0, j] < v.video_offset]
+        assert len(codes) == 12  # the 3x4 image
+        assert [int(full[j - 1].argmax()) + v.image_offset for j in codes] == [int(ids[0, j]) for j in codes]
+
+
+@pytest.mark.parametrize("sampling", [GREEDY, GREEDY_CFG], ids=["no-guidance", "guidance"])
+def test_image_grid_embed_fast_and_speculative_equal_plain(grid_engine, sampling):
+    from anygen.generation.speculative import generate_speculative
+
+    settings = _settings(image=sampling, video=sampling, start_with=["image", None], max_images=2)
+    prompts = ["a red circle", "draw a cat on a mat please"]
+    plain = _ids(grid_engine, prompts, settings, fast=False)
+    assert _ids(grid_engine, prompts, settings) == plain
+    one = _settings(image=sampling, start_with="image", max_images=1, max_new_tokens=40)
+    generator = Generator(grid_engine.model, grid_engine.tokenizer, fast=False)
+    seqs = [grid_engine.encode_prompt(p) for p in prompts]
+    reference = [r.ids.tolist() for r in generator.generate(seqs, one)]
+    done, _ = generate_speculative(generator, seqs, one, window=4)
+    assert [r.ids.tolist() for r in done] == reference
+
+
+def test_image_grid_embed_refuses_a_layout_without_row_ends(grid_engine):
+    import copy
+
+    from tokenizers_mm.layout import ImageLayout
+
+    tokenizer = copy.copy(grid_engine.tokenizer)
+    tokenizer.layout = ImageLayout(size_tokens=False, row_end=False, default_size=(2, 2), guidance="masked")
+    with pytest.raises(ValueError, match="image_grid_embed.*row_end=False"):
+        Generator(grid_engine.model, tokenizer)

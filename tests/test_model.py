@@ -270,3 +270,107 @@ def test_packed_documents_equal_documents_alone():
         assert not torch.allclose(model(packed)[:, 7:], model(b), atol=1e-3)
     with pytest.raises(ValueError, match="document_ids must have the shape of ids"):
         model(packed, document_ids=doc[:, :3])
+
+
+# -- image_grid_embed: row and column embeddings of image codes ---------------------------------------------------
+
+
+def grid_reference(ids: list[int], v: Vocab) -> list[tuple[int, int] | None]:
+    """(row, col) of every image code by walking the sequence: <|boi|> opens an image, <|eol|> ends a row."""
+    out, row, col = [], 0, 0
+    for token in ids:
+        if token == v.boi:
+            row, col = 0, 0
+        elif token == v.eol:
+            row, col = row + 1, 0
+        elif v.image_offset <= token < v.video_offset:
+            out.append((row, col))
+            col += 1
+            continue
+        out.append(None)
+    return out
+
+
+def two_images(v: Vocab) -> torch.Tensor:
+    """Text, a 2x3 image, a clip (its own <|eol|> rows), a 3x2 image, text: (1, T)."""
+    code = v.image_offset + 5
+    ids = [v.bos, 11, 12, v.boi, v.h_token(2), v.w_token(3), *([code] * 3 + [v.eol]) * 2, v.eoi, 13,
+           v.bov, v.t_token(1), v.h_token(2), v.w_token(2), *([v.video_offset + 1] * 2 + [v.eol]) * 2, v.eof, v.eov,
+           v.boi, v.h_token(3), v.w_token(2), *([code + 1] * 2 + [v.eol]) * 3, v.eoi, 14, v.eos]
+    return torch.tensor([ids])
+
+
+def test_image_grid_coords_match_a_walk_and_continue_across_chunks():
+    from anygen.model import image_grid_coords
+
+    v = build(image_grid_embed=True).vocab
+    ids = two_images(v)
+    coords, after = image_grid_coords(ids, v)
+    expected = grid_reference(ids[0].tolist(), v)
+    got = [tuple(c) if e is not None else None for c, e in zip(coords[0].tolist(), expected)]
+    assert got == expected
+    assert [e for e in expected if e][:6] == [(r, c) for r in range(2) for c in range(3)]
+    assert [e for e in expected if e][-2:] == [(2, 0), (2, 1)]  # the second image's last row
+    for k in range(1, ids.shape[1]):  # a chunk after k cached tokens continues the state of token k - 1
+        tail, _ = image_grid_coords(ids[:, k:], v, after[:, k - 1])
+        mask = torch.tensor([e is not None for e in expected[k:]])
+        assert torch.equal(tail[0][mask], coords[0, k:][mask]), k
+
+
+def _random_grid(model: AnyGenModel, seed: int = 0) -> AnyGenModel:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for table in model.grid_embed.values():
+            table.weight.copy_(torch.randn(table.weight.shape, generator=g) * 0.5)
+    return model
+
+
+def test_image_grid_embed_decode_equals_forward_and_changes_only_image_codes():
+    model = _random_grid(build(image_grid_embed=True))
+    v = model.vocab
+    ids = two_images(v)
+    full = model(ids)
+    model.setup_cache(1, 64)
+    p = 8  # inside the first image's first row
+    torch.testing.assert_close(model.prefill(ids[:, :p]), full[:, p - 1], atol=ATOL, rtol=0)
+    for i in range(p, ids.shape[1]):
+        logits = model.decode_step(ids[:, i], slot=torch.tensor(i), positions=torch.tensor([i]))
+        torch.testing.assert_close(logits, full[:, i], atol=ATOL, rtol=0)
+    # a chunked prefill that starts mid-image, and a rewrite of slots (speculative drafts) from there
+    logits = model.prefill(ids[:, 11:], start=11)  # the second row's second code: state (1, 1)
+    torch.testing.assert_close(logits, full[:, -1], atol=ATOL, rtol=0)
+    logits = model.prefill(ids[:, 7:], start=7, all_positions=True)
+    torch.testing.assert_close(logits, full[:, 7:], atol=ATOL, rtol=0)
+
+    # zero tables (the init) give the model without them; the random ones change what follows the first code
+    plain = build(image_grid_embed=False)
+    zero = build(image_grid_embed=True)
+    assert all(not t.weight.any() for t in zero.grid_embed.values())
+    missing = zero.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert sorted(missing) == ["grid_embed.col.weight", "grid_embed.row.weight"]
+    torch.testing.assert_close(zero(ids), plain(ids), atol=ATOL, rtol=0)
+    zero.grid_embed.load_state_dict(model.grid_embed.state_dict())
+    first_code = int((ids[0] == v.image_offset + 5).nonzero()[0])
+    differs = (zero(ids) - plain(ids)).abs().amax(-1)[0] > 1e-4
+    assert not differs[:first_code].any() and differs[first_code:].all()
+
+
+def test_image_grid_embed_decode_step_captures_as_one_graph():
+    model = _random_grid(build(image_grid_embed=True))
+    ids = two_images(model.vocab)
+    full = model(ids)
+    model.setup_cache(1, 64)
+    model.prefill(ids[:, :7])
+    step = torch.compile(model.decode_step, backend="eager", fullgraph=True)
+    for i in range(7, 12):
+        logits = step(ids[:, i], slot=torch.tensor(i), positions=torch.tensor([i]))
+        torch.testing.assert_close(logits, full[:, i], atol=ATOL, rtol=0)
+
+
+def test_image_grid_embed_config_is_checked_and_counted():
+    with pytest.raises(ValueError, match="image_grid_embed must be a bool"):
+        AnyGenConfig.preset("tiny", image_grid_embed=1)
+    config = AnyGenConfig.preset("tiny", image_grid_embed=True)
+    assert config.num_parameters_estimate() == AnyGenModel(config).num_parameters()
+    assert config.num_parameters_estimate() - AnyGenConfig.preset("tiny").num_parameters_estimate() \
+        == (config.max_height + config.max_width) * config.d_model

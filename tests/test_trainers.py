@@ -593,6 +593,24 @@ def test_reinit_keeps_the_named_rows_fresh_and_loads_the_rest(tok_dir, tmp_path)
         UnifiedModule(tok_dir, reinit=["embed.image"])
 
 
+
+def test_a_grid_model_warm_starts_from_one_without_grid_tables(tok_dir, tmp_path):
+    """``image_grid_embed`` on a model trained without it: ``reinit: [grid_embed]`` leaves its (zero) tables to
+    the new model, so it starts out computing exactly what the checkpoint did; without it the load is refused."""
+    pretrained = tiny_unified(tok_dir).model
+    path = tmp_path / "plain"
+    AnyGen(pretrained, MultimodalTokenizer.load(tok_dir)).save_pretrained(path)
+    grid = {"image_grid_embed": True}
+    with pytest.raises(ValueError, match="missing.*grid_embed"):
+        UnifiedModule(tok_dir, model=grid, init_from=str(path))
+    warm = UnifiedModule(tok_dir, model=grid, init_from=str(path), reinit=["grid_embed"]).model.eval()
+    assert all(not t.weight.any() for t in warm.grid_embed.values())
+    v = warm.vocab
+    ids = torch.tensor([[v.bos, 5, 6, v.boi, v.h_token(1), v.w_token(2), v.image_offset + 3, v.image_offset + 4,
+                         v.eol, v.eoi, v.eos]])
+    with torch.no_grad():
+        torch.testing.assert_close(warm(ids), pretrained.eval()(ids), atol=1e-5, rtol=0)
+
 # -- sample logger -----------------------------------------------------------------------------------------
 
 

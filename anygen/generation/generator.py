@@ -128,6 +128,10 @@ class Generator:
         self.vocab = tokenizer.vocab
         self.device = model.norm.weight.device
         self.layout = tokenizer.layout
+        if model.config.image_grid_embed and not self.layout.row_end:
+            raise ValueError("the model embeds image rows and columns (AnyGenConfig.image_grid_embed) from the <|eol|> "
+                             "that end its rows, but this tokenizer's image layout writes none (row_end=False); "
+                             "use anygen's own layout or a model with image_grid_embed=False")
         self.grammar = Grammar(self.vocab, allow_image=tokenizer.image is not None,
                                allow_video=tokenizer.video is not None, device=self.device, layout=self.layout)
         self.fast = fast
