@@ -7,7 +7,8 @@
 #   bash scripts/train_default.sh                  # the recipe as configured (CPU: a few hours; GPU: minutes)
 #   TOY=1 bash scripts/train_default.sh            # a few steps per stage: proves the pipeline end to end
 #   IMAGE_STEPS=600 VIDEO_STEPS=400 UNIFIED_STEPS=800 nice -n 19 bash scripts/train_default.sh   # a budget
-#   GRID=16 DATA=data/grid16 RUNS=runs/grid16 bash scripts/train_default.sh   # 16x16 image tokens, from the 8x8 model
+#   bash scripts/train_default.sh && GRID=16 PRECISION=bf16-mixed DATA=data/grid16 RUNS=runs/grid16 \
+#       bash scripts/train_default.sh                # the shipped model: 16x16 image tokens, from that 8x8 model
 #
 # Each stage is skipped when its output exists ($RUNS/export/*.safetensors, $DATA/tokenizer, $DATA/shards,
 # $RUNS/model), so a rerun carries on where it stopped; delete an output to redo its stage. Logs:
@@ -25,9 +26,9 @@
 #   GRID [8]: image tokens per side of a 64 px image. 8: configs/default/image_tokenizer.yaml, unified.yaml; 16
 #     trains the 4x image tokenizer (image_tokenizer_4x.yaml: shapes survive its round trip) and a model with rows
 #     of 896 tokens, warm-started from the 8x8 model INIT_FROM (unified_16x16_warm.yaml; docs/default_model.md)
-#   INIT_FROM [anygen/assets/default]: GRID=16's 8x8 model (its BPE table, video tokenizer and weights but the
-#     image rows are kept; GRID=8 of this script makes one, e.g. runs/default/model); none: from scratch in two
-#     stages instead (unified_16x16.yaml, then unified_16x16_mix.yaml with mixture weights), ~2x the steps
+#   INIT_FROM [runs/default/model]: GRID=16's 8x8 model (its BPE table, video tokenizer and weights but the
+#     image rows are kept; GRID=8 of this script makes it there); none: from scratch in two stages instead
+#     (unified_16x16.yaml, then unified_16x16_mix.yaml with mixture weights), ~2x the steps. GRID=8 refuses it
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -44,8 +45,12 @@ case "${GRID:-8}" in
   *) echo "GRID must be 8 or 16, got '${GRID}'" >&2; exit 2 ;;
 esac
 WARM=
+if [[ "${GRID:-8}" == 8 && -n "${INIT_FROM:-}" ]]; then
+  echo "INIT_FROM=$INIT_FROM applies to GRID=16 only (the 8x8 model trains from nothing); unset it or add GRID=16" >&2
+  exit 2
+fi
 if [[ "${GRID:-8}" == 16 ]]; then
-  INIT_FROM=${INIT_FROM:-anygen/assets/default}
+  INIT_FROM=${INIT_FROM:-runs/default/model}
   if [[ "$INIT_FROM" == none ]]; then
     UNIFIED_STAGE=unified_16x16; MIX_STAGE=unified_16x16_mix
   elif [[ -f "$INIT_FROM/model.safetensors" && -f "$INIT_FROM/video_tokenizer.safetensors" \

@@ -98,7 +98,7 @@ def test_the_recipe_script_names_configs_whose_checkpoints_it_exports(grid):
         warm = SCRIPT.parents[1] / "configs" / "default" / f"{stages['UNIFIED_STAGE']}.yaml"
         raw = yaml.safe_load(warm.read_text())
         args = raw["model"]["init_args"]
-        assert args["init_from"] == "anygen/assets/default"
+        assert args["init_from"] == "runs/default/model"  # what GRID=8 of the script exports (the shipped model is 16x16)
         assert set(args["reinit"]) == {"embed.image", "head.image", "grid_embed"}
         assert raw["data"]["init_args"]["weights"]
         assert raw["model"]["init_args"]["model"]["image_grid_embed"] is True  # its tables are in reinit: new
@@ -122,6 +122,9 @@ def test_the_recipe_script_refuses_an_unknown_grid(tmp_path):
     env = {**os.environ, "GRID": "12", "RUNS": str(tmp_path / "runs"), "DATA": str(tmp_path / "data")}
     done = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "GRID must be 8 or 16, got '12'" in done.stderr
+    done = subprocess.run(["bash", str(SCRIPT)], env={**env, "GRID": "8", "INIT_FROM": "x"}, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 2 and "INIT_FROM=x applies to GRID=16 only" in done.stderr  # never ignored silently
     env = {**env, "GRID": "16", "INIT_FROM": str(tmp_path / "no_model")}
     done = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "is not a model directory" in done.stderr and "INIT_FROM=none" in done.stderr
