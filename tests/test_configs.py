@@ -98,7 +98,7 @@ def test_the_recipe_script_names_configs_whose_checkpoints_it_exports(grid):
         warm = SCRIPT.parents[1] / "configs" / "default" / f"{stages['UNIFIED_STAGE']}.yaml"
         raw = yaml.safe_load(warm.read_text())
         args = raw["model"]["init_args"]
-        assert args["init_from"] == "runs/default/model"  # what GRID=8 of the script exports (the shipped model is 16x16)
+        assert args["init_from"] == "runs/default/model"  # what GRID=8 of the script exports (the shipped one: 16x16)
         assert set(args["reinit"]) == {"embed.image", "head.image", "grid_embed"}
         assert raw["data"]["init_args"]["weights"]
         assert raw["model"]["init_args"]["model"]["image_grid_embed"] is True  # its tables are in reinit: new
