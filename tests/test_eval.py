@@ -130,6 +130,12 @@ def test_anygen_eval_runs_end_to_end_on_the_random_engine(tmp_path, capsys):
     assert "image_shapes_psnr" in report["categories"]["tokenizer"]["details"]
     assert "t2i_single" in capsys.readouterr().out
     assert any((out / "images").rglob("*.png"))
+    # guidance per modality: the engine's defaults (images 3, clips 1) unless the flags say otherwise
+    assert report["sampling"]["image"]["guidance_scale"] == 3.0 and report["sampling"]["video"]["guidance_scale"] == 1.0
+    assert main(["--random-tiny", "--num", "1", "--out", str(out), "--categories", "video", "--guidance-scale", "2",
+                 "--video-guidance-scale", "4"]) == 0
+    sampling = json.loads((out / "eval.json").read_text())["sampling"]
+    assert sampling["image"]["guidance_scale"] == 2.0 and sampling["video"]["guidance_scale"] == 4.0
 
 
 def test_anygen_eval_refuses_unknown_categories(tmp_path, capsys):

@@ -49,7 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-seed", type=int, default=0, help="seed the shapes data was written with (default 0)")
     p.add_argument("--temperature", type=float, default=1.0, help="image / video sampling temperature (default 1)")
     p.add_argument("--top-k", type=int, default=0, help="image / video top-k (default 0: off)")
-    p.add_argument("--guidance-scale", type=float, default=3.0, help="image / video CFG scale (default 3)")
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="image CFG scale (default: the engine's, 3)")
+    p.add_argument("--video-guidance-scale", type=float, default=None,
+                   help="video CFG scale (default: the engine's, 1: guidance hurts held-out motions)")
     p.add_argument("--no-images", action="store_true", help="do not write the generated images")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     return p
@@ -83,7 +86,8 @@ def _run(args: argparse.Namespace) -> int:
 
     ctx = EvalContext(engine, num=args.num, seed=args.seed, batch_size=args.batch_size, holdout=args.holdout,
                       data_seed=args.data_seed,
-                      sampling=eval_sampling(args.temperature, args.top_k, args.guidance_scale),
+                      sampling=eval_sampling(args.temperature, args.top_k, args.guidance_scale,
+                                             args.video_guidance_scale),
                       keep_images=None if args.no_images else keep)
 
     def progress(result) -> None:

@@ -47,6 +47,7 @@ from anygen.data.shapes import (
     sample_scene,
 )
 from anygen.eval.detect import detect_objects, motion_direction
+from anygen.generation.generator import DEFAULT_IMAGE, DEFAULT_VIDEO
 from tokenizers_mm.segments import Image, Understand
 
 # the issue's targets (fraction correct, on the category's headline metric)
@@ -55,10 +56,15 @@ TARGETS: dict[str, float] = {"t2i_single": 0.95, "t2i_pair": 0.80, "caption": 0.
 CATEGORIES: tuple[str, ...] = ("t2i_single", "t2i_pair", "caption", "video", "digits", "edit", "story", "tokenizer")
 
 
-def eval_sampling(temperature: float = 1.0, top_k: int = 0, guidance_scale: float = 3.0) -> dict[str, Any]:
-    """``generate`` sampling arguments of an evaluation: greedy text, images and video sampled alike."""
-    visual = {"temperature": temperature, "top_k": top_k, "guidance_scale": guidance_scale}
-    return {"text": {"temperature": 0.0}, "image": visual, "video": dict(visual)}
+def eval_sampling(temperature: float = 1.0, top_k: int = 0, guidance_scale: float | None = None,
+                  video_guidance_scale: float | None = None) -> dict[str, Any]:
+    """``generate`` sampling arguments of an evaluation: greedy text, images and video sampled alike but for
+    their guidance scales, which default to the engine's own (``DEFAULT_IMAGE`` 3, ``DEFAULT_VIDEO`` 1)."""
+    image = DEFAULT_IMAGE.guidance_scale if guidance_scale is None else guidance_scale
+    video = DEFAULT_VIDEO.guidance_scale if video_guidance_scale is None else video_guidance_scale
+    visual = {"temperature": temperature, "top_k": top_k}
+    return {"text": {"temperature": 0.0}, "image": {**visual, "guidance_scale": image},
+            "video": {**visual, "guidance_scale": video}}
 
 
 @dataclass
