@@ -108,14 +108,19 @@ def image_grid_coords(ids: Tensor, vocab: Vocab, state: Tensor | None = None) ->
     one token.
 
     Returns:
-        ``coords (B, T, 2)``: ``(row, col)`` of each position's code (meaningful at image codes only), and
+        ``coords (B, T, 2)``: ``(row, col)`` of each position's code, ``-1`` where the id is not an image code, and
         ``after (B, T, 2)``: the state after each position, i.e. where a code following it would go.
     """
     b, t = ids.shape
-    idx = torch.arange(t, device=ids.device).expand(b, t)
     is_code = (ids >= vocab.image_offset) & (ids < vocab.video_offset)
     is_boi, is_eol = ids == vocab.boi, ids == vocab.eol
     start = torch.zeros(b, 2, dtype=torch.long, device=ids.device) if state is None else state.long()
+    if t == 1:  # decode_step: the same rule without the scans (a shape, not a value, picks this branch)
+        row = torch.where(is_boi, 0, start[:, :1] + is_eol.long())
+        count = torch.where(is_boi | is_eol, 0, start[:, 1:] + is_code.long())
+        after = torch.stack([row, count], dim=-1)
+        return torch.where(is_code[..., None], after - torch.stack([0 * row, is_code.long()], dim=-1), -1), after
+    idx = torch.arange(t, device=ids.device).expand(b, t)
     eols = is_eol.long().cumsum(-1)  # (B, T), inclusive
     codes = is_code.long().cumsum(-1)
     last_boi = torch.cummax(torch.where(is_boi, idx, -1), dim=-1).values  # a new image: row 0
@@ -124,7 +129,7 @@ def image_grid_coords(ids: Tensor, vocab: Vocab, state: Tensor | None = None) ->
     count = torch.where(last_reset >= 0, codes - codes.gather(-1, last_reset.clamp(min=0)), start[:, 1:] + codes)
     after = torch.stack([row, count], dim=-1)  # (B, T, 2)
     coords = torch.stack([row, count - is_code.long()], dim=-1)
-    return coords, after
+    return torch.where(is_code[..., None], coords, -1), after
 
 
 class KVCache(nn.Module):
@@ -374,8 +379,7 @@ class AnyGenModel(nn.Module):
         coords, after = image_grid_coords(ids, v, state)
         grid = self.grid_embed["row"](coords[..., 0].clamp(0, v.max_height - 1)) \
             + self.grid_embed["col"](coords[..., 1].clamp(0, v.max_width - 1))
-        is_code = ((ids >= v.image_offset) & (ids < v.video_offset))[..., None]
-        return x + torch.where(is_code, grid.to(x.dtype), torch.zeros_like(x)), after
+        return x + grid.to(x.dtype) * (coords[..., :1] >= 0), after  # nothing added where the id is no image code
 
     def _check_inputs(self, ids: Tensor, positions: Tensor | None, attention_mask: Tensor | None) -> None:
         if ids.ndim != 2 or ids.dtype not in (torch.int64, torch.int32):

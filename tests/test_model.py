@@ -307,14 +307,19 @@ def test_image_grid_coords_match_a_walk_and_continue_across_chunks():
     ids = two_images(v)
     coords, after = image_grid_coords(ids, v)
     expected = grid_reference(ids[0].tolist(), v)
-    got = [tuple(c) if e is not None else None for c, e in zip(coords[0].tolist(), expected)]
-    assert got == expected
+    got = [tuple(c) if c[0] >= 0 else None for c in coords[0].tolist()]
+    assert got == expected  # -1 wherever the id is not an image code
     assert [e for e in expected if e][:6] == [(r, c) for r in range(2) for c in range(3)]
     assert [e for e in expected if e][-2:] == [(2, 0), (2, 1)]  # the second image's last row
     for k in range(1, ids.shape[1]):  # a chunk after k cached tokens continues the state of token k - 1
         tail, _ = image_grid_coords(ids[:, k:], v, after[:, k - 1])
         mask = torch.tensor([e is not None for e in expected[k:]])
         assert torch.equal(tail[0][mask], coords[0, k:][mask]), k
+    state = None  # one id at a time, as decode_step feeds them (the scan-free branch): the same coords and states
+    for k in range(ids.shape[1]):
+        one, state = image_grid_coords(ids[:, k:k + 1], v, state)
+        assert torch.equal(one[:, 0], coords[:, k]) and torch.equal(state[:, 0], after[:, k]), k
+        state = state[:, 0]
 
 
 def _random_grid(model: AnyGenModel, seed: int = 0) -> AnyGenModel:
