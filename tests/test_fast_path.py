@@ -250,3 +250,25 @@ def test_image_grid_embed_refuses_a_layout_without_row_ends(grid_engine):
     tokenizer.layout = ImageLayout(size_tokens=False, row_end=False, default_size=(2, 2), guidance="masked")
     with pytest.raises(ValueError, match="image_grid_embed.*row_end=False"):
         Generator(grid_engine.model, tokenizer)
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "plain"])
+def test_a_call_that_can_only_draw_a_clip_runs_no_image_guidance_twins(engine, fast):
+    """Text→video (every row opens with a clip, max_images 1) at image guidance 3 and clip guidance 1: no twin rows
+    (the cache holds one row per prompt) and the very ids of a call with no guidance at all; a call that may
+    draw an image still runs them."""
+    prompts = ["move", "a red circle"]
+    sampled = SamplingConfig(temperature=1.0)
+    clip_only = _settings(image=SamplingConfig(temperature=1.0, guidance_scale=3.0), video=sampled,
+                          start_with="video", max_images=1, seed=3)
+    generator = Generator(engine.model, engine.tokenizer, fast=fast)
+    seqs = [engine.encode_prompt(p) for p in prompts]
+    ids = [r.ids.tolist() for r in generator.generate(seqs, clip_only)]
+    assert engine.model.cache_valid.shape[0] == len(prompts)
+    unguided = _settings(image=sampled, video=sampled, start_with="video", max_images=1, seed=3)
+    assert ids == _ids(engine, prompts, unguided, fast=fast)
+    v = engine.tokenizer.vocab
+    assert all(row[0] == v.bov for row in ids)
+    for may_draw_an_image in ({"max_images": 2}, {"start_with": ["video", None]}):
+        generator.generate(seqs, _settings(**{**clip_only.__dict__, **may_draw_an_image}))
+        assert engine.model.cache_valid.shape[0] == 2 * len(prompts)

@@ -205,6 +205,17 @@ class Generator:
                              f"prompt ({b}), got {s.start_with!r}")
         return starts
 
+    def _drawable(self, s: GenerationSettings, b: int) -> tuple[str, ...]:
+        """The media a call can draw: those the tokenizer has, narrowed to one when every row opens with it and
+        may draw nothing after it (``max_images=1``). Guidance twins are only run for these (text→video at the
+        default settings runs none: clips are sampled without guidance, images with it)."""
+        kinds = tuple(m for m, ok in (("image", self.tokenizer.image is not None),
+                                      ("video", self.tokenizer.video is not None)) if ok)
+        starts = set(self._starts(s, b))
+        if s.max_images == 1 and len(starts) == 1 and None not in starts:
+            kinds = tuple(m for m in kinds if m in starts)
+        return kinds
+
     # -- the loop ----------------------------------------------------------------------------------------
     @torch.no_grad()
     def stream(self, prompts: list[TokenSequence], settings: GenerationSettings | None = None) -> Iterator[Event]:
@@ -226,7 +237,7 @@ class Generator:
         """Left-pad the prompts (and their guidance twins), prefill the cache, build the sampler's tensors."""
         v, dev, model = self.vocab, self.device, self.model
         b = len(prompts)
-        guided = any(cfg.guidance_scale != 1.0 for cfg in (s.image, s.video))
+        guided = any(getattr(s, m).guidance_scale != 1.0 for m in self._drawable(s, b))
         rows = [p.ids for p in prompts]
         if guided and self.layout.guidance == "masked":  # the reference's twin: the prompt, blanked
             rows += [torch.where((p.ids == v.bos) | (p.ids == v.boi), p.ids, v.null) for p in prompts]
