@@ -19,6 +19,7 @@ from anygen.data.shapes import (
     sample_scene,
 )
 from anygen.eval.detect import detect_objects, motion_direction
+from anygen.generation.generator import DEFAULT_IMAGE, DEFAULT_VIDEO
 
 
 @pytest.mark.parametrize("size", [64, 96])
@@ -130,12 +131,15 @@ def test_anygen_eval_runs_end_to_end_on_the_random_engine(tmp_path, capsys):
     assert "image_shapes_psnr" in report["categories"]["tokenizer"]["details"]
     assert "t2i_single" in capsys.readouterr().out
     assert any((out / "images").rglob("*.png"))
-    # guidance per modality: the engine's defaults (images 3, clips 1) unless the flags say otherwise
-    assert report["sampling"]["image"]["guidance_scale"] == 3.0 and report["sampling"]["video"]["guidance_scale"] == 1.0
+    # guidance and temperature per modality: the engine's defaults unless the flags say otherwise
+    for kind, default in (("image", DEFAULT_IMAGE), ("video", DEFAULT_VIDEO)):
+        assert report["sampling"][kind]["guidance_scale"] == default.guidance_scale
+        assert report["sampling"][kind]["temperature"] == default.temperature
     assert main(["--random-tiny", "--num", "1", "--out", str(out), "--categories", "video", "--guidance-scale", "2",
-                 "--video-guidance-scale", "4"]) == 0
+                 "--video-guidance-scale", "4", "--temperature", "0.9", "--video-temperature", "0.3"]) == 0
     sampling = json.loads((out / "eval.json").read_text())["sampling"]
     assert sampling["image"]["guidance_scale"] == 2.0 and sampling["video"]["guidance_scale"] == 4.0
+    assert sampling["image"]["temperature"] == 0.9 and sampling["video"]["temperature"] == 0.3
 
 
 def test_anygen_eval_refuses_unknown_categories(tmp_path, capsys):

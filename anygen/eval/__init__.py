@@ -47,7 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--holdout", type=float, default=0.1,
                    help="held-out fraction the shapes data was written with (default 0.1)")
     p.add_argument("--data-seed", type=int, default=0, help="seed the shapes data was written with (default 0)")
-    p.add_argument("--temperature", type=float, default=1.0, help="image / video sampling temperature (default 1)")
+    p.add_argument("--temperature", type=float, default=None, help="image sampling temperature (default: the engine's, 1)")
+    p.add_argument("--video-temperature", type=float, default=None,
+                   help="video sampling temperature (default: the engine's, 0.7)")
     p.add_argument("--top-k", type=int, default=0, help="image / video top-k (default 0: off)")
     p.add_argument("--guidance-scale", type=float, default=None,
                    help="image CFG scale (default: the engine's, 3)")
@@ -87,7 +89,7 @@ def _run(args: argparse.Namespace) -> int:
     ctx = EvalContext(engine, num=args.num, seed=args.seed, batch_size=args.batch_size, holdout=args.holdout,
                       data_seed=args.data_seed,
                       sampling=eval_sampling(args.temperature, args.top_k, args.guidance_scale,
-                                             args.video_guidance_scale),
+                                             args.video_guidance_scale, args.video_temperature),
                       keep_images=None if args.no_images else keep)
 
     def progress(result) -> None:

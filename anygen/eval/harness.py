@@ -56,15 +56,21 @@ TARGETS: dict[str, float] = {"t2i_single": 0.95, "t2i_pair": 0.80, "caption": 0.
 CATEGORIES: tuple[str, ...] = ("t2i_single", "t2i_pair", "caption", "video", "digits", "edit", "story", "tokenizer")
 
 
-def eval_sampling(temperature: float = 1.0, top_k: int = 0, guidance_scale: float | None = None,
-                  video_guidance_scale: float | None = None) -> dict[str, Any]:
-    """``generate`` sampling arguments of an evaluation: greedy text, images and video sampled alike but for
-    their guidance scales, which default to the engine's own (``DEFAULT_IMAGE`` 3, ``DEFAULT_VIDEO`` 1)."""
-    image = DEFAULT_IMAGE.guidance_scale if guidance_scale is None else guidance_scale
-    video = DEFAULT_VIDEO.guidance_scale if video_guidance_scale is None else video_guidance_scale
-    visual = {"temperature": temperature, "top_k": top_k}
-    return {"text": {"temperature": 0.0}, "image": {**visual, "guidance_scale": image},
-            "video": {**visual, "guidance_scale": video}}
+def eval_sampling(temperature: float | None = None, top_k: int = 0, guidance_scale: float | None = None,
+                  video_guidance_scale: float | None = None, video_temperature: float | None = None
+                  ) -> dict[str, Any]:
+    """``generate`` sampling arguments of an evaluation: greedy text; images and video with the same top-k, their
+    temperatures and guidance scales defaulting to the engine's own (``DEFAULT_IMAGE``: temperature 1, guidance 3;
+    ``DEFAULT_VIDEO``: temperature 0.7, guidance 1)."""
+
+    def pick(value: float | None, default: float) -> float:
+        return default if value is None else value
+
+    image = {"temperature": pick(temperature, DEFAULT_IMAGE.temperature), "top_k": top_k,
+             "guidance_scale": pick(guidance_scale, DEFAULT_IMAGE.guidance_scale)}
+    video = {"temperature": pick(video_temperature, DEFAULT_VIDEO.temperature), "top_k": top_k,
+             "guidance_scale": pick(video_guidance_scale, DEFAULT_VIDEO.guidance_scale)}
+    return {"text": {"temperature": 0.0}, "image": image, "video": video}
 
 
 @dataclass
