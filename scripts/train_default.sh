@@ -8,7 +8,9 @@
 #   TOY=1 bash scripts/train_default.sh            # a few steps per stage: proves the pipeline end to end
 #   IMAGE_STEPS=600 VIDEO_STEPS=400 UNIFIED_STEPS=800 nice -n 19 bash scripts/train_default.sh   # a budget
 #   bash scripts/train_default.sh && GRID=16 PRECISION=bf16-mixed DATA=data/grid16 RUNS=runs/grid16 \
-#       bash scripts/train_default.sh                # the shipped model: 16x16 image tokens, from that 8x8 model
+#       bash scripts/train_default.sh                # a 16x16 model (image tokens per side), from that 8x8 model
+#   ... && GRID=16 CONTINUE=1 INIT_FROM=runs/grid16/model NUM_SHAPES=60000 PRECISION=bf16-mixed DATA=data/grid16x \
+#       RUNS=runs/grid16x bash scripts/train_default.sh   # one more stage of it on 3x the documents
 #
 # Each stage is skipped when its output exists ($RUNS/export/*.safetensors, $DATA/tokenizer, $DATA/shards,
 # $RUNS/model), so a rerun carries on where it stopped; delete an output to redo its stage. Logs:
@@ -26,6 +28,9 @@
 #   GRID [8]: image tokens per side of a 64 px image. 8: configs/default/image_tokenizer.yaml, unified.yaml; 16
 #     trains the 4x image tokenizer (image_tokenizer_4x.yaml: shapes survive its round trip) and a model with rows
 #     of 896 tokens, warm-started from the 8x8 model INIT_FROM (unified_16x16_warm.yaml; docs/default_model.md)
+#   CONTINUE [0]: 1 (with GRID=16) trains one more stage from INIT_FROM, a 16x16 model this script made
+#     (runs/grid16/model), every tensor and both tokenizers kept: unified_16x16_more.yaml, usually on more
+#     documents (NUM_SHAPES=60000: the first 20000 are the same, and so are the held-out combinations)
 #   INIT_FROM [runs/default/model]: GRID=16's 8x8 model (its BPE table, video tokenizer and weights but the
 #     image rows are kept; GRID=8 of this script makes it there); none: from scratch in two stages instead
 #     (unified_16x16.yaml, then unified_16x16_mix.yaml with mixture weights), ~2x the steps. GRID=8 refuses it
@@ -45,6 +50,11 @@ case "${GRID:-8}" in
   *) echo "GRID must be 8 or 16, got '${GRID}'" >&2; exit 2 ;;
 esac
 WARM=
+if [[ "${CONTINUE:-0}" == 1 && ( "${GRID:-8}" != 16 || "${INIT_FROM:-}" == none || -z "${INIT_FROM:-}" ) ]]; then
+  echo "CONTINUE=1 trains one more stage of a 16x16 model: it needs GRID=16 and INIT_FROM=<that model's directory>" \
+       "(runs/grid16/model), got GRID=${GRID:-8} INIT_FROM=${INIT_FROM:-<unset>}" >&2
+  exit 2
+fi
 if [[ "${GRID:-8}" == 8 && -n "${INIT_FROM:-}" ]]; then
   echo "INIT_FROM=$INIT_FROM applies to GRID=16 only (the 8x8 model trains from nothing); unset it or add GRID=16" >&2
   exit 2
@@ -56,6 +66,11 @@ if [[ "${GRID:-8}" == 16 ]]; then
   elif [[ -f "$INIT_FROM/model.safetensors" && -f "$INIT_FROM/video_tokenizer.safetensors" \
           && -f "$INIT_FROM/text_tokenizer.json" ]]; then
     WARM=$INIT_FROM
+    if [[ "${CONTINUE:-0}" == 1 ]]; then  # INIT_FROM is a 16x16 model of this recipe: one more stage, all kept
+      UNIFIED_STAGE=unified_16x16_more
+      [[ -f "$INIT_FROM/image_tokenizer.safetensors" ]] || { echo "CONTINUE=1: INIT_FROM=$INIT_FROM has no" \
+          "image_tokenizer.safetensors (a 16x16 model of this recipe has: runs/grid16/model)" >&2; exit 2; }
+    fi
   else
     echo "INIT_FROM=$INIT_FROM is not a model directory (model.safetensors, video_tokenizer.safetensors," \
          "text_tokenizer.json); give one (anygen export writes them) or INIT_FROM=none" >&2; exit 2
@@ -101,6 +116,10 @@ CFG_DATA="--data.init_args.documents $DATA/documents.jsonl"
 
 # 2. image tokenizer (8x at 64 px: 8x8 tokens; GRID=16: 4x, 16x16) and 3. video tokenizer (9 frames of 32 px:
 # 3x4x4 tokens)
+if [[ "${CONTINUE:-0}" == 1 && -n "$WARM" && ! -f "$RUNS/export/image_tokenizer.safetensors" ]]; then
+  log "image tokenizer: $WARM's (CONTINUE=1: its image codes are kept)"
+  cp "$WARM/image_tokenizer.safetensors" "$RUNS/export/"
+fi
 if [[ ! -f "$RUNS/export/image_tokenizer.safetensors" ]]; then
   log "image tokenizer: anygen fit --config configs/default/$IMAGE_STAGE.yaml $(steps "${IMAGE_STEPS:-}")"
   $ANYGEN fit --config configs/default/$IMAGE_STAGE.yaml $CFG_DATA $(steps "${IMAGE_STEPS:-}") $(precision) \

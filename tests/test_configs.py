@@ -24,7 +24,7 @@ EXPECTED = {"tokenizers/image.yaml", "tokenizers/video.yaml", "unified/tiny.yaml
             "unified/stage2_pretrain.yaml", "unified/stage3_sft.yaml", "default/image_tokenizer.yaml",
             "default/video_tokenizer.yaml", "default/unified.yaml", "default/image_tokenizer_4x.yaml",
             "default/unified_16x16.yaml", "default/unified_16x16_mix.yaml",
-            "default/unified_16x16_warm.yaml"}
+            "default/unified_16x16_warm.yaml", "default/unified_16x16_more.yaml"}
 
 
 def _name(path: Path) -> str:
@@ -161,3 +161,39 @@ def test_the_recipe_script_passes_precision_to_every_fit(tmp_path):
     calls.unlink()
     subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60, check=True)
     assert not any("precision" in line for line in calls.read_text().splitlines())  # the YAMLs' own otherwise
+
+
+def test_the_recipe_continues_a_16x16_model_with_every_tensor_and_both_tokenizers_kept(tmp_path):
+    """``GRID=16 CONTINUE=1 INIT_FROM=<16x16 model>``: its image and video tokenizers are copied (not trained), one
+    fit of ``unified_16x16_more.yaml`` from it, nothing reinitialised; refused without GRID=16 or such a model."""
+    import os
+    import subprocess
+
+    more = yaml.safe_load((SCRIPT.parents[1] / "configs" / "default" / "unified_16x16_more.yaml").read_text())
+    args = more["model"]["init_args"]
+    assert "reinit" not in args and args["init_from"] == "runs/grid16/model"
+    assert args["model"]["image_grid_embed"] is True and more["data"]["init_args"]["weights"]
+    dirs = {c["init_args"]["dirpath"] for c in more["trainer"]["callbacks"] if "dirpath" in c.get("init_args", {})}
+    assert dirs == {"runs/default/unified_16x16_more/checkpoints"}
+
+    model = tmp_path / "grid16_model"
+    model.mkdir()
+    for name in ("model.safetensors", "video_tokenizer.safetensors", "text_tokenizer.json"):
+        (model / name).write_bytes(name.encode())
+    calls = tmp_path / "calls.txt"
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/usr/bin/env bash\necho "$*" >> {calls}\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "PY": str(fake), "RUNS": str(tmp_path / "runs"), "DATA": str(tmp_path / "data"),
+           "GRID": "16", "CONTINUE": "1", "INIT_FROM": str(model)}
+    for bad, needle in (({"GRID": "8"}, "needs GRID=16"), ({"INIT_FROM": "none"}, "needs GRID=16"),
+                        ({}, "has no image_tokenizer.safetensors")):
+        done = subprocess.run(["bash", str(SCRIPT)], env={**env, **bad}, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2 and needle in done.stderr, (bad, done.stderr)
+    (model / "image_tokenizer.safetensors").write_bytes(b"the 4x one")
+    done = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "runs" / "export" / "image_tokenizer.safetensors").read_bytes() == b"the 4x one"
+    fits = [line for line in calls.read_text().splitlines() if " fit " in f" {line} "]
+    assert len(fits) == 1 and "configs/default/unified_16x16_more.yaml" in fits[0], fits
+    assert f"--model.init_args.init_from {model}" in fits[0]
