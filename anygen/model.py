@@ -118,8 +118,8 @@ def image_grid_coords(ids: Tensor, vocab: Vocab, state: Tensor | None = None) ->
     if t == 1:  # decode_step: the same rule without the scans (a shape, not a value, picks this branch)
         row = torch.where(is_boi, 0, start[:, :1] + is_eol.long())
         count = torch.where(is_boi | is_eol, 0, start[:, 1:] + is_code.long())
-        after = torch.stack([row, count], dim=-1)
-        return torch.where(is_code[..., None], after - torch.stack([0 * row, is_code.long()], dim=-1), -1), after
+        coords = torch.stack([row, count - is_code.long()], dim=-1)
+        return torch.where(is_code[..., None], coords, -1), torch.stack([row, count], dim=-1)
     idx = torch.arange(t, device=ids.device).expand(b, t)
     eols = is_eol.long().cumsum(-1)  # (B, T), inclusive
     codes = is_code.long().cumsum(-1)

@@ -116,23 +116,24 @@ CFG_DATA="--data.init_args.documents $DATA/documents.jsonl"
 
 # 2. image tokenizer (8x at 64 px: 8x8 tokens; GRID=16: 4x, 16x16) and 3. video tokenizer (9 frames of 32 px:
 # 3x4x4 tokens)
-if [[ "${CONTINUE:-0}" == 1 && -n "$WARM" && ! -f "$RUNS/export/image_tokenizer.safetensors" ]]; then
-  log "image tokenizer: $WARM's (CONTINUE=1: its image codes are kept)"
-  cp "$WARM/image_tokenizer.safetensors" "$RUNS/export/"
-fi
+# the tokenizers a warm start keeps are copied from it, never trained: its rows mean their codes (the video one;
+# with CONTINUE=1 the image one too)
+KEPT=${WARM:+video}; [[ "${CONTINUE:-0}" == 1 ]] && KEPT="image video"
+for kind in $KEPT; do
+  if [[ ! -f "$RUNS/export/${kind}_tokenizer.safetensors" ]]; then
+    log "$kind tokenizer: $WARM's (the warm start's $kind codes mean what they meant to it)"
+    cp "$WARM/${kind}_tokenizer.safetensors" "$RUNS/export/"
+  fi
+  if ! cmp -s "$WARM/${kind}_tokenizer.safetensors" "$RUNS/export/${kind}_tokenizer.safetensors"; then
+    echo "$RUNS/export/${kind}_tokenizer.safetensors is not $WARM's $kind tokenizer: the warm start's $kind rows" \
+         "would mean other codes; delete it (the recipe then copies $WARM's) or use INIT_FROM=none" >&2; exit 2
+  fi
+done
 if [[ ! -f "$RUNS/export/image_tokenizer.safetensors" ]]; then
   log "image tokenizer: anygen fit --config configs/default/$IMAGE_STAGE.yaml $(steps "${IMAGE_STEPS:-}")"
   $ANYGEN fit --config configs/default/$IMAGE_STAGE.yaml $CFG_DATA $(steps "${IMAGE_STEPS:-}") $(precision) \
       $(limit "${IMAGE_MINUTES:-}") > "$RUNS/logs/image_tokenizer.log" 2>&1
   $ANYGEN export runs/default/$IMAGE_STAGE/checkpoints/last.ckpt --out "$RUNS/export/"
-fi
-if [[ -n "$WARM" && ! -f "$RUNS/export/video_tokenizer.safetensors" ]]; then
-  log "video tokenizer: $WARM's (the warm start's video codes mean what they meant to it)"
-  cp "$WARM/video_tokenizer.safetensors" "$RUNS/export/"
-fi
-if [[ -n "$WARM" ]] && ! cmp -s "$WARM/video_tokenizer.safetensors" "$RUNS/export/video_tokenizer.safetensors"; then
-  echo "$RUNS/export/video_tokenizer.safetensors is not $WARM's video tokenizer: the warm start's video rows would" \
-       "mean other codes; delete it (the recipe then copies $WARM's) or use INIT_FROM=none" >&2; exit 2
 fi
 if [[ ! -f "$RUNS/export/video_tokenizer.safetensors" ]]; then
   log "video tokenizer: anygen fit --config configs/default/video_tokenizer.yaml $(steps "${VIDEO_STEPS:-}")"

@@ -191,9 +191,16 @@ def test_the_recipe_continues_a_16x16_model_with_every_tensor_and_both_tokenizer
         done = subprocess.run(["bash", str(SCRIPT)], env={**env, **bad}, capture_output=True, text=True, timeout=60)
         assert done.returncode == 2 and needle in done.stderr, (bad, done.stderr)
     (model / "image_tokenizer.safetensors").write_bytes(b"the 4x one")
+    export = tmp_path / "runs" / "export"
+    export.mkdir(parents=True)
+    (export / "image_tokenizer.safetensors").write_bytes(b"another image tokenizer")  # its codes are not the model's
+    done = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and f"is not {model}'s image tokenizer" in done.stderr, done.stderr
+    (export / "image_tokenizer.safetensors").unlink()
     done = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    assert (tmp_path / "runs" / "export" / "image_tokenizer.safetensors").read_bytes() == b"the 4x one"
+    assert (export / "image_tokenizer.safetensors").read_bytes() == b"the 4x one"
+    assert (export / "video_tokenizer.safetensors").read_bytes() == b"video_tokenizer.safetensors"
     fits = [line for line in calls.read_text().splitlines() if " fit " in f" {line} "]
     assert len(fits) == 1 and "configs/default/unified_16x16_more.yaml" in fits[0], fits
     assert f"--model.init_args.init_from {model}" in fits[0]
