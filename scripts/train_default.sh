@@ -20,6 +20,8 @@
 # and unified_16x16_mix).
 # Environment knobs (defaults in brackets):
 #   DATA [data/default]  RUNS [runs/default]  NUM_SHAPES [20000]  VOCAB [512]  WORKERS [1]  EVAL_NUM [50]
+#   NUM_DIGITS [2876: each of the 1438 training images once per kind]: digits training documents; more are
+#     augmented copies (a small random affine), distinct token sequences where a mixture weight repeats the same ones
 #   IMAGE_STEPS / VIDEO_STEPS / UNIFIED_STEPS / MIX_STEPS [the YAMLs' max_steps]
 #   IMAGE_MINUTES / VIDEO_MINUTES / UNIFIED_MINUTES / MIX_MINUTES [none]: wall-clock caps per stage (max_time)
 #   PRECISION [the YAMLs': 32-true]: Lightning's --trainer.precision for every fit, e.g. bf16-mixed (GPUs; CPUs with
@@ -95,7 +97,7 @@ if [[ ! -f "$DATA/documents.jsonl" ]]; then
   [[ -f "$DATA/shapes/meta.json" ]] || $ANYGEN data shapes --out "$DATA/shapes" --num "$NUM_SHAPES" --seed 0 \
       --image-size 64 --frames 9 --holdout 0.1 --workers "$WORKERS" --overwrite > "$RUNS/logs/data.log" 2>&1
   [[ -f "$DATA/digits/meta.json" ]] || $ANYGEN data digits --out "$DATA/digits" --seed 0 --image-size 64 \
-      --overwrite >> "$RUNS/logs/data.log" 2>&1
+      ${NUM_DIGITS:+--num "$NUM_DIGITS"} --overwrite >> "$RUNS/logs/data.log" 2>&1
   # one JSONL for the trainers and the tokenizer: every line of both sets, files re-rooted at $DATA, interleaved
   $PY - "$DATA" <<'EOF'
 import json, random, sys

@@ -163,6 +163,29 @@ def test_the_recipe_script_passes_precision_to_every_fit(tmp_path):
     assert not any("precision" in line for line in calls.read_text().splitlines())  # the YAMLs' own otherwise
 
 
+def test_the_recipe_passes_num_digits_to_the_digits_data_only(tmp_path):
+    """``NUM_DIGITS=N`` asks ``anygen data digits`` for N documents (augmented copies); unset, its own default."""
+    import os
+    import subprocess
+
+    calls = tmp_path / "calls.txt"
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/usr/bin/env bash\necho "$*" >> {calls}\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "PY": str(fake), "RUNS": str(tmp_path / "runs"), "DATA": str(tmp_path / "data"),
+           "NUM_DIGITS": "28760"}
+    subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60, check=True)
+    data = [line for line in calls.read_text().splitlines() if " data " in f" {line} "]
+    digits = [line for line in data if " data digits " in f" {line} "]
+    assert len(digits) == 1 and "--num 28760" in digits[0], data
+    assert all("28760" not in line for line in data if line not in digits)  # not the shapes' --num
+    env.pop("NUM_DIGITS")
+    calls.unlink()
+    subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60, check=True)
+    digits = [line for line in calls.read_text().splitlines() if " data digits " in f" {line} "]
+    assert len(digits) == 1 and "--num" not in digits[0], digits
+
+
 def test_the_recipe_continues_a_16x16_model_with_every_tensor_and_both_tokenizers_kept(tmp_path):
     """``GRID=16 CONTINUE=1 INIT_FROM=<16x16 model>``: its image and video tokenizers are copied (not trained), one
     fit of ``unified_16x16_more.yaml`` from it, nothing reinitialised; refused without GRID=16 or such a model."""
