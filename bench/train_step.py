@@ -1,11 +1,14 @@
 """Training-step speed of the default model's decoder: fp32 against bf16 autocast, same run, same device.
 
     .venv/bin/python bench/train_step.py                      # rows of 384 (8x8 images) and 896 (16x16)
-    .venv/bin/python bench/train_step.py --rows 4 --lengths 896 --steps 10
+    .venv/bin/python bench/train_step.py --rows 4 --lengths 896 --steps 10 --kind scene
 
-Builds the ``small`` preset with QK-norm at the shipped model's vocabulary (random weights: speed does not
-depend on them), and times forward + cross-entropy + backward + AdamW on random text ids
-(the understanding tower is not run). Prints ms per step and tokens per second for each precision, and
+Builds the ``small`` preset with QK-norm and the image grid embedding at the shipped model's vocabulary
+(random weights: speed does not depend on them), and times forward + the trainer's routed cross-entropy
+(z-loss included) + backward + AdamW. ``--kind scene`` (the default) packs rows the way training documents
+look: a text prompt, then a ``<|boi|> <|h|> <|w|>`` image of ``--grid`` x ``--grid`` codes, each row closed by
+``<|eol|>``, so the grid embedding and the image head do real work; ``--kind text``: random text ids only.
+The understanding tower is not run. Prints ms per step and tokens per second for each precision, and
 bf16's speed-up over fp32 measured in the same process. ``scripts/train_default.sh`` takes
 ``PRECISION=bf16-mixed`` to train with it (Lightning's ``--trainer.precision``).
 """
@@ -19,6 +22,20 @@ import torch
 
 from anygen.config import AnyGenConfig
 from anygen.model import AnyGenModel
+from tokenizers_mm.vocab import Vocab
+
+
+def scene_row(vocab: Vocab, length: int, grid: int, generator: torch.Generator) -> torch.Tensor:
+    """``(length,)`` ids: documents of 12 text ids and one ``grid`` x ``grid`` image, packed back to back."""
+    image = [vocab.boi, vocab.h_token(grid), vocab.w_token(grid)]
+    for _ in range(grid):
+        codes = torch.randint(vocab.image_offset, vocab.video_offset, (grid,), generator=generator)
+        image += codes.tolist() + [vocab.eol]
+    ids: list[int] = []
+    while len(ids) < length:
+        prompt = torch.randint(0, vocab.text_size, (12,), generator=generator).tolist()
+        ids += [vocab.bos, *prompt, *image, vocab.eoi, vocab.eos]
+    return torch.tensor(ids[:length])
 
 
 def time_steps(model: AnyGenModel, ids: torch.Tensor, *, bf16: bool, steps: int, warmup: int = 2) -> float:
@@ -28,7 +45,7 @@ def time_steps(model: AnyGenModel, ids: torch.Tensor, *, bf16: bool, steps: int,
     def step() -> None:
         with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(ids)
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+        loss = model.loss(logits[:, :-1].float(), ids[:, 1:])  # trainers.unified's loss, minus its target mask
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -47,18 +64,29 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[384, 896], help="tokens per row")
     parser.add_argument("--steps", type=int, default=8, help="timed steps per cell")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--kind", choices=("scene", "text"), default="scene",
+                        help="scene: text prompts and image spans, as training rows are; text: random text ids")
+    parser.add_argument("--grid", type=int, default=16, help="image codes per side in --kind scene rows")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = AnyGenConfig.preset("small", text_size=512, image_codebook_size=1000, video_codebook_size=1000,
-                              qk_norm="rms", max_seq_len=max(1024, max(args.lengths)))
+    if not 1 <= args.grid <= 32:
+        parser.error(f"--grid must be in 1..32 (the shipped vocabulary's size tokens), got {args.grid}")
+    cfg = AnyGenConfig.preset("small", text_size=414, image_codebook_size=1000, video_codebook_size=1000,
+                              max_height=32, max_width=32, max_frames=8, qk_norm="rms", image_grid_embed=True,
+                              z_loss_weight=1e-5, max_seq_len=max(1024, max(args.lengths)))
+    vocab = Vocab(**cfg.vocab_dict())
     torch.manual_seed(0)
-    print(f"decoder: {cfg.num_parameters_estimate() / 1e6:.1f}M parameters, "
+    print(f"decoder: {cfg.num_parameters_estimate() / 1e6:.1f}M parameters, {args.kind} rows, "
           f"{torch.get_num_threads()} threads, oneDNN: {torch.backends.mkldnn.is_available()}")
     print("| rows x tokens | fp32 ms/step | bf16 ms/step | fp32 tok/s | bf16 tok/s | bf16 speed-up |")
     print("|---|---|---|---|---|---|")
     for length in args.lengths:
-        ids = torch.randint(0, 250, (args.rows, length))  # byte-level text ids: no <|und|>, no image spans
+        if args.kind == "scene":
+            gen = torch.Generator().manual_seed(0)
+            ids = torch.stack([scene_row(vocab, length, args.grid, gen) for _ in range(args.rows)])
+        else:
+            ids = torch.randint(0, vocab.text_size, (args.rows, length))  # no <|und|>, no image spans
         times = {}
         for bf16 in (False, True):
             torch.manual_seed(0)
