@@ -24,7 +24,8 @@ EXPECTED = {"tokenizers/image.yaml", "tokenizers/video.yaml", "unified/tiny.yaml
             "unified/stage2_pretrain.yaml", "unified/stage3_sft.yaml", "default/image_tokenizer.yaml",
             "default/video_tokenizer.yaml", "default/unified.yaml", "default/image_tokenizer_4x.yaml",
             "default/unified_16x16.yaml", "default/unified_16x16_mix.yaml",
-            "default/unified_16x16_warm.yaml", "default/unified_16x16_more.yaml"}
+            "default/unified_16x16_warm.yaml", "default/unified_16x16_more.yaml",
+            "default/unified_16x16_digits.yaml"}
 
 
 def _name(path: Path) -> str:
