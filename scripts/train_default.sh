@@ -33,6 +33,9 @@
 #   CONTINUE [0]: 1 (with GRID=16) trains one more stage from INIT_FROM, a 16x16 model this script made
 #     (runs/grid16/model), every tensor and both tokenizers kept: unified_16x16_more.yaml, usually on more
 #     documents (NUM_SHAPES=60000: the first 20000 are the same, and so are the held-out combinations)
+#   DIGITS_TAIL [0]: 1 (with CONTINUE=1) then trains a short digits-heavy tail from $RUNS/model
+#     (unified_16x16_digits.yaml, TAIL_STEPS [its max_steps]) into $RUNS/model_tail, which eval and SHIP then use:
+#     how session 13's shipped model was made (docs/default_model.md)
 #   INIT_FROM [runs/default/model]: GRID=16's 8x8 model (its BPE table, video tokenizer and weights but the
 #     image rows are kept; GRID=8 of this script makes it there); none: from scratch in two stages instead
 #     (unified_16x16.yaml, then unified_16x16_mix.yaml with mixture weights), ~2x the steps. GRID=8 refuses it
@@ -55,6 +58,10 @@ WARM=
 if [[ "${CONTINUE:-0}" == 1 && ( "${GRID:-8}" != 16 || "${INIT_FROM:-}" == none || -z "${INIT_FROM:-}" ) ]]; then
   echo "CONTINUE=1 trains one more stage of a 16x16 model: it needs GRID=16 and INIT_FROM=<that model's directory>" \
        "(runs/grid16/model), got GRID=${GRID:-8} INIT_FROM=${INIT_FROM:-<unset>}" >&2
+  exit 2
+fi
+if [[ "${DIGITS_TAIL:-0}" == 1 && "${CONTINUE:-0}" != 1 ]]; then
+  echo "DIGITS_TAIL=1 follows a CONTINUE=1 stage (GRID=16 CONTINUE=1 INIT_FROM=<16x16 model>), got CONTINUE=${CONTINUE:-0}" >&2
   exit 2
 fi
 if [[ "${GRID:-8}" == 8 && -n "${INIT_FROM:-}" ]]; then
@@ -185,13 +192,28 @@ if [[ ! -f "$RUNS/model/model.safetensors" ]]; then
   $ANYGEN export "$BEST" --out "$RUNS/model"
 fi
 
+MODEL=$RUNS/model
+# 7b. DIGITS_TAIL=1: a short digits-heavy stage from that model (a second stage on more shapes costs digits as it
+# starts; this brings them back), everything kept
+if [[ "${DIGITS_TAIL:-0}" == 1 ]]; then
+  MODEL=$RUNS/model_tail
+  if [[ ! -f "$MODEL/model.safetensors" ]]; then
+    log "digits tail: anygen fit --config configs/default/unified_16x16_digits.yaml from $RUNS/model $(steps "${TAIL_STEPS:-}")"
+    rm -f runs/default/unified_16x16_digits/checkpoints/best.ckpt
+    $ANYGEN fit --config configs/default/unified_16x16_digits.yaml --model.init_args.tokenizer_dir "$DATA/tokenizer" \
+        --model.init_args.init_from "$RUNS/model" --data.init_args.shards "$DATA/shards" $(steps "${TAIL_STEPS:-}") \
+        $(precision) > "$RUNS/logs/digits_tail.log" 2>&1
+    $ANYGEN export "$(kept unified_16x16_digits)" --out "$MODEL"
+  fi
+fi
+
 # 8. evaluation on held-out prompts, 9. ship
 log "eval -> $RUNS/eval"
-$ANYGEN eval --checkpoint "$RUNS/model" --out "$RUNS/eval" --num "$EVAL_NUM" | tee "$RUNS/logs/eval.log"
+$ANYGEN eval --checkpoint "$MODEL" --out "$RUNS/eval" --num "$EVAL_NUM" | tee "$RUNS/logs/eval.log"
 if [[ "${SHIP:-0}" == 1 ]]; then
   rm -rf anygen/assets/default && mkdir -p anygen/assets/default
-  cp "$RUNS/model"/{config.json,model.safetensors,tokenizer_config.json,text_tokenizer.json} anygen/assets/default/
-  cp "$RUNS/model"/{image_tokenizer.safetensors,video_tokenizer.safetensors} anygen/assets/default/
+  cp "$MODEL"/{config.json,model.safetensors,tokenizer_config.json,text_tokenizer.json} anygen/assets/default/
+  cp "$MODEL"/{image_tokenizer.safetensors,video_tokenizer.safetensors} anygen/assets/default/
   cp "$RUNS/eval/eval.json" anygen/assets/default/eval.json
   log "shipped: $(du -sh anygen/assets/default | cut -f1) in anygen/assets/default"
 fi

@@ -228,3 +228,43 @@ def test_the_recipe_continues_a_16x16_model_with_every_tensor_and_both_tokenizer
     fits = [line for line in calls.read_text().splitlines() if " fit " in f" {line} "]
     assert len(fits) == 1 and "configs/default/unified_16x16_more.yaml" in fits[0], fits
     assert f"--model.init_args.init_from {model}" in fits[0]
+
+
+def test_the_recipe_runs_the_digits_tail_after_a_continue_stage_and_evaluates_it(tmp_path):
+    """``DIGITS_TAIL=1`` (with ``CONTINUE=1``): a second fit, ``unified_16x16_digits.yaml`` from ``$RUNS/model``
+    on the same shards, exported to ``$RUNS/model_tail``, which eval then reads; refused without ``CONTINUE=1``."""
+    import os
+    import subprocess
+
+    tail = yaml.safe_load((SCRIPT.parents[1] / "configs" / "default" / "unified_16x16_digits.yaml").read_text())
+    args = tail["model"]["init_args"]
+    assert "reinit" not in args and args["init_from"] == "runs/grid16d/model"
+    assert tail["data"]["init_args"]["weights"]["digits/t2i"] > 1  # digits-heavy: the point of the stage
+    dirs = {c["init_args"]["dirpath"] for c in tail["trainer"]["callbacks"] if "dirpath" in c.get("init_args", {})}
+    assert dirs == {"runs/default/unified_16x16_digits/checkpoints"}
+
+    model = tmp_path / "grid16_model"
+    model.mkdir()
+    for name in ("model.safetensors", "video_tokenizer.safetensors", "text_tokenizer.json",
+                 "image_tokenizer.safetensors"):
+        (model / name).write_bytes(name.encode())
+    calls = tmp_path / "calls.txt"
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/usr/bin/env bash\necho "$*" >> {calls}\n')
+    fake.chmod(0o755)
+    runs, data = tmp_path / "runs", tmp_path / "data"
+    env = {**os.environ, "PY": str(fake), "RUNS": str(runs), "DATA": str(data), "GRID": "16",
+           "INIT_FROM": str(model), "DIGITS_TAIL": "1", "TAIL_STEPS": "7"}
+    done = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "DIGITS_TAIL=1 follows a CONTINUE=1 stage" in done.stderr, done.stderr
+    done = subprocess.run(["bash", str(SCRIPT)], env={**env, "CONTINUE": "1"}, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    lines = calls.read_text().splitlines()
+    fits = [line for line in lines if " fit " in f" {line} "]
+    assert len(fits) == 2 and "unified_16x16_more.yaml" in fits[0], fits
+    assert "configs/default/unified_16x16_digits.yaml" in fits[1] and "--trainer.max_steps 7" in fits[1]
+    assert f"--model.init_args.init_from {runs}/model " in fits[1] + " "
+    assert f"--data.init_args.shards {data}/shards" in fits[1]
+    evals = [line for line in lines if " eval " in f" {line} "]
+    assert len(evals) == 1 and f"--checkpoint {runs}/model_tail " in evals[0], evals
