@@ -34,7 +34,8 @@
 #     (runs/grid16/model), every tensor and both tokenizers kept: unified_16x16_more.yaml, usually on more
 #     documents (NUM_SHAPES=60000: the first 20000 are the same, and so are the held-out combinations)
 #   DIGITS_TAIL [0]: 1 (with CONTINUE=1) then trains a short digits-heavy tail from $RUNS/model
-#     (unified_16x16_digits.yaml, TAIL_STEPS [its max_steps]) into $RUNS/model_tail, which eval and SHIP then use:
+#     (unified_16x16_digits.yaml, TAIL_STEPS [its max_steps], TAIL_WEIGHTS [its weights]) into $RUNS/model_tail,
+#     which eval and SHIP then use:
 #     how session 13's shipped model was made (docs/default_model.md)
 #   INIT_FROM [runs/default/model]: GRID=16's 8x8 model (its BPE table, video tokenizer and weights but the
 #     image rows are kept; GRID=8 of this script makes it there); none: from scratch in two stages instead
@@ -89,7 +90,7 @@ if [[ "${TOY:-0}" == 1 ]]; then
   NUM_SHAPES=${TOY_SHAPES:-60}; IMAGE_STEPS=${IMAGE_STEPS:-4}; VIDEO_STEPS=${VIDEO_STEPS:-3}
   UNIFIED_STEPS=${UNIFIED_STEPS:-4}; MIX_STEPS=${MIX_STEPS:-3}; EVAL_NUM=${EVAL_NUM_TOY:-2}; LIMIT="--limit 200"
   # 200 documents need not hold every group the stage-2 weights name (a name matching none is refused)
-  MIX_WEIGHTS='{"*": 1.5}'
+  MIX_WEIGHTS='{"*": 1.5}'; TAIL_WEIGHTS='{"*": 1.5}'
 fi
 steps() { [[ -n "${1:-}" ]] && echo "--trainer.max_steps $1" || true; }
 # a wall-clock cap per stage (minutes), Lightning's --trainer.max_time: training stops, the last checkpoint counts
@@ -202,7 +203,7 @@ if [[ "${DIGITS_TAIL:-0}" == 1 ]]; then
     rm -f runs/default/unified_16x16_digits/checkpoints/best.ckpt
     $ANYGEN fit --config configs/default/unified_16x16_digits.yaml --model.init_args.tokenizer_dir "$DATA/tokenizer" \
         --model.init_args.init_from "$RUNS/model" --data.init_args.shards "$DATA/shards" $(steps "${TAIL_STEPS:-}") \
-        $(precision) > "$RUNS/logs/digits_tail.log" 2>&1
+        ${TAIL_WEIGHTS:+--data.init_args.weights "$TAIL_WEIGHTS"} $(precision) > "$RUNS/logs/digits_tail.log" 2>&1
     $ANYGEN export "$(kept unified_16x16_digits)" --out "$MODEL"
   fi
 fi

@@ -268,3 +268,10 @@ def test_the_recipe_runs_the_digits_tail_after_a_continue_stage_and_evaluates_it
     assert f"--data.init_args.shards {data}/shards" in fits[1]
     evals = [line for line in lines if " eval " in f" {line} "]
     assert len(evals) == 1 and f"--checkpoint {runs}/model_tail " in evals[0], evals
+    assert "--data.init_args.weights" not in fits[1]  # the YAML's own digits-heavy weights
+    calls.unlink()
+    done = subprocess.run(["bash", str(SCRIPT)], env={**env, "CONTINUE": "1", "TAIL_WEIGHTS": '{"*": 1.5}'},
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    fits = [line for line in calls.read_text().splitlines() if " fit " in f" {line} "]
+    assert "unified_16x16_digits.yaml" in fits[-1] and '--data.init_args.weights {"*": 1.5}' in fits[-1], fits
