@@ -76,6 +76,31 @@ def test_a_misspelled_argument_fails_to_parse(capsys):
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_default.sh"
 
 
+def _recording_env(tmp_path: Path, **extra: str) -> tuple[dict[str, str], Path]:
+    """An environment whose ``PY`` is a stand-in interpreter writing each call's arguments to the returned file
+    (so the recipe runs every stage in seconds, training nothing), with ``RUNS`` and ``DATA`` under tmp_path."""
+    import os
+
+    calls = tmp_path / "calls.txt"
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/usr/bin/env bash\necho "$*" >> {calls}\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "PY": str(fake), "RUNS": str(tmp_path / "runs"), "DATA": str(tmp_path / "data"), **extra}
+    return env, calls
+
+
+def _recipe(env: dict[str, str]):
+    """Run the recipe script under ``env``; the finished ``subprocess.CompletedProcess``."""
+    import subprocess
+
+    return subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60)
+
+
+def _calls(calls: Path, command: str) -> list[str]:
+    """The recorded calls of one anygen subcommand (``fit``, ``eval``, ``data digits``)."""
+    return [line for line in calls.read_text().splitlines() if f" {command} " in f" {line} "]
+
+
 def _stages(grid: str) -> dict[str, str]:
     """``{"IMAGE_STAGE": ..., "UNIFIED_STAGE": ..., "MAX_LENGTH": ...}`` of the script's ``GRID`` case; grid
     ``16-none`` is GRID=16 with ``INIT_FROM=none`` (from scratch, two stages)."""
@@ -144,55 +169,45 @@ def test_the_recipe_script_refuses_an_unknown_grid(tmp_path):
 
 def test_the_recipe_script_passes_precision_to_every_fit(tmp_path):
     """``PRECISION=bf16-mixed`` reaches each ``anygen fit`` of the recipe (a stand-in interpreter records the calls)."""
-    import os
-    import subprocess
-
-    calls = tmp_path / "calls.txt"
-    fake = tmp_path / "python"
-    fake.write_text(f'#!/usr/bin/env bash\necho "$*" >> {calls}\n')
-    fake.chmod(0o755)
-    env = {**os.environ, "PY": str(fake), "RUNS": str(tmp_path / "runs"), "DATA": str(tmp_path / "data"),
-           "PRECISION": "bf16-mixed"}
-    done = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60)
+    env, calls = _recording_env(tmp_path, PRECISION="bf16-mixed")
+    done = _recipe(env)
     assert done.returncode == 0, done.stderr
-    fits = [line for line in calls.read_text().splitlines() if " fit " in f" {line} "]
+    fits = _calls(calls, "fit")
     assert len(fits) == 3  # image tokenizer, video tokenizer, unified model (GRID=8)
     assert all("--trainer.precision bf16-mixed" in line for line in fits), fits
     env.pop("PRECISION")
     calls.unlink()
-    subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60, check=True)
+    assert _recipe(env).returncode == 0
     assert not any("precision" in line for line in calls.read_text().splitlines())  # the YAMLs' own otherwise
 
 
 def test_the_recipe_passes_num_digits_to_the_digits_data_only(tmp_path):
     """``NUM_DIGITS=N`` asks ``anygen data digits`` for N documents (augmented copies); unset, its own default."""
-    import os
-    import subprocess
-
-    calls = tmp_path / "calls.txt"
-    fake = tmp_path / "python"
-    fake.write_text(f'#!/usr/bin/env bash\necho "$*" >> {calls}\n')
-    fake.chmod(0o755)
-    env = {**os.environ, "PY": str(fake), "RUNS": str(tmp_path / "runs"), "DATA": str(tmp_path / "data"),
-           "NUM_DIGITS": "28760"}
-    subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60, check=True)
-    data = [line for line in calls.read_text().splitlines() if " data " in f" {line} "]
-    digits = [line for line in data if " data digits " in f" {line} "]
+    env, calls = _recording_env(tmp_path, NUM_DIGITS="28760")
+    assert _recipe(env).returncode == 0
+    data = _calls(calls, "data")
+    digits = _calls(calls, "data digits")
     assert len(digits) == 1 and "--num 28760" in digits[0], data
     assert all("28760" not in line for line in data if line not in digits)  # not the shapes' --num
     env.pop("NUM_DIGITS")
     calls.unlink()
-    subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60, check=True)
-    digits = [line for line in calls.read_text().splitlines() if " data digits " in f" {line} "]
+    assert _recipe(env).returncode == 0
+    digits = _calls(calls, "data digits")
     assert len(digits) == 1 and "--num" not in digits[0], digits
+
+
+def _model_dir(tmp_path: Path, *names: str) -> Path:
+    """A stand-in model directory holding ``names`` (each file's bytes: its own name)."""
+    model = tmp_path / "grid16_model"
+    model.mkdir()
+    for name in names:
+        (model / name).write_bytes(name.encode())
+    return model
 
 
 def test_the_recipe_continues_a_16x16_model_with_every_tensor_and_both_tokenizers_kept(tmp_path):
     """``GRID=16 CONTINUE=1 INIT_FROM=<16x16 model>``: its image and video tokenizers are copied (not trained), one
     fit of ``unified_16x16_more.yaml`` from it, nothing reinitialised; refused without GRID=16 or such a model."""
-    import os
-    import subprocess
-
     more = yaml.safe_load((SCRIPT.parents[1] / "configs" / "default" / "unified_16x16_more.yaml").read_text())
     args = more["model"]["init_args"]
     assert "reinit" not in args and args["init_from"] == "runs/grid16/model"
@@ -200,32 +215,24 @@ def test_the_recipe_continues_a_16x16_model_with_every_tensor_and_both_tokenizer
     dirs = {c["init_args"]["dirpath"] for c in more["trainer"]["callbacks"] if "dirpath" in c.get("init_args", {})}
     assert dirs == {"runs/default/unified_16x16_more/checkpoints"}
 
-    model = tmp_path / "grid16_model"
-    model.mkdir()
-    for name in ("model.safetensors", "video_tokenizer.safetensors", "text_tokenizer.json"):
-        (model / name).write_bytes(name.encode())
-    calls = tmp_path / "calls.txt"
-    fake = tmp_path / "python"
-    fake.write_text(f'#!/usr/bin/env bash\necho "$*" >> {calls}\n')
-    fake.chmod(0o755)
-    env = {**os.environ, "PY": str(fake), "RUNS": str(tmp_path / "runs"), "DATA": str(tmp_path / "data"),
-           "GRID": "16", "CONTINUE": "1", "INIT_FROM": str(model)}
+    model = _model_dir(tmp_path, "model.safetensors", "video_tokenizer.safetensors", "text_tokenizer.json")
+    env, calls = _recording_env(tmp_path, GRID="16", CONTINUE="1", INIT_FROM=str(model))
     for bad, needle in (({"GRID": "8"}, "needs GRID=16"), ({"INIT_FROM": "none"}, "needs GRID=16"),
                         ({}, "has no image_tokenizer.safetensors")):
-        done = subprocess.run(["bash", str(SCRIPT)], env={**env, **bad}, capture_output=True, text=True, timeout=60)
+        done = _recipe({**env, **bad})
         assert done.returncode == 2 and needle in done.stderr, (bad, done.stderr)
     (model / "image_tokenizer.safetensors").write_bytes(b"the 4x one")
     export = tmp_path / "runs" / "export"
     export.mkdir(parents=True)
     (export / "image_tokenizer.safetensors").write_bytes(b"another image tokenizer")  # its codes are not the model's
-    done = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60)
+    done = _recipe(env)
     assert done.returncode == 2 and f"is not {model}'s image tokenizer" in done.stderr, done.stderr
     (export / "image_tokenizer.safetensors").unlink()
-    done = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60)
+    done = _recipe(env)
     assert done.returncode == 0, done.stderr
     assert (export / "image_tokenizer.safetensors").read_bytes() == b"the 4x one"
     assert (export / "video_tokenizer.safetensors").read_bytes() == b"video_tokenizer.safetensors"
-    fits = [line for line in calls.read_text().splitlines() if " fit " in f" {line} "]
+    fits = _calls(calls, "fit")
     assert len(fits) == 1 and "configs/default/unified_16x16_more.yaml" in fits[0], fits
     assert f"--model.init_args.init_from {model}" in fits[0]
 
@@ -233,9 +240,6 @@ def test_the_recipe_continues_a_16x16_model_with_every_tensor_and_both_tokenizer
 def test_the_recipe_runs_the_digits_tail_after_a_continue_stage_and_evaluates_it(tmp_path):
     """``DIGITS_TAIL=1`` (with ``CONTINUE=1``): a second fit, ``unified_16x16_digits.yaml`` from ``$RUNS/model``
     on the same shards, exported to ``$RUNS/model_tail``, which eval then reads; refused without ``CONTINUE=1``."""
-    import os
-    import subprocess
-
     tail = yaml.safe_load((SCRIPT.parents[1] / "configs" / "default" / "unified_16x16_digits.yaml").read_text())
     args = tail["model"]["init_args"]
     assert "reinit" not in args and args["init_from"] == "runs/grid16d/model"
@@ -243,35 +247,24 @@ def test_the_recipe_runs_the_digits_tail_after_a_continue_stage_and_evaluates_it
     dirs = {c["init_args"]["dirpath"] for c in tail["trainer"]["callbacks"] if "dirpath" in c.get("init_args", {})}
     assert dirs == {"runs/default/unified_16x16_digits/checkpoints"}
 
-    model = tmp_path / "grid16_model"
-    model.mkdir()
-    for name in ("model.safetensors", "video_tokenizer.safetensors", "text_tokenizer.json",
-                 "image_tokenizer.safetensors"):
-        (model / name).write_bytes(name.encode())
-    calls = tmp_path / "calls.txt"
-    fake = tmp_path / "python"
-    fake.write_text(f'#!/usr/bin/env bash\necho "$*" >> {calls}\n')
-    fake.chmod(0o755)
+    model = _model_dir(tmp_path, "model.safetensors", "video_tokenizer.safetensors", "text_tokenizer.json",
+                       "image_tokenizer.safetensors")
+    env, calls = _recording_env(tmp_path, GRID="16", INIT_FROM=str(model), DIGITS_TAIL="1", TAIL_STEPS="7")
     runs, data = tmp_path / "runs", tmp_path / "data"
-    env = {**os.environ, "PY": str(fake), "RUNS": str(runs), "DATA": str(data), "GRID": "16",
-           "INIT_FROM": str(model), "DIGITS_TAIL": "1", "TAIL_STEPS": "7"}
-    done = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60)
+    done = _recipe(env)
     assert done.returncode == 2 and "DIGITS_TAIL=1 follows a CONTINUE=1 stage" in done.stderr, done.stderr
-    done = subprocess.run(["bash", str(SCRIPT)], env={**env, "CONTINUE": "1"}, capture_output=True, text=True,
-                          timeout=60)
+    done = _recipe({**env, "CONTINUE": "1"})
     assert done.returncode == 0, done.stderr
-    lines = calls.read_text().splitlines()
-    fits = [line for line in lines if " fit " in f" {line} "]
+    fits = _calls(calls, "fit")
     assert len(fits) == 2 and "unified_16x16_more.yaml" in fits[0], fits
     assert "configs/default/unified_16x16_digits.yaml" in fits[1] and "--trainer.max_steps 7" in fits[1]
     assert f"--model.init_args.init_from {runs}/model " in fits[1] + " "
     assert f"--data.init_args.shards {data}/shards" in fits[1]
-    evals = [line for line in lines if " eval " in f" {line} "]
-    assert len(evals) == 1 and f"--checkpoint {runs}/model_tail " in evals[0], evals
     assert "--data.init_args.weights" not in fits[1]  # the YAML's own digits-heavy weights
+    evals = _calls(calls, "eval")
+    assert len(evals) == 1 and f"--checkpoint {runs}/model_tail " in evals[0], evals
     calls.unlink()
-    done = subprocess.run(["bash", str(SCRIPT)], env={**env, "CONTINUE": "1", "TAIL_WEIGHTS": '{"*": 1.5}'},
-                          capture_output=True, text=True, timeout=60)
+    done = _recipe({**env, "CONTINUE": "1", "TAIL_WEIGHTS": '{"*": 1.5}'})
     assert done.returncode == 0, done.stderr
-    fits = [line for line in calls.read_text().splitlines() if " fit " in f" {line} "]
+    fits = _calls(calls, "fit")
     assert "unified_16x16_digits.yaml" in fits[-1] and '--data.init_args.weights {"*": 1.5}' in fits[-1], fits
