@@ -3,8 +3,8 @@
     .venv/bin/python bench/train_step.py                      # rows of 384 (8x8 images) and 896 (16x16)
     .venv/bin/python bench/train_step.py --rows 4 --lengths 896 --steps 10 --kind scene
 
-Builds the ``small`` preset with QK-norm and the image grid embedding at the shipped model's vocabulary
-(random weights: speed does not depend on them), and times forward + the trainer's routed cross-entropy
+Builds the decoder the shipped model's ``config.json`` describes (``--config``; random weights: speed does not
+depend on them), and times forward + the trainer's routed cross-entropy
 (z-loss included) + backward + AdamW. ``--kind scene`` (the default) packs rows the way training documents
 look: a text prompt, then a ``<|boi|> <|h|> <|w|>`` image of ``--grid`` x ``--grid`` codes, each row closed by
 ``<|eol|>``, so the grid embedding and the image head do real work; ``--kind text``: random text ids only.
@@ -16,10 +16,13 @@ bf16's speed-up over fp32 measured in the same process. ``scripts/train_default.
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from pathlib import Path
 
 import torch
 
+from anygen.cli_generate import DEFAULT_MODEL_DIR
 from anygen.config import AnyGenConfig
 from anygen.model import AnyGenModel
 from tokenizers_mm.vocab import Vocab
@@ -67,15 +70,19 @@ def main() -> None:
     parser.add_argument("--kind", choices=("scene", "text"), default="scene",
                         help="scene: text prompts and image spans, as training rows are; text: random text ids")
     parser.add_argument("--grid", type=int, default=16, help="image codes per side in --kind scene rows")
+    parser.add_argument("--config", type=Path, default=DEFAULT_MODEL_DIR / "config.json",
+                        help="a model directory's config.json (default: the shipped model's)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if not 1 <= args.grid <= 32:
-        parser.error(f"--grid must be in 1..32 (the shipped vocabulary's size tokens), got {args.grid}")
-    cfg = AnyGenConfig.preset("small", text_size=414, image_codebook_size=1000, video_codebook_size=1000,
-                              max_height=32, max_width=32, max_frames=8, qk_norm="rms", image_grid_embed=True,
-                              z_loss_weight=1e-5, max_seq_len=max(1024, max(args.lengths)))
+    if not args.config.is_file():
+        parser.error(f"--config {args.config}: no such file (a model directory's config.json)")
+    model_config = json.loads(args.config.read_text())["model"]
+    cfg = AnyGenConfig.from_dict({**model_config, "max_seq_len": max(model_config["max_seq_len"], *args.lengths)})
     vocab = Vocab(**cfg.vocab_dict())
+    if not 1 <= args.grid <= min(vocab.max_height, vocab.max_width):
+        parser.error(f"--grid must be in 1..{min(vocab.max_height, vocab.max_width)} (the vocabulary's size "
+                     f"tokens), got {args.grid}")
     torch.manual_seed(0)
     print(f"decoder: {cfg.num_parameters_estimate() / 1e6:.1f}M parameters, {args.kind} rows, "
           f"{torch.get_num_threads()} threads, oneDNN: {torch.backends.mkldnn.is_available()}")
