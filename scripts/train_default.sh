@@ -24,6 +24,9 @@
 #     augmented copies (a small random affine), distinct token sequences where a mixture weight repeats the same ones
 #   IMAGE_STEPS / VIDEO_STEPS / UNIFIED_STEPS / MIX_STEPS [the YAMLs' max_steps]
 #   IMAGE_MINUTES / VIDEO_MINUTES / UNIFIED_MINUTES / MIX_MINUTES [none]: wall-clock caps per stage (max_time)
+#   FIT_ARGS [none]: more `anygen fit` arguments for every unified stage (the tokenizers' fits excluded), e.g.
+#     "--data.init_args.seed 1": another split and shuffle of the same documents, so a further CONTINUE=1 stage from
+#     a model this recipe made does not replay the batches its own stage drew
 #   PRECISION [the YAMLs': 32-true]: Lightning's --trainer.precision for every fit, e.g. bf16-mixed (GPUs; CPUs with
 #     AMX or AVX512-BF16 run it ~1.5x faster too: bench/train_step.py)
 #   SHIP [0]: 1 copies the exported model and its eval.json into anygen/assets/default/
@@ -179,7 +182,7 @@ if [[ ! -f "$RUNS/model/model.safetensors" ]]; then
   $ANYGEN fit --config configs/default/$UNIFIED_STAGE.yaml --model.init_args.tokenizer_dir "$DATA/tokenizer" \
       ${WARM:+--model.init_args.init_from "$WARM"} ${WARM:+${MIX_WEIGHTS:+--data.init_args.weights "$MIX_WEIGHTS"}} \
       --data.init_args.shards "$DATA/shards" $(steps "${UNIFIED_STEPS:-}") $(precision) \
-      $(limit "${UNIFIED_MINUTES:-}") > "$RUNS/logs/unified.log" 2>&1
+      $(limit "${UNIFIED_MINUTES:-}") ${FIT_ARGS:-} > "$RUNS/logs/unified.log" 2>&1
   BEST=$(kept $UNIFIED_STAGE)
   if [[ -n "$MIX_STAGE" ]]; then
     log "unified stage 2: anygen fit --config configs/default/$MIX_STAGE.yaml from $BEST $(steps "${MIX_STEPS:-}")"
@@ -187,7 +190,7 @@ if [[ ! -f "$RUNS/model/model.safetensors" ]]; then
     $ANYGEN fit --config configs/default/$MIX_STAGE.yaml --model.init_args.tokenizer_dir "$DATA/tokenizer" \
         --model.init_args.init_from "$BEST" --data.init_args.shards "$DATA/shards" \
         ${MIX_WEIGHTS:+--data.init_args.weights "$MIX_WEIGHTS"} $(steps "${MIX_STEPS:-}") $(precision) \
-        $(limit "${MIX_MINUTES:-}") > "$RUNS/logs/unified_mix.log" 2>&1
+        $(limit "${MIX_MINUTES:-}") ${FIT_ARGS:-} > "$RUNS/logs/unified_mix.log" 2>&1
     BEST=$(kept $MIX_STAGE)
   fi
   $ANYGEN export "$BEST" --out "$RUNS/model"
@@ -203,7 +206,7 @@ if [[ "${DIGITS_TAIL:-0}" == 1 ]]; then
     rm -f runs/default/unified_16x16_digits/checkpoints/best.ckpt
     $ANYGEN fit --config configs/default/unified_16x16_digits.yaml --model.init_args.tokenizer_dir "$DATA/tokenizer" \
         --model.init_args.init_from "$RUNS/model" --data.init_args.shards "$DATA/shards" $(steps "${TAIL_STEPS:-}") \
-        ${TAIL_WEIGHTS:+--data.init_args.weights "$TAIL_WEIGHTS"} $(precision) > "$RUNS/logs/digits_tail.log" 2>&1
+        ${TAIL_WEIGHTS:+--data.init_args.weights "$TAIL_WEIGHTS"} $(precision) ${FIT_ARGS:-} > "$RUNS/logs/digits_tail.log" 2>&1
     $ANYGEN export "$(kept unified_16x16_digits)" --out "$MODEL"
   fi
 fi

@@ -268,3 +268,23 @@ def test_the_recipe_runs_the_digits_tail_after_a_continue_stage_and_evaluates_it
     assert done.returncode == 0, done.stderr
     fits = _calls(calls, "fit")
     assert "unified_16x16_digits.yaml" in fits[-1] and '--data.init_args.weights {"*": 1.5}' in fits[-1], fits
+
+
+def test_fit_args_reach_the_unified_fits_and_not_the_tokenizers(tmp_path):
+    """``FIT_ARGS`` (e.g. another data seed for a further stage) is appended to every unified fit: the GRID=8
+    model's, a CONTINUE=1 stage's and its digits tail's, and to neither tokenizer's fit."""
+    env, calls = _recording_env(tmp_path, FIT_ARGS="--data.init_args.seed 1")
+    assert _recipe(env).returncode == 0
+    fits = _calls(calls, "fit")
+    assert len(fits) == 3 and "configs/default/unified.yaml" in fits[2], fits
+    assert fits[2].endswith("--data.init_args.seed 1")
+    assert not any("--data.init_args.seed" in line for line in fits[:2])  # image and video tokenizers
+
+    model = _model_dir(tmp_path, "model.safetensors", "video_tokenizer.safetensors", "text_tokenizer.json",
+                       "image_tokenizer.safetensors")
+    (tmp_path / "continue").mkdir()
+    env, calls = _recording_env(tmp_path / "continue", GRID="16", CONTINUE="1", DIGITS_TAIL="1", INIT_FROM=str(model),
+                                FIT_ARGS="--data.init_args.seed 1")
+    assert _recipe(env).returncode == 0
+    fits = _calls(calls, "fit")
+    assert len(fits) == 2 and all(line.endswith("--data.init_args.seed 1") for line in fits), fits
