@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="held-out fraction the shapes data was written with (default 0.1)")
     p.add_argument("--data-seed", type=int, default=0, help="seed the shapes data was written with (default 0)")
     p.add_argument("--temperature", type=float, default=None,
-                   help="image sampling temperature (default: the engine's, 1)")
+                   help="image sampling temperature (default: the engine's, 0.5)")
     p.add_argument("--video-temperature", type=float, default=None,
                    help="video sampling temperature (default: the engine's, 0.7)")
     p.add_argument("--top-k", type=int, default=0, help="image / video top-k (default 0: off)")

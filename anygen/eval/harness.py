@@ -60,7 +60,7 @@ def eval_sampling(temperature: float | None = None, top_k: int = 0, guidance_sca
                   video_guidance_scale: float | None = None, video_temperature: float | None = None
                   ) -> dict[str, Any]:
     """``generate`` sampling arguments of an evaluation: greedy text; images and video with the same top-k, their
-    temperatures and guidance scales defaulting to the engine's own (``DEFAULT_IMAGE``: temperature 1, guidance 3;
+    temperatures and guidance scales defaulting to the engine's own (``DEFAULT_IMAGE``: temperature 0.5, guidance 3;
     ``DEFAULT_VIDEO``: temperature 0.7, guidance 1)."""
 
     def pick(value: float | None, default: float) -> float:
