@@ -68,9 +68,9 @@ from tokenizers_mm.multimodal import MultimodalTokenizer, TokenSequence
 from tokenizers_mm.segments import Image, Segment, Text, Video
 
 DEFAULT_TEXT = SamplingConfig(temperature=0.8, top_k=0, top_p=0.95)
-# images at temperature 0.5 (session 14, anygen eval, the shipped model, seeds 0-2, guidance 3): one object 79.1 % and
+# images at temperature 0.5 (session 14, anygen eval, the shipped model, seeds 0-2, guidance 3): one object 79.2 % and
 # digits 93.3 % against 65.3 / 88.3 % at 1 (0.7: 77.2 / 92.5; 0.3: 76.4 / 91.7); guidance 2 draws single objects
-# better still (0.5: 86.7 %) but digits worse (85 %), guidance 5 both worse (0.7: 46 %)
+# better still (86.4 % at 0.5) but digits worse (87.5 %), guidance 5 both worse (46.2 / 88.8 % at 0.7)
 DEFAULT_IMAGE = SamplingConfig(temperature=0.5, top_k=0, top_p=1.0, guidance_scale=3.0)
 # no guidance for clips: on held-out motions CFG 3 drew the asked direction half as often as none (session 10,
 # anygen eval's video category, seeds 0-2: 16x16 model 25-30 % against 55-65 %, 8x8 model 50 against 62.5 %),
