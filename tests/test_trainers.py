@@ -30,8 +30,8 @@ from tokenizers_mm.multimodal import MultimodalTokenizer
 from tokenizers_mm.segments import Image, Understand, Video
 from tokenizers_mm.video import VideoTokenizer
 from trainers.callbacks import HeldoutEval, SampleLogger
+from trainers.cli import bf16_cpu_warning, cpu_has_native_bf16, show_anygen_logs
 from trainers.cli import fit as cli_fit
-from trainers.cli import show_anygen_logs
 from trainers.export import export_checkpoint
 from trainers.export import main as export_main
 from trainers.image_tokenizer import ImageTokenizerModule
@@ -897,3 +897,50 @@ def test_cli_fit_saves_config_checkpoints_and_resumes(tok_dir, tmp_path, capsys,
     assert (root / "checkpoints" / "last.ckpt").is_file()
     assert cli_fit(["--config", str(path), "--trainer.max_steps", "3", "--ckpt_path", "last"]) == 0
     assert torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+
+
+def test_cpu_bf16_support_is_read_from_cpuinfo():
+    avx2 = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n"
+    zen4 = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni\n"
+    arm = "processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n"
+    assert cpu_has_native_bf16(avx2) is False
+    assert cpu_has_native_bf16(zen4) is True and cpu_has_native_bf16(arm) is True
+    assert cpu_has_native_bf16("") is None  # nothing to tell from: no warning either way
+
+
+@pytest.mark.parametrize("precision, accelerator, cuda, native, warns", [
+    ("bf16-mixed", "auto", False, False, True),    # emulated on this CPU: the case the warning is for
+    ("bf16-true", "cpu", True, False, True),       # a GPU at hand but the run asks for the CPU
+    ("bf16-mixed", "auto", True, False, False),    # lands on the GPU
+    ("bf16-mixed", "auto", False, True, False),    # AVX512-BF16 / AMX: bf16 is the faster one
+    ("bf16-mixed", "auto", False, None, False),    # unknown CPU
+    ("32-true", "cpu", False, False, False),
+    (None, "auto", False, False, False),
+])
+def test_bf16_on_a_cpu_without_it_is_warned_about(precision, accelerator, cuda, native, warns):
+    message = bf16_cpu_warning(precision, accelerator, cuda, native)
+    assert (message is not None) == warns
+    if warns:
+        assert "32-true" in message and "avx512_bf16" in message
+
+
+def test_cli_fit_warns_before_an_emulated_bf16_run(tok_dir, tmp_path, monkeypatch, caplog):
+    import trainers.cli
+
+    monkeypatch.setattr(trainers.cli, "cpu_has_native_bf16", lambda: False)
+    config = {
+        "trainer": {"accelerator": "cpu", "max_steps": 1, "default_root_dir": str(tmp_path), "logger": False,
+                    "enable_model_summary": False, "enable_checkpointing": False, "limit_val_batches": 0},
+        "model": {"class_path": "trainers.unified.UnifiedModule",
+                  "init_args": {"tokenizer_dir": tok_dir, "preset": "tiny", "warmup_steps": 1}},
+        "data": {"class_path": "test_trainers.TinyTokenData", "init_args": {"tokenizer_dir": tok_dir}},
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with caplog.at_level(logging.WARNING, logger="anygen.fit"):
+        assert cli_fit(["--config", str(path)]) == 0
+    assert not [r for r in caplog.records if r.name == "anygen.fit"]  # fp32: nothing to say
+    with caplog.at_level(logging.WARNING, logger="anygen.fit"):
+        assert cli_fit(["--config", str(path), "--trainer.precision", "bf16-mixed"]) == 0
+    warned = [r.getMessage() for r in caplog.records if r.name == "anygen.fit"]
+    assert len(warned) == 1 and "bf16-mixed" in warned[0], warned

@@ -21,14 +21,44 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
 
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool | None:
+    """Whether the CPU computes bf16 natively (x86 ``avx512_bf16`` / ``amx_bf16``, Arm ``bf16``), from
+    ``/proc/cpuinfo`` (or the given text); None where that cannot be told (no such file)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return None
+    flags = {f for line in cpuinfo.splitlines() if line.split(":")[0].strip().lower() in ("flags", "features")
+             for f in line.split(":", 1)[-1].split()}
+    if not flags:
+        return None
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def bf16_cpu_warning(precision: object, accelerator: object, cuda: bool, native: bool | None) -> str | None:
+    """The warning for a bf16 run that will land on a CPU without native bf16 (emulated: session 14 measured
+    ``bench/train_step.py`` 18x slower than fp32 on such an AMD EPYC), else None."""
+    if not str(precision).startswith("bf16") or native is not False:
+        return None
+    if cuda and str(accelerator) in ("auto", "gpu", "cuda"):
+        return None
+    return (f"--trainer.precision {precision} on a CPU without native bf16 (no avx512_bf16 / amx_bf16 in "
+            "/proc/cpuinfo): torch emulates it (18x slower than 32-true on session 14's AMD EPYC; "
+            "bench/train_step.py times this machine); use --trainer.precision 32-true "
+            "(scripts/train_default.sh: leave PRECISION unset)")
+
+
 class AnyGenCLI(LightningCLI):
-    """``LightningCLI`` with anygen's defaults: weights-only checkpoint loading, TF32 matmuls on GPUs."""
+    """``LightningCLI`` with anygen's defaults: weights-only checkpoint loading, TF32 matmuls on GPUs, and a warning
+    when bf16 would run emulated on a CPU."""
 
     def before_instantiate_classes(self) -> None:
         # --ckpt_path is read with torch.load(weights_only=True): tensors and plain values, never arbitrary pickles
@@ -37,6 +67,11 @@ class AnyGenCLI(LightningCLI):
             config["weights_only"] = True
         if torch.cuda.is_available():
             torch.set_float32_matmul_precision("high")
+        trainer = config.get("trainer") or {}
+        warning = bf16_cpu_warning(trainer.get("precision"), trainer.get("accelerator", "auto"),
+                                   torch.cuda.is_available(), cpu_has_native_bf16())
+        if warning:
+            logging.getLogger("anygen.fit").warning(warning)
 
 
 def run_cli(subcommand: str, argv: Sequence[str] | None = None, **kwargs) -> AnyGenCLI:
