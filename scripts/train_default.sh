@@ -28,7 +28,8 @@
 #     "--data.init_args.seed 1": another split and shuffle of the same documents, so a further CONTINUE=1 stage from
 #     a model this recipe made does not replay the batches its own stage drew
 #   PRECISION [the YAMLs': 32-true]: Lightning's --trainer.precision for every fit, e.g. bf16-mixed (GPUs; CPUs with
-#     AMX or AVX512-BF16 run it ~1.5x faster too: bench/train_step.py)
+#     AMX or AVX512-BF16 run it ~1.5x faster too; a CPU without them emulates it, ~18x slower, and anygen fit warns:
+#     bench/train_step.py)
 #   SHIP [0]: 1 copies the exported model and its eval.json into anygen/assets/default/
 #   GRID [8]: image tokens per side of a 64 px image. 8: configs/default/image_tokenizer.yaml, unified.yaml; 16
 #     trains the 4x image tokenizer (image_tokenizer_4x.yaml: shapes survive its round trip) and a model with rows
