@@ -870,20 +870,26 @@ def test_the_cli_prints_anygen_info_lines_once(anygen_logger, capsys):
     assert capsys.readouterr().err.count("mixture of shards: shapes/t2i x1") == 1
 
 
-def test_cli_fit_saves_config_checkpoints_and_resumes(tok_dir, tmp_path, capsys, anygen_logger):
-    root = tmp_path / "run"
+def _tiny_fit_config(tok_dir: str, path: Path, **trainer) -> Path:
+    """A YAML at ``path`` for ``anygen fit``: the tiny unified model on ``TinyTokenData``, CPU, no logger;
+    ``trainer`` adds or overrides trainer arguments."""
     config = {
         "seed_everything": 0,
-        "trainer": {"accelerator": "cpu", "max_steps": 2, "default_root_dir": str(root), "logger": False,
-                    "enable_model_summary": False, "limit_val_batches": 1,
-                    "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                                   "init_args": {"dirpath": str(root / "checkpoints"), "save_last": True}}]},
+        "trainer": {"accelerator": "cpu", "logger": False, "enable_model_summary": False, **trainer},
         "model": {"class_path": "trainers.unified.UnifiedModule",
                   "init_args": {"tokenizer_dir": tok_dir, "preset": "tiny", "warmup_steps": 1}},
         "data": {"class_path": "test_trainers.TinyTokenData", "init_args": {"tokenizer_dir": tok_dir}},
     }
-    path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_cli_fit_saves_config_checkpoints_and_resumes(tok_dir, tmp_path, capsys, anygen_logger):
+    root = tmp_path / "run"
+    path = _tiny_fit_config(tok_dir, tmp_path / "config.yaml", max_steps=2, default_root_dir=str(root),
+                            limit_val_batches=1,
+                            callbacks=[{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                                        "init_args": {"dirpath": str(root / "checkpoints"), "save_last": True}}])
 
     with pytest.raises(SystemExit) as exit_info:
         cli_fit(["--config", str(path), "--trainer.max_steps", "7", "--print_config"])
@@ -928,15 +934,8 @@ def test_cli_fit_warns_before_an_emulated_bf16_run(tok_dir, tmp_path, monkeypatc
     import trainers.cli
 
     monkeypatch.setattr(trainers.cli, "cpu_has_native_bf16", lambda: False)
-    config = {
-        "trainer": {"accelerator": "cpu", "max_steps": 1, "default_root_dir": str(tmp_path), "logger": False,
-                    "enable_model_summary": False, "enable_checkpointing": False, "limit_val_batches": 0},
-        "model": {"class_path": "trainers.unified.UnifiedModule",
-                  "init_args": {"tokenizer_dir": tok_dir, "preset": "tiny", "warmup_steps": 1}},
-        "data": {"class_path": "test_trainers.TinyTokenData", "init_args": {"tokenizer_dir": tok_dir}},
-    }
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path = _tiny_fit_config(tok_dir, tmp_path / "config.yaml", max_steps=1, default_root_dir=str(tmp_path),
+                            enable_checkpointing=False, limit_val_batches=0)
     with caplog.at_level(logging.WARNING, logger="anygen.fit"):
         assert cli_fit(["--config", str(path)]) == 0
     assert not [r for r in caplog.records if r.name == "anygen.fit"]  # fp32: nothing to say
