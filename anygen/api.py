@@ -12,6 +12,8 @@ Checkpoint directory (safetensors only; nothing here ever unpickles)::
     text_tokenizer.json           byte-level BPE
     image_tokenizer.safetensors   image VQ weights + config in the metadata
     video_tokenizer.safetensors   video VQ weights + config in the metadata
+    generation_config.json        optional: the sampling this checkpoint is generated with by default
+                                  ({"text" | "image" | "video": SamplingConfig fields}; ``SamplingDefaults``)
 
 Imported checkpoints: ``from_pretrained`` also accepts a Janus / Emu3 / Chameleon directory in
 Hugging Face layout and converts it in memory (``anygen.convert``); a directory written by
@@ -37,13 +39,7 @@ from safetensors.torch import save_file
 
 from anygen.config import AnyGenConfig
 from anygen.generation.events import Event, RowDone
-from anygen.generation.generator import (
-    DEFAULT_IMAGE,
-    DEFAULT_TEXT,
-    DEFAULT_VIDEO,
-    GenerationSettings,
-    Generator,
-)
+from anygen.generation.generator import GenerationSettings, Generator, SamplingDefaults
 from anygen.generation.sampling import SamplingConfig
 from anygen.model import AnyGenModel
 from tokenizers_mm.multimodal import TOKENIZER_CONFIG, MultimodalTokenizer, TokenSequence
@@ -52,6 +48,7 @@ from tokenizers_mm.vocab import Vocab
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+GENERATION_CONFIG_FILE = "generation_config.json"
 FORMAT = "anygen"
 
 Prompt = str | Segment | PIL.Image.Image | Sequence[Any]
@@ -95,12 +92,16 @@ class AnyGen:
         fast: the fast decode loop (default); False runs the plain reference loop (same greedy tokens).
         compile: ``torch.compile`` the fast decode step; None (default) compiles on CUDA only
             (``Generator``, ``docs/speed.md``).
+        sampling_defaults: the sampling a call that sets none gets, per modality; None: the library's
+            (``DEFAULT_TEXT`` / ``DEFAULT_IMAGE`` / ``DEFAULT_VIDEO``). ``from_pretrained`` reads a checkpoint's
+            ``generation_config.json`` into it and ``save_pretrained`` writes it.
     """
 
     def __init__(self, model: AnyGenModel, tokenizer: MultimodalTokenizer, *, fast: bool = True,
-                 compile: bool | None = None) -> None:
+                 compile: bool | None = None, sampling_defaults: SamplingDefaults | None = None) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
+        self.sampling_defaults = sampling_defaults or SamplingDefaults()
         self.decoding = {"fast": fast, "compile": compile}
         self.generator = Generator(model, tokenizer, **self.decoding)
         self._lock = threading.Lock()
@@ -141,6 +142,7 @@ class AnyGen:
             state = {k: v for k, v in state.items() if not k.startswith("head.")}
         save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": FORMAT})
         self.tokenizer.save(directory)
+        (directory / GENERATION_CONFIG_FILE).write_text(json.dumps(self.sampling_defaults.to_dict(), indent=2))
         return directory
 
     @classmethod
@@ -186,7 +188,7 @@ class AnyGen:
                              f"tokenizer files give {tokenizer.vocab.to_dict()}")
         model = AnyGenModel(config)
         _load_weights(model, directory / WEIGHTS_FILE)
-        engine = cls(model, tokenizer, fast=fast, compile=compile)
+        engine = cls(model, tokenizer, fast=fast, compile=compile, sampling_defaults=read_sampling_defaults(directory))
         if (directory / "imported_from.json").is_file():
             from anygen.convert import read_id_map
 
@@ -219,9 +221,9 @@ class AnyGen:
                   seed, preview_every) -> GenerationSettings:
         return GenerationSettings(
             max_new_tokens=max_new_tokens,
-            text=SamplingConfig.coerce(text, "text", DEFAULT_TEXT),
-            image=SamplingConfig.coerce(image, "image", DEFAULT_IMAGE),
-            video=SamplingConfig.coerce(video, "video", DEFAULT_VIDEO),
+            text=SamplingConfig.coerce(text, "text", self.sampling_defaults.text),
+            image=SamplingConfig.coerce(image, "image", self.sampling_defaults.image),
+            video=SamplingConfig.coerce(video, "video", self.sampling_defaults.video),
             image_size=tuple(image_size) if image_size is not None else self._default_image_size(start_with),
             video_size=tuple(video_size) if video_size is not None else None,
             start_with=start_with,
@@ -269,7 +271,8 @@ class AnyGen:
                 such prompts).
             max_new_tokens: most ids generated per prompt.
             text / image / video: sampling per modality, a ``SamplingConfig`` or a dict of its fields
-                (``temperature``, ``top_k``, ``top_p``, ``guidance_scale``).
+                (``temperature``, ``top_k``, ``top_p``, ``guidance_scale``); what is left out comes from
+                ``sampling_defaults`` (the checkpoint's ``generation_config.json``, else the library's).
             image_size: ``(h, w)`` in tokens for generated images; None lets the model choose, except that
                 ``start_with="image"`` then draws at the size the tokenizer was built for (``tokenizer.image_grid``).
             video_size: ``(t, h, w)`` in tokens for generated videos.
@@ -315,6 +318,22 @@ class AnyGen:
             finally:
                 self.model.release_cache()
         return [GenerationOutput(e.segments, e.ids, e.reason) for e in sorted(done, key=lambda e: e.row)]
+
+
+def read_sampling_defaults(directory: Path) -> SamplingDefaults:
+    """A checkpoint's ``generation_config.json`` (``SamplingDefaults``), or the library's when it has none.
+
+    Raises:
+        ValueError: the file is not valid JSON, or names an unknown modality / field or a value out of range.
+    """
+    path = directory / GENERATION_CONFIG_FILE
+    if not path.is_file():
+        return SamplingDefaults()
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
+    return SamplingDefaults.from_dict(data, str(path))
 
 
 def _is_hf_directory(directory: Path) -> bool:

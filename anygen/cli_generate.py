@@ -15,9 +15,9 @@ from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
 
+from anygen.generation.generator import MODALITIES
 from anygen.generation.sampling import SamplingConfig
 
-MODALITIES = ("text", "image", "video")
 DEFAULT_CHECKPOINT_HINT = "pass --checkpoint DIR (a directory written by save_pretrained / anygen export)"
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "default"  # the shipped default model
 
@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     for m in MODALITIES:
         for f in fields(SamplingConfig):
             p.add_argument(f"--{m}-{f.name.replace('_', '-')}", type=type(f.default), default=None,
-                           dest=f"{m}_{f.name}", help=f"{m} sampling: {f.name}")
+                           dest=f"{m}_{f.name}",
+                           help=f"{m} sampling: {f.name} (default: the checkpoint's generation_config.json)")
     return p
 
 

@@ -114,11 +114,17 @@ class ChatOptions:
 
     @classmethod
     def for_engine(cls, engine: AnyGen) -> ChatOptions:
-        """Defaults that fit the engine's vocabulary and context."""
+        """Defaults that fit the engine's vocabulary and context, sampled as its checkpoint asks
+        (``engine.sampling_defaults``: its ``generation_config.json``, else the library's)."""
         v, ctx = engine.tokenizer.vocab, engine.config.max_seq_len
         side = min(16, v.max_height, v.max_width)
+        d = engine.sampling_defaults
         return cls(image_side=side, video_frames=min(2, v.max_frames), video_side=min(4, v.max_height, v.max_width),
-                   max_new_tokens=min(512, ctx), preview_every=max(1, side // 4))
+                   max_new_tokens=min(512, ctx), preview_every=max(1, side // 4),
+                   text_temperature=d.text.temperature, text_top_k=d.text.top_k, text_top_p=d.text.top_p,
+                   image_temperature=d.image.temperature, image_top_k=d.image.top_k,
+                   image_guidance=d.image.guidance_scale, video_temperature=d.video.temperature,
+                   video_top_k=d.video.top_k, video_guidance=d.video.guidance_scale)
 
     @classmethod
     def from_values(cls, values: dict[str, Any]) -> ChatOptions:

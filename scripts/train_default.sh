@@ -217,7 +217,8 @@ log "eval -> $RUNS/eval"
 $ANYGEN eval --checkpoint "$MODEL" --out "$RUNS/eval" --num "$EVAL_NUM" | tee "$RUNS/logs/eval.log"
 if [[ "${SHIP:-0}" == 1 ]]; then
   rm -rf anygen/assets/default && mkdir -p anygen/assets/default
-  cp "$MODEL"/{config.json,model.safetensors,tokenizer_config.json,text_tokenizer.json} anygen/assets/default/
+  cp "$MODEL"/{config.json,model.safetensors,tokenizer_config.json,text_tokenizer.json,generation_config.json} \
+      anygen/assets/default/
   cp "$MODEL"/{image_tokenizer.safetensors,video_tokenizer.safetensors} anygen/assets/default/
   cp "$RUNS/eval/eval.json" anygen/assets/default/eval.json
   log "shipped: $(du -sh anygen/assets/default | cut -f1) in anygen/assets/default"

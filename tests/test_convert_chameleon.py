@@ -13,6 +13,7 @@ import torch
 
 from anygen import AnyGen
 from anygen.convert.tiny import save_tiny_chameleon
+from anygen.generation.generator import SamplingDefaults
 from anygen.generation.grammar import M_TEXT
 from tokenizers_mm.hf_adapters import HFTextTokenizer
 from tokenizers_mm.segments import Image
@@ -120,3 +121,7 @@ def test_vq_adapter_encodes_like_transformers(pair):
     with torch.no_grad():
         expected = ref.model.vqmodel.encode(pixels).image_tokens.view(2, 8, 8)
     assert torch.equal(engine.tokenizer.image.encode(pixels), expected)
+
+
+def test_no_published_sampling_means_the_library_defaults(pair):
+    assert pair[3].sampling_defaults == SamplingDefaults()  # Chameleon / Anole publish no image settings

@@ -14,6 +14,7 @@ from anygen import AnyGen
 from anygen.convert import main
 from anygen.convert.tiny import save_tiny_emu3
 from anygen.generation.grammar import M_TEXT
+from anygen.generation.sampling import SamplingConfig
 from tokenizers_mm.segments import Image
 
 transformers = pytest.importorskip("transformers")
@@ -126,6 +127,9 @@ def test_convert_cli_and_vq_adapter(pair, tmp_path):
     again = AnyGen.from_pretrained(tmp_path / "out")
     ids = engine.encode_prompt(PROMPT).ids[None]
     assert torch.equal(again.model(ids), engine.model(ids))
+    # Emu3-Gen's published image sampling (top-k 2048, CFG 3), in memory and in generation_config.json
+    assert engine.sampling_defaults.image == SamplingConfig(temperature=1.0, top_k=2048, guidance_scale=3.0)
+    assert again.sampling_defaults == engine.sampling_defaults
     pixels = torch.rand(2, 3, 16, 8) * 2 - 1
     with torch.no_grad():
         expected = torch.stack(list(ref.model.vqmodel.encode(pixels, torch.tensor([[16, 8]] * 2)).image_tokens))

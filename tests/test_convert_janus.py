@@ -15,6 +15,7 @@ from anygen import AnyGen
 from anygen.convert import main, read_id_map
 from anygen.convert.tiny import save_tiny_janus
 from anygen.generation.grammar import M_TEXT
+from anygen.generation.sampling import SamplingConfig
 
 transformers = pytest.importorskip("transformers")
 TOL = 1e-4
@@ -145,6 +146,9 @@ def test_convert_cli_writes_a_checkpoint_that_loads(pair, tmp_path, capsys):
     assert "janus:" in printed and "wrote" in printed and "peak memory" in printed
     again = AnyGen.from_pretrained(tmp_path / "out")
     assert again.id_map.to_dict() == read_id_map(tmp_path / "out").to_dict() == engine.id_map.to_dict()
+    # Janus-Pro's published image sampling (temperature 1, CFG 5), in memory and in generation_config.json
+    assert engine.sampling_defaults.image == SamplingConfig(temperature=1.0, guidance_scale=5.0)
+    assert again.sampling_defaults == engine.sampling_defaults
     ids = engine.encode_prompt(PROMPT).ids[None]
     assert torch.equal(again.model(ids), engine.model(ids))
     pixels = torch.rand(2, 3, 8, 8) * 2 - 1

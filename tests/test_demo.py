@@ -18,6 +18,8 @@ gr = pytest.importorskip("gradio")
 gradio_client = pytest.importorskip("gradio_client")
 
 from anygen.api import AnyGen  # noqa: E402
+from anygen.generation.generator import SamplingDefaults  # noqa: E402
+from anygen.generation.sampling import SamplingConfig  # noqa: E402
 from anygen.testing import random_engine  # noqa: E402
 from demo import app  # noqa: E402
 from demo.app import RANDOM_NOTICE, ChatOptions, ChatRunner, Conversation, build_demo  # noqa: E402
@@ -85,6 +87,18 @@ def test_importing_builds_and_launches_nothing():
 @pytest.mark.parametrize("aspect, expected", [("1:1", (8, 8)), ("16:9", (4, 8)), ("3:4", (8, 6)), ("auto", None)])
 def test_image_size_follows_aspect(aspect, expected):
     assert ChatOptions(image_side=8, aspect=aspect).image_size(16, 16) == expected
+
+
+def test_controls_start_at_the_checkpoint_sampling(engine):
+    tuned = AnyGen(engine.model, engine.tokenizer, sampling_defaults=SamplingDefaults(
+        image=SamplingConfig(temperature=0.3, top_k=7, guidance_scale=4.5),
+        video=SamplingConfig(temperature=0.9, guidance_scale=2.0)))
+    options = ChatOptions.for_engine(tuned)
+    assert (options.image_temperature, options.image_top_k, options.image_guidance) == (0.3, 7, 4.5)
+    assert (options.video_temperature, options.video_guidance) == (0.9, 2.0)
+    settings = options.settings(tuned)
+    assert settings.image == SamplingConfig(temperature=0.3, top_k=7, guidance_scale=4.5)
+    assert settings.text == SamplingDefaults().text
 
 
 def test_conversation_is_kept_as_tokens_and_images_are_not_reencoded(engine, tmp_path, monkeypatch):

@@ -8,8 +8,11 @@ import pytest
 import torch
 
 from anygen import AnyGen, Understand
+from anygen.eval.harness import eval_sampling
 from anygen.generation.events import ImageDone, ImageRows, ImageStarted, RowDone, TextDelta, VideoFrameDone
+from anygen.generation.generator import DEFAULT_IMAGE, DEFAULT_TEXT, DEFAULT_VIDEO, SamplingDefaults
 from anygen.generation.grammar import TEXT, Grammar, GrammarState
+from anygen.generation.sampling import SamplingConfig
 from anygen.testing import random_engine
 from tokenizers_mm.segments import Image, Text, Video
 
@@ -207,6 +210,43 @@ def test_save_load_same_logits_and_tokens(engine, tmp_path):
     assert torch.equal(engine.model(ids), again.model(ids))
     kwargs = dict(max_new_tokens=20, seed=3, start_with="image", image_size=(2, 2))
     assert torch.equal(engine.generate("x", **kwargs).ids, again.generate("x", **kwargs).ids)
+
+
+def test_checkpoint_generation_config_sets_the_default_sampling(engine, tmp_path):
+    engine.save_pretrained(tmp_path)
+    assert AnyGen.from_pretrained(tmp_path).sampling_defaults == SamplingDefaults()  # written, the library's
+    (tmp_path / "generation_config.json").write_text(json.dumps({"image": {"temperature": 0.0,
+                                                                            "guidance_scale": 1.0}}))
+    tuned = AnyGen.from_pretrained(tmp_path)
+    assert tuned.sampling_defaults.image == SamplingConfig(temperature=0.0, guidance_scale=1.0)
+    assert tuned.sampling_defaults.text == DEFAULT_TEXT and tuned.sampling_defaults.video == DEFAULT_VIDEO
+    kwargs = dict(max_new_tokens=30, start_with="image", image_size=(3, 3), max_images=1)  # the image alone
+    greedy = engine.generate("x", image=GREEDY_NO_CFG, **kwargs).ids
+    # the checkpoint's settings apply when the call sets none, whatever the seed; a call's own settings win
+    assert torch.equal(tuned.generate("x", seed=1, **kwargs).ids, greedy)
+    assert torch.equal(tuned.generate("x", seed=2, **kwargs).ids, greedy)
+    sampled = [tuned.generate("x", seed=s, image={"temperature": 1.0}, **kwargs).ids for s in range(4)]
+    assert any(not torch.equal(ids, greedy) for ids in sampled)
+    tuned.save_pretrained(tmp_path / "again")
+    assert AnyGen.from_pretrained(tmp_path / "again").sampling_defaults == tuned.sampling_defaults
+    assert eval_sampling(defaults=tuned.sampling_defaults)["image"]["temperature"] == 0.0
+    assert eval_sampling()["image"]["temperature"] == DEFAULT_IMAGE.temperature
+
+
+@pytest.mark.parametrize("content, match", [
+    ("{oops", "not valid JSON"),
+    ("[1, 2]", "must be a JSON object"),
+    ('{"audio": {}}', r"unknown modality \['audio'\]"),
+    ('{"image": {"temprature": 1}}', r"unknown image sampling option\(s\) \['temprature'\]"),
+    ('{"image": {"temperature": -1}}', "temperature must be a number >= 0"),
+    ('{"text": 3}', "must be a SamplingConfig or a dict"),
+])
+def test_bad_generation_config_is_refused_by_name(engine, tmp_path, content, match):
+    engine.save_pretrained(tmp_path)
+    (tmp_path / "generation_config.json").write_text(content)
+    with pytest.raises(ValueError, match=match) as err:
+        AnyGen.from_pretrained(tmp_path)
+    assert "generation_config.json" in str(err.value)
 
 
 def test_checkpoint_errors(engine, tmp_path):

@@ -23,6 +23,10 @@ so the grammar writes exactly the reference's ids: Janus and Chameleon images ha
 and no row ends; Emu3's carry its ``"H*W<|image token|>"`` header, row ends and a frame end. The
 permutation is saved as ``imported_from.json`` next to the checkpoint (``IdMap.from_dict``), so
 reference ids can be translated (``to_anygen``) when comparing with the reference.
+
+Sampling: an importer records its reference's published image settings (``Imported.sampling``): Janus-Pro
+temperature 1 with guidance 5, Emu3-Gen top-k 2048 with guidance 3; Chameleon / Anole publish none, so the
+library's apply. ``save_pretrained`` writes them to ``generation_config.json``.
 """
 
 from __future__ import annotations
@@ -103,7 +107,8 @@ def load(directory: str | Path, family: str | None = None, *, dtype: torch.dtype
         log: called with progress lines (e.g. ``print``).
     """
     imported = import_checkpoint(directory, family, log=log)
-    engine = build_engine(imported.config, imported.state, imported.tokenizer, imported.sources, dtype=dtype)
+    engine = build_engine(imported.config, imported.state, imported.tokenizer, imported.sources, dtype=dtype,
+                          sampling_defaults=imported.sampling)
     engine.id_map = imported.id_map  # reference <-> anygen ids, for comparisons with the reference
     return engine
 
@@ -113,7 +118,8 @@ def convert(src: str | Path, out: str | Path, family: str | None = None, *, dtyp
     """Convert ``src`` (Hugging Face layout) into an anygen checkpoint directory ``out``; returns ``out``."""
     timer = Timer(log)
     imported = import_checkpoint(src, family, log=log)
-    engine = build_engine(imported.config, imported.state, imported.tokenizer, imported.sources, dtype=dtype)
+    engine = build_engine(imported.config, imported.state, imported.tokenizer, imported.sources, dtype=dtype,
+                          sampling_defaults=imported.sampling)
     del imported.state
     n = engine.model.num_parameters()
     timer(f"built the anygen model: {n / 1e6:.1f}M parameters, {next(engine.model.parameters()).dtype}")

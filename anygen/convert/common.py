@@ -321,7 +321,7 @@ def decoder_state(ckpt: HFCheckpoint, prefix: str, n_layer: int, *, qk_norm: boo
 
 
 def build_engine(config: AnyGenConfig, state: dict[str, Tensor], tokenizer, sources: dict[str, str], *,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, sampling_defaults=None):
     """An ``AnyGen`` holding ``state`` without a second copy: the model is built on the meta device, then filled.
 
     Raises:
@@ -347,7 +347,7 @@ def build_engine(config: AnyGenConfig, state: dict[str, Tensor], tokenizer, sour
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     model.load_state_dict(state, assign=True, strict=True)
     _materialize_buffers(model)
-    return AnyGen(model, tokenizer)
+    return AnyGen(model, tokenizer, sampling_defaults=sampling_defaults)
 
 
 def _materialize_buffers(model: torch.nn.Module) -> None:
@@ -410,3 +410,4 @@ class Imported:
     sources: dict[str, str]  # anygen tensor name -> the reference tensor it came from (for error messages)
     tokenizer: Any  # MultimodalTokenizer
     id_map: IdMap
+    sampling: Any = None  # SamplingDefaults: the reference's published settings; None: the library's

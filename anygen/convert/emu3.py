@@ -31,6 +31,8 @@ from anygen.convert.common import (
     pixel_affine,
     token_id,
 )
+from anygen.generation.generator import SamplingDefaults
+from anygen.generation.sampling import SamplingConfig
 from tokenizers_mm.hf_adapters import HFImageTokenizer, HFTextTokenizer
 from tokenizers_mm.layout import ImageLayout
 from tokenizers_mm.multimodal import MultimodalTokenizer
@@ -94,4 +96,6 @@ def load(ckpt: HFCheckpoint, timer: Timer) -> Imported:
         layout=ImageLayout(size_tokens=False, header="{h}*{w}" + wrapper, row_end=True, frame_end=True,
                            default_size=default),
     )
-    return Imported(config, state, sources, tokenizer, id_map)
+    # the reference's published image sampling (Emu3-Gen's model card: top_k 2048, classifier-free guidance 3)
+    sampling = SamplingDefaults(image=SamplingConfig(temperature=1.0, top_k=2048, guidance_scale=3.0))
+    return Imported(config, state, sources, tokenizer, id_map, sampling)

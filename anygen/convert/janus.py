@@ -37,6 +37,8 @@ from anygen.convert.common import (
     siglip_state,
     token_id,
 )
+from anygen.generation.generator import SamplingDefaults
+from anygen.generation.sampling import SamplingConfig
 from tokenizers_mm.hf_adapters import HFImageTokenizer, HFTextTokenizer
 from tokenizers_mm.layout import ImageLayout
 from tokenizers_mm.multimodal import MultimodalTokenizer
@@ -115,7 +117,9 @@ def load(ckpt: HFCheckpoint, timer: Timer) -> Imported:
         max_height=side, max_width=side, max_frames=1,
         layout=ImageLayout(size_tokens=False, row_end=False, default_size=(side, side), guidance="masked"),
     )
-    return Imported(config, state, sources, tokenizer, id_map)
+    # the reference's published image sampling (Janus-Pro's generation_inference.py: temperature 1, cfg_weight 5)
+    sampling = SamplingDefaults(image=SamplingConfig(temperature=1.0, guidance_scale=5.0))
+    return Imported(config, state, sources, tokenizer, id_map, sampling)
 
 
 def _check_janus(vision: dict[str, Any], vq: dict[str, Any], d: int) -> None:

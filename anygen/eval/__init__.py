@@ -48,14 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="held-out fraction the shapes data was written with (default 0.1)")
     p.add_argument("--data-seed", type=int, default=0, help="seed the shapes data was written with (default 0)")
     p.add_argument("--temperature", type=float, default=None,
-                   help="image sampling temperature (default: the engine's, 0.5)")
+                   help="image sampling temperature (default: the checkpoint's; the library's 0.5)")
     p.add_argument("--video-temperature", type=float, default=None,
-                   help="video sampling temperature (default: the engine's, 0.7)")
+                   help="video sampling temperature (default: the checkpoint's; the library's 0.7)")
     p.add_argument("--top-k", type=int, default=0, help="image / video top-k (default 0: off)")
     p.add_argument("--guidance-scale", type=float, default=None,
-                   help="image CFG scale (default: the engine's, 3)")
+                   help="image CFG scale (default: the checkpoint's; the library's 3)")
     p.add_argument("--video-guidance-scale", type=float, default=None,
-                   help="video CFG scale (default: the engine's, 1: guidance hurts held-out motions)")
+                   help="video CFG scale (default: the checkpoint's; the library's 1: guidance hurts held-out motions)")
     p.add_argument("--no-images", action="store_true", help="do not write the generated images")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     return p
@@ -90,7 +90,8 @@ def _run(args: argparse.Namespace) -> int:
     ctx = EvalContext(engine, num=args.num, seed=args.seed, batch_size=args.batch_size, holdout=args.holdout,
                       data_seed=args.data_seed,
                       sampling=eval_sampling(args.temperature, args.top_k, args.guidance_scale,
-                                             args.video_guidance_scale, args.video_temperature),
+                                             args.video_guidance_scale, args.video_temperature,
+                                             engine.sampling_defaults),
                       keep_images=None if args.no_images else keep)
 
     def progress(result) -> None:

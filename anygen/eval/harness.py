@@ -47,7 +47,7 @@ from anygen.data.shapes import (
     sample_scene,
 )
 from anygen.eval.detect import detect_objects, motion_direction
-from anygen.generation.generator import DEFAULT_IMAGE, DEFAULT_VIDEO
+from anygen.generation.generator import SamplingDefaults
 from tokenizers_mm.segments import Image, Understand
 
 # the issue's targets (fraction correct, on the category's headline metric)
@@ -57,19 +57,21 @@ CATEGORIES: tuple[str, ...] = ("t2i_single", "t2i_pair", "caption", "video", "di
 
 
 def eval_sampling(temperature: float | None = None, top_k: int = 0, guidance_scale: float | None = None,
-                  video_guidance_scale: float | None = None, video_temperature: float | None = None
-                  ) -> dict[str, Any]:
+                  video_guidance_scale: float | None = None, video_temperature: float | None = None,
+                  defaults: SamplingDefaults | None = None) -> dict[str, Any]:
     """``generate`` sampling arguments of an evaluation: greedy text; images and video with the same top-k, their
-    temperatures and guidance scales defaulting to the engine's own (``DEFAULT_IMAGE``: temperature 0.5, guidance 3;
-    ``DEFAULT_VIDEO``: temperature 0.7, guidance 1)."""
+    temperatures and guidance scales defaulting to the engine's own (``defaults``: the checkpoint's
+    ``generation_config.json``; None: the library's, ``DEFAULT_IMAGE`` temperature 0.5, guidance 3 and
+    ``DEFAULT_VIDEO`` temperature 0.7, guidance 1)."""
+    defaults = defaults or SamplingDefaults()
 
     def pick(value: float | None, default: float) -> float:
         return default if value is None else value
 
-    image = {"temperature": pick(temperature, DEFAULT_IMAGE.temperature), "top_k": top_k,
-             "guidance_scale": pick(guidance_scale, DEFAULT_IMAGE.guidance_scale)}
-    video = {"temperature": pick(video_temperature, DEFAULT_VIDEO.temperature), "top_k": top_k,
-             "guidance_scale": pick(video_guidance_scale, DEFAULT_VIDEO.guidance_scale)}
+    image = {"temperature": pick(temperature, defaults.image.temperature), "top_k": top_k,
+             "guidance_scale": pick(guidance_scale, defaults.image.guidance_scale)}
+    video = {"temperature": pick(video_temperature, defaults.video.temperature), "top_k": top_k,
+             "guidance_scale": pick(video_guidance_scale, defaults.video.guidance_scale)}
     return {"text": {"temperature": 0.0}, "image": image, "video": video}
 
 

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 import torch
@@ -67,6 +67,7 @@ from anygen.model import AnyGenModel, Head
 from tokenizers_mm.multimodal import MultimodalTokenizer, TokenSequence
 from tokenizers_mm.segments import Image, Segment, Text, Video
 
+MODALITIES: tuple[str, ...] = ("text", "image", "video")  # each has its own SamplingConfig
 DEFAULT_TEXT = SamplingConfig(temperature=0.8, top_k=0, top_p=0.95)
 # images at temperature 0.5 (session 14, anygen eval, the shipped model, seeds 0-2, guidance 3): one object 79.2 % and
 # digits 93.3 % against 65.3 / 88.3 % at 1 (0.7: 77.2 / 92.5; 0.3: 76.4 / 91.7); guidance 2 draws single objects
@@ -77,6 +78,44 @@ DEFAULT_IMAGE = SamplingConfig(temperature=0.5, top_k=0, top_p=1.0, guidance_sca
 # while images need it (t2i 65 % at 3, 47 % at 1). Temperature 0.7 (session 11, same prompts, seeds 0-2): 62.5 / 70 /
 # 72.5 % against 55 / 57.5 / 65 % at 1 and 65 / 57.5 / 65 % at 0.5
 DEFAULT_VIDEO = SamplingConfig(temperature=0.7, top_k=0, top_p=1.0, guidance_scale=1.0)
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """The sampling a checkpoint is generated with when a call sets none: one ``SamplingConfig`` per modality.
+
+    The library's own (``DEFAULT_TEXT`` / ``DEFAULT_IMAGE`` / ``DEFAULT_VIDEO``, tuned on the shipped default
+    model) apply unless a checkpoint carries others (``generation_config.json``, written by ``save_pretrained``;
+    importers record their reference's published settings), in the spirit of Hugging Face's ``GenerationConfig``.
+    """
+
+    text: SamplingConfig = field(default_factory=lambda: DEFAULT_TEXT)
+    image: SamplingConfig = field(default_factory=lambda: DEFAULT_IMAGE)
+    video: SamplingConfig = field(default_factory=lambda: DEFAULT_VIDEO)
+
+    def to_dict(self) -> dict[str, dict]:
+        return {m: asdict(getattr(self, m)) for m in MODALITIES}
+
+    @classmethod
+    def from_dict(cls, data: object, source: str = "generation config") -> SamplingDefaults:
+        """Read ``{"text": {...}, "image": {...}, "video": {...}}``; a modality or field left out keeps the
+        library default.
+
+        Raises:
+            ValueError: not an object, an unknown modality or field, or a value out of range (named, with
+                ``source``).
+        """
+        if not isinstance(data, dict):
+            raise ValueError(f"{source} must be a JSON object with keys among {list(MODALITIES)}, "
+                             f"got {type(data).__name__}")
+        unknown = sorted(set(data) - set(MODALITIES))
+        if unknown:
+            raise ValueError(f"{source}: unknown modality {unknown}; accepted: {list(MODALITIES)}")
+        base = cls()
+        try:
+            return cls(**{m: SamplingConfig.coerce(data.get(m), m, getattr(base, m)) for m in MODALITIES})
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{source}: {err}") from err
 _HEADS: dict[int, Head | None] = {NEED_NONE: None, NEED_IMAGE: "image", NEED_VIDEO: "video", NEED_ALL: "all"}
 
 
