@@ -80,6 +80,13 @@ class AnyGenConfig:
     # zero at init, so a model without them loads with them and starts out unchanged): 1D RoPE alone makes the
     # model find a code's column by counting back to the last <|eol|>. Needs anygen's own layout (<|eol|> rows)
     image_grid_embed: bool = False
+    # 2D RoPE for image codes (LlamaGen's 2D rotary, Qwen2-VL's M-RoPE in spirit): the 2 * rope_grid highest-frequency
+    # rotary pairs turn an image code by its column (first rope_grid pairs) and its row (next rope_grid) at those
+    # pairs' own frequencies, instead of by its position; every other token, and every other pair, keeps 1D RoPE.
+    # A code then meets the code in the same cell of an earlier image at relative angle 0 in those pairs, whatever
+    # lies between: editing copies cell by cell. Within a row, neighbours keep their 1D angles. 0: off. Needs
+    # anygen's own layout (<|eol|> rows), as image_grid_embed does
+    rope_grid: int = 0
 
     # training
     z_loss_weight: float = 0.0  # weight of log(Z)^2 per target token (PaLM, Chameleon); 0 disables
@@ -94,7 +101,7 @@ class AnyGenConfig:
         for name in (*_VOCAB_FIELDS, "n_layer", "n_head", "n_kv_head", "d_model", "intermediate_size", "max_seq_len",
                      "und_image_size"):
             _check_positive_int(name, getattr(self, name))
-        for name in ("image_embed_dim", "image_head_dim"):
+        for name in ("image_embed_dim", "image_head_dim", "rope_grid"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"AnyGenConfig.{name} must be an int >= 0 (0: off), got {value!r}")
@@ -131,6 +138,9 @@ class AnyGenConfig:
                 f"AnyGenConfig.n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
         if self.head_dim % 2:
             raise ValueError(f"AnyGenConfig.d_model / n_head (head_dim {self.head_dim}) must be even for RoPE")
+        if 2 * self.rope_grid > self.head_dim // 2:
+            raise ValueError(f"AnyGenConfig.rope_grid ({self.rope_grid}) takes 2 * rope_grid of the head's "
+                             f"{self.head_dim // 2} rotary pairs: it must be <= {self.head_dim // 4}")
         self._check_und()
 
     def _check_und(self) -> None:

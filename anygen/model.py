@@ -27,6 +27,9 @@ Notable:
   (False = padding) and per-row positions (the count of real tokens before each one).
 - Id checks (``Vocab.check_ids``) and the ``<|und|>`` count check sync with the host, so they run in
   ``forward`` / ``prefill`` only, never in ``decode_step``.
+- Image codes can know their cell: ``image_grid_coords`` reads each code's ``(row, col)`` off the ``<|boi|>`` /
+  ``<|eol|>`` around it (the cache keeps its state per slot, so decode and chunked prefill continue it), for
+  learned row / column embeddings (``image_grid_embed``) and 2D rotary pairs (``rope_grid``).
 """
 
 from __future__ import annotations
@@ -81,14 +84,24 @@ class HeadNorm(nn.Module):
         return y if self.bias is None else y + self.bias[:, None, :]
 
 
-def rope_cos_sin(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
+def rope_cos_sin(positions: Tensor, head_dim: int, theta: float, grid: Tensor | None = None,
+                 grid_pairs: int = 0) -> tuple[Tensor, Tensor]:
     """Rotary tables at explicit positions: ``positions (B, T)`` -> cos, sin ``(B, 1, T, head_dim)``.
 
     Computed per call from the positions (no table buffer): a left-padded row simply starts at 0,
     and ``model.to(bfloat16)`` cannot round the frequencies.
+
+    ``grid (B, T, 2)``: the ``(row, col)`` of each image code, ``-1`` elsewhere (``image_grid_coords``). With
+    ``grid_pairs`` g > 0 an image code's first g rotary pairs (the highest frequencies) turn by its column and the
+    next g by its row, at the first g pairs' frequencies, instead of by its position (``AnyGenConfig.rope_grid``).
     """
     inv_freq = theta ** -(torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
     freqs = positions[..., None].float() * inv_freq  # (B, T, hd/2)
+    if grid_pairs and grid is not None:
+        g = grid_pairs
+        planar = torch.cat([grid[..., 1:].float() * inv_freq[:g], grid[..., :1].float() * inv_freq[:g]], dim=-1)
+        is_code = grid[..., :1] >= 0  # (B, T, 1)
+        freqs = torch.cat([torch.where(is_code, planar, freqs[..., :2 * g]), freqs[..., 2 * g:]], dim=-1)
     angles = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, T, hd), broadcast over heads
     return angles.cos(), angles.sin()
 
@@ -283,6 +296,7 @@ class AnyGenModel(nn.Module):
         # image_grid_embed: a code's row and column, added to its embedding (zero at init: see _init_weights)
         self.grid_embed = nn.ModuleDict({"row": nn.Embedding(v.max_height, d), "col": nn.Embedding(v.max_width, d)}) \
             if config.image_grid_embed else None
+        self.tracks_grid = config.image_grid_embed or config.rope_grid > 0  # both read image_grid_coords
         self._init_weights()
         if config.tie_embeddings:
             for name in sizes:
@@ -290,8 +304,8 @@ class AnyGenModel(nn.Module):
         # static cache state, allocated by setup_cache
         self.register_buffer("cache_valid", None, persistent=False)  # (B, L) bool: slot holds a real token
         self.register_buffer("cache_slot_ids", None, persistent=False)  # (L,) arange, kept to avoid a per-step alloc
-        # image_grid_embed: (B, L, 2) the image_grid_coords state after the token in each slot (a rewritten slot,
-        # e.g. a rejected speculative draft, rewrites its state too)
+        # image_grid_embed / rope_grid: (B, L, 2) the image_grid_coords state after the token in each slot (a
+        # rewritten slot, e.g. a rejected speculative draft, rewrites its state too)
         self.register_buffer("cache_grid", None, persistent=False)
 
     def _init_weights(self) -> None:
@@ -370,16 +384,24 @@ class AnyGenModel(nn.Module):
         feats = self.und(und_pixels).to(x.dtype)  # (N, und_tokens, D)
         return x.masked_scatter(und_mask[..., None], feats)  # fills masked rows in row-major order
 
-    def _add_grid(self, x: Tensor, ids: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """``x`` plus the row and column embeddings at the image codes of ``ids``, and the states after each position
-        (``image_grid_coords``); ``x`` unchanged and None without ``image_grid_embed``."""
-        if self.grid_embed is None:
-            return x, None
+    def _add_grid(self, x: Tensor, ids: Tensor, state: Tensor | None = None
+                  ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """``x`` plus the row and column embeddings at the image codes of ``ids`` (``image_grid_embed``), the codes'
+        ``(row, col)`` and the states after each position (``image_grid_coords``); ``(x, None, None)`` for a model
+        that tracks no grid."""
+        if not self.tracks_grid:
+            return x, None, None
         v = self.vocab
         coords, after = image_grid_coords(ids, v, state)
-        grid = self.grid_embed["row"](coords[..., 0].clamp(0, v.max_height - 1)) \
-            + self.grid_embed["col"](coords[..., 1].clamp(0, v.max_width - 1))
-        return x + grid.to(x.dtype) * (coords[..., :1] >= 0), after  # nothing added where the id is no image code
+        if self.grid_embed is not None:
+            grid = self.grid_embed["row"](coords[..., 0].clamp(0, v.max_height - 1)) \
+                + self.grid_embed["col"](coords[..., 1].clamp(0, v.max_width - 1))
+            x = x + grid.to(x.dtype) * (coords[..., :1] >= 0)  # nothing added where the id is no image code
+        return x, coords, after
+
+    def _rope(self, positions: Tensor, coords: Tensor | None) -> tuple[Tensor, Tensor]:
+        c = self.config
+        return rope_cos_sin(positions, c.head_dim, c.rope_theta, coords, c.rope_grid)
 
     def _check_inputs(self, ids: Tensor, positions: Tensor | None, attention_mask: Tensor | None) -> None:
         if ids.ndim != 2 or ids.dtype not in (torch.int64, torch.int32):
@@ -415,8 +437,8 @@ class AnyGenModel(nn.Module):
                 starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
                 first = torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), dim=1).values
                 positions = idx - first
-        x, _ = self._add_grid(self._embed_with_und(ids, und_pixels), ids)  # (B, T, D)
-        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
+        x, coords, _ = self._add_grid(self._embed_with_und(ids, und_pixels), ids)  # (B, T, D)
+        cos, sin = self._rope(positions, coords)
         if attention_mask is None and document_ids is None:
             mask, is_causal = None, True  # lets SDPA pick its fused causal kernels
         else:
@@ -476,7 +498,7 @@ class AnyGenModel(nn.Module):
         self.cache_valid = torch.zeros(batch_size, max_seq_len, dtype=torch.bool, device=device)
         self.cache_slot_ids = torch.arange(max_seq_len, device=device)
         self.cache_grid = torch.zeros(batch_size, max_seq_len, 2, dtype=torch.long, device=device) \
-            if self.grid_embed is not None else None
+            if self.tracks_grid else None
 
     def reset_cache(self) -> None:
         """Forget every cached token (zeroes k/v and the valid mask) without reallocating."""
@@ -545,10 +567,11 @@ class AnyGenModel(nn.Module):
             positions = self.default_positions(ids, attention_mask) + before
         self.cache_valid[:, start:start + t] = attention_mask
         x = self._embed_with_und(ids, und_pixels)  # (B, T, D)
+        coords = None
         if self.cache_grid is not None:  # a chunk after cached slots continues the state of the slot before it
-            x, after = self._add_grid(x, ids, self.cache_grid[:, start - 1] if start else None)
+            x, coords, after = self._add_grid(x, ids, self.cache_grid[:, start - 1] if start else None)
             self.cache_grid[:, start:start + t] = after
-        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
+        cos, sin = self._rope(positions, coords)
         kv_len = start + t
         q_slots = self.cache_slot_ids[start:kv_len]  # (T,)
         k_slots = self.cache_slot_ids[:kv_len]  # (S,)
@@ -584,11 +607,12 @@ class AnyGenModel(nn.Module):
         n = self.cache_valid.shape[1] if kv_len is None else kv_len
         mask = (self.cache_valid[:, :n] & (self.cache_slot_ids[:n] <= slot))[:, None, None, :]  # (B, 1, 1, S)
         x = self.embed_ids(ids[:, None])  # (B, 1, D)
+        coords = None
         if self.cache_grid is not None:  # the state of the slot before (slot 0 has none: zeros), branch-free
             before = self.cache_grid.index_select(1, (slot - 1).clamp(min=0))[:, 0]  # (B, 2)
-            x, after = self._add_grid(x, ids[:, None], torch.where(slot > 0, before, torch.zeros_like(before)))
+            x, coords, after = self._add_grid(x, ids[:, None], torch.where(slot > 0, before, torch.zeros_like(before)))
             self.cache_grid.index_copy_(1, slot, after)
-        cos, sin = rope_cos_sin(positions[:, None], self.config.head_dim, self.config.rope_theta)
+        cos, sin = self._rope(positions[:, None], coords)
         for block in self.blocks:
             x = block(x, cos, sin, mask, cache_slots=slot, kv_len=kv_len)
         if head is None:

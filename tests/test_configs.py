@@ -25,7 +25,7 @@ EXPECTED = {"tokenizers/image.yaml", "tokenizers/video.yaml", "unified/tiny.yaml
             "default/video_tokenizer.yaml", "default/unified.yaml", "default/image_tokenizer_4x.yaml",
             "default/unified_16x16.yaml", "default/unified_16x16_mix.yaml",
             "default/unified_16x16_warm.yaml", "default/unified_16x16_more.yaml",
-            "default/unified_16x16_digits.yaml"}
+            "default/unified_16x16_digits.yaml", "default/unified_16x16_grid.yaml"}
 
 
 def _name(path: Path) -> str:

@@ -197,13 +197,15 @@ def test_engine_chooses_its_decode_loop(engine, tmp_path):
     assert not fast.configure_decoding(fast=False).generator.fast
 
 
-@pytest.fixture(scope="module")
-def grid_engine():
-    """The tiny engine with row / column embeddings of image codes (``image_grid_embed``), far from zero."""
-    engine = random_engine("tiny", seed=0, image_grid_embed=True)
+@pytest.fixture(scope="module", params=[{"image_grid_embed": True}, {"image_grid_embed": True, "rope_grid": 2},
+                                        {"rope_grid": 2}], ids=["embed", "embed+rope", "rope"])
+def grid_engine(request):
+    """The tiny engine that tracks each image code's cell: row / column embeddings (``image_grid_embed``, far from
+    zero), 2D rotary pairs (``rope_grid``), or both."""
+    engine = random_engine("tiny", seed=0, **request.param)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for table in engine.model.grid_embed.values():
+        for table in (engine.model.grid_embed or {}).values():
             table.weight.copy_(torch.randn(table.weight.shape, generator=g))
     return engine
 

@@ -379,3 +379,91 @@ def test_image_grid_embed_config_is_checked_and_counted():
     assert config.num_parameters_estimate() == AnyGenModel(config).num_parameters()
     assert config.num_parameters_estimate() - AnyGenConfig.preset("tiny").num_parameters_estimate() \
         == (config.max_height + config.max_width) * config.d_model
+
+
+# -- rope_grid: 2D rotary pairs for image codes ------------------------------------------------------------------
+
+
+def test_rope_grid_turns_codes_by_row_and_column_and_leaves_the_rest_1d():
+    from anygen.model import image_grid_coords, rope_cos_sin
+
+    v, hd, theta, g = build().vocab, 16, 10000.0, 2
+    ids = two_images(v)
+    positions = torch.arange(ids.shape[1])[None]
+    coords, _ = image_grid_coords(ids, v)
+    cos, sin = rope_cos_sin(positions, hd, theta, coords, g)
+    cells = grid_reference(ids[0].tolist(), v)
+    for p, cell in enumerate(cells):  # the angle of each rotary pair, by hand
+        angles = []
+        for i in range(hd // 2):
+            freq = theta ** (-2 * i / hd)
+            if cell is not None and i < g:
+                angles.append(cell[1] * freq)  # column
+            elif cell is not None and i < 2 * g:
+                angles.append(cell[0] * theta ** (-2 * (i - g) / hd))  # row, at the first pairs' frequencies
+            else:
+                angles.append(p * freq)
+        expected = torch.tensor(angles + angles)
+        torch.testing.assert_close(cos[0, 0, p], expected.cos(), atol=1e-5, rtol=0)
+        torch.testing.assert_close(sin[0, 0, p], expected.sin(), atol=1e-5, rtol=0)
+    plain = rope_cos_sin(positions, hd, theta)
+    assert torch.equal(rope_cos_sin(positions, hd, theta, coords, 0)[0], plain[0])  # 0 pairs: 1D RoPE
+
+
+def test_rope_grid_same_cell_of_two_images_meets_at_angle_zero():
+    """A code attends to the same cell of an earlier image as if it were beside it, in the grid pairs: their
+    rotations there are equal wherever the images lie, so the q.k of those pairs depends on content alone."""
+    from anygen.model import apply_rope, image_grid_coords, rope_cos_sin
+
+    v = build().vocab
+    ids = two_images(v)
+    coords, _ = image_grid_coords(ids, v)
+    cells = grid_reference(ids[0].tolist(), v)
+    first = cells.index((1, 1))  # (1, 1) of the first image (2x3) and of the second one (3x2)
+    second = len(cells) - 1 - cells[::-1].index((1, 1))
+    assert second - first > 10
+    cos, sin = rope_cos_sin(torch.arange(ids.shape[1])[None], 16, 10000.0, coords, 2)
+    x = torch.randn(1, 1, 1, 16).expand(1, 1, ids.shape[1], 16)
+    rotated = apply_rope(x, cos, sin)[0, 0]  # (T, hd)
+    grid_dims = [*range(4), *range(8, 12)]  # the first 4 pairs, in the rotate-half layout
+    torch.testing.assert_close(rotated[first, grid_dims], rotated[second, grid_dims])
+    assert not torch.allclose(rotated[first], rotated[second])  # the 1D pairs still see the distance
+
+
+@pytest.mark.parametrize("grid_embed", [False, True])
+def test_rope_grid_decode_equals_forward_and_text_is_untouched(grid_embed):
+    model = build(rope_grid=2, image_grid_embed=grid_embed)
+    if grid_embed:
+        _random_grid(model)
+    ids = two_images(model.vocab)
+    full = model(ids)
+    model.setup_cache(1, 64)
+    p = 8
+    torch.testing.assert_close(model.prefill(ids[:, :p]), full[:, p - 1], atol=ATOL, rtol=0)
+    for i in range(p, ids.shape[1]):
+        logits = model.decode_step(ids[:, i], slot=torch.tensor(i), positions=torch.tensor([i]))
+        torch.testing.assert_close(logits, full[:, i], atol=ATOL, rtol=0)
+    logits = model.prefill(ids[:, 7:], start=7, all_positions=True)  # a rewrite from mid-image (speculative)
+    torch.testing.assert_close(logits, full[:, 7:], atol=ATOL, rtol=0)
+    step = torch.compile(model.decode_step, backend="eager", fullgraph=True)
+    model.prefill(ids[:, :7])
+    for i in range(7, 12):
+        torch.testing.assert_close(step(ids[:, i], slot=torch.tensor(i), positions=torch.tensor([i])), full[:, i],
+                                   atol=ATOL, rtol=0)
+    # the same weights without grid pairs: equal up to the first image code, different from it on
+    plain = build(rope_grid=0, image_grid_embed=grid_embed)
+    plain.load_state_dict(model.state_dict())
+    first_code = int(((ids[0] >= model.vocab.image_offset) & (ids[0] < model.vocab.video_offset)).nonzero()[0])
+    differs = (plain(ids) - full).abs().amax(-1)[0] > 1e-4
+    assert not differs[:first_code].any() and differs[first_code:].any()
+
+
+def test_rope_grid_config_is_checked():
+    with pytest.raises(ValueError, match=r"rope_grid \(5\) takes 2 \* rope_grid of the head.s 8 rotary pairs: it "
+                                         r"must be <= 4"):
+        AnyGenConfig.preset("tiny", rope_grid=5)
+    with pytest.raises(ValueError, match="rope_grid must be an int >= 0"):
+        AnyGenConfig.preset("tiny", rope_grid=-1)
+    config = AnyGenConfig.preset("tiny", rope_grid=2)
+    assert AnyGenConfig.from_dict(config.to_dict()) == config
+    assert config.num_parameters_estimate() == AnyGenConfig.preset("tiny").num_parameters_estimate()

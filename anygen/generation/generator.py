@@ -174,10 +174,11 @@ class Generator:
         self.vocab = tokenizer.vocab
         self.device = model.norm.weight.device
         self.layout = tokenizer.layout
-        if model.config.image_grid_embed and not self.layout.row_end:
-            raise ValueError("the model embeds image rows and columns (AnyGenConfig.image_grid_embed) from the <|eol|> "
-                             "that end its rows, but this tokenizer's image layout writes none (row_end=False); "
-                             "use anygen's own layout or a model with image_grid_embed=False")
+        if model.tracks_grid and not self.layout.row_end:
+            raise ValueError("the model reads image rows and columns (AnyGenConfig.image_grid_embed / rope_grid) from "
+                             "the <|eol|> that end its rows, but this tokenizer's image layout writes none "
+                             "(row_end=False); use anygen's own layout or a model with image_grid_embed=False and "
+                             "rope_grid=0")
         self.grammar = Grammar(self.vocab, allow_image=tokenizer.image is not None,
                                allow_video=tokenizer.video is not None, device=self.device, layout=self.layout)
         self.fast = fast
