@@ -37,6 +37,8 @@
 #   CONTINUE [0]: 1 (with GRID=16) trains one more stage from INIT_FROM, a 16x16 model this script made
 #     (runs/grid16/model), every tensor and both tokenizers kept: unified_16x16_more.yaml, usually on more
 #     documents (NUM_SHAPES=60000: the first 20000 are the same, and so are the held-out combinations)
+#   ROPE_GRID [0]: 1 (with CONTINUE=1) trains unified_16x16_grid.yaml in place of unified_16x16_more.yaml: the same
+#     stage with 2D rotary pairs for image codes (AnyGenConfig.rope_grid; docs/default_model.md)
 #   DIGITS_TAIL [0]: 1 (with CONTINUE=1) then trains a short digits-heavy tail from $RUNS/model
 #     (unified_16x16_digits.yaml, TAIL_STEPS [its max_steps], TAIL_WEIGHTS [its weights]) into $RUNS/model_tail,
 #     which eval and SHIP then use:
@@ -65,6 +67,10 @@ if [[ "${CONTINUE:-0}" == 1 && ( "${GRID:-8}" != 16 || "${INIT_FROM:-}" == none 
        "(runs/grid16/model), got GRID=${GRID:-8} INIT_FROM=${INIT_FROM:-<unset>}" >&2
   exit 2
 fi
+if [[ "${ROPE_GRID:-0}" == 1 && "${CONTINUE:-0}" != 1 ]]; then
+  echo "ROPE_GRID=1 is a CONTINUE=1 stage (GRID=16 CONTINUE=1 INIT_FROM=<16x16 model>), got CONTINUE=${CONTINUE:-0}" >&2
+  exit 2
+fi
 if [[ "${DIGITS_TAIL:-0}" == 1 && "${CONTINUE:-0}" != 1 ]]; then
   echo "DIGITS_TAIL=1 follows a CONTINUE=1 stage (GRID=16 CONTINUE=1 INIT_FROM=<16x16 model>), got CONTINUE=${CONTINUE:-0}" >&2
   exit 2
@@ -82,6 +88,7 @@ if [[ "${GRID:-8}" == 16 ]]; then
     WARM=$INIT_FROM
     if [[ "${CONTINUE:-0}" == 1 ]]; then  # INIT_FROM is a 16x16 model of this recipe: one more stage, all kept
       UNIFIED_STAGE=unified_16x16_more
+      if [[ "${ROPE_GRID:-0}" == 1 ]]; then UNIFIED_STAGE=unified_16x16_grid; fi
       [[ -f "$INIT_FROM/image_tokenizer.safetensors" ]] || { echo "CONTINUE=1: INIT_FROM=$INIT_FROM has no" \
           "image_tokenizer.safetensors (a 16x16 model of this recipe has: runs/grid16/model)" >&2; exit 2; }
     fi

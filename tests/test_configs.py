@@ -237,6 +237,29 @@ def test_the_recipe_continues_a_16x16_model_with_every_tensor_and_both_tokenizer
     assert f"--model.init_args.init_from {model}" in fits[0]
 
 
+def test_the_recipe_rope_grid_stage_is_the_continue_stage_with_2d_rotary_pairs(tmp_path):
+    """``ROPE_GRID=1`` (with ``CONTINUE=1``): the one fit is ``unified_16x16_grid.yaml``, which is
+    ``unified_16x16_more.yaml`` but for ``rope_grid`` and its run directory; refused without ``CONTINUE=1``."""
+    folder = SCRIPT.parents[1] / "configs" / "default"
+    grid = yaml.safe_load((folder / "unified_16x16_grid.yaml").read_text())
+    more = yaml.safe_load((folder / "unified_16x16_more.yaml").read_text())
+    assert grid["model"]["init_args"]["model"].pop("rope_grid") == 2
+    assert grid["model"] == more["model"] and grid["data"] == more["data"]
+    assert yaml.safe_dump(grid["trainer"]).replace("unified_16x16_grid", "unified_16x16_more") \
+        == yaml.safe_dump(more["trainer"])
+
+    model = _model_dir(tmp_path, "model.safetensors", "video_tokenizer.safetensors", "text_tokenizer.json",
+                       "image_tokenizer.safetensors")
+    env, calls = _recording_env(tmp_path, GRID="16", INIT_FROM=str(model), ROPE_GRID="1")
+    done = _recipe(env)
+    assert done.returncode == 2 and "ROPE_GRID=1 is a CONTINUE=1 stage" in done.stderr, done.stderr
+    done = _recipe({**env, "CONTINUE": "1"})
+    assert done.returncode == 0, done.stderr
+    fits = _calls(calls, "fit")
+    assert len(fits) == 1 and "configs/default/unified_16x16_grid.yaml" in fits[0], fits
+    assert f"--model.init_args.init_from {model}" in fits[0]
+
+
 def test_the_recipe_runs_the_digits_tail_after_a_continue_stage_and_evaluates_it(tmp_path):
     """``DIGITS_TAIL=1`` (with ``CONTINUE=1``): a second fit, ``unified_16x16_digits.yaml`` from ``$RUNS/model``
     on the same shards, exported to ``$RUNS/model_tail``, which eval then reads; refused without ``CONTINUE=1``."""

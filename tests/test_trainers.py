@@ -504,6 +504,11 @@ def test_init_from_an_earlier_stage(tok_dir, tmp_path, source):
         UnifiedModule(tok_dir, init_from=str(tmp_path / "nothing"))
     with pytest.raises(ValueError, match="do not fit"):
         UnifiedModule(tok_dir, model={"n_layer": 1}, init_from=str(path))
+    if source == "pretrained":  # rotary settings add no tensors: the weights load, and the change is said
+        with pytest.warns(UserWarning, match=r"other rotary positions \(rope_grid 0 -> 1\)"):
+            grid = UnifiedModule(tok_dir, model={"rope_grid": 1}, init_from=str(path))
+        assert grid.model.config.rope_grid == 1
+        assert torch.equal(grid.model.state_dict()["norm.weight"], stage1.model.state_dict()["norm.weight"])
 
 
 

@@ -228,6 +228,7 @@ def load_initial_weights(model: AnyGenModel, path: str | Path, *, image_code_map
                 and _bpe_table(path / TEXT_FILE) != _bpe_table(text_tokenizer):
             raise ValueError(f"init_from {path} was trained with another text tokenizer than {text_tokenizer} "
                              "(the BPE vocabularies or merges differ): its text rows would mean other strings")
+        _warn_on_position_changes(meta.get("model") or {}, model.config, path)
         vocab = meta.get("vocab")
         fresh_image = all(any(_under(f"{part}.image.weight", r) for r in reinit) for part in ("embed", "head"))
         if vocab is not None and (image_code_map is not None or fresh_image):  # the image codebook may differ
@@ -261,6 +262,18 @@ def load_initial_weights(model: AnyGenModel, path: str | Path, *, image_code_map
         state = {k: v for k, v in state.items() if not any(_under(k, r) for r in reinit)}
         state.update({k: v for k, v in own.items() if any(_under(k, r) for r in reinit)})
     load_model_state(model, state, str(path))
+
+
+def _warn_on_position_changes(saved: dict[str, Any], config: AnyGenConfig, path: Path) -> None:
+    """Warn when ``init_from`` was trained with other rotary settings: they add no tensors, so the weights load
+    either way, but the attention they learned meets positions it never saw until training adapts it (turning
+    ``rope_grid`` on is what ``unified_16x16_grid.yaml`` means to do; turning it off silently is not)."""
+    defaults = {"rope_grid": 0, "rope_theta": 10000.0}
+    changed = [f"{name} {saved.get(name, default)} -> {getattr(config, name)}" for name, default in defaults.items()
+               if float(saved.get(name, default)) != float(getattr(config, name))]
+    if changed:
+        rank_zero_warn(f"init_from {path} was trained with other rotary positions ({', '.join(changed)}): its "
+                       "attention starts out reading positions it was not trained on")
 
 
 def load_model_state(model: AnyGenModel, state: dict[str, Tensor], source: str) -> None:
