@@ -41,7 +41,7 @@ from anygen.config import AnyGenConfig
 from anygen.generation.events import Event, RowDone
 from anygen.generation.generator import GenerationSettings, Generator, SamplingDefaults
 from anygen.generation.sampling import SamplingConfig
-from anygen.model import AnyGenModel
+from anygen.model import AnyGenModel, routed_cross_entropy
 from tokenizers_mm.multimodal import TOKENIZER_CONFIG, MultimodalTokenizer, TokenSequence
 from tokenizers_mm.segments import Image, Segment, Text, Understand, Video
 from tokenizers_mm.vocab import Vocab
@@ -261,7 +261,7 @@ class AnyGen:
                  text: SamplingConfig | dict | None = None, image: SamplingConfig | dict | None = None,
                  video: SamplingConfig | dict | None = None, image_size: tuple[int, int] | None = None,
                  video_size: tuple[int, int, int] | None = None, start_with: Literal["image", "video"] | None = None,
-                 max_images: int = 0, seed: int | None = None, speculative: int = 0
+                 max_images: int = 0, seed: int | None = None, speculative: int = 0, best_of: int = 1
                  ) -> GenerationOutput | list[GenerationOutput]:
         """Generate interleaved text, images and video.
 
@@ -283,11 +283,22 @@ class AnyGen:
                 default). The same output distribution in fewer forward passes (``docs/speed.md``). It draws
                 exactly one image or video: it needs ``start_with``, ``max_images`` 0 or 1, a known size
                 (``image_size`` / the trained grid, ``video_size``) and the modality's ``top_k=0``, ``top_p=1``.
+            best_of: text→image with self-reranking: draw this many images per prompt and keep the one under which
+                the model's own understanding path finds the prompt most likely (``score`` of the prompt after
+                ``Understand(image)``), as DALL-E reranked with CLIP. Needs text prompts (best read like a caption),
+                ``start_with="image"``, ``max_images`` 0 or 1 and an understanding encoder; costs ``best_of``
+                images per prompt. 1 (the default): off.
 
         Returns:
             One ``GenerationOutput``, or a list of them for a batch.
         """
         prompts, batched = self._split_batch(prompt)
+        if best_of != 1:
+            outputs = self._best_of(prompts, best_of, dict(
+                max_new_tokens=max_new_tokens, text=text, image=image, video=video, image_size=image_size,
+                video_size=video_size, start_with=start_with, max_images=max_images, seed=seed,
+                speculative=speculative))
+            return outputs if batched else outputs[0]
         if speculative:
             settings = self._settings(max_new_tokens, text, image, video, image_size, video_size, start_with,
                                       1, seed, 0)  # max_images 1: the one span it draws
@@ -318,6 +329,85 @@ class AnyGen:
             finally:
                 self.model.release_cache()
         return [GenerationOutput(e.segments, e.ids, e.reason) for e in sorted(done, key=lambda e: e.row)]
+
+    # -- scoring ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def score(self, context: Prompt | Sequence[Prompt], continuation: str | Sequence[str], *, eos: bool = True,
+              batch_size: int = 16) -> list[float]:
+        """Log-probability (nats) of each text ``continuation`` right after its ``context``, teacher-forced.
+
+        Args:
+            context: one prompt or a batch (as ``generate`` takes them: text, images, ``Understand(image)``, …).
+            continuation: one text per context (a single ``str`` is used for every context).
+            eos: count ``<|eos|>`` after the continuation too, so a text that should go on scores lower.
+            batch_size: contexts per forward pass.
+
+        Returns:
+            One float per context: the sum of the continuation's token log-probabilities, each normalised over
+            the text slice of the vocabulary as training and generation see it (``routed_cross_entropy``).
+
+        Raises:
+            ValueError: the counts differ, a continuation is empty, or a sequence does not fit the context.
+        """
+        contexts, _ = self._split_batch(context)
+        texts = [continuation] * len(contexts) if isinstance(continuation, str) else list(continuation)
+        if len(texts) != len(contexts):
+            raise ValueError(f"score needs one continuation per context, got {len(texts)} for {len(contexts)}")
+        v, limit = self.tokenizer.vocab, self.config.max_seq_len
+        rows = []
+        for n, (ctx, text) in enumerate(zip(contexts, texts)):
+            head = self.encode_prompt(ctx)
+            tail = self.tokenizer.text.encode(text) + ([v.eos] if eos else [])
+            if not tail:
+                raise ValueError(f"continuation #{n} is empty: there is nothing to score")
+            if len(head) + len(tail) > limit:
+                raise ValueError(f"context #{n} and its continuation take {len(head) + len(tail)} tokens; the "
+                                 f"model's context is {limit}")
+            rows.append((head, torch.tensor(tail, dtype=torch.long)))
+        scores: list[float] = []
+        for lo in range(0, len(rows), batch_size):
+            scores += self._score_rows(rows[lo:lo + batch_size])
+        return scores
+
+    def _score_rows(self, rows: list[tuple[TokenSequence, torch.Tensor]]) -> list[float]:
+        """One right-padded forward over ``(context, continuation ids)`` rows."""
+        v, device = self.tokenizer.vocab, self.device
+        seqs = [torch.cat([head.ids, tail]) for head, tail in rows]
+        width = max(len(x) for x in seqs)
+        ids = torch.full((len(seqs), width), v.pad, dtype=torch.long)
+        targets = torch.full_like(ids, -100)
+        mask = torch.zeros_like(ids, dtype=torch.bool)
+        for r, ((head, tail), seq) in enumerate(zip(rows, seqs)):
+            ids[r, :len(seq)], mask[r, :len(seq)] = seq, True
+            targets[r, len(head) - 1:len(seq) - 1] = tail  # position t predicts id t + 1
+        pixels = [head.und_pixels for head, _ in rows if head.und_pixels is not None]
+        und = torch.cat(pixels).to(device) if pixels else None  # <|und|> runs are filled in row-major order
+        logits = self.model(ids.to(device), attention_mask=mask.to(device), und_pixels=und)
+        nll = routed_cross_entropy(logits, targets.to(device), v, targets.to(device) >= 0,
+                                   head_mode=self.config.head_mode, reduction="none")
+        return (-nll.sum(-1)).tolist()
+
+    def _best_of(self, prompts: list[Prompt], n: Any, kwargs: dict[str, Any]) -> list[GenerationOutput]:
+        """``generate(best_of=n)``: n images a prompt, keeping the best ``score(Understand(image), prompt)``."""
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"best_of must be an int >= 1 (images drawn per prompt; 1: off), got {n!r}")
+        if kwargs["start_with"] != "image" or kwargs["max_images"] not in (0, 1):
+            raise ValueError("best_of reranks text→image: pass start_with='image' and max_images 0 or 1, got "
+                             f"start_with={kwargs['start_with']!r}, max_images={kwargs['max_images']!r}")
+        if not all(isinstance(p, str) for p in prompts):
+            raise ValueError("best_of scores each image by the likelihood of its prompt's text: every prompt must "
+                             "be a str")
+        if self.tokenizer.und_tokens <= 0 or self.model.und is None:
+            raise ValueError("best_of reads each image with the understanding encoder, and this model has none")
+        outputs = self.generate([p for p in prompts for _ in range(n)], **{**kwargs, "max_images": 1})
+        images = [out.images[0] if out.images else None for out in outputs]
+        drawn = [k for k, image in enumerate(images) if image is not None]
+        scores = [float("-inf")] * len(outputs)
+        for k, value in zip(drawn, self.score([[Understand(images[k])] for k in drawn],
+                                              [prompts[k // n] for k in drawn])):
+            scores[k] = value
+        best = [max(range(i * n, (i + 1) * n), key=lambda k: scores[k]) for i in range(len(prompts))]
+        return [outputs[k] for k in best]
 
 
 def read_sampling_defaults(directory: Path) -> SamplingDefaults:

@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speculative", type=int, default=0, metavar="WINDOW",
                    help="opt-in speculative Jacobi decoding of the --start-with span, WINDOW ids per forward pass "
                         "(same distribution, fewer passes; top-k and top-p stay off; default 0: off)")
+    p.add_argument("--best-of", type=int, default=1, metavar="N",
+                   help="text→image (--start-with image, text prompts): draw N images per prompt and keep the one the "
+                        "model's understanding path scores best (default 1: off)")
     p.add_argument("--batch-size", type=int, default=4, help="prompts per batch with --prompts")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     for m in MODALITIES:
@@ -159,12 +162,14 @@ def _run(engine, args: argparse.Namespace, documents: list[list]) -> int:
     kwargs = dict(max_new_tokens=args.max_new_tokens, text=_sampling(args, "text") or None,
                   image=_sampling(args, "image") or None, video=_sampling(args, "video") or None,
                   image_size=image_size, video_size=args.video_size, start_with=args.start_with,
-                  max_images=args.max_images, seed=args.seed, speculative=args.speculative)
+                  max_images=args.max_images, seed=args.seed, speculative=args.speculative, best_of=args.best_of)
     size = max(1, args.batch_size)
     batches = [documents[i:i + size] for i in range(0, len(documents), size)]
     index = 0
     for batch in tqdm(batches, desc="generating", unit="batch", disable=len(batches) == 1):
-        outputs = engine.generate([list(d) for d in batch], **kwargs)
+        # best_of scores each image by its prompt's text, so text-only prompts go as str
+        prompts = [d[0] if args.best_of != 1 and len(d) == 1 and isinstance(d[0], str) else list(d) for d in batch]
+        outputs = engine.generate(prompts, **kwargs)
         for out in outputs:
             folder = args.out / f"{index:04d}"
             folder.mkdir(parents=True, exist_ok=True)

@@ -147,3 +147,26 @@ def test_anygen_eval_refuses_unknown_categories(tmp_path, capsys):
 
     assert main(["--random-tiny", "--num", "1", "--out", str(tmp_path), "--categories", "poetry"]) == 2
     assert "poetry" in capsys.readouterr().err
+
+
+def test_best_of_reranks_the_text_to_image_prompts_only(tmp_path, monkeypatch):
+    from anygen.eval import main
+    from anygen.eval.harness import EvalContext
+    from anygen.testing import random_engine
+    from tokenizers_mm.segments import Image
+
+    engine = random_engine("tiny")
+    calls, real = [], engine.generate
+    monkeypatch.setattr(engine, "generate", lambda prompts, **kw: calls.append((prompts, kw.get("best_of", 1)))
+                        or real(prompts, **kw))
+    ctx = EvalContext(engine, num=2, best_of=3)
+    images = ctx.generate_images([["a red circle"], ["a handwritten 7"]])
+    assert calls[0] == (["a red circle", "a handwritten 7"], 3) and all(im is not None for im in images)
+    calls.clear()
+    ctx.generate_images([[Image(PIL.Image.new("RGB", (32, 32))), "make the circle yellow"]])  # an edit: as it is
+    assert len(calls) == 1 and calls[0][1] == 1
+
+    out = tmp_path / "eval"
+    assert main(["--random-tiny", "--num", "2", "--out", str(out), "--categories", "t2i_single", "--best-of", "2"]) == 0
+    assert json.loads((out / "eval.json").read_text())["best_of"] == 2
+    assert main(["--random-tiny", "--num", "1", "--out", str(out), "--best-of", "0"]) == 2

@@ -325,6 +325,16 @@ def test_cli_generate_defaults_to_the_trained_image_size(tmp_path, capsys):
     assert "--image-size must be HxW in tokens" in capsys.readouterr().err
 
 
+def test_cli_generate_best_of(tmp_path, capsys):
+    from anygen.cli_generate import main
+
+    assert main(["a red circle", "--random-tiny", "--start-with", "image", "--best-of", "3", "--seed", "0",
+                 "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "0000" / "image_0.png").is_file()
+    assert main(["a red circle", "--random-tiny", "--best-of", "3", "--out", str(tmp_path)]) == 2  # no image start
+    assert "pass start_with='image'" in capsys.readouterr().err
+
+
 def test_api_forced_image_start_defaults_to_the_trained_size():
     """``generate(start_with="image")`` without ``image_size`` draws at ``tokenizer.image_grid``: the largest grid
     the grammar allows would not fit this 64-token budget, and the call used to refuse it."""
@@ -334,3 +344,66 @@ def test_api_forced_image_start_defaults_to_the_trained_size():
     out = engine.generate("a red circle", max_new_tokens=64, start_with="image", max_images=1, seed=0)
     images = [s for s in out.segments if isinstance(s, Image)]
     assert len(images) == 1 and tuple(images[0].codes.shape) == engine.tokenizer.image_grid
+
+
+# -- score and best_of (text→image reranked by the understanding path) --------------------------------------------
+
+
+def _reference_score(engine, context, text):
+    """Sum of log-softmax over the text slice at each continuation id (and <|eos|>), from one full forward."""
+    v = engine.tokenizer.vocab
+    head = engine.encode_prompt(context)
+    tail = engine.tokenizer.text.encode(text) + [v.eos]
+    ids = torch.cat([head.ids, torch.tensor(tail)])[None]
+    with torch.no_grad():
+        logits = engine.model(ids, und_pixels=head.und_pixels)[0, :, :v.image_offset].log_softmax(-1)
+    return sum(float(logits[len(head) - 1 + k, t]) for k, t in enumerate(tail))
+
+
+def test_score_is_the_teacher_forced_log_probability_and_batches_exactly(engine):
+    picture = _picture(3)
+    contexts = [[Understand(picture)], ["a red circle"], [Understand(_picture(4)), "what is it?"]]
+    texts = ["a red circle at the top left", "on the right", "a square"]
+    expected = [_reference_score(engine, c, t) for c, t in zip(contexts, texts)]
+    batched = engine.score(contexts, texts)  # three lengths: right padding, two understood images in order
+    one_by_one = [engine.score([c], [t])[0] for c, t in zip(contexts, texts)]
+    assert batched == pytest.approx(expected, abs=1e-4) and one_by_one == pytest.approx(expected, abs=1e-4)
+    assert engine.score([Understand(picture)], texts[0], eos=False)[0] > expected[0]  # one log-prob fewer
+    with pytest.raises(ValueError, match="one continuation per context, got 2 for 3"):
+        engine.score(contexts, texts[:2])
+    with pytest.raises(ValueError, match="continuation #0 is empty"):
+        engine.score("x", "", eos=False)
+    with pytest.raises(ValueError, match="model's context is"):
+        engine.score("x", "a red circle " * engine.config.max_seq_len)
+
+
+def test_best_of_keeps_the_image_the_understanding_path_scores_best(engine):
+    prompts = ["a red circle", "a blue square at the top"]
+    kwargs = dict(start_with="image", image_size=(2, 2), seed=5, image={"temperature": 1.0})
+    best = engine.generate(prompts, best_of=3, **kwargs)
+    drawn = engine.generate([p for p in prompts for _ in range(3)], max_images=1, **kwargs)  # what best_of draws
+    assert len({tuple(out.ids.tolist()) for out in drawn}) > 1  # the candidates differ, so the choice matters
+    scores = engine.score([[Understand(out.images[0])] for out in drawn], [p for p in prompts for _ in range(3)])
+    for i, out in enumerate(best):
+        pick = max(range(3 * i, 3 * i + 3), key=lambda k: scores[k])
+        assert torch.equal(out.ids, drawn[pick].ids), i
+    assert torch.equal(engine.generate(prompts[0], best_of=1, **kwargs).ids,
+                       engine.generate(prompts[0], **kwargs).ids)  # 1: off
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"best_of": 0}, "best_of must be an int >= 1"),
+    ({"best_of": 2, "start_with": None}, "pass start_with='image'"),
+    ({"best_of": 2, "max_images": 2}, "max_images 0 or 1"),
+    ({"best_of": 2, "prompt": [Understand(PIL.Image.new("RGB", (8, 8))), "x"]}, "every prompt must be a str"),
+])
+def test_best_of_refuses_what_it_cannot_rerank(engine, kwargs, match):
+    kwargs = {"prompt": "a red circle", "start_with": "image", "image_size": (2, 2), **kwargs}
+    with pytest.raises(ValueError, match=match):
+        engine.generate(kwargs.pop("prompt"), **kwargs)
+
+
+def test_best_of_needs_an_understanding_encoder():
+    plain = random_engine("tiny", und_encoder=None)
+    with pytest.raises(ValueError, match="has none"):
+        plain.generate("a red circle", start_with="image", image_size=(2, 2), best_of=2)

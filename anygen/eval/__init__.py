@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image CFG scale (default: the checkpoint's; the library's 3)")
     p.add_argument("--video-guidance-scale", type=float, default=None,
                    help="video CFG scale (default: the checkpoint's; the library's 1: guidance hurts held-out motions)")
+    p.add_argument("--best-of", type=int, default=1,
+                   help="text→image prompts (t2i_single, t2i_pair, digits) draw N images each and keep the one the "
+                        "model's understanding path scores best (default 1: no reranking)")
     p.add_argument("--no-images", action="store_true", help="do not write the generated images")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     return p
@@ -77,6 +80,8 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.num < 1:
         raise ValueError(f"--num must be >= 1, got {args.num}")
+    if args.best_of < 1:
+        raise ValueError(f"--best-of must be >= 1 (1: no reranking), got {args.best_of}")
     categories = [c.strip() for c in args.categories.split(",") if c.strip()]
     started = time.perf_counter()
     engine = load_engine(args.checkpoint, args.random_tiny, args.device)
@@ -92,7 +97,7 @@ def _run(args: argparse.Namespace) -> int:
                       sampling=eval_sampling(args.temperature, args.top_k, args.guidance_scale,
                                              args.video_guidance_scale, args.video_temperature,
                                              engine.sampling_defaults),
-                      keep_images=None if args.no_images else keep)
+                      keep_images=None if args.no_images else keep, best_of=args.best_of)
 
     def progress(result) -> None:
         print(f"  {result.name}: {result.metric} = {result.score:.4f} ({result.num} prompts, {result.seconds:.1f} s)",
@@ -105,6 +110,7 @@ def _run(args: argparse.Namespace) -> int:
     report = {
         "checkpoint": str(args.checkpoint) if args.checkpoint else ("random-tiny" if args.random_tiny else "default"),
         "num": args.num, "seed": args.seed, "holdout": args.holdout, "data_seed": args.data_seed,
+        "best_of": args.best_of,
         "sampling": ctx.sampling, "image_tokens": ctx.image_tokens, "video_tokens": ctx.video_tokens,
         "seconds": round(time.perf_counter() - started, 2),
         "categories": {name: r.to_dict() for name, r in results.items()},

@@ -120,6 +120,8 @@ class EvalContext:
         holdout / data_seed: the data set's held-out fraction and seed (``anygen data shapes``).
         sampling: ``generate`` sampling keyword arguments (``text=``, ``image=``, ``video=``).
         keep_images: called with ``(category, index, name, PIL.Image)`` for every generated image.
+        best_of: text→image prompts (one object, two objects, digits) draw this many images and keep the one the
+            model's understanding path scores best (``AnyGen.generate(best_of=...)``); 1: one image, no reranking.
     """
 
     engine: Any
@@ -130,6 +132,7 @@ class EvalContext:
     data_seed: int = 0
     sampling: dict[str, Any] = field(default_factory=dict)
     keep_images: Callable[[str, int, str, PIL.Image.Image], None] | None = None
+    best_of: int = 1
 
     def __post_init__(self) -> None:
         self.objects, self.motions = (sorted(s) for s in holdout_combinations(self.holdout, self.data_seed))
@@ -147,19 +150,23 @@ class EvalContext:
     def rng(self, category: str, index: int) -> random.Random:
         return random.Random(f"eval:{self.seed}:{category}:{index}")
 
-    def generate(self, prompts: list[list], **kwargs: Any) -> list:
+    def generate(self, prompts: list[list | str], **kwargs: Any) -> list:
         """``engine.generate`` over ``prompts`` in batches of ``batch_size``; one output per prompt."""
         out: list = []
         for start in range(0, len(prompts), self.batch_size):
-            batch = prompts[start:start + self.batch_size]
-            out += self.engine.generate([list(p) for p in batch], seed=self.seed + start, **self.sampling, **kwargs)
+            batch = [p if isinstance(p, str) else list(p) for p in prompts[start:start + self.batch_size]]
+            out += self.engine.generate(batch, seed=self.seed + start, **self.sampling, **kwargs)
         return out
 
     def generate_images(self, prompts: list[list]) -> list[PIL.Image.Image | None]:
-        """One image per prompt (the first generated; ``None`` when none came)."""
+        """One image per prompt (the first generated; ``None`` when none came); text-only prompts are reranked
+        when ``best_of`` > 1."""
         h, w = self.image_tokens
+        rerank: dict[str, Any] = {}
+        if self.best_of > 1 and all(len(p) == 1 and isinstance(p[0], str) for p in prompts):
+            prompts, rerank = [p[0] for p in prompts], {"best_of": self.best_of}
         outputs = self.generate(prompts, start_with="image", image_size=(h, w), max_images=1,
-                                max_new_tokens=h * (w + 1) + 8)
+                                max_new_tokens=h * (w + 1) + 8, **rerank)
         return [o.images[0] if o.images else None for o in outputs]
 
     def keep(self, category: str, index: int, name: str, image: PIL.Image.Image | None) -> None:
