@@ -237,6 +237,20 @@ def test_the_recipe_continues_a_16x16_model_with_every_tensor_and_both_tokenizer
     assert f"--model.init_args.init_from {model}" in fits[0]
 
 
+def _continue_stage(tmp_path: Path, refusal: str, **knobs: str) -> tuple[Path, dict, Path]:
+    """The recipe with ``knobs`` on a stand-in 16x16 model: refused (``refusal``) without ``CONTINUE=1``, then run
+    with it. Returns the model directory, the environment (``CONTINUE=1`` included) and the recorded calls."""
+    model = _model_dir(tmp_path, "model.safetensors", "video_tokenizer.safetensors", "text_tokenizer.json",
+                       "image_tokenizer.safetensors")
+    env, calls = _recording_env(tmp_path, GRID="16", INIT_FROM=str(model), **knobs)
+    done = _recipe(env)
+    assert done.returncode == 2 and refusal in done.stderr, done.stderr
+    env = {**env, "CONTINUE": "1"}
+    done = _recipe(env)
+    assert done.returncode == 0, done.stderr
+    return model, env, calls
+
+
 def test_the_recipe_rope_grid_stage_is_the_continue_stage_with_2d_rotary_pairs(tmp_path):
     """``ROPE_GRID=1`` (with ``CONTINUE=1``): the one fit is ``unified_16x16_grid.yaml``, which is
     ``unified_16x16_more.yaml`` but for ``rope_grid`` and its run directory; refused without ``CONTINUE=1``."""
@@ -248,13 +262,7 @@ def test_the_recipe_rope_grid_stage_is_the_continue_stage_with_2d_rotary_pairs(t
     assert yaml.safe_dump(grid["trainer"]).replace("unified_16x16_grid", "unified_16x16_more") \
         == yaml.safe_dump(more["trainer"])
 
-    model = _model_dir(tmp_path, "model.safetensors", "video_tokenizer.safetensors", "text_tokenizer.json",
-                       "image_tokenizer.safetensors")
-    env, calls = _recording_env(tmp_path, GRID="16", INIT_FROM=str(model), ROPE_GRID="1")
-    done = _recipe(env)
-    assert done.returncode == 2 and "ROPE_GRID=1 is a CONTINUE=1 stage" in done.stderr, done.stderr
-    done = _recipe({**env, "CONTINUE": "1"})
-    assert done.returncode == 0, done.stderr
+    model, _, calls = _continue_stage(tmp_path, "ROPE_GRID=1 is a CONTINUE=1 stage", ROPE_GRID="1")
     fits = _calls(calls, "fit")
     assert len(fits) == 1 and "configs/default/unified_16x16_grid.yaml" in fits[0], fits
     assert f"--model.init_args.init_from {model}" in fits[0]
@@ -270,14 +278,9 @@ def test_the_recipe_runs_the_digits_tail_after_a_continue_stage_and_evaluates_it
     dirs = {c["init_args"]["dirpath"] for c in tail["trainer"]["callbacks"] if "dirpath" in c.get("init_args", {})}
     assert dirs == {"runs/default/unified_16x16_digits/checkpoints"}
 
-    model = _model_dir(tmp_path, "model.safetensors", "video_tokenizer.safetensors", "text_tokenizer.json",
-                       "image_tokenizer.safetensors")
-    env, calls = _recording_env(tmp_path, GRID="16", INIT_FROM=str(model), DIGITS_TAIL="1", TAIL_STEPS="7")
+    _, env, calls = _continue_stage(tmp_path, "DIGITS_TAIL=1 follows a CONTINUE=1 stage", DIGITS_TAIL="1",
+                                    TAIL_STEPS="7")
     runs, data = tmp_path / "runs", tmp_path / "data"
-    done = _recipe(env)
-    assert done.returncode == 2 and "DIGITS_TAIL=1 follows a CONTINUE=1 stage" in done.stderr, done.stderr
-    done = _recipe({**env, "CONTINUE": "1"})
-    assert done.returncode == 0, done.stderr
     fits = _calls(calls, "fit")
     assert len(fits) == 2 and "unified_16x16_more.yaml" in fits[0], fits
     assert "configs/default/unified_16x16_digits.yaml" in fits[1] and "--trainer.max_steps 7" in fits[1]
