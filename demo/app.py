@@ -14,6 +14,9 @@ Notable:
   the chat says so.
 - Uploaded images are read by the understanding encoder (``Understand``, to ask about them) or given as
   VQ context (``Image``, to edit them), as the user picks; uploaded video is VQ context.
+- Best of N (text → image, ``best_of``): N candidates are drawn as one batch, the first one previewed, and
+  the one whose prompt the model's own understanding path finds most likely is kept (``AnyGen.score``, as
+  ``generate(best_of=N)`` does); the chat says which.
 - Streaming: text shows as it arrives; an image shows at once as a grey canvas that fills in every
   ``preview_every`` rows (``ImageRows.preview``); a video shows its frame count, then the mp4.
 - One engine, one generation at a time: the model holds a single KV cache, so the chat event runs with
@@ -36,7 +39,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -74,6 +77,7 @@ ASPECTS: dict[str, float | None] = {"auto": None, "1:1": 1.0, "4:3": 4 / 3, "3:4
                                     "9:16": 9 / 16}
 TEXT_REFRESH_S = 0.05  # at most this often a text delta alone re-sends the chat to the browser
 CANVAS_GREY = (128, 128, 128)
+MAX_BEST_OF = 8  # candidates one text → image reply may draw (one batch: N times the work of one image)
 CSS = """
 .anygen-notice { padding: 0.6em 1em; border-radius: 8px; background: #fff3cd; color: #664d03;
                  border: 1px solid #ffe69c; font-weight: 600; }
@@ -89,7 +93,8 @@ class ChatOptions:
 
     ``image_side`` is the longer side of a generated image in tokens and ``aspect`` its width : height
     (``"auto"`` lets the model pick the size); ``video_frames`` / ``video_side`` give a generated video's
-    latent frames and square side in tokens; ``seed=-1`` samples freshly each time.
+    latent frames and square side in tokens; ``seed=-1`` samples freshly each time; ``best_of`` > 1 draws that
+    many candidates for a text → image reply and keeps the one the model reads back best.
     """
 
     upload_mode: Literal["understand", "edit"] = "understand"
@@ -111,6 +116,7 @@ class ChatOptions:
     video_guidance: float = DEFAULT_VIDEO.guidance_scale
     preview_every: int = 4
     max_images: int = 0
+    best_of: int = 1
 
     @classmethod
     def for_engine(cls, engine: AnyGen) -> ChatOptions:
@@ -290,16 +296,42 @@ class ChatRunner:
         try:
             settings = options.settings(self.engine)
             seq = tok.encode(segments, bos=False, eos=False)
+            candidates = self._candidates(options.best_of, settings, text)
         except (ValueError, TypeError) as err:
             conv.messages.append(_note(f"⚠️ {err}"))
             yield conv.messages
             return
+        if options.best_of > 1 and candidates == 1:
+            conv.messages.append(_note(f"ℹ️ best of {options.best_of} reranks text → image replies (start the reply "
+                                       "with an image, with text in the message) of a model with an understanding "
+                                       "encoder: this reply draws once."))
+        if candidates > 1:
+            settings = replace(settings, max_images=1)  # each candidate is one image, as generate(best_of=N)
         new = Turn(seq.ids, list(seq.und_pixels) if seq.und_pixels is not None else [])
         dropped = self._make_room(conv, new, settings)
         if dropped:
             conv.messages.append(_note(f"ℹ️ dropped the {dropped} oldest turn(s) from the model's context to make "
                                        f"room for this reply."))
-        yield from self._stream(conv, conv.context(new, tok.vocab), new, settings)
+        yield from self._stream(conv, conv.context(new, tok.vocab), new, settings, candidates, text)
+
+    def _candidates(self, best_of: Any, settings: GenerationSettings, text: str) -> int:
+        """How many candidates this reply draws: ``best_of`` where it can rerank (a text → image reply of a
+        model with an understanding encoder), else 1; ``ValueError`` for a value out of range."""
+        if not isinstance(best_of, int) or isinstance(best_of, bool) or not 1 <= best_of <= MAX_BEST_OF:
+            raise ValueError(f"best of must be an int from 1 (off) to {MAX_BEST_OF}, got {best_of!r}")
+        reranks = settings.start_with == "image" and bool(text) and self.engine.model.und is not None \
+            and self.engine.tokenizer.und_tokens > 0
+        return best_of if reranks else 1
+
+    def _pick(self, dones: dict[int, RowDone], text: str) -> int:
+        """The candidate whose first image makes ``text`` most likely under the understanding path."""
+        images = {r: next((s.image for s in d.segments if isinstance(s, Image) and s.image is not None), None)
+                  for r, d in dones.items()}
+        drawn = sorted(r for r, im in images.items() if im is not None)
+        if not drawn:
+            return 0
+        scores = self.engine.score([[Understand(images[r])] for r in drawn], [text] * len(drawn))
+        return drawn[max(range(len(drawn)), key=lambda i: scores[i])]
 
     def _make_room(self, conv: Conversation, new: Turn, settings: GenerationSettings) -> int:
         """Drop the oldest turns until the prompt leaves room for the reply; returns how many were dropped."""
@@ -317,21 +349,30 @@ class ChatRunner:
             dropped += 1
         return dropped
 
-    def _stream(self, conv: Conversation, prompt: TokenSequence, new: Turn, settings: GenerationSettings
-                ) -> Iterator[list[dict]]:
+    def _stream(self, conv: Conversation, prompt: TokenSequence, new: Turn, settings: GenerationSettings,
+                candidates: int = 1, text: str = "") -> Iterator[list[dict]]:
+        """Stream one reply; with ``candidates`` > 1 the rows are candidates, row 0 is shown as it is drawn and
+        the one ``_pick`` keeps replaces it at the end."""
         reply: list[dict] = []
         text_item: dict | None = None  # the reply's open run of text
         media_item: dict | None = None  # the reply's open image / video
+        first_image: dict | None = None  # the reply's first image item (best of N shows the kept one there)
         canvas: PIL.Image.Image | None = None
         done: RowDone | None = None
+        dones: dict[int, RowDone] = {}
         failed = False
         owner = self._owner = object()
         start = last = time.perf_counter()
         timings = self.last_timings = {}
-        stream = self.engine.generator.stream([prompt], settings)
+        stream = self.engine.generator.stream([prompt] * candidates, settings)
         try:
             for event in stream:
                 now = time.perf_counter()
+                if isinstance(event, RowDone):
+                    dones[event.row] = event
+                    continue
+                if event.row != 0:  # best of N: only the first candidate is previewed
+                    continue
                 if isinstance(event, TextDelta):
                     timings.setdefault("first_text_s", now - start)
                     if text_item is None:
@@ -344,8 +385,10 @@ class ChatRunner:
                     text_item = None
                     h, w = event.pixel_size
                     canvas = PIL.Image.new("RGB", (w, h), CANVAS_GREY)
+                    what = f"{candidates} candidates" if candidates > 1 else "image"
                     media_item = _bot(self._save_image(conv, canvas, f"drawing a {event.height}×{event.width}-token "
-                                                                     f"image"))
+                                                                     f"{what}"))
+                    first_image = first_image or media_item
                     reply.append(media_item)
                 elif isinstance(event, ImageRows):
                     timings.setdefault("first_rows_s", now - start)
@@ -371,11 +414,17 @@ class ChatRunner:
                     if media_item is not None:
                         media_item["content"] = self._save_video(conv, event.video)
                     media_item = None
-                elif isinstance(event, RowDone):
-                    done = event
-                    continue
                 last = now
                 yield conv.messages + reply
+            if len(dones) == candidates:
+                kept = self._pick(dones, text) if candidates > 1 else 0
+                done = dones[kept]
+                if candidates > 1:
+                    image = next((s.image for s in done.segments if isinstance(s, Image)), None)
+                    if first_image is not None and image is not None:
+                        first_image["content"] = self._save_image(conv, image, f"best of {candidates}")
+                    reply.append(_note(f"ℹ️ best of {candidates}: kept candidate {kept + 1}, the one whose prompt the "
+                                       "model's understanding path finds most likely."))
         except (ValueError, TypeError) as err:  # refused before any work (too long, bad size, ...)
             failed = True
             reply.append(_note(f"⚠️ {err}"))
@@ -575,6 +624,11 @@ def build_demo(engine: AnyGen, *, notice: str | None = None, max_upload_mb: floa
                                                         step=1, label="top-k (0: off)")
                     controls["image_guidance"] = gr.Slider(1, 10, value=defaults.image_guidance, step=0.1,
                                                            label="guidance scale (1: off)")
+                    controls["best_of"] = gr.Slider(
+                        1, MAX_BEST_OF, value=defaults.best_of, step=1, label="best of N", elem_id="best-of",
+                        interactive=has_und,
+                        info="text → image: draw N, keep the one the model reads back best" if has_und
+                        else "needs an understanding encoder, which this model has none of")
                 with gr.Accordion("text", open=False):
                     controls["text_temperature"] = gr.Slider(0, 2, value=defaults.text_temperature, step=0.05,
                                                              label="temperature")

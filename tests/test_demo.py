@@ -180,6 +180,57 @@ def test_a_reply_cut_inside_an_image_is_not_kept_half_open(engine, tmp_path):
     assert ChatRunner(engine, tmp_path)._reply_ids(torch.tensor(whole + [v.eos])).tolist() == whole
 
 
+def test_best_of_keeps_the_candidate_the_model_reads_best(engine, tmp_path, monkeypatch):
+    runner = ChatRunner(engine, tmp_path)
+    stream, rows, scored = engine.generator.stream, [], []
+
+    def recording_stream(seqs, settings):
+        for event in stream(seqs, settings):
+            if isinstance(event, app.RowDone):
+                rows.append(event)
+            yield event
+
+    def fake_score(contexts, texts):
+        scored.append((contexts, texts))
+        return [0.0, 2.0, 1.0][:len(contexts)]  # the second candidate reads back best
+
+    monkeypatch.setattr(engine.generator, "stream", recording_stream)
+    monkeypatch.setattr(engine, "score", fake_score)
+    conv = Conversation()
+    options = ChatOptions(**{**FAST, "start_with": "image", "best_of": 3})
+    chat = list(runner.respond("a red circle", options, conv))[-1]
+
+    assert len(rows) == 3  # three candidates, drawn as one batch
+    (contexts, texts), = scored
+    assert texts == ["a red circle"] * 3 and all(type(c[0]) is app.Understand for c in contexts)
+    kept = sorted(rows, key=lambda e: e.row)[1]
+    assert torch.equal(conv.turns[0].ids[-len(runner._reply_ids(kept.ids)):], runner._reply_ids(kept.ids))
+    shown = [m["content"] for m in chat if isinstance(m["content"], dict)]
+    assert len(shown) == 1 and shown[0]["alt_text"] == "best of 3"  # one image in the chat: the kept one
+    kept_image = next(s.image for s in kept.segments if isinstance(s, app.Image))
+    assert list(PIL.Image.open(shown[0]["path"]).convert("RGB").getdata()) == list(kept_image.convert("RGB").getdata())
+    assert "kept candidate 2" in chat[-1]["content"]
+
+
+def test_best_of_draws_once_where_it_cannot_rerank(engine, tmp_path, monkeypatch):
+    runner = ChatRunner(engine, tmp_path)
+    batches = []
+    stream = engine.generator.stream
+    monkeypatch.setattr(engine.generator, "stream", lambda seqs, s: (batches.append(len(seqs)), stream(seqs, s))[1])
+    conv = Conversation()
+    chat = list(runner.respond("a red circle", ChatOptions(**{**FAST, "best_of": 4}), conv))[-1]  # start: auto
+    assert batches == [1] and len(conv.turns) == 1
+    assert any("draws once" in m["content"] for m in chat if isinstance(m["content"], str))
+
+
+@pytest.mark.parametrize("best_of", [0, app.MAX_BEST_OF + 1, -1])
+def test_best_of_out_of_range_is_a_message(engine, tmp_path, best_of):
+    conv = Conversation()
+    options = ChatOptions(**{**FAST, "start_with": "image", "best_of": best_of})
+    chat = list(ChatRunner(engine, tmp_path).respond("a red circle", options, conv))[-1]
+    assert "best of must be an int from 1 (off) to 8" in chat[-1]["content"] and conv.turns == []
+
+
 def test_main_reports_a_missing_checkpoint(tmp_path, capsys):
     assert app.main(["--checkpoint", str(tmp_path / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err
