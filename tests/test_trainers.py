@@ -313,6 +313,45 @@ def test_structural_targets_carry_no_loss(tok_dir):
         assert not torch.equal(loss_with(text, (int(targets[text]) + 1) % v.text_size), base)
 
 
+def test_code_noise_replaces_only_codes_within_their_modality(tok_dir):
+    module = tiny_unified(tok_dir, code_noise=0.3)
+    v = module.vocab
+    ids = torch.cat([torch.arange(v.size)] * 40)[None]  # every id of the vocabulary, 40 times
+    torch.manual_seed(1)
+    noisy = module.corrupt_codes(ids)
+    image = (ids >= v.image_offset) & (ids < v.video_offset)
+    video = ids >= v.video_offset
+    assert torch.equal(noisy[~(image | video)], ids[~(image | video)])  # text, specials, sizes: never touched
+    assert ((noisy[image] >= v.image_offset) & (noisy[image] < v.video_offset)).all()
+    assert ((noisy[video] >= v.video_offset) & (noisy[video] < v.size)).all()
+    for codes in (image, video):  # replaced with chance 0.3; a draw of the same code (1 in K) looks unchanged
+        changed = (noisy[codes] != ids[codes]).float().mean().item()
+        assert 0.25 < changed < 0.35, changed
+
+
+def test_code_noise_corrupts_training_inputs_only(tok_dir):
+    batch = token_batches(MultimodalTokenizer.load(tok_dir), 2, 2)[0]
+    seen = []
+    module = tiny_unified(tok_dir, code_noise=0.5)
+    module.compute_loss = lambda b: (seen.append(b), {"loss": torch.zeros(()), "ce": torch.zeros(()),
+                                                      "ce_sum": torch.zeros(3), "count": torch.ones(3)})[1]
+    module.log_dict = module.log = lambda *a, **k: None
+    module.training_step(batch, 0)
+    module.validation_step(batch, 0)
+    trained, validated = seen
+    assert torch.equal(trained["targets"], batch["targets"]) and not torch.equal(trained["ids"], batch["ids"])
+    assert torch.equal(validated["ids"], batch["ids"])  # validation reads the true codes
+    off = tiny_unified(tok_dir)
+    off.compute_loss = lambda b: (seen.append(b), {"loss": torch.zeros(()), "ce": torch.zeros(()),
+                                                   "ce_sum": torch.zeros(3), "count": torch.ones(3)})[1]
+    off.log_dict = off.log = lambda *a, **k: None
+    off.training_step(batch, 0)
+    assert seen[-1] is batch  # 0 (the default): the batch as it came
+    for bad in (-0.1, 1.0, "0.1", True):
+        with pytest.raises(ValueError, match="code_noise must be a number in"):
+            UnifiedModule(tok_dir, code_noise=bad)
+
+
 def test_loss_is_modality_weighted_mean_with_z_loss(tok_dir):
     """loss = Σ w_m CE_m / N + z · mean(log Z²); with unit weights it is routed_cross_entropy's own z-loss."""
     batch = token_batches(MultimodalTokenizer.load(tok_dir), 2, 2)[0]

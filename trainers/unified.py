@@ -10,6 +10,8 @@ What this module owns:
 - staged training (Janus): which parameter groups train (``train:``), and starting from an earlier
   stage (``init_from:``), also across a refined image codebook (``init_image_codes:``) or another image
   tokenizer altogether (``reinit: [embed.image, head.image]``: the image rows start afresh, the rest is kept);
+- input code noise (``code_noise``): in training only, image / video input codes replaced at random, targets
+  kept, against exposure bias;
 - AdamW with linear warm-up and cosine decay.
 
 Loss::
@@ -323,6 +325,10 @@ class UnifiedModule(LightningModule):
             fresh initialisation. ``[embed.image, head.image]`` carries a model to another image tokenizer (say
             the 4x one of the 16x16 recipe from the shipped 8x one): text, video, understanding and the
             transformer are kept, the image codes are learned anew.
+        code_noise: in training steps only, the chance that each input image / video code is replaced by a
+            uniformly drawn code of its modality (``corrupt_codes``); targets stay the true codes, so the model
+            learns to go on correctly after a wrong code, as it must after its own sampling mistakes (exposure
+            bias). Validation and generation never see it. 0: off.
     """
 
     def __init__(
@@ -342,9 +348,14 @@ class UnifiedModule(LightningModule):
         init_from: str | None = None,
         init_image_codes: str | None = None,
         reinit: list[str] | None = None,
+        code_noise: float = 0.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        if isinstance(code_noise, bool) or not isinstance(code_noise, (int, float)) or not 0 <= code_noise < 1:
+            raise ValueError(f"code_noise must be a number in [0, 1) (the chance an input image / video code is "
+                             f"replaced in training), got {code_noise!r}")
+        self.code_noise = float(code_noise)
         weights = {m: 1.0 for m in MODALITIES}
         unknown = sorted(set(loss_weights or {}) - set(MODALITIES))
         if unknown:
@@ -403,6 +414,19 @@ class UnifiedModule(LightningModule):
         v = self.vocab
         return (targets >= v.image_offset).long() + (targets >= v.video_offset).long()
 
+    def corrupt_codes(self, ids: Tensor) -> Tensor:
+        """``ids`` with each image / video code replaced, with chance ``code_noise``, by a uniformly drawn code
+        of the same modality (it may draw the same code); every other id is kept."""
+        v = self.vocab
+        flip = torch.rand(ids.shape, device=ids.device) < self.code_noise
+        image = flip & (ids >= v.image_offset) & (ids < v.image_offset + v.image_codebook_size)
+        video = flip & (ids >= v.video_offset) & (ids < v.video_offset + v.video_codebook_size)
+        if v.image_codebook_size:
+            ids = torch.where(image, torch.randint_like(ids, v.image_codebook_size) + v.image_offset, ids)
+        if v.video_codebook_size:
+            ids = torch.where(video, torch.randint_like(ids, v.video_codebook_size) + v.video_offset, ids)
+        return ids
+
     def compute_loss(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         """Forward a batch; return ``loss`` (what trains), ``ce`` and ``z_loss`` (means over counted targets),
         ``ce_sum`` / ``count`` per modality ``(3,)`` tensors, in ``MODALITIES`` order."""
@@ -440,6 +464,8 @@ class UnifiedModule(LightningModule):
 
     # -- steps -----------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        if self.code_noise > 0:
+            batch = {**batch, "ids": self.corrupt_codes(batch["ids"])}
         out = self.compute_loss(batch)
         b = batch["ids"].shape[0]
         counts = out["count"].tolist()  # one host sync per step, for the per-modality logs
