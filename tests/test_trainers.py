@@ -347,9 +347,21 @@ def test_code_noise_corrupts_training_inputs_only(tok_dir):
     off.log_dict = off.log = lambda *a, **k: None
     off.training_step(batch, 0)
     assert seen[-1] is batch  # 0 (the default): the batch as it came
-    for bad in (-0.1, 1.0, "0.1", True):
+    for bad in (-0.1, 1.0, "0.1", True, {"audio": 0.1}, {"image": 1.5}):
         with pytest.raises(ValueError, match="code_noise must be a number in"):
             UnifiedModule(tok_dir, code_noise=bad)
+
+
+def test_code_noise_per_modality(tok_dir):
+    module = tiny_unified(tok_dir, code_noise={"image": 0.5})  # video: 0
+    v = module.vocab
+    ids = torch.cat([torch.arange(v.size)] * 40)[None]
+    torch.manual_seed(2)
+    noisy = module.corrupt_codes(ids)
+    video = ids >= v.video_offset
+    image = (ids >= v.image_offset) & ~video
+    assert torch.equal(noisy[video], ids[video])
+    assert 0.4 < (noisy[image] != ids[image]).float().mean().item() < 0.55
 
 
 def test_loss_is_modality_weighted_mean_with_z_loss(tok_dir):

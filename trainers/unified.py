@@ -165,6 +165,23 @@ def nearest_code_map(old: ImageTokenizer, new: ImageTokenizer) -> Tensor:
     return torch.cdist(b[:, :shared], a[:, :shared]).argmin(dim=1)
 
 
+def check_code_noise(value: Any) -> dict[str, float]:
+    """``UnifiedModule(code_noise=)`` as ``{"image": p, "video": q}``: a number applies to both.
+
+    Raises:
+        ValueError: not a number in [0, 1), or a mapping with another key or such a value.
+    """
+    def number(v: Any) -> bool:
+        return not isinstance(v, bool) and isinstance(v, (int, float)) and 0 <= v < 1
+
+    if number(value):
+        return {"image": float(value), "video": float(value)}
+    if isinstance(value, dict) and set(value) <= {"image", "video"} and all(number(v) for v in value.values()):
+        return {"image": float(value.get("image", 0.0)), "video": float(value.get("video", 0.0))}
+    raise ValueError(f"code_noise must be a number in [0, 1) (the chance an input image / video code is replaced "
+                     f"in training) or a mapping {{'image': p, 'video': q}} of such numbers, got {value!r}")
+
+
 def _bpe_table(path: Path) -> Any:
     model = json.loads(path.read_text()).get("model", {})
     return model.get("vocab"), model.get("merges")
@@ -328,7 +345,8 @@ class UnifiedModule(LightningModule):
         code_noise: in training steps only, the chance that each input image / video code is replaced by a
             uniformly drawn code of its modality (``corrupt_codes``); targets stay the true codes, so the model
             learns to go on correctly after a wrong code, as it must after its own sampling mistakes (exposure
-            bias). Validation and generation never see it. 0: off.
+            bias). Validation and generation never see it. A number applies to both modalities; a mapping
+            ``{"image": p, "video": q}`` sets each (a missing key: 0). 0: off.
     """
 
     def __init__(
@@ -348,14 +366,11 @@ class UnifiedModule(LightningModule):
         init_from: str | None = None,
         init_image_codes: str | None = None,
         reinit: list[str] | None = None,
-        code_noise: float = 0.0,
+        code_noise: float | dict[str, float] = 0.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        if isinstance(code_noise, bool) or not isinstance(code_noise, (int, float)) or not 0 <= code_noise < 1:
-            raise ValueError(f"code_noise must be a number in [0, 1) (the chance an input image / video code is "
-                             f"replaced in training), got {code_noise!r}")
-        self.code_noise = float(code_noise)
+        self.code_noise = check_code_noise(code_noise)
         weights = {m: 1.0 for m in MODALITIES}
         unknown = sorted(set(loss_weights or {}) - set(MODALITIES))
         if unknown:
@@ -415,12 +430,14 @@ class UnifiedModule(LightningModule):
         return (targets >= v.image_offset).long() + (targets >= v.video_offset).long()
 
     def corrupt_codes(self, ids: Tensor) -> Tensor:
-        """``ids`` with each image / video code replaced, with chance ``code_noise``, by a uniformly drawn code
-        of the same modality (it may draw the same code); every other id is kept."""
+        """``ids`` with each image / video code replaced, with its modality's chance in ``code_noise``, by a
+        uniformly drawn code of the same modality (it may draw the same code); every other id is kept."""
         v = self.vocab
-        flip = torch.rand(ids.shape, device=ids.device) < self.code_noise
-        image = flip & (ids >= v.image_offset) & (ids < v.image_offset + v.image_codebook_size)
-        video = flip & (ids >= v.video_offset) & (ids < v.video_offset + v.video_codebook_size)
+        draw = torch.rand(ids.shape, device=ids.device)
+        image = (draw < self.code_noise["image"]) & (ids >= v.image_offset) \
+            & (ids < v.image_offset + v.image_codebook_size)
+        video = (draw < self.code_noise["video"]) & (ids >= v.video_offset) \
+            & (ids < v.video_offset + v.video_codebook_size)
         if v.image_codebook_size:
             ids = torch.where(image, torch.randint_like(ids, v.image_codebook_size) + v.image_offset, ids)
         if v.video_codebook_size:
@@ -464,7 +481,7 @@ class UnifiedModule(LightningModule):
 
     # -- steps -----------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        if self.code_noise > 0:
+        if any(self.code_noise.values()):
             batch = {**batch, "ids": self.corrupt_codes(batch["ids"])}
         out = self.compute_loss(batch)
         b = batch["ids"].shape[0]
