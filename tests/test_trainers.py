@@ -332,20 +332,20 @@ def test_code_noise_replaces_only_codes_within_their_modality(tok_dir):
 def test_code_noise_corrupts_training_inputs_only(tok_dir):
     batch = token_batches(MultimodalTokenizer.load(tok_dir), 2, 2)[0]
     seen = []
-    module = tiny_unified(tok_dir, code_noise=0.5)
-    module.compute_loss = lambda b: (seen.append(b), {"loss": torch.zeros(()), "ce": torch.zeros(()),
-                                                      "ce_sum": torch.zeros(3), "count": torch.ones(3)})[1]
-    module.log_dict = module.log = lambda *a, **k: None
+
+    def recording(module: UnifiedModule) -> UnifiedModule:  # compute_loss records the batch it is given
+        module.compute_loss = lambda b: (seen.append(b), {"loss": torch.zeros(()), "ce": torch.zeros(()),
+                                                          "ce_sum": torch.zeros(3), "count": torch.ones(3)})[1]
+        module.log_dict = module.log = lambda *a, **k: None
+        return module
+
+    module = recording(tiny_unified(tok_dir, code_noise=0.5))
     module.training_step(batch, 0)
     module.validation_step(batch, 0)
     trained, validated = seen
     assert torch.equal(trained["targets"], batch["targets"]) and not torch.equal(trained["ids"], batch["ids"])
     assert torch.equal(validated["ids"], batch["ids"])  # validation reads the true codes
-    off = tiny_unified(tok_dir)
-    off.compute_loss = lambda b: (seen.append(b), {"loss": torch.zeros(()), "ce": torch.zeros(()),
-                                                   "ce_sum": torch.zeros(3), "count": torch.ones(3)})[1]
-    off.log_dict = off.log = lambda *a, **k: None
-    off.training_step(batch, 0)
+    recording(tiny_unified(tok_dir)).training_step(batch, 0)
     assert seen[-1] is batch  # 0 (the default): the batch as it came
     for bad in (-0.1, 1.0, "0.1", True, {"audio": 0.1}, {"image": 1.5}):
         with pytest.raises(ValueError, match="code_noise must be a number in"):
