@@ -364,6 +364,53 @@ def test_code_noise_per_modality(tok_dir):
     assert 0.4 < (noisy[image] != ids[image]).float().mean().item() < 0.55
 
 
+def test_und_code_targets_are_the_latent_under_each_patch(tok_dir):
+    module = tiny_unified(tok_dir, und_code_loss=1.0)
+    vq = module.tokenizer.image
+    module._und_block = 2  # 2x2 codes a patch, so the row-major order inside a patch is tested too
+    pixels = smooth_pixels(3, 3, 32, 32)
+    codes = vq.encode(pixels)  # (3, 4, 4)
+    grid = vq.code_vectors()  # (K, C)
+    targets = module.und_code_targets(pixels)
+    assert targets.shape == (3, 4, 4 * grid.shape[1])
+    for n in range(3):
+        for gi in range(2):
+            for gj in range(2):
+                under = codes[n, 2 * gi:2 * gi + 2, 2 * gj:2 * gj + 2].flatten()  # row-major within the patch
+                assert torch.equal(targets[n, gi * 2 + gj], grid[under].flatten()), (n, gi, gj)
+
+
+def test_und_code_loss_adds_the_weighted_latent_error(tok_dir):
+    batch = token_batches(MultimodalTokenizer.load(tok_dir), 2, 2)[0]
+    plain, aux = tiny_unified(tok_dir), tiny_unified(tok_dir, und_code_loss=2.0)
+    aux.model.load_state_dict(plain.model.state_dict())
+    base, out = plain.compute_loss(batch), aux.compute_loss(batch)
+    with torch.no_grad():
+        feats = aux.model.und(batch["und_pixels"])
+        expected = ((aux.und_code_head(feats) - aux.und_code_targets(batch["und_pixels"])) ** 2).mean()
+    assert torch.allclose(out["und_code"], expected, atol=1e-6)
+    assert torch.allclose(out["loss"], base["loss"] + 2.0 * expected, atol=1e-5)
+    no_und = {k: v for k, v in batch.items() if k != "und_pixels"}
+    no_und["ids"] = no_und["ids"].masked_fill(no_und["ids"] == aux.vocab.special("und"), aux.vocab.pad)
+    assert aux.compute_loss(no_und)["und_code"].item() == 0.0  # a batch without understood images
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="und_code_loss must be a finite number"):
+            UnifiedModule(tok_dir, und_code_loss=bad)
+
+
+def test_und_code_loss_trains_the_encoder_and_is_not_exported(tok_dir, tmp_path):
+    module = tiny_unified(tok_dir, und_code_loss=1.0)
+    data = token_batches(module.tokenizer, 2, 2)
+    first = module.compute_loss(data[0])["und_code"].item()
+    ckpt = _fit_with_checkpoint(module, _loader(data * 15), tmp_path / "ckpt", steps=30)
+    assert module.compute_loss(data[0])["und_code"].item() < 0.5 * first
+    assert any(k.startswith("und_code_head.") for k in torch.load(ckpt, weights_only=True)["state_dict"])
+    assert export_main([str(ckpt), "--out", str(tmp_path / "export"), "--tokenizer-dir", tok_dir]) == 0
+    engine = AnyGen.from_pretrained(tmp_path / "export")
+    for key, value in module.model.state_dict().items():
+        assert torch.equal(engine.model.state_dict()[key], value), key
+
+
 def test_loss_is_modality_weighted_mean_with_z_loss(tok_dir):
     """loss = Σ w_m CE_m / N + z · mean(log Z²); with unit weights it is routed_cross_entropy's own z-loss."""
     batch = token_batches(MultimodalTokenizer.load(tok_dir), 2, 2)[0]

@@ -12,11 +12,14 @@ What this module owns:
   tokenizer altogether (``reinit: [embed.image, head.image]``: the image rows start afresh, the rest is kept);
 - input code noise (``code_noise``): in training only, image / video input codes replaced at random, targets
   kept, against exposure bias;
+- an auxiliary loss on the understanding encoder (``und_code_loss``): its features regress the image
+  tokenizer's latent of the same pixels, through a head that is not exported;
 - AdamW with linear warm-up and cosine decay.
 
 Loss::
 
     loss = Σ_i w[modality(target_i)] · CE_i / N  +  z_loss_weight · Σ_i log(Z_i)² / N
+           +  und_code_loss · MSE(head(und features), FSQ latent of the understood pixels)
 
 over the N counted targets. A target counts unless it is ``-100``, padding (``attention_mask``
 False) or one of ``NO_LOSS_SPECIALS``: ``<|eol|> <|eoi|> <|eof|> <|eov|>`` are forced by the
@@ -41,6 +44,7 @@ trainable parameter in every step (no ``find_unused_parameters`` needed).
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -347,6 +351,14 @@ class UnifiedModule(LightningModule):
             learns to go on correctly after a wrong code, as it must after its own sampling mistakes (exposure
             bias). Validation and generation never see it. A number applies to both modalities; a mapping
             ``{"image": p, "video": q}`` sets each (a missing key: 0). 0: off.
+        und_code_loss: weight of an auxiliary loss on the understanding encoder (0: off). A linear head reads
+            each ``<|und|>`` feature (the aligner's output, what the decoder reads) and regresses the image
+            tokenizer's quantized latent of the pixels under that patch: the FSQ grid points of the
+            ``(patch / downsample)²`` codes it covers, MSE. Trained from scratch through the captions alone, the
+            encoder keeps less of a scene than an untrained one (``bench/und_probe.py``); this gives it a signal
+            that every understood image carries, whatever its text says. Training and validation only: the head
+            is not part of the model, and export and ``init_from`` skip it. Needs an FSQ image tokenizer whose
+            codes tile the encoder's patches.
     """
 
     def __init__(
@@ -367,6 +379,7 @@ class UnifiedModule(LightningModule):
         init_image_codes: str | None = None,
         reinit: list[str] | None = None,
         code_noise: float | dict[str, float] = 0.0,
+        und_code_loss: float = 0.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -413,6 +426,43 @@ class UnifiedModule(LightningModule):
         v = self.model.vocab
         self.register_buffer("no_loss_ids", torch.tensor([v.special(n) for n in NO_LOSS_SPECIALS]), persistent=False)
         self.eval_metrics = nn.ModuleDict({name: MeanMetric() for name in ("loss", "ce", *MODALITIES)})
+        self.und_code_loss = float(und_code_loss)
+        self.und_code_head: nn.Linear | None = None
+        if self.und_code_loss:
+            self._init_und_code_head()
+
+    def _init_und_code_head(self) -> None:
+        """The ``und_code_loss`` head, ``d_model -> block² · latent channels``, and the hook that keeps the
+        understanding encoder's output of the current forward for it."""
+        if not math.isfinite(self.und_code_loss) or self.und_code_loss < 0:
+            raise ValueError(f"und_code_loss must be a finite number >= 0, got {self.und_code_loss}")
+        und, image = self.model.und, self.tokenizer.image
+        if und is None:
+            raise ValueError("und_code_loss > 0 needs a model with an understanding encoder (the tokenizer writes no "
+                             "<|und|> positions)")
+        if image is None or image.config.quantizer != "fsq":
+            raise ValueError("und_code_loss > 0 needs an FSQ image tokenizer in tokenizer_dir (its codes' grid points "
+                             "are the targets)")
+        patch = und.image_size // int(math.isqrt(und.num_tokens))
+        if patch % image.downsample:
+            raise ValueError(f"und_code_loss: the understanding encoder's {patch}-px patches are not a whole number "
+                             f"of the image tokenizer's {image.downsample}-px codes")
+        self._und_block = patch // image.downsample
+        self._und_vq = image  # a plain attribute: the tokenizer is not trained and not in the state dict
+        self.und_code_head = nn.Linear(self.model.config.d_model, self._und_block ** 2 * len(image.config.fsq_levels))
+        self._und_feats: Tensor | None = None
+        und.register_forward_hook(lambda module, args, out: setattr(self, "_und_feats", out))
+
+    def und_code_targets(self, pixels: Tensor) -> Tensor:
+        """``(N, 3, S, S)`` understood pixels -> ``(N, und_tokens, block² · C)``: per patch, the FSQ grid points
+        of the codes under it, row-major within the patch."""
+        vq = self._und_vq.to(pixels.device)
+        codes = vq.encode(pixels.to(next(vq.parameters()).dtype))  # (N, h, w)
+        vectors = vq.quantizer.indices_to_codes(codes).float()  # (N, C, h, w)
+        n, c, h, w = vectors.shape
+        b = self._und_block
+        vectors = vectors.view(n, c, h // b, b, w // b, b).permute(0, 2, 4, 3, 5, 1)  # (N, gh, gw, b, b, C)
+        return vectors.reshape(n, (h // b) * (w // b), b * b * c)
 
     @property
     def vocab(self) -> Vocab:
@@ -471,6 +521,14 @@ class UnifiedModule(LightningModule):
             lse = torch.where(mask, ce + target_logit, torch.zeros_like(ce))
             out["z_loss"] = lse.square().sum() / n
             loss = loss + cfg.z_loss_weight * out["z_loss"]
+        if self.und_code_head is not None:
+            if und_pixels is not None and self._und_feats is not None:
+                pred = self.und_code_head(self._und_feats.float())
+                out["und_code"] = nn.functional.mse_loss(pred, self.und_code_targets(und_pixels))
+            else:  # no understood image in this batch: keep the head in the graph for DDP
+                out["und_code"] = 0.0 * sum(p.sum() for p in self.und_code_head.parameters())
+            self._und_feats = None
+            loss = loss + self.und_code_loss * out["und_code"]
         if und_pixels is None and self.model.und is not None:
             # keep every trainable parameter in the graph, so DDP needs no find_unused_parameters
             unused = [p.sum() for p in self.model.und.parameters() if p.requires_grad]
@@ -493,6 +551,8 @@ class UnifiedModule(LightningModule):
                 metrics[f"train/ce_{m}"] = out["ce_sum"][i] / counts[i]
         if "z_loss" in out:
             metrics["train/z_loss"] = out["z_loss"].detach()
+        if "und_code" in out:
+            metrics["train/und_code"] = out["und_code"].detach()
         self.log_dict(metrics, batch_size=b)
         self.log("loss", out["loss"].detach(), prog_bar=True, logger=False, batch_size=b)
         return out["loss"]
@@ -529,7 +589,8 @@ class UnifiedModule(LightningModule):
     # -- optimizer ---------------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
         decay, no_decay = [], []
-        for name, p in self.model.named_parameters():
+        head = [] if self.und_code_head is None else list(self.und_code_head.named_parameters(prefix="und_code_head"))
+        for name, p in [*self.model.named_parameters(), *head]:
             if p.requires_grad:
                 (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
         groups = [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
