@@ -393,7 +393,7 @@ def test_und_code_loss_adds_the_weighted_latent_error(tok_dir):
     no_und = {k: v for k, v in batch.items() if k != "und_pixels"}
     no_und["ids"] = no_und["ids"].masked_fill(no_und["ids"] == aux.vocab.special("und"), aux.vocab.pad)
     assert aux.compute_loss(no_und)["und_code"].item() == 0.0  # a batch without understood images
-    for bad in (-1.0, float("nan")):
+    for bad in (-1.0, float("nan"), "1.0", True):
         with pytest.raises(ValueError, match="und_code_loss must be a finite number"):
             UnifiedModule(tok_dir, und_code_loss=bad)
 

@@ -426,6 +426,8 @@ class UnifiedModule(LightningModule):
         v = self.model.vocab
         self.register_buffer("no_loss_ids", torch.tensor([v.special(n) for n in NO_LOSS_SPECIALS]), persistent=False)
         self.eval_metrics = nn.ModuleDict({name: MeanMetric() for name in ("loss", "ce", *MODALITIES)})
+        if isinstance(und_code_loss, bool) or not isinstance(und_code_loss, (int, float)):
+            raise ValueError(f"und_code_loss must be a finite number >= 0, got {und_code_loss!r}")
         self.und_code_loss = float(und_code_loss)
         self.und_code_head: nn.Linear | None = None
         if self.und_code_loss:
