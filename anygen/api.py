@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -283,11 +283,15 @@ class AnyGen:
                 default). The same output distribution in fewer forward passes (``docs/speed.md``). It draws
                 exactly one image or video: it needs ``start_with``, ``max_images`` 0 or 1, a known size
                 (``image_size`` / the trained grid, ``video_size``) and the modality's ``top_k=0``, ``top_p=1``.
-            best_of: text→image with self-reranking: draw this many images per prompt and keep the one under which
-                the model's own understanding path finds the prompt most likely (``score`` of the prompt after
-                ``Understand(image)``), as DALL-E reranked with CLIP. Needs text prompts (best read like a caption),
-                ``start_with="image"``, ``max_images`` 0 or 1 and an understanding encoder; costs ``best_of``
-                images per prompt. 1 (the default): off.
+            best_of: self-reranking, each path of the model judging the other's output; 1 (the default): off.
+                text→image (``start_with="image"``, ``max_images`` 0 or 1, text prompts best read like a caption,
+                an understanding encoder): draw this many images per prompt and keep the one under which the
+                understanding path finds the prompt most likely (``score`` of the prompt after
+                ``Understand(image)``), as DALL-E reranked with CLIP. image→text (no ``start_with``, exactly one
+                image in each prompt): draw this many replies and keep the one under which the generation path
+                finds the image most likely (``score_image``: the reply read as a caption); with greedy text the
+                greedy reply is one of them and the rest are sampled at temperature 1. Costs ``best_of``
+                generations per prompt.
 
         Returns:
             One ``GenerationOutput``, or a list of them for a batch.
@@ -369,8 +373,60 @@ class AnyGen:
             scores += self._score_rows(rows[lo:lo + batch_size])
         return scores
 
-    def _score_rows(self, rows: list[tuple[TokenSequence, torch.Tensor]]) -> list[float]:
-        """One right-padded forward over ``(context, continuation ids)`` rows."""
+    @torch.no_grad()
+    def score_image(self, context: Prompt | Sequence[Prompt], image: Any, *, batch_size: int = 16) -> list[float]:
+        """Log-probability (nats) of an image's VQ codes right after each context, teacher-forced.
+
+        The generation path's reading of how well a context (usually a caption, as in a text→image document)
+        describes an image: the sum over the image's codes of ``log p(code)``, normalised over the image codebook as
+        training and generation see it. The span's fixed ids (``<|boi|>``, the size tokens, row ends, ``<|eoi|>``)
+        are left out: the grammar writes them, and ``<|boi|>`` would measure whether an image follows at all, not
+        which one.
+
+        Args:
+            context: one prompt or a batch (as ``generate`` takes them).
+            image: the image every context is scored against, or one per context: a ``PIL.Image``, an ``Image``
+                segment, or ``Understand(image)`` (its pixels are written as VQ codes here).
+            batch_size: contexts per forward pass.
+
+        Returns:
+            One float per context.
+
+        Raises:
+            ValueError: the counts differ, the model has no image tokenizer, or a sequence does not fit the context.
+        """
+        contexts, _ = self._split_batch(context)
+        single = not isinstance(image, (list, tuple))
+        images = [image] * len(contexts) if single else list(image)
+        if len(images) != len(contexts):
+            raise ValueError(f"score_image needs one image per context (or one for all), got {len(images)} for "
+                             f"{len(contexts)}")
+        if self.tokenizer.image is None:
+            raise ValueError("score_image writes the image as VQ codes, and this model has no image tokenizer")
+        spans: dict[int, torch.Tensor] = {}  # the image's span, encoded once per distinct image object
+        rows = []
+        io, vo, limit = self.tokenizer.vocab.image_offset, self.tokenizer.vocab.video_offset, self.config.max_seq_len
+        for n, (ctx, img) in enumerate(zip(contexts, images)):
+            if id(img) not in spans:
+                seg = Image(img.image) if isinstance(img, Understand) else img
+                if not isinstance(seg, (Image, PIL.Image.Image)):
+                    raise ValueError(f"image #{n} is a {type(img).__name__}; accepted: PIL.Image, Image, Understand")
+                spans[id(img)] = torch.tensor(self.tokenizer.encode_segment(seg), dtype=torch.long)
+            head, span = self.encode_prompt(ctx), spans[id(img)]
+            if len(head) + len(span) > limit:
+                raise ValueError(f"context #{n} and the image take {len(head) + len(span)} tokens; the model's "
+                                 f"context is {limit}")
+            rows.append((head, span, (span >= io) & (span < vo)))
+        scores: list[float] = []
+        for lo in range(0, len(rows), batch_size):
+            scores += self._score_rows([(h, s) for h, s, _ in rows[lo:lo + batch_size]],
+                                       counted=[c for _, _, c in rows[lo:lo + batch_size]])
+        return scores
+
+    def _score_rows(self, rows: list[tuple[TokenSequence, torch.Tensor]],
+                    counted: list[torch.Tensor] | None = None) -> list[float]:
+        """One right-padded forward over ``(context, continuation ids)`` rows; ``counted``: per row, which
+        continuation ids count (default: all)."""
         v, device = self.tokenizer.vocab, self.device
         seqs = [torch.cat([head.ids, tail]) for head, tail in rows]
         width = max(len(x) for x in seqs)
@@ -380,6 +436,8 @@ class AnyGen:
         for r, ((head, tail), seq) in enumerate(zip(rows, seqs)):
             ids[r, :len(seq)], mask[r, :len(seq)] = seq, True
             targets[r, len(head) - 1:len(seq) - 1] = tail  # position t predicts id t + 1
+            if counted is not None:  # only these continuation ids count (score_image: the codes)
+                targets[r, len(head) - 1:len(seq) - 1][~counted[r]] = -100
         pixels = [head.und_pixels for head, _ in rows if head.und_pixels is not None]
         und = torch.cat(pixels).to(device) if pixels else None  # <|und|> runs are filled in row-major order
         logits = self.model(ids.to(device), attention_mask=mask.to(device), und_pixels=und)
@@ -388,9 +446,16 @@ class AnyGen:
         return (-nll.sum(-1)).tolist()
 
     def _best_of(self, prompts: list[Prompt], n: Any, kwargs: dict[str, Any]) -> list[GenerationOutput]:
-        """``generate(best_of=n)``: n images a prompt, keeping the best ``score(Understand(image), prompt)``."""
+        """``generate(best_of=n)``: n candidates a prompt, each path of the model reranking the other's output.
+
+        text → image (``start_with="image"``): the image under which the understanding path finds the prompt most
+        likely (``score``). image → text (no ``start_with``): the reply under which the generation path finds the
+        prompt's image most likely (``score_image``).
+        """
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise ValueError(f"best_of must be an int >= 1 (images drawn per prompt; 1: off), got {n!r}")
+            raise ValueError(f"best_of must be an int >= 1 (candidates drawn per prompt; 1: off), got {n!r}")
+        if kwargs["start_with"] is None:
+            return self._best_reply(prompts, n, kwargs)
         if kwargs["start_with"] != "image" or kwargs["max_images"] not in (0, 1):
             raise ValueError("best_of reranks text→image: pass start_with='image' and max_images 0 or 1, got "
                              f"start_with={kwargs['start_with']!r}, max_images={kwargs['max_images']!r}")
@@ -408,6 +473,39 @@ class AnyGen:
             scores[k] = value
         best = [max(range(i * n, (i + 1) * n), key=lambda k: scores[k]) for i in range(len(prompts))]
         return [outputs[k] for k in best]
+
+    def _best_reply(self, prompts: list[Prompt], n: int, kwargs: dict[str, Any]) -> list[GenerationOutput]:
+        """image → text with self-reranking: n replies a prompt, keeping the best ``score_image(reply, image)``.
+
+        The candidates are drawn with the ``text`` sampling; where that is greedy (temperature 0), the greedy reply
+        is the first candidate and the other n - 1 are sampled at temperature 1, so a reranked reply only replaces
+        the greedy one when the generation path prefers it. Ties keep the earlier candidate.
+        """
+        pictures = []
+        for k, prompt in enumerate(prompts):
+            segments = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt]
+            found = [s for s in segments if isinstance(s, (PIL.Image.Image, Image, Understand))]
+            if len(found) != 1:
+                raise ValueError(f"best_of without start_with reranks image→text: each reply is scored by how likely "
+                                 f"the generation path finds the prompt's image after it, so every prompt must hold "
+                                 f"exactly one image (PIL.Image, Image or Understand); prompt #{k} holds {len(found)}. "
+                                 "For text→image pass start_with='image'")
+            pictures.append(found[0])
+        if self.tokenizer.image is None:
+            raise ValueError("best_of scores replies by the prompt's image as VQ codes, and this model has no image "
+                             "tokenizer")
+        text = SamplingConfig.coerce(kwargs["text"], "text", self.sampling_defaults.text)
+        if text.temperature == 0:
+            first = self.generate(prompts, **kwargs)
+            others = self.generate([p for p in prompts for _ in range(n - 1)],
+                                   **{**kwargs, "text": replace(text, temperature=1.0)}) if n > 1 else []
+            candidates = [[first[i], *others[i * (n - 1):(i + 1) * (n - 1)]] for i in range(len(prompts))]
+        else:
+            drawn = self.generate([p for p in prompts for _ in range(n)], **kwargs)
+            candidates = [drawn[i * n:(i + 1) * n] for i in range(len(prompts))]
+        unique = list(dict.fromkeys((i, out.text) for i, row in enumerate(candidates) for out in row if out.text))
+        scored = dict(zip(unique, self.score_image([t for _, t in unique], [pictures[i] for i, _ in unique])))
+        return [max(row, key=lambda out: scored.get((i, out.text), float("-inf"))) for i, row in enumerate(candidates)]
 
 
 def read_sampling_defaults(directory: Path) -> SamplingDefaults:

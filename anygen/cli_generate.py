@@ -58,8 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="opt-in speculative Jacobi decoding of the --start-with span, WINDOW ids per forward pass "
                         "(same distribution, fewer passes; top-k and top-p stay off; default 0: off)")
     p.add_argument("--best-of", type=int, default=1, metavar="N",
-                   help="text→image (--start-with image, text prompts): draw N images per prompt and keep the one the "
-                        "model's understanding path scores best (default 1: off)")
+                   help="self-reranking. text→image (--start-with image, text prompts): draw N images per prompt and "
+                        "keep the one the model's understanding path scores best; image→text (no --start-with, one "
+                        "--understand or --image picture): draw N replies and keep the one under which the generation "
+                        "path finds the picture most likely (default 1: off)")
     p.add_argument("--batch-size", type=int, default=4, help="prompts per batch with --prompts")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     for m in MODALITIES:

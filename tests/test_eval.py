@@ -149,11 +149,11 @@ def test_anygen_eval_refuses_unknown_categories(tmp_path, capsys):
     assert "poetry" in capsys.readouterr().err
 
 
-def test_best_of_reranks_the_text_to_image_prompts_only(tmp_path, monkeypatch):
+def test_best_of_reranks_text_to_image_and_captions_not_edits(tmp_path, monkeypatch):
     from anygen.eval import main
     from anygen.eval.harness import EvalContext
     from anygen.testing import random_engine
-    from tokenizers_mm.segments import Image
+    from tokenizers_mm.segments import Image, Understand
 
     engine = random_engine("tiny")
     calls, real = [], engine.generate
@@ -165,6 +165,13 @@ def test_best_of_reranks_the_text_to_image_prompts_only(tmp_path, monkeypatch):
     calls.clear()
     ctx.generate_images([[Image(PIL.Image.new("RGB", (32, 32))), "make the circle yellow"]])  # an edit: as it is
     assert len(calls) == 1 and calls[0][1] == 1
+
+    calls.clear()
+    from anygen.eval.harness import eval_caption
+
+    result = eval_caption(ctx)  # captions rerank too: the generation path reads each reply against the picture
+    assert calls[0][1] == 3 and result.details["best_of"] == 3  # later calls: the candidates it draws
+    assert all(len(p) == 1 and isinstance(p[0], Understand) for p in calls[0][0])
 
     out = tmp_path / "eval"
     assert main(["--random-tiny", "--num", "2", "--out", str(out), "--categories", "t2i_single", "--best-of", "2"]) == 0

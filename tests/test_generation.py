@@ -331,8 +331,13 @@ def test_cli_generate_best_of(tmp_path, capsys):
     assert main(["a red circle", "--random-tiny", "--start-with", "image", "--best-of", "3", "--seed", "0",
                  "--out", str(tmp_path)]) == 0
     assert (tmp_path / "0000" / "image_0.png").is_file()
-    assert main(["a red circle", "--random-tiny", "--best-of", "3", "--out", str(tmp_path)]) == 2  # no image start
+    assert main(["a red circle", "--random-tiny", "--best-of", "3", "--out", str(tmp_path)]) == 2  # no image at all
     assert "pass start_with='image'" in capsys.readouterr().err
+    picture = tmp_path / "in.png"
+    _picture(4, (32, 32)).save(picture)
+    assert main(["describe it", "--random-tiny", "--understand", str(picture), "--best-of", "2", "--seed", "0",
+                 "--max-new-tokens", "6", "--out", str(tmp_path / "reply")]) == 0  # image→text: replies reranked
+    assert (tmp_path / "reply" / "0000" / "text.txt").is_file()
 
 
 def test_api_forced_image_start_defaults_to_the_trained_size():
@@ -389,6 +394,60 @@ def test_best_of_keeps_the_image_the_understanding_path_scores_best(engine):
         assert torch.equal(out.ids, drawn[pick].ids), i
     assert torch.equal(engine.generate(prompts[0], best_of=1, **kwargs).ids,
                        engine.generate(prompts[0], **kwargs).ids)  # 1: off
+
+
+def _reference_image_score(engine, context, picture):
+    """Sum of log-softmax over the image codebook at each of the picture's codes after ``context``, one forward."""
+    v = engine.tokenizer.vocab
+    head = engine.encode_prompt(context)
+    span = torch.tensor(engine.tokenizer.encode_segment(picture))
+    ids = torch.cat([head.ids, span])[None]
+    with torch.no_grad():
+        logits = engine.model(ids, und_pixels=head.und_pixels)[0, :, v.image_offset:v.video_offset].log_softmax(-1)
+    codes = [k for k, t in enumerate(span.tolist()) if v.image_offset <= t < v.video_offset]
+    assert len(codes) == engine.tokenizer.image_grid[0] * engine.tokenizer.image_grid[1]
+    return sum(float(logits[len(head) - 1 + k, span[k] - v.image_offset]) for k in codes)
+
+
+def test_score_image_is_the_log_probability_of_the_codes_alone(engine):
+    picture, other = _picture(5, (32, 32)), _picture(6, (32, 32))
+    contexts = [["a red circle"], [Understand(_picture(7)), "a blue square at the top"], ["x"]]
+    expected = [_reference_image_score(engine, c, picture) for c in contexts]
+    assert engine.score_image(contexts, picture) == pytest.approx(expected, abs=1e-4)  # right-padded, one batch
+    assert engine.score_image(contexts, Understand(picture)) == pytest.approx(expected, abs=1e-4)  # its pixels
+    assert engine.score_image(contexts, picture, batch_size=1) == pytest.approx(expected, abs=1e-4)
+    per_context = engine.score_image(contexts[:2], [picture, other])
+    assert per_context == pytest.approx([expected[0], _reference_image_score(engine, contexts[1], other)], abs=1e-4)
+    with pytest.raises(ValueError, match="one image per context .* got 2 for 3"):
+        engine.score_image(contexts, [picture, other])
+    with pytest.raises(ValueError, match="image #0 is a str"):
+        engine.score_image(["a"], ["not an image"])
+
+
+def test_best_of_keeps_the_reply_under_which_the_generation_path_finds_the_image_most_likely(engine):
+    pictures = [_picture(8, (32, 32)), _picture(9, (32, 32))]
+    prompts = [[Understand(pictures[0])], [pictures[1], "what is in the picture?"]]
+    kwargs = dict(max_new_tokens=6, max_images=1, seed=3, text={"temperature": 0.0})
+    best = engine.generate(prompts, best_of=3, **kwargs)
+    # what it draws: the greedy replies, then two more a prompt sampled at temperature 1
+    greedy = engine.generate(prompts, **kwargs)
+    sampled = engine.generate([p for p in prompts for _ in range(2)], **{**kwargs, "text": {"temperature": 1.0}})
+    for i, out in enumerate(best):
+        candidates = [greedy[i], *sampled[2 * i:2 * i + 2]]
+        texts = [c.text for c in candidates]
+        assert len(set(texts)) > 1, texts  # the choice matters
+        scores = [engine.score_image(t, pictures[i])[0] if t else float("-inf") for t in texts]
+        assert out.text == texts[max(range(3), key=lambda k: scores[k])], i
+    sampling = {**kwargs, "text": {"temperature": 1.0}}  # sampled text: the n candidates are drawn alike
+    drawn = engine.generate([prompts[0]] * 3, **sampling)
+    scores = [engine.score_image(d.text, pictures[0])[0] if d.text else float("-inf") for d in drawn]
+    assert engine.generate(prompts[0], best_of=3, **sampling).text == drawn[max(range(3), key=lambda k: scores[k])].text
+
+
+@pytest.mark.parametrize("prompt, holds", [("a red circle", 0), ([_picture(1), Understand(_picture(2)), "x"], 2)])
+def test_best_of_a_reply_needs_exactly_one_image_in_the_prompt(engine, prompt, holds):
+    with pytest.raises(ValueError, match=f"exactly one image .* holds {holds}.*pass start_with='image'"):
+        engine.generate(prompt, best_of=2, max_new_tokens=4)
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -120,8 +120,10 @@ class EvalContext:
         holdout / data_seed: the data set's held-out fraction and seed (``anygen data shapes``).
         sampling: ``generate`` sampling keyword arguments (``text=``, ``image=``, ``video=``).
         keep_images: called with ``(category, index, name, PIL.Image)`` for every generated image.
-        best_of: text→image prompts (one object, two objects, digits) draw this many images and keep the one the
-            model's understanding path scores best (``AnyGen.generate(best_of=...)``); 1: one image, no reranking.
+        best_of: self-reranking (``AnyGen.generate(best_of=...)``); 1: one draw, no reranking. Text→image prompts
+            (one object, two objects, digits) draw this many images and keep the one the model's understanding path
+            scores best; captions draw this many (the greedy one and the rest sampled) and keep the one under which
+            the generation path finds the image most likely.
     """
 
     engine: Any
@@ -250,7 +252,8 @@ def eval_caption(ctx: EvalContext) -> CategoryResult:
     scenes = [sample_scene(ctx.rng("caption", i), first=ctx.objects[i % len(ctx.objects)]) for i in range(ctx.num)]
     images = [render_scene(s, ctx.image_px[0]) for s in scenes]
     wrap = Understand if tok.und_tokens > 0 else Image  # no understanding path: the image as VQ context
-    outputs = ctx.generate([[wrap(im)] for im in images], max_new_tokens=48)
+    rerank = {"best_of": ctx.best_of} if ctx.best_of > 1 else {}
+    outputs = ctx.generate([[wrap(im)] for im in images], max_new_tokens=48, **rerank)
     samples = []
     hits = {"color": 0, "shape": 0, "position": 0}
     for scene, out in zip(scenes, outputs):
@@ -265,6 +268,7 @@ def eval_caption(ctx: EvalContext) -> CategoryResult:
     details = {k: v / total for k, v in hits.items()}
     details["exact"] = _mean([s["correct"] for s in samples])
     details["path"] = "understand" if wrap is Understand else "vq"
+    details["best_of"] = ctx.best_of
     score = _mean([details["color"], details["shape"], details["position"]])
     return CategoryResult("caption", len(scenes), "attributes", score, details, samples,
                           time.perf_counter() - started)
