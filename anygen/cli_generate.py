@@ -38,7 +38,8 @@ def _size(text: str, n: int, name: str) -> tuple[int, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="anygen generate", description="Generate interleaved text, images and video.")
-    p.add_argument("prompt", nargs="?", help="the text prompt (or use --prompts FILE.jsonl)")
+    p.add_argument("prompt", nargs="?", help="the text prompt (or use --prompts FILE.jsonl); may be left out when "
+                   "--understand / --image give a picture (a caption: the picture alone, as captions were trained)")
     p.add_argument("--prompts", type=Path, help="JSONL file of prompts, run in batches")
     p.add_argument("--checkpoint", type=Path, help="checkpoint directory")
     p.add_argument("--random-tiny", action="store_true", help="use a tiny random engine (for trying the plumbing)")
@@ -79,8 +80,8 @@ def _sampling(args: argparse.Namespace, modality: str) -> dict:
 
 def _load_prompts(args: argparse.Namespace) -> list[dict]:
     if args.prompts is None:
-        if not args.prompt:
-            raise ValueError("give a prompt, or --prompts FILE.jsonl")
+        if not args.prompt and not (args.image or args.understand):
+            raise ValueError("give a prompt (text, --image / --understand pictures, or both), or --prompts FILE.jsonl")
         return [{"prompt": args.prompt, "images": [str(p) for p in args.image],
                  "understand": [str(p) for p in args.understand]}]
     if not args.prompts.is_file():

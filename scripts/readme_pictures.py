@@ -65,7 +65,10 @@ def main() -> None:
                          tok.image_size[0])
     caption = engine.generate([Understand(scene)], max_new_tokens=48, text={"temperature": 0.0}, seed=seed).text
     _big(scene).save(args.out / "image_to_text.png")
-    log["image_to_text"] = {"prompt": "[Understand(image)]", "file": "image_to_text.png", "text": caption}
+    reranked = engine.generate([Understand(scene)], max_new_tokens=48, text={"temperature": 0.0}, seed=seed,
+                               best_of=16).text  # 16 replies, the generation path keeps one
+    log["image_to_text"] = {"prompt": "[Understand(image)]", "file": "image_to_text.png", "text": caption,
+                            "text_best_of_16": reranked}
     # text → video: first, middle and last frame
     t2v = "a green triangle moves to the right"
     clip = engine.generate(t2v, start_with="video", video_size=clip_grid, max_images=1, seed=seed).videos[0]

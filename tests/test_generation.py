@@ -335,9 +335,11 @@ def test_cli_generate_best_of(tmp_path, capsys):
     assert "pass start_with='image'" in capsys.readouterr().err
     picture = tmp_path / "in.png"
     _picture(4, (32, 32)).save(picture)
-    assert main(["describe it", "--random-tiny", "--understand", str(picture), "--best-of", "2", "--seed", "0",
-                 "--max-new-tokens", "6", "--out", str(tmp_path / "reply")]) == 0  # image→text: replies reranked
+    assert main(["--random-tiny", "--understand", str(picture), "--best-of", "2", "--seed", "0",
+                 "--max-new-tokens", "6", "--out", str(tmp_path / "reply")]) == 0  # a caption, reranked: no text
     assert (tmp_path / "reply" / "0000" / "text.txt").is_file()
+    assert main(["--random-tiny", "--out", str(tmp_path)]) == 2  # neither text nor a picture
+    assert "give a prompt (text, --image / --understand pictures, or both)" in capsys.readouterr().err
 
 
 def test_api_forced_image_start_defaults_to_the_trained_size():
