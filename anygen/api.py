@@ -386,14 +386,17 @@ class AnyGen:
         Args:
             context: one prompt or a batch (as ``generate`` takes them).
             image: the image every context is scored against, or one per context: a ``PIL.Image``, an ``Image``
-                segment, or ``Understand(image)`` (its pixels are written as VQ codes here).
+                segment, or ``Understand(image)`` (its pixels are written as VQ codes here, centre-cropped to the
+                tokenizer's image size as any VQ image is; the understanding encoder pads instead, which only
+                differs for a picture that is not square).
             batch_size: contexts per forward pass.
 
         Returns:
             One float per context.
 
         Raises:
-            ValueError: the counts differ, the model has no image tokenizer, or a sequence does not fit the context.
+            ValueError: the counts differ, an image is not one of the accepted types, ``batch_size`` < 1, the model
+                has no image tokenizer, or a sequence does not fit the context.
         """
         contexts, _ = self._split_batch(context)
         single = not isinstance(image, (list, tuple))
@@ -401,6 +404,8 @@ class AnyGen:
         if len(images) != len(contexts):
             raise ValueError(f"score_image needs one image per context (or one for all), got {len(images)} for "
                              f"{len(contexts)}")
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
         if self.tokenizer.image is None:
             raise ValueError("score_image writes the image as VQ codes, and this model has no image tokenizer")
         spans: dict[int, torch.Tensor] = {}  # the image's span, encoded once per distinct image object
@@ -420,13 +425,13 @@ class AnyGen:
         scores: list[float] = []
         for lo in range(0, len(rows), batch_size):
             scores += self._score_rows([(h, s) for h, s, _ in rows[lo:lo + batch_size]],
-                                       counted=[c for _, _, c in rows[lo:lo + batch_size]])
+                                       counted=[c for _, _, c in rows[lo:lo + batch_size]], head_mode="routed")
         return scores
 
     def _score_rows(self, rows: list[tuple[TokenSequence, torch.Tensor]],
-                    counted: list[torch.Tensor] | None = None) -> list[float]:
+                    counted: list[torch.Tensor] | None = None, head_mode: str | None = None) -> list[float]:
         """One right-padded forward over ``(context, continuation ids)`` rows; ``counted``: per row, which
-        continuation ids count (default: all)."""
+        continuation ids count (default: all); ``head_mode`` overrides the config's normalisation."""
         v, device = self.tokenizer.vocab, self.device
         seqs = [torch.cat([head.ids, tail]) for head, tail in rows]
         width = max(len(x) for x in seqs)
@@ -442,7 +447,7 @@ class AnyGen:
         und = torch.cat(pixels).to(device) if pixels else None  # <|und|> runs are filled in row-major order
         logits = self.model(ids.to(device), attention_mask=mask.to(device), und_pixels=und)
         nll = routed_cross_entropy(logits, targets.to(device), v, targets.to(device) >= 0,
-                                   head_mode=self.config.head_mode, reduction="none")
+                                   head_mode=head_mode or self.config.head_mode, reduction="none")
         return (-nll.sum(-1)).tolist()
 
     def _best_of(self, prompts: list[Prompt], n: Any, kwargs: dict[str, Any]) -> list[GenerationOutput]:
@@ -457,7 +462,8 @@ class AnyGen:
         if kwargs["start_with"] is None:
             return self._best_reply(prompts, n, kwargs)
         if kwargs["start_with"] != "image" or kwargs["max_images"] not in (0, 1):
-            raise ValueError("best_of reranks text→image: pass start_with='image' and max_images 0 or 1, got "
+            raise ValueError("best_of reranks text→image: pass start_with='image' and max_images 0 or 1 (or no "
+                             "start_with, with one image in each prompt, to rerank image→text replies), got "
                              f"start_with={kwargs['start_with']!r}, max_images={kwargs['max_images']!r}")
         if not all(isinstance(p, str) for p in prompts):
             raise ValueError("best_of scores each image by the likelihood of its prompt's text: every prompt must "
@@ -479,11 +485,16 @@ class AnyGen:
 
         The candidates are drawn with the ``text`` sampling; where that is greedy (temperature 0), the greedy reply
         is the first candidate and the other n - 1 are sampled at temperature 1, so a reranked reply only replaces
-        the greedy one when the generation path prefers it. Ties keep the earlier candidate.
+        the greedy one when the generation path prefers it. Ties keep the earlier candidate. A reply is scored by its
+        text alone (``out.text``, as a caption before the picture); one without text, or too long to precede the
+        picture in the context, never wins unless none can be scored (then the first candidate is kept).
         """
+        if any(isinstance(p, TokenSequence) for p in prompts):
+            raise ValueError("best_of without start_with reranks image→text and needs each prompt's picture: pass "
+                             "prompts as segments (a list holding the image), not as a TokenSequence")
+        prompts = [list(p) if isinstance(p, (list, tuple)) else [p] for p in prompts]  # a bare image is one prompt
         pictures = []
-        for k, prompt in enumerate(prompts):
-            segments = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt]
+        for k, segments in enumerate(prompts):
             found = [s for s in segments if isinstance(s, (PIL.Image.Image, Image, Understand))]
             if len(found) != 1:
                 raise ValueError(f"best_of without start_with reranks image→text: each reply is scored by how likely "
@@ -503,8 +514,13 @@ class AnyGen:
         else:
             drawn = self.generate([p for p in prompts for _ in range(n)], **kwargs)
             candidates = [drawn[i * n:(i + 1) * n] for i in range(len(prompts))]
-        unique = list(dict.fromkeys((i, out.text) for i, row in enumerate(candidates) for out in row if out.text))
-        scored = dict(zip(unique, self.score_image([t for _, t in unique], [pictures[i] for i, _ in unique])))
+        spans = [len(self.tokenizer.encode_segment(Image(p.image) if isinstance(p, Understand) else p))
+                 for p in pictures]
+        limit = self.config.max_seq_len  # a reply too long to precede its picture cannot be scored: it never wins
+        unique = list(dict.fromkeys((i, out.text) for i, row in enumerate(candidates) for out in row if out.text
+                                    and 1 + len(self.tokenizer.text.encode(out.text)) + spans[i] <= limit))
+        scored = dict(zip(unique, self.score_image([t for _, t in unique], [pictures[i] for i, _ in unique]))
+                      ) if unique else {}
         return [max(row, key=lambda out: scored.get((i, out.text), float("-inf"))) for i, row in enumerate(candidates)]
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from anygen import AnyGen, Understand
+from anygen.api import GenerationOutput
 from anygen.eval.harness import eval_sampling
 from anygen.generation.events import ImageDone, ImageRows, ImageStarted, RowDone, TextDelta, VideoFrameDone
 from anygen.generation.generator import DEFAULT_IMAGE, DEFAULT_TEXT, DEFAULT_VIDEO, SamplingDefaults
@@ -413,15 +414,18 @@ def _reference_image_score(engine, context, picture):
 
 def test_score_image_is_the_log_probability_of_the_codes_alone(engine):
     picture, other = _picture(5, (32, 32)), _picture(6, (32, 32))
-    contexts = [["a red circle"], [Understand(_picture(7)), "a blue square at the top"], ["x"]]
+    contexts = [["a red circle"], [Understand(_picture(7)), "a blue square at the top"], ["x"],
+                [Understand(_picture(10)), "two understood pictures in one batch: their rows keep their order"]]
     expected = [_reference_image_score(engine, c, picture) for c in contexts]
     assert engine.score_image(contexts, picture) == pytest.approx(expected, abs=1e-4)  # right-padded, one batch
     assert engine.score_image(contexts, Understand(picture)) == pytest.approx(expected, abs=1e-4)  # its pixels
     assert engine.score_image(contexts, picture, batch_size=1) == pytest.approx(expected, abs=1e-4)
     per_context = engine.score_image(contexts[:2], [picture, other])
     assert per_context == pytest.approx([expected[0], _reference_image_score(engine, contexts[1], other)], abs=1e-4)
-    with pytest.raises(ValueError, match="one image per context .* got 2 for 3"):
+    with pytest.raises(ValueError, match="one image per context .* got 2 for 4"):
         engine.score_image(contexts, [picture, other])
+    with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
+        engine.score_image(contexts, picture, batch_size=0)
     with pytest.raises(ValueError, match="image #0 is a str"):
         engine.score_image(["a"], ["not an image"])
 
@@ -446,6 +450,23 @@ def test_best_of_keeps_the_reply_under_which_the_generation_path_finds_the_image
     assert engine.generate(prompts[0], best_of=3, **sampling).text == drawn[max(range(3), key=lambda k: scores[k])].text
 
 
+def test_best_of_a_reply_takes_a_bare_picture_and_keeps_the_first_when_none_can_be_scored(engine, monkeypatch):
+    out = engine.generate(Understand(_picture(3, (32, 32))), best_of=2, max_new_tokens=4, seed=0)  # one prompt
+    assert isinstance(out, GenerationOutput)
+    real = engine.generate
+
+    def textless(prompt, **kw):  # every candidate ends without text: nothing to score
+        if kw.get("best_of", 1) != 1:
+            return real(prompt, **kw)
+        return [GenerationOutput(finish_reason=f"row {k}") for k in range(len(engine._split_batch(prompt)[0]))]
+
+    monkeypatch.setattr(engine, "generate", textless)
+    kept = engine.generate([Understand(_picture(3, (32, 32)))], best_of=3, text={"temperature": 0.0})
+    assert kept.finish_reason == "row 0"  # the greedy candidate, not an error from scoring nothing
+    with pytest.raises(ValueError, match="not as a TokenSequence"):
+        real([engine.encode_prompt([Understand(_picture(3))])], best_of=2)
+
+
 @pytest.mark.parametrize("prompt, holds", [("a red circle", 0), ([_picture(1), Understand(_picture(2)), "x"], 2)])
 def test_best_of_a_reply_needs_exactly_one_image_in_the_prompt(engine, prompt, holds):
     with pytest.raises(ValueError, match=f"exactly one image .* holds {holds}.*pass start_with='image'"):
@@ -454,7 +475,8 @@ def test_best_of_a_reply_needs_exactly_one_image_in_the_prompt(engine, prompt, h
 
 @pytest.mark.parametrize("kwargs, match", [
     ({"best_of": 0}, "best_of must be an int >= 1"),
-    ({"best_of": 2, "start_with": None}, "pass start_with='image'"),
+    ({"best_of": 2, "start_with": None}, "holds 0"),  # no start_with: image→text, and "a red circle" has no image
+    ({"best_of": 2, "start_with": "video"}, "or no start_with"),
     ({"best_of": 2, "max_images": 2}, "max_images 0 or 1"),
     ({"best_of": 2, "prompt": [Understand(PIL.Image.new("RGB", (8, 8))), "x"]}, "every prompt must be a str"),
 ])
