@@ -514,12 +514,14 @@ class AnyGen:
         else:
             drawn = self.generate([p for p in prompts for _ in range(n)], **kwargs)
             candidates = [drawn[i * n:(i + 1) * n] for i in range(len(prompts))]
-        spans = [len(self.tokenizer.encode_segment(Image(p.image) if isinstance(p, Understand) else p))
-                 for p in pictures]
+        # each picture is VQ-encoded once: its codes both size the length check and are what score_image reads
+        coded = [Image(codes=self.tokenizer.image_codes(Image(p.image) if isinstance(p, Understand) else
+                                                        p if isinstance(p, Image) else Image(p))) for p in pictures]
+        spans = [len(self.tokenizer.image_span(c.codes)) for c in coded]
         limit = self.config.max_seq_len  # a reply too long to precede its picture cannot be scored: it never wins
         unique = list(dict.fromkeys((i, out.text) for i, row in enumerate(candidates) for out in row if out.text
                                     and 1 + len(self.tokenizer.text.encode(out.text)) + spans[i] <= limit))
-        scored = dict(zip(unique, self.score_image([t for _, t in unique], [pictures[i] for i, _ in unique]))
+        scored = dict(zip(unique, self.score_image([t for _, t in unique], [coded[i] for i, _ in unique]))
                       ) if unique else {}
         return [max(row, key=lambda out: scored.get((i, out.text), float("-inf"))) for i, row in enumerate(candidates)]
 
