@@ -697,6 +697,49 @@ def test_reinit_keeps_the_named_rows_fresh_and_loads_the_rest(tok_dir, tmp_path)
 
 
 
+def test_grow_depth_spreads_the_old_blocks_and_starts_the_new_ones_as_identities(tok_dir, tmp_path):
+    """Block expansion: a deeper model warm-started from a shallower one computes exactly what it did, its new
+    blocks (copies with zeroed output projections) sit evenly between the old ones, and they do learn."""
+    pretrained = tiny_unified(tok_dir).model
+    n = pretrained.config.n_layer
+    path = tmp_path / "shallow"
+    AnyGen(pretrained, MultimodalTokenizer.load(tok_dir)).save_pretrained(path)
+    deep = tiny_unified(tok_dir, init_from=str(path), grow_depth=True, model={"n_layer": n + 3})
+    assert deep.model.config.n_layer == n + 3
+    ids = torch.randint(0, pretrained.vocab.text_size, (2, 12))
+    with torch.no_grad():
+        assert torch.allclose(deep.model.eval()(ids), pretrained.eval()(ids), atol=1e-5)
+    old = pretrained.state_dict()
+    new = deep.model.state_dict()
+    # blocks.0 .. are the old ones in order with a copy after some of them; which is which, from the weights
+    layout = []
+    for i in range(n + 3):
+        source = [j for j in range(n) if torch.equal(new[f"blocks.{i}.attn.q_proj.weight"],
+                                                     old[f"blocks.{j}.attn.q_proj.weight"])]
+        copy = not new[f"blocks.{i}.attn.o_proj.weight"].any()
+        layout.append((source[0], copy))
+        if copy:
+            assert not new[f"blocks.{i}.mlp.down_proj.weight"].any()
+        else:
+            assert torch.equal(new[f"blocks.{i}.mlp.down_proj.weight"], old[f"blocks.{source[0]}.mlp.down_proj.weight"])
+    assert [j for j, copy in layout if not copy] == list(range(n))  # the old blocks keep their order
+    assert sum(copy for _, copy in layout) == 3 and all(layout[i - 1][0] == j for i, (j, c) in enumerate(layout) if c)
+    for key in ("embed.text.weight", "head.image.weight", "norm.weight"):
+        assert torch.equal(new[key], old[key]), key
+    # the zeroed projections get gradients: the new blocks train
+    deep.model.train()
+    batch = {"ids": ids, "targets": torch.roll(ids, -1, 1)}
+    deep.training_step(batch, 0).backward()
+    zeroed = [i for i, (_, c) in enumerate(layout) if c][0]
+    assert deep.model.blocks[zeroed].attn.o_proj.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="only adds blocks"):
+        tiny_unified(tok_dir, init_from=str(path), grow_depth=True, model={"n_layer": max(1, n - 1)})
+    with pytest.raises(ValueError, match="set init_from too"):
+        tiny_unified(tok_dir, grow_depth=True)
+    with pytest.raises(ValueError, match="do not fit"):  # without grow_depth a deeper model is refused by name
+        tiny_unified(tok_dir, init_from=str(path), model={"n_layer": n + 3})
+
+
 def test_a_grid_model_warm_starts_from_one_without_grid_tables(tok_dir, tmp_path):
     """``image_grid_embed`` on a model trained without it: ``reinit: [grid_embed]`` leaves its (zero) tables to
     the new model, so it starts out computing exactly what the checkpoint did; without it the load is refused."""

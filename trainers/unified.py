@@ -9,7 +9,8 @@ What this module owns:
   masked, per-modality weights, z-loss, and each modality's CE logged apart;
 - staged training (Janus): which parameter groups train (``train:``), and starting from an earlier
   stage (``init_from:``), also across a refined image codebook (``init_image_codes:``) or another image
-  tokenizer altogether (``reinit: [embed.image, head.image]``: the image rows start afresh, the rest is kept);
+  tokenizer altogether (``reinit: [embed.image, head.image]``: the image rows start afresh, the rest is kept),
+  or into a deeper model (``grow_depth:``, block expansion: the new blocks start as identities);
 - input code noise (``code_noise``): in training only, image / video input codes replaced at random, targets
   kept, against exposure bias;
 - an auxiliary loss on the understanding encoder (``und_code_loss``): its features regress the image
@@ -218,8 +219,48 @@ def _under(key: str, prefix: str) -> bool:
     return key == prefix or key.startswith(prefix.rstrip(".") + ".")
 
 
+# the linear layers that write a block's output into the residual stream: zeroed, they make the block an identity
+RESIDUAL_WRITERS = ("attn.o_proj.", "mlp.down_proj.")
+
+
+def expand_blocks(state: dict[str, Tensor], n_layer: int) -> dict[str, Tensor]:
+    """``state`` with its transformer blocks spread over ``n_layer`` blocks (LLaMA-Pro's block expansion).
+
+    The old blocks keep their order; after old block ``i`` come ``floor((i + 1)·e / n) - floor(i·e / n)`` new ones
+    (``e = n_layer - n`` new blocks spread evenly over the ``n`` old ones: 4 -> 6 puts one after blocks 1 and 3),
+    each a copy of block ``i`` whose residual writers (``RESIDUAL_WRITERS``: the attention output and the MLP down
+    projection) are zero. A zeroed block adds nothing to the residual stream, so the grown model computes exactly
+    what the old one did, and training starts from there with the extra depth to use. Other tensors are unchanged.
+
+    Raises:
+        ValueError: ``state`` has no blocks, or more than ``n_layer``.
+    """
+    indices = sorted({int(k.split(".")[1]) for k in state if k.startswith("blocks.")})
+    n = len(indices)
+    if n == 0 or indices != list(range(n)):
+        raise ValueError(f"grow_depth needs weights with blocks.0 .. blocks.N-1, got block indices {indices[:8]}")
+    if n_layer < n:
+        raise ValueError(f"grow_depth only adds blocks: the weights have {n}, the model config asks for {n_layer} "
+                         f"(set model.n_layer to {n} or more)")
+    extra = n_layer - n
+    order: list[tuple[int, bool]] = []  # (old block, is a zeroed copy) for each new index
+    for i in range(n):
+        order.append((i, False))
+        order += [(i, True)] * ((i + 1) * extra // n - i * extra // n)
+    out = {k: v for k, v in state.items() if not k.startswith("blocks.")}
+    for new, (old, copy) in enumerate(order):
+        prefix = f"blocks.{old}."
+        for key, value in state.items():
+            if key.startswith(prefix):
+                rest = key[len(prefix):]
+                zero = copy and rest.startswith(RESIDUAL_WRITERS)
+                out[f"blocks.{new}.{rest}"] = torch.zeros_like(value) if zero else value.clone()
+    return out
+
+
 def load_initial_weights(model: AnyGenModel, path: str | Path, *, image_code_map: Tensor | None = None,
-                         text_tokenizer: Path | None = None, reinit: tuple[str, ...] = ()) -> None:
+                         text_tokenizer: Path | None = None, reinit: tuple[str, ...] = (),
+                         grow_depth: bool = False) -> None:
     """Load weights from a ``save_pretrained`` directory or a Lightning ``.ckpt`` of a ``UnifiedModule``.
 
     A ``.ckpt`` is read with ``torch.load(weights_only=True)``: tensors and plain values only.
@@ -235,6 +276,8 @@ def load_initial_weights(model: AnyGenModel, path: str | Path, *, image_code_map
         reinit: state-dict prefixes (``check_reinit``) not loaded: those tensors keep ``model``'s own
             initialisation, and may be absent from ``path`` or have another shape there. When both image rows
             (``embed.image`` and ``head.image``) are reinitialised, the image codebook size may differ too.
+        grow_depth: ``path`` may have fewer transformer blocks than ``model``: they are spread over its depth and
+            the new ones start as identities (``expand_blocks``).
 
     Raises:
         FileNotFoundError: ``path`` is neither.
@@ -280,6 +323,8 @@ def load_initial_weights(model: AnyGenModel, path: str | Path, *, image_code_map
                     raise ValueError(f"init_image_codes maps onto {int(image_code_map.max()) + 1} old codes, but "
                                      f"{path} has {rows} rows in {key}: the tokenizer is not the one it trained on")
                 state[key] = state[key][image_code_map.to(state[key].device)]
+    if grow_depth:
+        state = expand_blocks(state, model.config.n_layer)
     if reinit:
         own = model.state_dict()
         state = {k: v for k, v in state.items() if not any(_under(k, r) for r in reinit)}
@@ -359,6 +404,10 @@ class UnifiedModule(LightningModule):
             that every understood image carries, whatever its text says. Training and validation only: the head
             is not part of the model, and export and ``init_from`` skip it. Needs an FSQ image tokenizer whose
             codes tile the encoder's patches.
+        grow_depth: ``init_from`` may have fewer transformer blocks than ``model.n_layer``: block expansion
+            (``expand_blocks``): its blocks are spread over the deeper stack and each new block starts as a copy
+            of the one before it with its output projections zeroed, so training starts from exactly the old
+            model's function with more depth to learn in. Needs ``init_from``.
     """
 
     def __init__(
@@ -380,6 +429,7 @@ class UnifiedModule(LightningModule):
         reinit: list[str] | None = None,
         code_noise: float | dict[str, float] = 0.0,
         und_code_loss: float = 0.0,
+        grow_depth: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -408,6 +458,8 @@ class UnifiedModule(LightningModule):
         reinit_prefixes = check_reinit(self.model, reinit)
         if reinit_prefixes and init_from is None:
             raise ValueError(f"reinit {list(reinit_prefixes)} names what init_from should not fill; set init_from too")
+        if grow_depth and init_from is None:
+            raise ValueError("grow_depth deepens init_from's model; set init_from too")
         if init_from is not None:
             code_map = None
             if init_image_codes is not None:
@@ -415,7 +467,8 @@ class UnifiedModule(LightningModule):
                     raise ValueError(f"init_image_codes is set but the tokenizer in {tokenizer_dir} has no image VQ")
                 code_map = nearest_code_map(ImageTokenizer.load(init_image_codes), self.tokenizer.image)
             load_initial_weights(self.model, init_from, image_code_map=code_map,
-                                 text_tokenizer=Path(tokenizer_dir) / TEXT_FILE, reinit=reinit_prefixes)
+                                 text_tokenizer=Path(tokenizer_dir) / TEXT_FILE, reinit=reinit_prefixes,
+                                 grow_depth=grow_depth)
         apply_trainable(self.model, self.groups)
         empty = [n for n in self.groups if not parameter_groups(self.model)[n]]
         if empty and train != "all":
