@@ -14,9 +14,11 @@ Notable:
   the chat says so.
 - Uploaded images are read by the understanding encoder (``Understand``, to ask about them) or given as
   VQ context (``Image``, to edit them), as the user picks; uploaded video is VQ context.
-- Best of N (text → image, ``best_of``): N candidates are drawn as one batch, the first one previewed, and
-  the one whose prompt the model's own understanding path finds most likely is kept (``AnyGen.score``, as
-  ``generate(best_of=N)`` does); the chat says which.
+- Best of N (``best_of``), each path of the model judging the other's output as ``generate(best_of=N)`` does:
+  N candidates are drawn as one batch and the first one previewed. A text → image reply keeps the image whose
+  prompt the understanding path finds most likely (``AnyGen.score``); an image → text reply (one uploaded
+  picture, text sampled at a temperature above 0) keeps the reply under which the generation path finds the
+  picture most likely (``AnyGen.score_image``) and shows it in place of the first. The chat says which.
 - Streaming: text shows as it arrives; an image shows at once as a grey canvas that fills in every
   ``preview_every`` rows (``ImageRows.preview``); a video shows its frame count, then the mp4.
 - One engine, one generation at a time: the model holds a single KV cache, so the chat event runs with
@@ -63,7 +65,7 @@ from anygen.generation.generator import DEFAULT_IMAGE, DEFAULT_TEXT, DEFAULT_VID
 from anygen.generation.sampling import SamplingConfig
 from tokenizers_mm.multimodal import TokenSequence
 from tokenizers_mm.preprocess import load_image
-from tokenizers_mm.segments import Image, Segment, Understand, Video
+from tokenizers_mm.segments import Image, Segment, Text, Understand, Video
 from tokenizers_mm.video_io import load_video, write_video
 from tokenizers_mm.vocab import Vocab
 
@@ -77,7 +79,7 @@ ASPECTS: dict[str, float | None] = {"auto": None, "1:1": 1.0, "4:3": 4 / 3, "3:4
                                     "9:16": 9 / 16}
 TEXT_REFRESH_S = 0.05  # at most this often a text delta alone re-sends the chat to the browser
 CANVAS_GREY = (128, 128, 128)
-MAX_BEST_OF = 8  # candidates one text → image reply may draw (one batch: N times the work of one image)
+MAX_BEST_OF = 8  # candidates one reply may draw (one batch: N times the work of one reply)
 CSS = """
 .anygen-notice { padding: 0.6em 1em; border-radius: 8px; background: #fff3cd; color: #664d03;
                  border: 1px solid #ffe69c; font-weight: 600; }
@@ -94,7 +96,7 @@ class ChatOptions:
     ``image_side`` is the longer side of a generated image in tokens and ``aspect`` its width : height
     (``"auto"`` lets the model pick the size); ``video_frames`` / ``video_side`` give a generated video's
     latent frames and square side in tokens; ``seed=-1`` samples freshly each time; ``best_of`` > 1 draws that
-    many candidates for a text → image reply and keeps the one the model reads back best.
+    many candidates for a text → image reply, or an image → text one, and keeps the one the model reads back best.
     """
 
     upload_mode: Literal["understand", "edit"] = "understand"
@@ -297,22 +299,25 @@ class ChatRunner:
             settings = options.settings(self.engine)
             seq = tok.encode(segments, bos=False, eos=False)
             candidates = self._candidates(options.best_of, settings, text)
+            picture = self._rerank_picture(settings, segments) if options.best_of > 1 and candidates == 1 else None
+            candidates = options.best_of if picture is not None else candidates
         except (ValueError, TypeError) as err:
             conv.messages.append(_note(f"⚠️ {err}"))
             yield conv.messages
             return
         if options.best_of > 1 and candidates == 1:
             conv.messages.append(_note(f"ℹ️ best of {options.best_of} reranks text → image replies (start the reply "
-                                       "with an image, with text in the message) of a model with an understanding "
-                                       "encoder: this reply draws once."))
-        if candidates > 1:
+                                       "with an image, with text in the message; a model with an understanding "
+                                       "encoder) and image → text replies (one uploaded picture, start: auto, text "
+                                       "temperature above 0): this reply draws once."))
+        if candidates > 1 and picture is None:
             settings = replace(settings, max_images=1)  # each candidate is one image, as generate(best_of=N)
         new = Turn(seq.ids, list(seq.und_pixels) if seq.und_pixels is not None else [])
         dropped = self._make_room(conv, new, settings)
         if dropped:
             conv.messages.append(_note(f"ℹ️ dropped the {dropped} oldest turn(s) from the model's context to make "
                                        f"room for this reply."))
-        yield from self._stream(conv, conv.context(new, tok.vocab), new, settings, candidates, text)
+        yield from self._stream(conv, conv.context(new, tok.vocab), new, settings, candidates, text, picture)
 
     def _candidates(self, best_of: Any, settings: GenerationSettings, text: str) -> int:
         """How many candidates this reply draws: ``best_of`` where it can rerank (a text → image reply of a
@@ -323,8 +328,31 @@ class ChatRunner:
             and self.engine.tokenizer.und_tokens > 0
         return best_of if reranks else 1
 
-    def _pick(self, dones: dict[int, RowDone], text: str) -> int:
-        """The candidate whose first image makes ``text`` most likely under the understanding path."""
+    def _rerank_picture(self, settings: GenerationSettings, segments: list[Segment]) -> Image | Understand | None:
+        """The picture an image → text reply is reranked by (``_pick``), or None where it cannot be: the reply must
+        be free to start with text, the new message must hold exactly one picture, the model must have an image
+        tokenizer (the picture is scored as VQ codes) and the text must be sampled (greedy candidates are one reply)."""
+        pictures = [s for s in segments if isinstance(s, (Image, Understand))]
+        if settings.start_with is not None or len(pictures) != 1 or self.engine.tokenizer.image is None \
+                or settings.text.temperature <= 0:
+            return None
+        return pictures[0]
+
+    def _pick(self, dones: dict[int, RowDone], text: str, picture: Image | Understand | None = None) -> int:
+        """The candidate whose first image makes ``text`` most likely under the understanding path; with a
+        ``picture`` (image → text), the one whose reply text makes the picture most likely under the generation
+        path (``score_image``; a reply without text, or too long to precede the picture, is never kept over one that
+        can be scored)."""
+        if picture is not None:
+            tok, limit = self.engine.tokenizer, self.engine.config.max_seq_len
+            codes = Image(codes=tok.image_codes(Image(picture.image) if isinstance(picture, Understand) else picture))
+            span = len(tok.image_span(codes.codes))
+            texts = {r: "".join(s.text for s in d.segments if isinstance(s, Text)) for r, d in dones.items()}
+            fit = sorted(r for r, t in texts.items() if t and 1 + len(tok.text.encode(t)) + span <= limit)
+            if not fit:
+                return 0
+            scores = self.engine.score_image([texts[r] for r in fit], codes)
+            return fit[max(range(len(fit)), key=lambda i: scores[i])]
         images = {r: next((s.image for s in d.segments if isinstance(s, Image) and s.image is not None), None)
                   for r, d in dones.items()}
         drawn = sorted(r for r, im in images.items() if im is not None)
@@ -350,9 +378,11 @@ class ChatRunner:
         return dropped
 
     def _stream(self, conv: Conversation, prompt: TokenSequence, new: Turn, settings: GenerationSettings,
-                candidates: int = 1, text: str = "") -> Iterator[list[dict]]:
+                candidates: int = 1, text: str = "", picture: Image | Understand | None = None
+                ) -> Iterator[list[dict]]:
         """Stream one reply; with ``candidates`` > 1 the rows are candidates, row 0 is shown as it is drawn and
-        the one ``_pick`` keeps replaces it at the end."""
+        the one ``_pick`` keeps replaces it at the end (its image for text → image; the whole reply for image →
+        text, reranked by ``picture``)."""
         reply: list[dict] = []
         text_item: dict | None = None  # the reply's open run of text
         media_item: dict | None = None  # the reply's open image / video
@@ -417,9 +447,15 @@ class ChatRunner:
                 last = now
                 yield conv.messages + reply
             if len(dones) == candidates:
-                kept = self._pick(dones, text) if candidates > 1 else 0
+                kept = self._pick(dones, text, picture) if candidates > 1 else 0
                 done = dones[kept]
-                if candidates > 1:
+                if candidates > 1 and picture is not None:
+                    if kept != 0:  # the shown reply is candidate 1's: show the kept one's in its place
+                        reply = [item for seg in done.segments if (item := self._segment_item(conv, seg))]
+                        media_item = None
+                    reply.append(_note(f"ℹ️ best of {candidates}: kept reply {kept + 1}, the one under which the "
+                                       "model's generation path finds the picture most likely."))
+                elif candidates > 1:
                     image = next((s.image for s in done.segments if isinstance(s, Image)), None)
                     if first_image is not None and image is not None:
                         first_image["content"] = self._save_image(conv, image, f"best of {candidates}")
@@ -458,6 +494,15 @@ class ChatRunner:
         conv.messages.extend(reply)
         logger.info("reply: %s", {k: round(v, 3) for k, v in timings.items()})
         yield conv.messages
+
+    def _segment_item(self, conv: Conversation, segment: Segment) -> dict | None:
+        """One finished segment of a reply as a chat item (text, a saved image, a saved video); None for one with
+        nothing to show (an image cut off before its pixels)."""
+        if isinstance(segment, Image) and segment.image is not None:
+            return _bot(self._save_image(conv, segment.image, "generated image"))
+        if isinstance(segment, Video):
+            return _bot(self._save_video(conv, segment))
+        return _bot(segment.text) if isinstance(segment, Text) and segment.text else None
 
     def _reply_ids(self, ids: torch.Tensor | None) -> torch.Tensor:
         """The reply's ids as later turns read them: no ``<|eos|>`` / ``<|pad|>``, no span left open."""

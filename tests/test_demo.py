@@ -212,6 +212,50 @@ def test_best_of_keeps_the_candidate_the_model_reads_best(engine, tmp_path, monk
     assert "kept candidate 2" in chat[-1]["content"]
 
 
+def test_best_of_reranks_an_image_to_text_reply_by_the_picture(engine, tmp_path, monkeypatch):
+    """One uploaded picture, sampled text: N replies, scored by how likely the generation path finds the picture
+    after each (``score_image``); the kept one replaces the first in the chat and in the model's context."""
+    runner = ChatRunner(engine, tmp_path)
+    stream, rows, scored = engine.generator.stream, [], []
+
+    def recording_stream(seqs, settings):
+        for event in stream(seqs, settings):
+            if isinstance(event, app.RowDone):
+                rows.append(event)
+            yield event
+
+    def fake_score_image(contexts, image):
+        scored.append((list(contexts), image))
+        return [float(len(c)) for c in contexts]  # the longest reply reads best
+
+    monkeypatch.setattr(engine.generator, "stream", recording_stream)
+    monkeypatch.setattr(engine, "score_image", fake_score_image)
+    conv = Conversation()
+    options = ChatOptions(**{**FAST, "best_of": 4, "text_temperature": 1.0, "max_new_tokens": 12})
+    message = {"text": "what is in the picture?", "files": [str(_png(tmp_path / "a.png"))]}
+    chat = list(runner.respond(message, options, conv))[-1]
+
+    assert len(rows) == 4  # four candidates, drawn as one batch
+    texts = {e.row: "".join(s.text for s in e.segments if isinstance(s, app.Text)) for e in rows}
+    (contexts, image), = scored
+    assert sorted(contexts) == sorted(t for t in texts.values() if t) and len(contexts) >= 2
+    assert isinstance(image, app.Image) and image.codes is not None  # the picture, VQ-encoded once
+    best = max((r for r in texts if texts[r]), key=lambda r: (len(texts[r]), -r))
+    kept = next(e for e in rows if e.row == best)
+    assert torch.equal(conv.turns[0].ids[-len(runner._reply_ids(kept.ids)):], runner._reply_ids(kept.ids))
+    notes = [m["content"] for m in chat if isinstance(m["content"], str)]
+    assert any(f"kept reply {best + 1}," in n for n in notes)
+    shown = "".join(m["content"] for m in chat if m["role"] == "assistant" and isinstance(m["content"], str))
+    assert texts[best] in shown
+    if best != 0 and texts[0] and texts[0] not in texts[best]:
+        assert texts[0] not in shown  # the first candidate's reply was replaced, not kept beside the new one
+    # greedy text gives one reply N times: it draws once and says so
+    rows.clear()
+    greedy = ChatOptions(**{**FAST, "best_of": 4, "text_temperature": 0.0, "max_new_tokens": 12})
+    chat = list(runner.respond({"text": "and this?", "files": [str(_png(tmp_path / "b.png"))]}, greedy, conv))[-1]
+    assert len(rows) == 1 and any("draws once" in m["content"] for m in chat if isinstance(m["content"], str))
+
+
 def test_best_of_draws_once_where_it_cannot_rerank(engine, tmp_path, monkeypatch):
     runner = ChatRunner(engine, tmp_path)
     batches = []
