@@ -210,10 +210,11 @@ class AnyGen:
 
     @staticmethod
     def _split_batch(prompt: Prompt | Sequence[Prompt]) -> tuple[list[Prompt], bool]:
-        if isinstance(prompt, (list, tuple)) and prompt and (
-            all(isinstance(p, str) for p in prompt) or all(isinstance(p, (list, tuple)) for p in prompt)
-            or all(isinstance(p, TokenSequence) for p in prompt)
-        ):
+        """``(prompts, batched)``: a list is a batch when each item is a whole prompt (``str``, a segment list or a
+        ``TokenSequence``; kinds may mix, as in ``["a red circle", [image, "make it blue"]]``), else one prompt's
+        segments (``[image, "make it blue"]``: an image is never a whole prompt inside a list)."""
+        if isinstance(prompt, (list, tuple)) and prompt and all(
+                isinstance(p, (str, list, tuple, TokenSequence)) for p in prompt):
             return list(prompt), True
         return [prompt], False
 

@@ -343,6 +343,44 @@ def test_cli_generate_best_of(tmp_path, capsys):
     assert "give a prompt (text, --image / --understand pictures, or both)" in capsys.readouterr().err
 
 
+def test_cli_generate_prompts_file_mixes_text_and_picture_prompts_in_one_batch(tmp_path, capsys):
+    """``--prompts``: text-only and picture lines share a batch (a mixed list is a batch, not one prompt's
+    segments), each gets its own folder; a reranked batch that cannot be reranked says why; bad lines are named."""
+    from anygen.cli_generate import main
+
+    picture = tmp_path / "in.png"
+    _picture(4, (32, 32)).save(picture)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join([json.dumps("a red circle"), json.dumps({"prompt": "what is it?", "understand": [
+        str(picture)]}), "", json.dumps({"prompt": "a blue square"})]) + "\n")
+    out = tmp_path / "out"
+    assert main(["--prompts", str(prompts), "--random-tiny", "--max-new-tokens", "5", "--seed", "0",
+                 "--batch-size", "4", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["0000", "0001", "0002"]
+    printed = capsys.readouterr().out
+    assert printed.count("wrote") >= 3 and "[2]" in printed
+    # best of N on text → image needs text-only prompts: the picture line is refused by the API's rule, by name
+    assert main(["--prompts", str(prompts), "--random-tiny", "--start-with", "image", "--best-of", "2",
+                 "--out", str(tmp_path / "bo")]) == 2
+    assert "every prompt must be a str" in capsys.readouterr().err
+    # and on image → text, a prompt without a picture
+    assert main(["--prompts", str(prompts), "--random-tiny", "--best-of", "2", "--out", str(tmp_path / "bo")]) == 2
+    assert "prompt #0 holds 0" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('"fine"\n{"prompt": "x", "image": ["a.png"]}\n')
+    assert main(["--prompts", str(bad), "--random-tiny", "--out", str(tmp_path / "bad")]) == 2
+    assert "bad.jsonl:2: unknown keys ['image']; accepted: prompt, images, understand" in capsys.readouterr().err
+
+
+def test_a_list_of_whole_prompts_is_a_batch_even_when_their_kinds_mix():
+    engine = random_engine("tiny")
+    picture = _picture(2, (32, 32))
+    outs = engine.generate(["a red circle", [Image(picture), "make it blue"]], max_new_tokens=3, seed=0)
+    assert isinstance(outs, list) and len(outs) == 2
+    alone = engine.generate([Image(picture), "make it blue"], max_new_tokens=3, seed=0)  # one prompt's segments
+    assert not isinstance(alone, list)
+
+
 def test_api_forced_image_start_defaults_to_the_trained_size():
     """``generate(start_with="image")`` without ``image_size`` draws at ``tokenizer.image_grid``: the largest grid
     the grammar allows would not fit this 64-token budget, and the call used to refuse it."""
