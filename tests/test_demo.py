@@ -116,7 +116,6 @@ def test_conversation_is_kept_as_tokens_and_images_are_not_reencoded(engine, tmp
         return stream(seqs, settings)
 
     monkeypatch.setattr(engine.tokenizer.image, "encode", counting_encode)
-    monkeypatch.setattr(engine.generator, "stream", recording_stream)
     conv = Conversation()
     options = ChatOptions(**{**FAST, "upload_mode": "edit", "start_with": "image"})
     list(runner.respond({"text": "make it yellow", "files": [str(_png(tmp_path / "red.png"))]}, options, conv))
@@ -180,9 +179,9 @@ def test_a_reply_cut_inside_an_image_is_not_kept_half_open(engine, tmp_path):
     assert ChatRunner(engine, tmp_path)._reply_ids(torch.tensor(whole + [v.eos])).tolist() == whole
 
 
-def test_best_of_keeps_the_candidate_the_model_reads_best(engine, tmp_path, monkeypatch):
-    runner = ChatRunner(engine, tmp_path)
-    stream, rows, scored = engine.generator.stream, [], []
+def _record_rows(engine, monkeypatch) -> list:
+    """The ``RowDone`` of every row the engine's generator streams from now on (one per candidate)."""
+    stream, rows = engine.generator.stream, []
 
     def recording_stream(seqs, settings):
         for event in stream(seqs, settings):
@@ -190,11 +189,18 @@ def test_best_of_keeps_the_candidate_the_model_reads_best(engine, tmp_path, monk
                 rows.append(event)
             yield event
 
+    monkeypatch.setattr(engine.generator, "stream", recording_stream)
+    return rows
+
+
+def test_best_of_keeps_the_candidate_the_model_reads_best(engine, tmp_path, monkeypatch):
+    runner = ChatRunner(engine, tmp_path)
+    rows, scored = _record_rows(engine, monkeypatch), []
+
     def fake_score(contexts, texts):
         scored.append((contexts, texts))
         return [0.0, 2.0, 1.0][:len(contexts)]  # the second candidate reads back best
 
-    monkeypatch.setattr(engine.generator, "stream", recording_stream)
     monkeypatch.setattr(engine, "score", fake_score)
     conv = Conversation()
     options = ChatOptions(**{**FAST, "start_with": "image", "best_of": 3})
@@ -216,19 +222,12 @@ def test_best_of_reranks_an_image_to_text_reply_by_the_picture(engine, tmp_path,
     """One uploaded picture, sampled text: N replies, scored by how likely the generation path finds the picture
     after each (``score_image``); the kept one replaces the first in the chat and in the model's context."""
     runner = ChatRunner(engine, tmp_path)
-    stream, rows, scored = engine.generator.stream, [], []
-
-    def recording_stream(seqs, settings):
-        for event in stream(seqs, settings):
-            if isinstance(event, app.RowDone):
-                rows.append(event)
-            yield event
+    rows, scored = _record_rows(engine, monkeypatch), []
 
     def fake_score_image(contexts, image):
         scored.append((list(contexts), image))
         return [float(len(c)) for c in contexts]  # the longest reply reads best
 
-    monkeypatch.setattr(engine.generator, "stream", recording_stream)
     monkeypatch.setattr(engine, "score_image", fake_score_image)
     conv = Conversation()
     options = ChatOptions(**{**FAST, "best_of": 4, "text_temperature": 1.0, "max_new_tokens": 12})
