@@ -116,6 +116,7 @@ def test_conversation_is_kept_as_tokens_and_images_are_not_reencoded(engine, tmp
         return stream(seqs, settings)
 
     monkeypatch.setattr(engine.tokenizer.image, "encode", counting_encode)
+    monkeypatch.setattr(engine.generator, "stream", recording_stream)
     conv = Conversation()
     options = ChatOptions(**{**FAST, "upload_mode": "edit", "start_with": "image"})
     list(runner.respond({"text": "make it yellow", "files": [str(_png(tmp_path / "red.png"))]}, options, conv))
