@@ -429,6 +429,23 @@ class AnyGen:
                                        counted=[c for _, _, c in rows[lo:lo + batch_size]], head_mode="routed")
         return scores
 
+    def score_replies(self, replies: Sequence[str], picture: Any) -> list[float]:
+        """``score_image`` of each reply read as the caption of ``picture``, which is VQ-encoded once; a reply
+        without text, or too long to precede the picture in the context, gets ``-inf`` instead of an error (what
+        ``generate(best_of=N)`` and the demo rerank image → text replies by)."""
+        if self.tokenizer.image is None:
+            raise ValueError("score_replies writes the picture as VQ codes, and this model has no image tokenizer")
+        seg = Image(picture.image) if isinstance(picture, Understand) else picture
+        if not isinstance(seg, (Image, PIL.Image.Image)):
+            raise ValueError(f"picture is a {type(picture).__name__}; accepted: PIL.Image, Image, Understand")
+        coded = Image(codes=self.tokenizer.image_codes(seg if isinstance(seg, Image) else Image(seg)))
+        room = self.config.max_seq_len - len(self.tokenizer.image_span(coded.codes)) - 1  # <|bos|> + the span
+        fits = [k for k, t in enumerate(replies) if t and len(self.tokenizer.text.encode(t)) <= room]
+        scores = [float("-inf")] * len(replies)
+        for k, value in zip(fits, self.score_image([replies[k] for k in fits], coded) if fits else []):
+            scores[k] = value
+        return scores
+
     def _score_rows(self, rows: list[tuple[TokenSequence, torch.Tensor]],
                     counted: list[torch.Tensor] | None = None, head_mode: str | None = None) -> list[float]:
         """One right-padded forward over ``(context, continuation ids)`` rows; ``counted``: per row, which
@@ -515,16 +532,12 @@ class AnyGen:
         else:
             drawn = self.generate([p for p in prompts for _ in range(n)], **kwargs)
             candidates = [drawn[i * n:(i + 1) * n] for i in range(len(prompts))]
-        # each picture is VQ-encoded once: its codes both size the length check and are what score_image reads
-        coded = [Image(codes=self.tokenizer.image_codes(Image(p.image) if isinstance(p, Understand) else
-                                                        p if isinstance(p, Image) else Image(p))) for p in pictures]
-        spans = [len(self.tokenizer.image_span(c.codes)) for c in coded]
-        limit = self.config.max_seq_len  # a reply too long to precede its picture cannot be scored: it never wins
-        unique = list(dict.fromkeys((i, out.text) for i, row in enumerate(candidates) for out in row if out.text
-                                    and 1 + len(self.tokenizer.text.encode(out.text)) + spans[i] <= limit))
-        scored = dict(zip(unique, self.score_image([t for _, t in unique], [coded[i] for i, _ in unique]))
-                      ) if unique else {}
-        return [max(row, key=lambda out: scored.get((i, out.text), float("-inf"))) for i, row in enumerate(candidates)]
+        kept = []
+        for picture, row in zip(pictures, candidates):
+            texts = list(dict.fromkeys(out.text for out in row))  # a reply drawn twice is scored once
+            scored = dict(zip(texts, self.score_replies(texts, picture)))
+            kept.append(max(row, key=lambda out: scored[out.text]))  # ties (and all -inf) keep the earlier one
+        return kept
 
 
 def read_sampling_defaults(directory: Path) -> SamplingDefaults:

@@ -344,15 +344,10 @@ class ChatRunner:
         path (``score_image``; a reply without text, or too long to precede the picture, is never kept over one that
         can be scored)."""
         if picture is not None:
-            tok, limit = self.engine.tokenizer, self.engine.config.max_seq_len
-            codes = Image(codes=tok.image_codes(Image(picture.image) if isinstance(picture, Understand) else picture))
-            span = len(tok.image_span(codes.codes))
-            texts = {r: "".join(s.text for s in d.segments if isinstance(s, Text)) for r, d in dones.items()}
-            fit = sorted(r for r, t in texts.items() if t and 1 + len(tok.text.encode(t)) + span <= limit)
-            if not fit:
-                return 0
-            scores = self.engine.score_image([texts[r] for r in fit], codes)
-            return fit[max(range(len(fit)), key=lambda i: scores[i])]
+            rows = sorted(dones)
+            scores = self.engine.score_replies(
+                ["".join(s.text for s in dones[r].segments if isinstance(s, Text)) for r in rows], picture)
+            return rows[max(range(len(rows)), key=lambda i: scores[i])]  # all -inf: the first
         images = {r: next((s.image for s in d.segments if isinstance(s, Image) and s.image is not None), None)
                   for r, d in dones.items()}
         drawn = sorted(r for r, im in images.items() if im is not None)

@@ -468,6 +468,22 @@ def test_score_image_is_the_log_probability_of_the_codes_alone(engine):
         engine.score_image(["a"], ["not an image"])
 
 
+def test_score_replies_scores_what_fits_and_gives_the_rest_minus_infinity(engine):
+    picture = _picture(5, (32, 32))
+    room = engine.config.max_seq_len - len(engine.tokenizer.image_span(engine.tokenizer.image_codes(
+        Image(picture)))) - 1
+    too_long = "a red circle " * room  # more text tokens than the context leaves before the picture
+    assert len(engine.tokenizer.text.encode(too_long)) > room
+    replies = ["a red circle", "", too_long, "a blue square at the top"]
+    scores = engine.score_replies(replies, Understand(picture))
+    assert scores[1] == scores[2] == float("-inf")
+    assert [scores[0], scores[3]] == pytest.approx([_reference_image_score(engine, [r], picture)
+                                                    for r in (replies[0], replies[3])], abs=1e-4)
+    assert engine.score_replies(["", too_long], picture) == [float("-inf")] * 2  # nothing to score: no forward
+    with pytest.raises(ValueError, match="picture is a str; accepted"):
+        engine.score_replies(["a"], "not an image")
+
+
 def test_best_of_keeps_the_reply_under_which_the_generation_path_finds_the_image_most_likely(engine):
     pictures = [_picture(8, (32, 32)), _picture(9, (32, 32))]
     prompts = [[Understand(pictures[0])], [pictures[1], "what is in the picture?"]]
