@@ -90,10 +90,16 @@ def _recording_env(tmp_path: Path, **extra: str) -> tuple[dict[str, str], Path]:
 
 
 def _recipe(env: dict[str, str]):
-    """Run the recipe script under ``env``; the finished ``subprocess.CompletedProcess``."""
+    """Run the recipe script under ``env``; the finished ``subprocess.CompletedProcess``. It runs as a copy in
+    ``<RUNS>/../repo/scripts``: the script works from its repository's root, and its Lightning paths there
+    (``runs/default/<stage>/checkpoints``, whose ``best.ckpt`` it deletes before a stage) would be the user's."""
+    import shutil
     import subprocess
 
-    return subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60)
+    scripts = Path(env["RUNS"]).parent / "repo" / "scripts"
+    scripts.mkdir(parents=True, exist_ok=True)
+    script = shutil.copy(SCRIPT, scripts / SCRIPT.name)
+    return subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60)
 
 
 def _calls(calls: Path, command: str) -> list[str]:
@@ -143,16 +149,14 @@ def test_the_recipe_script_names_configs_whose_checkpoints_it_exports(grid):
 
 def test_the_recipe_script_refuses_an_unknown_grid(tmp_path):
     import os
-    import subprocess
 
     env = {**os.environ, "GRID": "12", "RUNS": str(tmp_path / "runs"), "DATA": str(tmp_path / "data")}
-    done = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60)
+    done = _recipe(env)
     assert done.returncode == 2 and "GRID must be 8 or 16, got '12'" in done.stderr
-    done = subprocess.run(["bash", str(SCRIPT)], env={**env, "GRID": "8", "INIT_FROM": "x"}, capture_output=True,
-                          text=True, timeout=60)
+    done = _recipe({**env, "GRID": "8", "INIT_FROM": "x"})
     assert done.returncode == 2 and "INIT_FROM=x applies to GRID=16 only" in done.stderr  # never ignored silently
     env = {**env, "GRID": "16", "INIT_FROM": str(tmp_path / "no_model")}
-    done = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60)
+    done = _recipe(env)
     assert done.returncode == 2 and "is not a model directory" in done.stderr and "INIT_FROM=none" in done.stderr
     assert not (tmp_path / "runs").exists()  # refused before anything was written
     # a video tokenizer already exported that is not the warm start's: its video rows would mean other codes
@@ -162,9 +166,10 @@ def test_the_recipe_script_refuses_an_unknown_grid(tmp_path):
     (export / "video_tokenizer.safetensors").write_bytes(b"another one")
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "documents.jsonl").write_text("{}\n")
-    env = {**env, "INIT_FROM": "anygen/assets/default"}
-    done = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60)
-    assert done.returncode == 2 and "is not anygen/assets/default's video tokenizer" in done.stderr
+    shipped = str(SCRIPT.parents[1] / "anygen" / "assets" / "default")
+    env = {**env, "INIT_FROM": shipped}
+    done = _recipe(env)
+    assert done.returncode == 2 and f"is not {shipped}'s video tokenizer" in done.stderr
 
 
 def test_the_recipe_script_passes_precision_to_every_fit(tmp_path):
