@@ -233,8 +233,15 @@ def test_the_recipe_continues_a_16x16_model_with_every_tensor_and_both_tokenizer
     done = _recipe(env)
     assert done.returncode == 2 and f"is not {model}'s image tokenizer" in done.stderr, done.stderr
     (export / "image_tokenizer.safetensors").unlink()
+    # a best step left by an earlier run is not this run's: deleted, in the recipe's own tree (_recipe's copy), so
+    # the export takes last.ckpt; the repository's runs/default is never the one touched by the tests
+    stale = tmp_path / "repo" / "runs" / "default" / "unified_16x16_more" / "checkpoints" / "best.ckpt"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"an earlier run's")
     done = _recipe(env)
     assert done.returncode == 0, done.stderr
+    assert not stale.exists()
+    assert "runs/default/unified_16x16_more/checkpoints/last.ckpt" in " ".join(_calls(calls, "export"))
     assert (export / "image_tokenizer.safetensors").read_bytes() == b"the 4x one"
     assert (export / "video_tokenizer.safetensors").read_bytes() == b"video_tokenizer.safetensors"
     fits = _calls(calls, "fit")
