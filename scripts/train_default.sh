@@ -184,9 +184,13 @@ fi
 # overfits); a run too short to validate (TOY=1) has only its last step
 kept() { [[ -f "runs/default/$1/checkpoints/best.ckpt" ]] && echo "runs/default/$1/checkpoints/best.ckpt" \
   || echo "runs/default/$1/checkpoints/last.ckpt"; }
+# stale(STAGE), before each stage: a best or last step of an earlier run is not this run's (with last.ckpt left,
+# Lightning writes last-v1.ckpt, and kept() of a run too short to validate would export the earlier run's model)
+stale() { rm -f runs/default/$1/checkpoints/best.ckpt runs/default/$1/checkpoints/last.ckpt \
+  runs/default/$1/checkpoints/last-v*.ckpt; }
 if [[ ! -f "$RUNS/model/model.safetensors" ]]; then
   log "unified: anygen fit --config configs/default/$UNIFIED_STAGE.yaml $(steps "${UNIFIED_STEPS:-}")"
-  rm -f runs/default/$UNIFIED_STAGE/checkpoints/best.ckpt  # a best step of an earlier run is not this run's
+  stale $UNIFIED_STAGE
   $ANYGEN fit --config configs/default/$UNIFIED_STAGE.yaml --model.init_args.tokenizer_dir "$DATA/tokenizer" \
       ${WARM:+--model.init_args.init_from "$WARM"} ${WARM:+${MIX_WEIGHTS:+--data.init_args.weights "$MIX_WEIGHTS"}} \
       --data.init_args.shards "$DATA/shards" $(steps "${UNIFIED_STEPS:-}") $(precision) \
@@ -194,7 +198,7 @@ if [[ ! -f "$RUNS/model/model.safetensors" ]]; then
   BEST=$(kept $UNIFIED_STAGE)
   if [[ -n "$MIX_STAGE" ]]; then
     log "unified stage 2: anygen fit --config configs/default/$MIX_STAGE.yaml from $BEST $(steps "${MIX_STEPS:-}")"
-    rm -f runs/default/$MIX_STAGE/checkpoints/best.ckpt
+    stale $MIX_STAGE
     $ANYGEN fit --config configs/default/$MIX_STAGE.yaml --model.init_args.tokenizer_dir "$DATA/tokenizer" \
         --model.init_args.init_from "$BEST" --data.init_args.shards "$DATA/shards" \
         ${MIX_WEIGHTS:+--data.init_args.weights "$MIX_WEIGHTS"} $(steps "${MIX_STEPS:-}") $(precision) \
@@ -211,7 +215,7 @@ if [[ "${DIGITS_TAIL:-0}" == 1 ]]; then
   MODEL=$RUNS/model_tail
   if [[ ! -f "$MODEL/model.safetensors" ]]; then
     log "digits tail: anygen fit --config configs/default/unified_16x16_digits.yaml from $RUNS/model $(steps "${TAIL_STEPS:-}")"
-    rm -f runs/default/unified_16x16_digits/checkpoints/best.ckpt
+    stale unified_16x16_digits
     $ANYGEN fit --config configs/default/unified_16x16_digits.yaml --model.init_args.tokenizer_dir "$DATA/tokenizer" \
         --model.init_args.init_from "$RUNS/model" --data.init_args.shards "$DATA/shards" $(steps "${TAIL_STEPS:-}") \
         ${TAIL_WEIGHTS:+--data.init_args.weights "$TAIL_WEIGHTS"} $(precision) ${FIT_ARGS:-} > "$RUNS/logs/digits_tail.log" 2>&1

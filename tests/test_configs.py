@@ -233,14 +233,18 @@ def test_the_recipe_continues_a_16x16_model_with_every_tensor_and_both_tokenizer
     done = _recipe(env)
     assert done.returncode == 2 and f"is not {model}'s image tokenizer" in done.stderr, done.stderr
     (export / "image_tokenizer.safetensors").unlink()
-    # a best step left by an earlier run is not this run's: deleted, in the recipe's own tree (_recipe's copy), so
-    # the export takes last.ckpt; the repository's runs/default is never the one touched by the tests
-    stale = tmp_path / "repo" / "runs" / "default" / "unified_16x16_more" / "checkpoints" / "best.ckpt"
-    stale.parent.mkdir(parents=True)
-    stale.write_bytes(b"an earlier run's")
+    # a best or last step left by an earlier run is not this run's: deleted, in the recipe's own tree (_recipe's
+    # copy), so the export takes this run's last.ckpt (an earlier last.ckpt left makes Lightning write last-v1.ckpt);
+    # the repository's runs/default is never the one touched by the tests
+    checkpoints = tmp_path / "repo" / "runs" / "default" / "unified_16x16_more" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    stale = [checkpoints / name for name in ("best.ckpt", "last.ckpt", "last-v1.ckpt")]
+    kept = checkpoints / "epoch=0-step=100.ckpt"  # not one kept() reads: left alone
+    for path in [*stale, kept]:
+        path.write_bytes(b"an earlier run's")
     done = _recipe(env)
     assert done.returncode == 0, done.stderr
-    assert not stale.exists()
+    assert [p.name for p in stale if p.exists()] == [] and kept.exists()
     assert "runs/default/unified_16x16_more/checkpoints/last.ckpt" in " ".join(_calls(calls, "export"))
     assert (export / "image_tokenizer.safetensors").read_bytes() == b"the 4x one"
     assert (export / "video_tokenizer.safetensors").read_bytes() == b"video_tokenizer.safetensors"
