@@ -1,4 +1,5 @@
-"""Lightning callbacks: ``SampleLogger`` shows what a model makes while it trains; ``HeldoutEval`` scores it.
+"""Lightning callbacks: ``SampleLogger`` shows what a model makes while it trains; ``HeldoutEval`` scores it;
+``LastStepCheckpoint`` keeps the step training ended on.
 
 - For ``UnifiedModule``: every ``every_n_steps`` steps it builds an ``anygen.api.AnyGen`` over the
   module's own model and tokenizer and generates, from a few fixed prompts, one image each (text to
@@ -19,6 +20,12 @@ rule-judged) at the end of every validation and logs ``heldout/<category>`` and 
 so a ``ModelCheckpoint`` can keep the step that generalises best, not the one with the lowest validation CE:
 on the shapes data the two disagree (a run whose val CE fell 0.62 -> 0.61 drew held-out motions 41 -> 21 %).
 
+``LastStepCheckpoint`` is Lightning's ``ModelCheckpoint`` whose ``last.ckpt`` is the final step even when that
+step is not a multiple of ``every_n_train_steps``: Lightning's own saves at train end only when no last checkpoint
+was written yet, so a 450-step run checkpointing every 100 steps ended with step 400 as ``last.ckpt``, and a
+``--trainer.max_time`` stop loses up to ``every_n_train_steps - 1`` steps. The configs use it for their step
+checkpoints.
+
 Sampling runs on global rank 0 only, outside the training graph, in eval mode, and restores train
 mode afterwards. It is skipped under FSDP, where no rank holds the whole model.
 """
@@ -31,6 +38,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torchvision.utils import make_grid, save_image
@@ -39,6 +47,16 @@ from trainers.image_tokenizer import VQModuleBase, codebook_usage, pixels_of, ps
 from trainers.unified import UnifiedModule
 
 DEFAULT_PROMPTS = ("a red circle", "a blue square on the left", "a green triangle")
+
+
+class LastStepCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` that also writes ``last.ckpt`` when training ends on a step it has not saved."""
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.save_last and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        else:
+            super().on_train_end(trainer, pl_module)
 
 
 class SampleLogger(Callback):
