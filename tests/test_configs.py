@@ -36,6 +36,15 @@ def test_the_expected_configs_exist():
     assert EXPECTED <= {_name(p) for p in CONFIGS}
 
 
+
+@pytest.mark.parametrize("path", CONFIGS, ids=_name)
+def test_step_checkpoints_keep_the_step_training_ended_on(path):
+    """A config's ``save_last`` checkpoint is ``LastStepCheckpoint``: Lightning's ``ModelCheckpoint`` leaves the last
+    multiple of ``every_n_train_steps`` as ``last.ckpt`` (test_trainers pins the difference)."""
+    callbacks = yaml.safe_load(path.read_text()).get("trainer", {}).get("callbacks", [])
+    last = [c["class_path"] for c in callbacks if c.get("init_args", {}).get("save_last")]
+    assert last and set(last) == {"trainers.callbacks.LastStepCheckpoint"}, last
+
 @pytest.mark.parametrize("path", CONFIGS, ids=_name)
 def test_config_parses_with_the_cli(path, capsys):
     raw = yaml.safe_load(path.read_text())

@@ -1051,12 +1051,11 @@ def test_cli_fit_saves_config_checkpoints_and_resumes(tok_dir, tmp_path, capsys,
     assert torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
 
 
-
 @pytest.mark.parametrize("class_path, final", [("lightning.pytorch.callbacks.ModelCheckpoint", 2),
                                                ("trainers.callbacks.LastStepCheckpoint", 3)])
 def test_last_step_checkpoint_keeps_the_step_training_ended_on(tok_dir, tmp_path, anygen_logger, class_path, final):
-    """3 steps, a checkpoint every 2: Lightning's own ``last.ckpt`` stays at step 2 (what cost session 22 the last
-    50 steps of a 450-step stage); ``LastStepCheckpoint``, which the configs use, writes step 3."""
+    """3 steps, a checkpoint every 2: Lightning's own ``last.ckpt`` stays at step 2 (a 450-step stage saving every
+    100 ended at step 400); ``LastStepCheckpoint`` writes step 3 (test_configs: every config's step checkpoint)."""
     root = tmp_path / "run"
     path = _tiny_fit_config(tok_dir, tmp_path / "config.yaml", max_steps=3, default_root_dir=str(root),
                             limit_val_batches=0,
@@ -1065,6 +1064,7 @@ def test_last_step_checkpoint_keeps_the_step_training_ended_on(tok_dir, tmp_path
                                                       "every_n_train_steps": 2}}])
     assert cli_fit(["--config", str(path)]) == 0
     assert torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == final
+
 
 def test_cpu_bf16_support_is_read_from_cpuinfo():
     avx2 = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n"
