@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
 from anygen.config import AnyGenConfig
-from anygen.model import AnyGenModel, routed_cross_entropy, z_loss
+from anygen.model import AnyGenModel, document_segments, routed_cross_entropy, z_loss
 from anygen.understanding import UnderstandingEncoder
 from tokenizers_mm.vocab import Modality, Vocab
 
@@ -270,6 +270,41 @@ def test_packed_documents_equal_documents_alone():
         assert not torch.allclose(model(packed)[:, 7:], model(b), atol=1e-3)
     with pytest.raises(ValueError, match="document_ids must have the shape of ids"):
         model(packed, document_ids=doc[:, :3])
+
+
+def test_document_segments_spans_and_fallbacks():
+    """Runs of equal ids become spans; padding-only runs are dropped; a split or half-padded document falls back."""
+    doc = torch.tensor([[0, 0, 0, 1, 1, 2], [0, 0, 1, 1, 1, 1]])
+    assert document_segments(doc) == [[(0, 3), (3, 5), (5, 6)], [(0, 2), (2, 6)]]
+    real = torch.tensor([[True] * 5 + [False], [True] * 6])
+    assert document_segments(doc, real) == [[(0, 3), (3, 5)], [(0, 2), (2, 6)]]
+    assert document_segments(torch.tensor([[0, 0, 1, 0]])) is None  # document 0 comes back: dense mask
+    half = torch.tensor([[True, True, True, True, False, True]])
+    assert document_segments(doc[:1], half) is None  # padding inside document 1's span: dense mask
+
+
+def test_per_document_attention_equals_the_dense_mask(monkeypatch):
+    """Packed rows with padding (as training's): per-document attention gives the dense mask's logits and gradients."""
+    torch.manual_seed(0)
+    model = AnyGenModel(AnyGenConfig.preset("tiny", und_encoder=None, n_kv_head=2)).train()
+    ids = torch.randint(0, 200, (2, 16))
+    doc = torch.tensor([[0] * 5 + [1] * 8 + [2] * 3, [0] * 9 + [1] * 4 + [2] * 3])
+    real = torch.ones_like(ids, dtype=torch.bool)
+    real[0, 13:] = False  # row 0 ends in padding, a document of its own (as trainers.data packs it)
+
+    def run() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad()
+        logits = model(ids, document_ids=doc, attention_mask=real)
+        logits[real].logsumexp(-1).sum().backward()
+        return logits[real].detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    per_document, grads = run()
+    monkeypatch.setattr("anygen.model.document_segments", lambda *args: None)  # force the dense (T, T) mask
+    dense, dense_grads = run()
+    torch.testing.assert_close(per_document, dense, atol=1e-5, rtol=1e-5)
+    assert len(grads) == len(dense_grads) > 0
+    for g, h in zip(grads, dense_grads):
+        torch.testing.assert_close(g, h, atol=1e-5, rtol=1e-4)
 
 
 # -- image_grid_embed: row and column embeddings of image codes ---------------------------------------------------
