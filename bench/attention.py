@@ -16,16 +16,14 @@ process. The understanding tower is not run.
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 from unittest import mock
 
 import torch
 import torch.nn.functional as F
+from train_step import add_decoder_args, decoder_config  # bench/, the script's own directory
 
 import anygen.model as model_module
-from anygen.cli_generate import DEFAULT_MODEL_DIR
 from anygen.config import AnyGenConfig
 from tokenizers_mm.vocab import Vocab
 
@@ -93,19 +91,12 @@ def main() -> None:
     parser.add_argument("--doc-lengths", type=int, nargs="+", default=[290],
                         help="tokens per packed document (~290: a text prompt and a 16x16 image)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per cell")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--config", type=Path, default=DEFAULT_MODEL_DIR / "config.json",
-                        help="a model directory's config.json (default: the shipped model's)")
+    add_decoder_args(parser)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if not args.config.is_file():
-        parser.error(f"--config {args.config}: no such file (a model directory's config.json)")
     bad = [n for n in args.doc_lengths if not 1 <= n <= args.length]
     if bad:
         parser.error(f"--doc-lengths must be in 1..--length ({args.length}), got {bad}")
-    model_config = json.loads(args.config.read_text())["model"]
-    cfg = AnyGenConfig.from_dict({**model_config, "max_seq_len": max(model_config["max_seq_len"], args.length)})
+    cfg = decoder_config(parser, args, args.length)
     vocab = Vocab(**cfg.vocab_dict())
     print(f"decoder: {cfg.num_parameters_estimate() / 1e6:.1f}M parameters, {args.rows} x {args.length} tokens, "
           f"{torch.get_num_threads()} threads")

@@ -61,24 +61,34 @@ def time_steps(model: AnyGenModel, ids: torch.Tensor, *, bf16: bool, steps: int,
     return (time.perf_counter() - start) / steps
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=4, help="rows per batch")
-    parser.add_argument("--lengths", type=int, nargs="+", default=[384, 896], help="tokens per row")
-    parser.add_argument("--steps", type=int, default=8, help="timed steps per cell")
+def add_decoder_args(parser: argparse.ArgumentParser) -> None:
+    """``--threads`` and ``--config``, the options every decoder bench here takes."""
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--kind", choices=("scene", "text"), default="scene",
-                        help="scene: text prompts and image spans, as training rows are; text: random text ids")
-    parser.add_argument("--grid", type=int, default=16, help="image codes per side in --kind scene rows")
     parser.add_argument("--config", type=Path, default=DEFAULT_MODEL_DIR / "config.json",
                         help="a model directory's config.json (default: the shipped model's)")
-    args = parser.parse_args()
+
+
+def decoder_config(parser: argparse.ArgumentParser, args: argparse.Namespace, length: int) -> AnyGenConfig:
+    """Apply ``--threads``; the decoder ``--config`` describes, its ``max_seq_len`` raised to ``length``."""
     if args.threads:
         torch.set_num_threads(args.threads)
     if not args.config.is_file():
         parser.error(f"--config {args.config}: no such file (a model directory's config.json)")
     model_config = json.loads(args.config.read_text())["model"]
-    cfg = AnyGenConfig.from_dict({**model_config, "max_seq_len": max(model_config["max_seq_len"], *args.lengths)})
+    return AnyGenConfig.from_dict({**model_config, "max_seq_len": max(model_config["max_seq_len"], length)})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=4, help="rows per batch")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[384, 896], help="tokens per row")
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per cell")
+    parser.add_argument("--kind", choices=("scene", "text"), default="scene",
+                        help="scene: text prompts and image spans, as training rows are; text: random text ids")
+    parser.add_argument("--grid", type=int, default=16, help="image codes per side in --kind scene rows")
+    add_decoder_args(parser)
+    args = parser.parse_args()
+    cfg = decoder_config(parser, args, max(args.lengths))
     vocab = Vocab(**cfg.vocab_dict())
     if not 1 <= args.grid <= min(vocab.max_height, vocab.max_width):
         parser.error(f"--grid must be in 1..{min(vocab.max_height, vocab.max_width)} (the vocabulary's size "
