@@ -201,6 +201,15 @@ def test_workers_write_the_same_shards(shards, corpus, tokenizer_dir, tmp_path):
     assert json.loads((tmp_path / "index.json").read_text())["skipped"]["count"] == 5
 
 
+def test_batch_size_does_not_change_the_shards(shards, corpus, tokenizer_dir, tmp_path):
+    index = tokenize_documents(corpus, tokenizer_dir, tmp_path, batch_size=3, shard_size=5, max_length=MAX_LENGTH,
+                               video_frames=5, progress=False)
+    _same_shards(TokenShards(shards), TokenShards(tmp_path))
+    assert index["settings"]["batch_size"] == 3 and index["skipped"]["count"] == 5
+    with pytest.raises(ValueError, match="batch_size must be at least 1"):
+        tokenize_documents(corpus, tokenizer_dir, tmp_path / "zero", batch_size=0, progress=False)
+
+
 @pytest.mark.parametrize("bad_id", [None, *BAD])
 def test_strict_stops_at_the_first_bad_document(corpus, tokenizer_dir, tmp_path, bad_id):
     lines = corpus.read_text().splitlines()

@@ -135,6 +135,39 @@ def test_bad_documents(mm):
         no_und.encode([Understand(_image())])
 
 
+def test_encode_batch_gives_encode_ids_document_by_document(mm, monkeypatch):
+    pil = PIL.Image.fromarray((torch.rand(20, 28, 3) * 255).to(torch.uint8).numpy())
+    docs = [
+        ["a red circle", Image(_image(seed=1)), "make it blue", Image(_image(seed=2))],
+        [Video(_clip(seed=3)), "a blue square moves right"],
+        "just text",
+        Image(_image(16, 24, seed=4)),  # brought to the tokenizer's 32x32 like the others
+        [pil, Image(codes=torch.zeros(2, 2, dtype=torch.long)), Understand(_image(seed=5))],
+        [Video(_clip(seed=6)), Image(_image(seed=7), size=(16, 16))],  # another pixel size: a batch of its own
+    ]
+    calls = {"image": [], "video": []}
+    for kind in calls:
+        tok = getattr(mm, kind)
+        monkeypatch.setattr(tok, "encode", lambda x, _e=tok.encode, _k=kind: calls[_k].append(len(x)) or _e(x))
+    batched = mm.encode_batch(docs, max_batch=2)
+    # one call per pixel size and batch: four 32x32 images (max_batch 2), one 16x16; both clips at once
+    assert sorted(calls["image"]) == [1, 2, 2] and calls["video"] == [2]
+    assert len(batched) == len(docs)
+    for doc, seq in zip(docs, batched):
+        one = mm.encode(doc)
+        assert torch.equal(seq.ids, one.ids) and torch.equal(seq.modality, one.modality)
+        assert (seq.und_pixels is None) == (one.und_pixels is None)
+
+
+def test_encode_batch_names_the_segment_it_refuses(mm):
+    with pytest.raises(ValueError, match=r"document #1, segment #1 \(image\): .*\[-1, 1\]"):
+        mm.encode_batch([[Image(_image())], ["text", Image(_image() * 3)]])
+    with pytest.raises(ValueError, match="max_batch must be at least 1"):
+        mm.encode_batch(["a"], max_batch=0)
+    with pytest.raises(TypeError, match="accepted: str, Text"):
+        mm.encode_batch([["ok", 3.5]])
+
+
 def test_save_load(mm, tmp_path):
     mm.save(tmp_path)
     again = MultimodalTokenizer.load(tmp_path)

@@ -3,13 +3,14 @@
 ::
 
     anygen tokenize --documents data/shapes/documents.jsonl --tokenizer TOKENIZER_DIR --out data/shapes-tokens \\
-        --workers 2 --shard-size 1000 --max-length 2048 [--strict] [--format safetensors|webdataset]
+        --workers 2 --shard-size 1000 --max-length 2048 [--batch-size 16] [--strict] [--format safetensors|webdataset]
 
 This module owns the run: validate every line first (in this process), then load and encode the
 documents in ``--workers`` processes (forkserver where the platform has it, else spawn; never a
-plain fork; each loads the ``MultimodalTokenizer`` from its directory once), and write the results
-in input order through ``shards.ShardWriter``, so the output is the same whatever the number of
-workers. ``index.json`` is written last.
+plain fork; each loads the ``MultimodalTokenizer`` from its directory once), ``--batch-size``
+documents a task, whose images and clips are VQ-encoded together (``MultimodalTokenizer.encode_batch``),
+and write the results in input order through ``shards.ShardWriter``, so the output is the same
+whatever the number of workers. ``index.json`` is written last.
 
 Bad data never crashes a run and never becomes a silent wrong sample: an invalid line, a missing
 file, an unreadable image or clip, a clip shorter than ``--video-frames``, a document the tokenizer
@@ -54,6 +55,7 @@ class TokenizeOptions:
     video_fps: float | None = None
     understand_as_image: bool = False
     max_length: int | None = None
+    batch_size: int = 16  # documents loaded and VQ-encoded together (MultimodalTokenizer.encode_batch)
 
 
 @dataclass
@@ -83,50 +85,64 @@ def _init_worker(options: TokenizeOptions) -> None:
     _WORKER["options"] = options
 
 
-def _tokenize_one(doc: Document) -> _Result:
-    """Load one document's files and encode it; every failure comes back as ``_Result.error``."""
+def _tokenize_batch(docs: list[Document]) -> list[_Result]:
+    """Load a batch of documents' files and encode them, their images and clips VQ-encoded together
+    (``MultimodalTokenizer.encode_batch``); every failure comes back as its document's ``_Result.error``."""
+    tok, opts = _WORKER["tokenizer"], _WORKER["options"]
+    results = [_Result(doc.id, doc.source, doc.group) for doc in docs]
+    loaded: list[tuple[int, list]] = []
+    for k, doc in enumerate(docs):
+        try:
+            loaded.append((k, load_document(doc, image_size=tok.image_size, video_size=tok.video_size,
+                                            video_frames=opts.video_frames, video_fps=opts.video_fps,
+                                            image_factor=tok.image.downsample if tok.image is not None else 1,
+                                            understand_as_image=opts.understand_as_image)))
+        except DocumentError as err:
+            results[k].error = err
+    try:
+        encoded = list(zip(loaded, tok.encode_batch([segments for _, segments in loaded])))
+    except (ValueError, TypeError):  # one document the tokenizer refuses: encode them one by one to tell which
+        encoded = []
+        for k, segments in loaded:
+            try:
+                encoded.append(((k, segments), tok.encode(segments)))
+            except (ValueError, TypeError) as err:  # size tokens, no und encoder, ...
+                results[k].error = docs[k].error(f"the tokenizer refused it: {err}", "encode-error")
+    for (k, _), seq in encoded:
+        _fill(results[k], docs[k], seq, opts)
+    return results
+
+
+def _fill(result: _Result, doc: Document, seq, opts: TokenizeOptions) -> None:
+    """``result``'s ids, understood pixels and token counts from ``seq``, or its error when too long."""
     import torch
 
-    tok, opts = _WORKER["tokenizer"], _WORKER["options"]
-    result = _Result(doc.id, doc.source, doc.group)
-    try:
-        segments = load_document(doc, image_size=tok.image_size, video_size=tok.video_size,
-                                 video_frames=opts.video_frames, video_fps=opts.video_fps,
-                                 image_factor=tok.image.downsample if tok.image is not None else 1,
-                                 understand_as_image=opts.understand_as_image)
-        seq = tok.encode(segments)
-    except DocumentError as err:
-        result.error = err
-        return result
-    except (ValueError, TypeError) as err:  # the tokenizer refuses it: size tokens, no und encoder, ...
-        result.error = doc.error(f"the tokenizer refused it: {err}", "encode-error")
-        return result
     if opts.max_length is not None and len(seq) > opts.max_length:
         result.error = doc.error(f"{len(seq)} tokens > --max-length {opts.max_length}", "too-long")
-        return result
+        return
     result.ids = seq.ids.numpy().astype(np.int32)
     if seq.und_pixels is not None:
         result.und = seq.und_pixels.to(torch.float16).numpy()
     result.modality_tokens = np.bincount(seq.modality.numpy(), minlength=len(MODALITY_NAMES)).tolist()
-    return result
 
 
-def _results(docs: list[Document], options: TokenizeOptions, workers: int) -> Iterator[_Result]:
-    """Results in input order, from ``workers`` spawned processes (``<= 1``: this process)."""
+def _results(docs: list[Document], options: TokenizeOptions, workers: int) -> Iterator[list[_Result]]:
+    """Results in input order, a batch of ``options.batch_size`` documents at a time, from ``workers``
+    processes (``<= 1``: this process). The batches do not depend on ``workers``, so neither do the ids."""
+    batches = [docs[i:i + options.batch_size] for i in range(0, len(docs), options.batch_size)]
     if workers <= 1:
         import torch
 
         threads = torch.get_num_threads()
         _init_worker(options)
         try:
-            yield from map(_tokenize_one, docs)
+            yield from map(_tokenize_batch, batches)
         finally:
             _WORKER.clear()
             torch.set_num_threads(threads)
         return
-    chunk = max(1, min(16, len(docs) // (workers * 8)))
     with _context().Pool(workers, initializer=_init_worker, initargs=(options,)) as pool:
-        yield from pool.imap(_tokenize_one, docs, chunksize=chunk)
+        yield from pool.imap(_tokenize_batch, batches)
 
 
 def _context() -> multiprocessing.context.BaseContext:
@@ -166,6 +182,7 @@ def tokenize_documents(
     limit: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    batch_size: int = 16,
 ) -> dict[str, Any]:
     """Tokenize a documents JSONL into shards.
 
@@ -186,6 +203,8 @@ def tokenize_documents(
         limit: tokenize only the first ``limit`` valid documents.
         overwrite: replace shards already in ``out``.
         progress: show a tqdm bar.
+        batch_size: documents a worker loads and VQ-encodes together (their images and clips in one
+            tokenizer call per size); the ids do not depend on it.
 
     Returns:
         The content of ``index.json``.
@@ -203,6 +222,8 @@ def tokenize_documents(
         raise ValueError(f"unknown shard format {format!r}; accepted: {', '.join(FORMATS)}")
     if not (tokenizer / TOKENIZER_CONFIG).is_file():
         raise FileNotFoundError(f"no {TOKENIZER_CONFIG} in {tokenizer}: pass a MultimodalTokenizer.save directory")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1 document, got {batch_size}")
     if max_length is not None and max_length < 2:
         raise ValueError(f"max_length must be at least 2 tokens, got {max_length}")
     start = time.perf_counter()
@@ -215,7 +236,8 @@ def tokenize_documents(
     shutil.copyfile(tokenizer / TOKENIZER_CONFIG, out / TOKENIZER_CONFIG)
     vocab = json.loads((tokenizer / TOKENIZER_CONFIG).read_text())["vocab"]
 
-    options = TokenizeOptions(str(tokenizer.resolve()), video_frames, video_fps, understand_as_image, max_length)
+    options = TokenizeOptions(str(tokenizer.resolve()), video_frames, video_fps, understand_as_image, max_length,
+                              batch_size)
     writer = ShardWriter(out, format=format, shard_size=shard_size)
     modality = [0] * len(MODALITY_NAMES)
     und_size = 0
@@ -225,7 +247,7 @@ def tokenize_documents(
         _log_skip(err, len(skipped))
     try:
         bar = tqdm(total=len(docs), desc="tokenize", unit="doc", disable=not progress)
-        for result in _results(docs, options, workers):
+        for result in (r for batch in _results(docs, options, workers) for r in batch):
             bar.update()
             if result.error is not None:
                 if strict:
@@ -270,7 +292,8 @@ def tokenize_documents(
                           for e in skipped],
         },
         "settings": {"max_length": max_length, "video_frames": video_frames, "video_fps": video_fps,
-                     "understand_as_image": understand_as_image, "shard_size": shard_size, "workers": workers},
+                     "understand_as_image": understand_as_image, "shard_size": shard_size, "workers": workers,
+                     "batch_size": batch_size},
         "seconds": round(elapsed, 2),
     }
     (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
@@ -307,6 +330,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="write understand images as VQ tokens (model without an understanding encoder)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N valid documents")
     parser.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
+    parser.add_argument("--batch-size", type=int, default=16,
+                        help="documents a worker VQ-encodes together (default 16; the ids do not depend on it)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
@@ -320,7 +345,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                            shard_size=args.shard_size, max_length=args.max_length, strict=args.strict,
                            format=args.format, video_frames=args.video_frames, video_fps=args.video_fps,
                            understand_as_image=args.understand_as_image, limit=args.limit,
-                           overwrite=args.overwrite, progress=not args.quiet)
+                           overwrite=args.overwrite, progress=not args.quiet, batch_size=args.batch_size)
     except (DocumentError, FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"anygen tokenize: error: {err}", file=sys.stderr)
         return 1
