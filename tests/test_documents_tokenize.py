@@ -287,6 +287,12 @@ def test_a_tokenizer_without_understanding_skips_or_converts(tmp_path, corpus):
     n_und = sum('"understand"' in line for line in corpus.read_text().splitlines()[:12])
     assert index["skipped"]["by_category"] == {"encode-error": n_und, "invalid-document": 1}
     assert "understanding encoder" in index["skipped"]["documents"][-1]["reason"]
+    # refused documents share their batch with good ones, which are written as encode writes them alone
+    written, docs = TokenShards(tmp_path / "a"), {d.id: d for d in read_documents(corpus, on_error=lambda e: None)}
+    assert len(written) == 12 - n_und
+    for i in range(len(written)):
+        segments = load_document(docs[written.doc_ids[i]], image_size=32, video_size=(16, 16), image_factor=8)
+        assert np.array_equal(written.ids(i), mm.encode(segments).ids.numpy())
     index = tokenize_documents(corpus, tok_dir, tmp_path / "b", max_length=MAX_LENGTH, understand_as_image=True,
                                progress=False, limit=12)
     assert index["docs"] == 12 and index["modality_tokens"]["und"] == 0

@@ -149,7 +149,11 @@ def test_encode_batch_gives_encode_ids_document_by_document(mm, monkeypatch):
     for kind in calls:
         tok = getattr(mm, kind)
         monkeypatch.setattr(tok, "encode", lambda x, _e=tok.encode, _k=kind: calls[_k].append(len(x)) or _e(x))
+    given = [list(d) if isinstance(d, list) else d for d in docs]
     batched = mm.encode_batch(docs, max_batch=2)
+    # the caller's documents are left as they were: no codes written into their segments
+    assert all(a is b for d, g in zip(docs, given) if isinstance(d, list) for a, b in zip(d, g))
+    assert isinstance(docs[4][0], PIL.Image.Image) and docs[0][1].codes is None and docs[1][0].codes is None
     # one call per pixel size and batch: four 32x32 images (max_batch 2), one 16x16; both clips at once
     assert sorted(calls["image"]) == [1, 2, 2] and calls["video"] == [2]
     assert len(batched) == len(docs)
@@ -162,6 +166,11 @@ def test_encode_batch_gives_encode_ids_document_by_document(mm, monkeypatch):
 def test_encode_batch_names_the_segment_it_refuses(mm):
     with pytest.raises(ValueError, match=r"document #1, segment #1 \(image\): .*\[-1, 1\]"):
         mm.encode_batch([[Image(_image())], ["text", Image(_image() * 3)]])
+    # clips reach the VQ tokenizer unchecked: it refuses the batch, and the clip at fault is named
+    with pytest.raises(ValueError, match=r"document #2, segment #0 \(video\)"):
+        mm.encode_batch([[Video(_clip(seed=1))], "text", [Video(_clip(seed=2) * 3)]])
+    with pytest.raises(ValueError, match=r"document #0, segment #1 \(video\): Video.frames must be"):
+        mm.encode_batch([["a", Video(torch.zeros(3, 16, 16))]])
     with pytest.raises(ValueError, match="max_batch must be at least 1"):
         mm.encode_batch(["a"], max_batch=0)
     with pytest.raises(TypeError, match="accepted: str, Text"):

@@ -154,15 +154,18 @@ class MultimodalTokenizer:
 
         Images of one pixel size (clips of one shape) go through the VQ tokenizer in batches of up to
         ``max_batch`` instead of one call per segment, which pays on the CPU (``bench/tokenize_speed.py``).
-        The ids equal ``encode``'s document by document. A segment the VQ tokenizer refuses raises
-        ``ValueError`` naming its document and segment.
+        The ids are ``encode``'s document by document: the tests and the benchmark check it (a batched
+        convolution may round differently from a single one, which could flip a code at a near tie; none
+        has been seen). Every document's pixels are held at once: pass a bounded number (``anygen
+        tokenize`` passes 16). A segment refused raises ``ValueError`` naming its document and segment.
         """
         return [self.encode(doc, bos=bos, eos=eos) for doc in self.with_codes(documents, max_batch=max_batch)]
 
     def with_codes(self, documents: Sequence, *, max_batch: int = 32) -> list[list]:
-        """The documents as segment lists, every pixel ``Image`` / ``Video`` replaced by a copy holding its VQ
-        codes (computed in batches, see ``encode_batch``); other segments, and those with codes, as they were.
-        Segments ``encode`` would refuse are left for it to refuse."""
+        """The documents as new segment lists, every pixel ``Image`` / ``Video`` replaced by a copy holding its
+        VQ codes (computed in batches, see ``encode_batch``); other segments, and those with codes, as they
+        were. The caller's lists and segments are not changed; what is not a document is left for ``encode``
+        to refuse."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         docs = [[d] if isinstance(d, (str, Text, Image, Video, Understand, PIL.Image.Image)) else list(d)
@@ -174,25 +177,21 @@ class MultimodalTokenizer:
             for j, seg in enumerate(doc):
                 if isinstance(seg, PIL.Image.Image):
                     seg = doc[j] = Image(seg)
-                if isinstance(seg, Image) and seg.codes is None and seg.image is not None and self.image is not None:
-                    from tokenizers_mm.preprocess import preprocess_image
-
-                    try:
-                        x = preprocess_image(seg.image, seg.size or self.image_size, factor=self.image.downsample,
-                                             mode="crop")
-                    except ValueError as err:
-                        raise ValueError(f"document #{i}, segment #{j} (image): {err}") from err
-                    pending.setdefault(("image", tuple(x.shape)), []).append((i, j, x))
-                elif (isinstance(seg, Video) and seg.codes is None and self.video is not None
-                      and isinstance(seg.frames, torch.Tensor) and seg.frames.dim() == 4):
-                    pending.setdefault(("video", tuple(seg.frames.shape)), []).append((i, j, seg.frames))
+                kind = "image" if isinstance(seg, Image) else "video" if isinstance(seg, Video) else None
+                if kind is None or seg.codes is not None:
+                    continue
+                try:
+                    x = self._image_pixels(seg) if kind == "image" else self._video_pixels(seg)
+                except (ValueError, TypeError) as err:
+                    raise _named(err, f"document #{i}, segment #{j} ({kind})") from err
+                pending.setdefault((kind, tuple(x.shape)), []).append((i, j, x))
         for (kind, _), items in pending.items():
-            tok = self.image if kind == "image" else self.video
+            tok = getattr(self, kind)
             for start in range(0, len(items), max_batch):
                 chunk = items[start:start + max_batch]
                 try:
                     codes = _vq_encode(tok, [x for _, _, x in chunk])
-                except ValueError:  # one call each, so the error names the segment it is about
+                except (ValueError, TypeError):  # one call each, so the error names the segment it is about
                     codes = [_one_code(tok, x, f"document #{i}, segment #{j} ({kind})") for i, j, x in chunk]
                 for (i, j, _), c in zip(chunk, codes):
                     docs[i][j] = replace(docs[i][j], codes=c)
@@ -228,24 +227,28 @@ class MultimodalTokenizer:
         """VQ codes ``(h, w)`` of an image segment (its own codes if it has them)."""
         if seg.codes is not None:
             return self._check_codes(seg.codes, 2, self.vocab.image_codebook_size, "image")
-        tok = self._need("image")
-        from tokenizers_mm.preprocess import preprocess_image
-
-        size = seg.size or self.image_size
-        x = preprocess_image(seg.image, size, factor=tok.downsample, mode="crop")
-        with torch.no_grad():
-            return tok.encode(x[None].to(_device(tok)))[0].cpu()
+        return _vq_encode(self.image, [self._image_pixels(seg)])[0]
 
     def video_codes(self, seg: Video) -> torch.Tensor:
         """VQ codes ``(t, h, w)`` of a video segment."""
         if seg.codes is not None:
             return self._check_codes(seg.codes, 3, self.vocab.video_codebook_size, "video")
-        tok = self._need("video")
+        return _vq_encode(self.video, [self._video_pixels(seg)])[0]
+
+    def _image_pixels(self, seg: Image) -> torch.Tensor:
+        """``(3, H, W)`` pixels an image segment is VQ-encoded from: its size, or the tokenizer's, cropped."""
+        tok = self._need("image")
+        from tokenizers_mm.preprocess import preprocess_image
+
+        return preprocess_image(seg.image, seg.size or self.image_size, factor=tok.downsample, mode="crop")
+
+    def _video_pixels(self, seg: Video) -> torch.Tensor:
+        """``(3, T, H, W)`` frames a video segment is VQ-encoded from."""
+        self._need("video")
         if not isinstance(seg.frames, torch.Tensor) or seg.frames.dim() != 4:
             raise ValueError("Video.frames must be a float tensor (3, T, H, W) in [-1, 1]; "
                              "use tokenizers_mm.video_io.load_video to read a file")
-        with torch.no_grad():
-            return tok.encode(seg.frames[None].to(_device(tok)))[0].cpu()
+        return seg.frames
 
     def image_span(self, codes: torch.Tensor) -> torch.Tensor:
         """``<|boi|> <|h:H|> <|w:W|> (codes <|eol|>)×H <|eoi|>`` for codes ``(H, W)``, or the layout's equivalent."""
@@ -635,8 +638,13 @@ def _vq_encode(tok, pixels: list[torch.Tensor]) -> list[torch.Tensor]:
 def _one_code(tok, pixels: torch.Tensor, where: str) -> torch.Tensor:
     try:
         return _vq_encode(tok, [pixels])[0]
-    except ValueError as err:
-        raise ValueError(f"{where}: {err}") from err
+    except (ValueError, TypeError) as err:
+        raise _named(err, where) from err
+
+
+def _named(err: Exception, where: str) -> Exception:
+    """``err``'s kind (``TypeError`` or ``ValueError``) with its message prefixed by where it happened."""
+    return (TypeError if isinstance(err, TypeError) else ValueError)(f"{where}: {err}")
 
 
 def _device(module) -> torch.device:

@@ -87,7 +87,7 @@ def _init_worker(options: TokenizeOptions) -> None:
 
 def _tokenize_batch(docs: list[Document]) -> list[_Result]:
     """Load a batch of documents' files and encode them, their images and clips VQ-encoded together
-    (``MultimodalTokenizer.encode_batch``); every failure comes back as its document's ``_Result.error``."""
+    (``MultimodalTokenizer.with_codes``); every failure comes back as its document's ``_Result.error``."""
     tok, opts = _WORKER["tokenizer"], _WORKER["options"]
     results = [_Result(doc.id, doc.source, doc.group) for doc in docs]
     loaded: list[tuple[int, list]] = []
@@ -100,16 +100,16 @@ def _tokenize_batch(docs: list[Document]) -> list[_Result]:
         except DocumentError as err:
             results[k].error = err
     try:
-        encoded = list(zip(loaded, tok.encode_batch([segments for _, segments in loaded])))
-    except (ValueError, TypeError):  # one document the tokenizer refuses: encode them one by one to tell which
-        encoded = []
-        for k, segments in loaded:
-            try:
-                encoded.append(((k, segments), tok.encode(segments)))
-            except (ValueError, TypeError) as err:  # size tokens, no und encoder, ...
-                results[k].error = docs[k].error(f"the tokenizer refused it: {err}", "encode-error")
-    for (k, _), seq in encoded:
-        _fill(results[k], docs[k], seq, opts)
+        coded = tok.with_codes([segments for _, segments in loaded])
+    except (ValueError, TypeError):  # pixels the VQ tokenizer refuses: each document on its own, to tell which
+        coded = [segments for _, segments in loaded]
+    for (k, _), segments in zip(loaded, coded):
+        try:
+            seq = tok.encode(segments)
+        except (ValueError, TypeError) as err:  # size tokens, no und encoder, ...
+            results[k].error = docs[k].error(f"the tokenizer refused it: {err}", "encode-error")
+        else:
+            _fill(results[k], docs[k], seq, opts)
     return results
 
 
@@ -331,7 +331,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=int, default=None, help="only the first N valid documents")
     parser.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
     parser.add_argument("--batch-size", type=int, default=16,
-                        help="documents a worker VQ-encodes together (default 16; the ids do not depend on it)")
+                        help="documents a worker task VQ-encodes together (default 16; the ids do not depend "
+                        "on it; fewer documents than workers x batch size leave workers idle)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
