@@ -40,6 +40,7 @@ TOKENIZER_CONFIG = "tokenizer_config.json"
 TEXT_FILE = "text_tokenizer.json"
 IMAGE_FILE = "image_tokenizer.safetensors"
 VIDEO_FILE = "video_tokenizer.safetensors"
+_ONE_SEGMENT = (str, Text, Image, Video, Understand, PIL.Image.Image)  # a document of one segment, not a list
 
 
 @dataclass
@@ -135,7 +136,7 @@ class MultimodalTokenizer:
         Accepted segments: ``str`` / ``Text``; ``PIL.Image`` / ``Image`` (written with VQ codes);
         ``Video``; ``Understand(image)`` (``<|und|>`` placeholders, pixels kept in ``und_pixels``).
         """
-        if isinstance(document, (str, Text, Image, Video, Understand, PIL.Image.Image)):
+        if isinstance(document, _ONE_SEGMENT):
             document = [document]
         if not isinstance(document, Sequence):
             raise TypeError(f"a document is a str, a segment or a list of them, got {type(document).__name__}")
@@ -168,8 +169,7 @@ class MultimodalTokenizer:
         to refuse."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
-        docs = [[d] if isinstance(d, (str, Text, Image, Video, Understand, PIL.Image.Image)) else list(d)
-                if isinstance(d, Sequence) else d for d in documents]
+        docs = [[d] if isinstance(d, _ONE_SEGMENT) else list(d) if isinstance(d, Sequence) else d for d in documents]
         pending: dict[tuple, list[tuple[int, int, torch.Tensor]]] = {}  # (kind, shape) -> (doc, segment, pixels)
         for i, doc in enumerate(docs):
             if not isinstance(doc, list):
