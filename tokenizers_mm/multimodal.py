@@ -158,7 +158,8 @@ class MultimodalTokenizer:
         The ids are ``encode``'s document by document: the tests and the benchmark check it (a batched
         convolution may round differently from a single one, which could flip a code at a near tie; none
         has been seen). Every document's pixels are held at once: pass a bounded number (``anygen
-        tokenize`` passes 16). A segment refused raises ``ValueError`` naming its document and segment.
+        tokenize`` passes 16). A segment refused raises ``ValueError`` (``TypeError`` for one of the wrong type)
+        naming its document and segment; what is not a document raises ``encode``'s ``TypeError``.
         """
         return [self.encode(doc, bos=bos, eos=eos) for doc in self.with_codes(documents, max_batch=max_batch)]
 

@@ -8,7 +8,7 @@
 This module owns the run: validate every line first (in this process), then load and encode the
 documents in ``--workers`` processes (forkserver where the platform has it, else spawn; never a
 plain fork; each loads the ``MultimodalTokenizer`` from its directory once), ``--batch-size``
-documents a task, whose images and clips are VQ-encoded together (``MultimodalTokenizer.encode_batch``),
+documents a task, whose images and clips are VQ-encoded together (``MultimodalTokenizer.with_codes``),
 and write the results in input order through ``shards.ShardWriter``, so the output is the same
 whatever the number of workers. ``index.json`` is written last.
 
@@ -55,7 +55,7 @@ class TokenizeOptions:
     video_fps: float | None = None
     understand_as_image: bool = False
     max_length: int | None = None
-    batch_size: int = 16  # documents loaded and VQ-encoded together (MultimodalTokenizer.encode_batch)
+    batch_size: int = 16  # documents loaded and VQ-encoded together (MultimodalTokenizer.with_codes)
 
 
 @dataclass
