@@ -79,7 +79,8 @@ ASPECTS: dict[str, float | None] = {"auto": None, "1:1": 1.0, "4:3": 4 / 3, "3:4
                                     "9:16": 9 / 16}
 TEXT_REFRESH_S = 0.05  # at most this often a text delta alone re-sends the chat to the browser
 CANVAS_GREY = (128, 128, 128)
-MAX_BEST_OF = 8  # candidates one reply may draw (one batch: N times the work of one reply)
+# candidates one reply may draw (one batch: N times the work of one reply); captions meet their target at 32
+MAX_BEST_OF = 32
 CSS = """
 .anygen-notice { padding: 0.6em 1em; border-radius: 8px; background: #fff3cd; color: #664d03;
                  border: 1px solid #ffe69c; font-weight: 600; }

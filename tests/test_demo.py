@@ -272,7 +272,7 @@ def test_best_of_out_of_range_is_a_message(engine, tmp_path, best_of):
     conv = Conversation()
     options = ChatOptions(**{**FAST, "start_with": "image", "best_of": best_of})
     chat = list(ChatRunner(engine, tmp_path).respond("a red circle", options, conv))[-1]
-    assert "best of must be an int from 1 (off) to 8" in chat[-1]["content"] and conv.turns == []
+    assert f"best of must be an int from 1 (off) to {app.MAX_BEST_OF}" in chat[-1]["content"] and conv.turns == []
 
 
 def test_main_reports_a_missing_checkpoint(tmp_path, capsys):
