@@ -464,7 +464,9 @@ def test_model_vocabulary_follows_the_tokenizer(tok_dir):
     ["decoder"],
 ])
 def test_staged_freezing_trains_exactly_the_named_groups(tok_dir, train):
-    module = tiny_unified(tok_dir, train=train, weight_decay=0.0)
+    # image_grid_embed: its row / column tables belong to image_embeddings (sessions 10-25 left them out of every
+    # group, so no stage ever trained them)
+    module = tiny_unified(tok_dir, train=train, weight_decay=0.0, model={"image_grid_embed": True})
     groups = parameter_groups(module.model)
     trained = {id(p) for name in resolve_groups(train) for p in groups[name]}
     before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
@@ -474,6 +476,19 @@ def test_staged_freezing_trains_exactly_the_named_groups(tok_dir, train):
         assert changed == (id(p) in trained), (name, changed)
         assert p.requires_grad == (id(p) in trained), name
     assert module.model.config.und_trainable == ("und_encoder" in resolve_groups(train))
+
+
+@pytest.mark.parametrize("head_mode", ["routed", "shared"])
+def test_every_parameter_is_in_a_group(tok_dir, head_mode):
+    """train: all must train every tensor, whatever the model's options add."""
+    options = {"image_grid_embed": True, "head_mode": head_mode}
+    if head_mode == "routed":
+        options.update(image_embed_dim=8, image_head_dim=16)
+    module = tiny_unified(tok_dir, model=options)
+    grouped = {id(p) for params in parameter_groups(module.model).values() for p in params}
+    missing = [name for name, p in module.model.named_parameters() if id(p) not in grouped]
+    assert not missing
+    assert all(p.requires_grad for p in module.model.parameters())
 
 
 # -- checkpoints: resume, export, init_from ----------------------------------------------------------------

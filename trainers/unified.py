@@ -31,6 +31,7 @@ The modality of a target is its id range: text (BPE, specials, sizes), image cod
 Parameter groups for ``train:`` (``"all"`` is every group)::
 
     embeddings = text_embeddings + image_embeddings + video_embeddings     (routed; "embeddings" in shared mode)
+                 (image_embeddings holds the row / column tables of ``image_grid_embed`` too)
     heads      = text_head + image_head + video_head
     decoder    = the transformer blocks and the final norm
     aligner    = the understanding encoder's MLP aligner
@@ -127,6 +128,11 @@ def parameter_groups(model: AnyGenModel) -> dict[str, list[nn.Parameter]]:
             groups[umbrella] += params
             if name in MODALITIES:
                 groups[f"{name}_embeddings" if kind == "embed" else f"{name}_head"] += params
+    if model.grid_embed is not None:  # image_grid_embed: the row / column tables are part of an image code's embedding
+        tables = list(model.grid_embed.parameters())
+        groups["embeddings"] += tables
+        if "image" in model.embed:  # routed: the image table's group as well (shared mode has "embeddings" only)
+            groups["image_embeddings"] += tables
     groups["decoder"] = list(model.blocks.parameters()) + list(model.norm.parameters())
     if model.und is not None:
         groups["aligner"] = list(model.und.aligner.parameters())
