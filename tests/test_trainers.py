@@ -491,6 +491,21 @@ def test_every_parameter_is_in_a_group(tok_dir, head_mode):
     assert all(p.requires_grad for p in module.model.parameters())
 
 
+def test_grid_lr_scale_gives_the_grid_tables_their_own_rate(tok_dir):
+    module = tiny_unified(tok_dir, lr=1e-3, warmup_steps=0, grid_lr_scale=10.0, model={"image_grid_embed": True})
+    optimizer = module.configure_optimizers()["optimizer"]
+    tables = {id(p) for p in module.model.grid_embed.parameters()}
+    rates = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    assert set(rates) == {id(p) for p in module.model.parameters()}  # every tensor once
+    assert all(rates[i] == pytest.approx(1e-2) for i in tables)
+    assert all(r == pytest.approx(1e-3) for i, r in rates.items() if i not in tables)
+    plain = tiny_unified(tok_dir, model={"image_grid_embed": True}).configure_optimizers()["optimizer"]
+    assert len(plain.param_groups) == 2  # 1: no group of their own (checkpoints resume as before)
+    for bad in (0, -1.0, float("nan"), True, "10"):
+        with pytest.raises(ValueError, match="grid_lr_scale"):
+            tiny_unified(tok_dir, grid_lr_scale=bad)
+
+
 # -- checkpoints: resume, export, init_from ----------------------------------------------------------------
 
 
