@@ -504,6 +504,8 @@ def test_grid_lr_scale_gives_the_grid_tables_their_own_rate(tok_dir):
     for bad in (0, -1.0, float("nan"), True, "10"):
         with pytest.raises(ValueError, match="grid_lr_scale"):
             tiny_unified(tok_dir, grid_lr_scale=bad)
+    with pytest.warns(UserWarning, match="grid_lr_scale=10.0 does nothing"):
+        tiny_unified(tok_dir, grid_lr_scale=10.0)  # no image_grid_embed
 
 
 # -- checkpoints: resume, export, init_from ----------------------------------------------------------------

@@ -491,6 +491,9 @@ class UnifiedModule(LightningModule):
             raise ValueError(f"grid_lr_scale must be a finite number > 0 (1: the tables train at lr), "
                              f"got {grid_lr_scale!r}")
         self.grid_lr_scale = float(grid_lr_scale)
+        if self.grid_lr_scale != 1.0 and self.model.grid_embed is None:
+            rank_zero_warn(f"UnifiedModule: grid_lr_scale={grid_lr_scale} does nothing: the model has no grid tables "
+                           "(model.image_grid_embed is off)")
         self.register_buffer("modality_weights", torch.tensor([weights[m] for m in MODALITIES]), persistent=False)
         v = self.model.vocab
         self.register_buffer("no_loss_ids", torch.tensor([v.special(n) for n in NO_LOSS_SPECIALS]), persistent=False)
