@@ -87,6 +87,10 @@ class AnyGenConfig:
     # lies between: editing copies cell by cell. Within a row, neighbours keep their 1D angles. 0: off. Needs
     # anygen's own layout (<|eol|> rows), as image_grid_embed does
     rope_grid: int = 0
+    # the blocks whose attention uses rope_grid (indices into the n_layer blocks); None: every block. A block grown
+    # onto a trained model (UnifiedModule(grow_depth=True)) can read cells this way while the trained blocks keep
+    # the 1D positions they learned
+    rope_grid_layers: list[int] | None = None
 
     # training
     z_loss_weight: float = 0.0  # weight of log(Z)^2 per target token (PaLM, Chameleon); 0 disables
@@ -138,10 +142,25 @@ class AnyGenConfig:
                 f"AnyGenConfig.n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
         if self.head_dim % 2:
             raise ValueError(f"AnyGenConfig.d_model / n_head (head_dim {self.head_dim}) must be even for RoPE")
+        self._check_rope_grid_layers()
         if 2 * self.rope_grid > self.head_dim // 2:
             raise ValueError(f"AnyGenConfig.rope_grid ({self.rope_grid}) takes 2 * rope_grid of the head's "
                              f"{self.head_dim // 2} rotary pairs: it must be <= {self.head_dim // 4}")
         self._check_und()
+
+    def _check_rope_grid_layers(self) -> None:
+        layers = self.rope_grid_layers
+        if layers is None:
+            return
+        if not isinstance(layers, (list, tuple)) or not layers or any(
+                not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < self.n_layer for i in layers) \
+                or len(set(layers)) != len(layers):
+            raise ValueError(f"AnyGenConfig.rope_grid_layers must be None (every block) or a non-empty list of "
+                             f"distinct block indices in 0..{self.n_layer - 1}, got {layers!r}")
+        if self.rope_grid == 0:
+            raise ValueError(f"AnyGenConfig.rope_grid_layers {list(layers)} names blocks for 2D rotary pairs, but "
+                             "rope_grid is 0 (off): set rope_grid > 0 too")
+        self.rope_grid_layers = sorted(layers)
 
     def _check_und(self) -> None:
         if self.und_encoder is None:

@@ -32,7 +32,8 @@ Notable:
   1.8x faster attention at three documents a row on the CPU (``bench/attention.py`` measures it).
 - Image codes can know their cell: ``image_grid_coords`` reads each code's ``(row, col)`` off the ``<|boi|>`` /
   ``<|eol|>`` around it (the cache keeps its state per slot, so decode and chunked prefill continue it), for
-  learned row / column embeddings (``image_grid_embed``) and 2D rotary pairs (``rope_grid``).
+  learned row / column embeddings (``image_grid_embed``) and 2D rotary pairs (``rope_grid``, in every block or in
+  the blocks ``rope_grid_layers`` names).
 """
 
 from __future__ import annotations
@@ -459,9 +460,15 @@ class AnyGenModel(nn.Module):
             x = x + grid.to(x.dtype) * (coords[..., :1] >= 0)  # nothing added where the id is no image code
         return x, coords, after
 
-    def _rope(self, positions: Tensor, coords: Tensor | None) -> tuple[Tensor, Tensor]:
+    def _rope(self, positions: Tensor, coords: Tensor | None) -> list[tuple[Tensor, Tensor]]:
+        """The ``(cos, sin)`` tables of each block: 2D pairs (``rope_grid``) in the blocks ``rope_grid_layers``
+        names (every block when it is None), 1D rotary in the others; each distinct table is computed once."""
         c = self.config
-        return rope_cos_sin(positions, c.head_dim, c.rope_theta, coords, c.rope_grid)
+        grid = rope_cos_sin(positions, c.head_dim, c.rope_theta, coords, c.rope_grid)
+        if not c.rope_grid or c.rope_grid_layers is None:
+            return [grid] * c.n_layer
+        plain = rope_cos_sin(positions, c.head_dim, c.rope_theta)
+        return [grid if i in c.rope_grid_layers else plain for i in range(c.n_layer)]
 
     def _check_inputs(self, ids: Tensor, positions: Tensor | None, attention_mask: Tensor | None) -> None:
         if ids.ndim != 2 or ids.dtype not in (torch.int64, torch.int32):
@@ -498,7 +505,7 @@ class AnyGenModel(nn.Module):
                 first = torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), dim=1).values
                 positions = idx - first
         x, coords, _ = self._add_grid(self._embed_with_und(ids, und_pixels), ids)  # (B, T, D)
-        cos, sin = self._rope(positions, coords)
+        ropes = self._rope(positions, coords)
         segments = None if document_ids is None else document_segments(document_ids, attention_mask)
         mask: Tensor | None = None
         if segments is not None:
@@ -514,7 +521,7 @@ class AnyGenModel(nn.Module):
             if document_ids is not None:  # packed documents never attend across their boundary
                 mask = mask & (document_ids[:, None, :, None] == document_ids[:, None, None, :])
             is_causal = False
-        for block in self.blocks:
+        for block, (cos, sin) in zip(self.blocks, ropes):
             x = block(x, cos, sin, mask, is_causal=is_causal, segments=segments)
         return self.norm(x)
 
@@ -635,14 +642,14 @@ class AnyGenModel(nn.Module):
         if self.cache_grid is not None:  # a chunk after cached slots continues the state of the slot before it
             x, coords, after = self._add_grid(x, ids, self.cache_grid[:, start - 1] if start else None)
             self.cache_grid[:, start:start + t] = after
-        cos, sin = self._rope(positions, coords)
+        ropes = self._rope(positions, coords)
         kv_len = start + t
         q_slots = self.cache_slot_ids[start:kv_len]  # (T,)
         k_slots = self.cache_slot_ids[:kv_len]  # (S,)
         causal = k_slots[None, :] <= q_slots[:, None]  # (T, S)
         # as in hidden(): a padding query also sees itself so its softmax row is never empty
         mask = causal & (self.cache_valid[:, None, None, :kv_len] | (k_slots[None, :] == q_slots[:, None]))
-        for block in self.blocks:
+        for block, (cos, sin) in zip(self.blocks, ropes):
             x = block(x, cos, sin, mask, cache_slots=q_slots, kv_len=kv_len)
         return self.head_logits(self.norm(x if all_positions else x[:, -1]), head)  # (B, V) or (B, T, V)
 
@@ -676,8 +683,8 @@ class AnyGenModel(nn.Module):
             before = self.cache_grid.index_select(1, (slot - 1).clamp(min=0))[:, 0]  # (B, 2)
             x, coords, after = self._add_grid(x, ids[:, None], torch.where(slot > 0, before, torch.zeros_like(before)))
             self.cache_grid.index_copy_(1, slot, after)
-        cos, sin = self._rope(positions[:, None], coords)
-        for block in self.blocks:
+        ropes = self._rope(positions[:, None], coords)
+        for block, (cos, sin) in zip(self.blocks, ropes):
             x = block(x, cos, sin, mask, cache_slots=slot, kv_len=kv_len)
         if head is None:
             return None

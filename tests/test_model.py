@@ -493,6 +493,45 @@ def test_rope_grid_decode_equals_forward_and_text_is_untouched(grid_embed):
     assert not differs[:first_code].any() and differs[first_code:].any()
 
 
+def test_rope_grid_layers_turn_codes_by_cell_in_the_named_blocks_only():
+    """rope_grid_layers=[1]: block 0 reads 1D positions, block 1 the grid pairs. With block 1 an identity (its
+    residual writers zeroed) the model is the plain one; with it live, it differs from the plain and from the
+    every-block model. Cached decoding still equals the full forward."""
+    from trainers.unified import RESIDUAL_WRITERS
+
+    ids = two_images(build().vocab)
+    layered = build(rope_grid=2, rope_grid_layers=[1])
+    plain, every = build(rope_grid=0), build(rope_grid=2)
+    for other in (plain, every):
+        other.load_state_dict(layered.state_dict())
+    full = layered(ids)
+    assert (full - plain(ids)).abs().amax() > 1e-4 and (full - every(ids)).abs().amax() > 1e-4
+    layered.setup_cache(1, 64)
+    layered.prefill(ids[:, :8])
+    for i in range(8, ids.shape[1]):
+        logits = layered.decode_step(ids[:, i], slot=torch.tensor(i), positions=torch.tensor([i]))
+        torch.testing.assert_close(logits, full[:, i], atol=ATOL, rtol=0)
+    layered.release_cache()
+    with torch.no_grad():
+        for name, p in layered.blocks[1].named_parameters():
+            if name.startswith(RESIDUAL_WRITERS):
+                p.zero_()
+    plain.load_state_dict(layered.state_dict())
+    torch.testing.assert_close(layered(ids), plain(ids), atol=ATOL, rtol=0)
+
+
+def test_rope_grid_layers_config_is_checked():
+    for bad in ([], [2], [-1], [0, 0], [True], "1"):
+        with pytest.raises(ValueError, match=r"rope_grid_layers must be None \(every block\) or a non-empty list of "
+                                             r"distinct block indices in 0\.\.1"):
+            AnyGenConfig.preset("tiny", rope_grid=2, rope_grid_layers=bad)
+    with pytest.raises(ValueError, match=r"rope_grid_layers \[1\] names blocks .* but rope_grid is 0"):
+        AnyGenConfig.preset("tiny", rope_grid_layers=[1])
+    config = AnyGenConfig.preset("tiny", rope_grid=2, rope_grid_layers=[1, 0])
+    assert config.rope_grid_layers == [0, 1]
+    assert AnyGenConfig.from_dict(config.to_dict()) == config
+
+
 def test_rope_grid_config_is_checked():
     with pytest.raises(ValueError, match=r"rope_grid \(5\) takes 2 \* rope_grid of the head.s 8 rotary pairs: it "
                                          r"must be <= 4"):

@@ -434,6 +434,10 @@ def test_loss_is_modality_weighted_mean_with_z_loss(tok_dir):
 def test_unknown_names_are_rejected(tok_dir):
     with pytest.raises(ValueError, match="unknown parameter groups"):
         resolve_groups(["decoder", "encoderz"])
+    with pytest.raises(ValueError, match=r"unknown parameter groups \['block.x'\].*block.<i>"):
+        resolve_groups(["block.x"])
+    with pytest.raises(ValueError, match=r"train names \['block.7'\], but the model has blocks block.0 .. block.1"):
+        tiny_unified(tok_dir, train=["block.7"])
     with pytest.raises(ValueError, match="unknown loss_weights"):
         UnifiedModule(tok_dir, loss_weights={"audio": 1.0})
     with pytest.raises(ValueError, match="unknown AnyGenConfig fields"):
@@ -462,6 +466,7 @@ def test_model_vocabulary_follows_the_tokenizer(tok_dir):
     ["aligner", "image_embeddings", "video_embeddings", "heads"],  # stage 1
     ["embeddings", "heads", "decoder", "aligner"],  # stage 2
     ["decoder"],
+    ["block.1"],  # one block, e.g. the one a grow_depth stage added, with the rest of the model frozen
 ])
 def test_staged_freezing_trains_exactly_the_named_groups(tok_dir, train):
     # image_grid_embed: its row / column tables belong to image_embeddings (sessions 10-25 left them out of every

@@ -34,6 +34,7 @@ Parameter groups for ``train:`` (``"all"`` is every group)::
                  (image_embeddings holds the row / column tables of ``image_grid_embed`` too)
     heads      = text_head + image_head + video_head
     decoder    = the transformer blocks and the final norm
+    block.<i>  = transformer block i alone (say the one a grow_depth stage added, with the rest frozen)
     aligner    = the understanding encoder's MLP aligner
     und_encoder= the SigLIP tower (sets AnyGenConfig.und_trainable)
 
@@ -47,6 +48,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +68,7 @@ from trainers.schedule import lr_factor
 
 MODALITIES = ("text", "image", "video")
 NO_LOSS_SPECIALS = ("eol", "eoi", "eof", "eov", "pad", "und")
+BLOCK_GROUP = re.compile(r"block\.\d+")  # train: one transformer block by index (parameter_groups)
 GROUPS = ("text_embeddings", "image_embeddings", "video_embeddings", "embeddings", "text_head", "image_head",
           "video_head", "heads", "decoder", "aligner", "und_encoder")
 
@@ -109,12 +112,14 @@ def resolve_groups(train: str | list[str] | tuple[str, ...]) -> list[str]:
     """
     names = [train] if isinstance(train, str) else list(train)
     if not names:
-        raise ValueError(f"train must name at least one parameter group; accepted: 'all', {', '.join(GROUPS)}")
+        raise ValueError(f"train must name at least one parameter group; accepted: 'all', {', '.join(GROUPS)}, "
+                         "block.<i>")
     if "all" in names:
         return sorted(GROUPS)
-    unknown = sorted(set(names) - set(GROUPS))
+    unknown = sorted(n for n in set(names) - set(GROUPS) if not (isinstance(n, str) and BLOCK_GROUP.fullmatch(n)))
     if unknown:
-        raise ValueError(f"unknown parameter groups {unknown} in train; accepted: 'all', {', '.join(GROUPS)}")
+        raise ValueError(f"unknown parameter groups {unknown} in train; accepted: 'all', {', '.join(GROUPS)}, "
+                         "block.<i> (one transformer block, i from 0)")
     return sorted(set(names))
 
 
@@ -134,6 +139,8 @@ def parameter_groups(model: AnyGenModel) -> dict[str, list[nn.Parameter]]:
         if "image" in model.embed:  # routed: the image table's group as well (shared mode has "embeddings" only)
             groups["image_embeddings"] += tables
     groups["decoder"] = list(model.blocks.parameters()) + list(model.norm.parameters())
+    for i, block in enumerate(model.blocks):
+        groups[f"block.{i}"] = list(block.parameters())
     if model.und is not None:
         groups["aligner"] = list(model.und.aligner.parameters())
         groups["und_encoder"] = list(model.und.tower.parameters())
@@ -147,6 +154,9 @@ def apply_trainable(model: AnyGenModel, names: list[str]) -> None:
         ValueError: a modality-specific group asked of a ``head_mode="shared"`` model.
     """
     groups = parameter_groups(model)
+    absent = [n for n in names if n not in groups]
+    if absent:
+        raise ValueError(f"train names {absent}, but the model has blocks block.0 .. block.{model.config.n_layer - 1}")
     specific = [n for n in names if n.startswith(MODALITIES) and not groups[n]]
     if model.config.head_mode == "shared" and specific and set(names) != set(GROUPS):
         raise ValueError(f"head_mode='shared' has one embedding table and one head; groups {specific} do not "
@@ -345,6 +355,8 @@ def _warn_on_position_changes(saved: dict[str, Any], config: AnyGenConfig, path:
     defaults = {"rope_grid": 0, "rope_theta": 10000.0}
     changed = [f"{name} {saved.get(name, default)} -> {getattr(config, name)}" for name, default in defaults.items()
                if float(saved.get(name, default)) != float(getattr(config, name))]
+    if saved.get("rope_grid_layers") != config.rope_grid_layers and config.rope_grid:
+        changed.append(f"rope_grid_layers {saved.get('rope_grid_layers')} -> {config.rope_grid_layers}")
     if changed:
         rank_zero_warn(f"init_from {path} was trained with other rotary positions ({', '.join(changed)}): its "
                        "attention starts out reading positions it was not trained on")
