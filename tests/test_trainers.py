@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import PIL.Image
 import pytest
 import torch
@@ -23,6 +24,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
 from anygen.api import AnyGen
+from anygen.data.shards import TokenizedDocument
 from anygen.model import routed_cross_entropy
 from anygen.testing import random_engine
 from tokenizers_mm.image import ImageTokenizer
@@ -1141,3 +1143,37 @@ def test_cli_fit_warns_before_an_emulated_bf16_run(tok_dir, tmp_path, monkeypatc
         assert cli_fit(["--config", str(path), "--trainer.precision", "bf16-mixed"]) == 0
     warned = [r.getMessage() for r in caplog.records if r.name == "anygen.fit"]
     assert len(warned) == 1 and "bf16-mixed" in warned[0], warned
+
+
+# -- copy_head: the copy-attention prior of a 2D-rotary block ------------------------------------------------
+
+
+def test_copy_head_sets_the_named_head_from_the_shards_documents(tok_dir, tmp_path):
+    from anygen.data.shards import ShardWriter
+
+    tokenizer = MultimodalTokenizer.load(tok_dir)
+    g = torch.Generator().manual_seed(0)
+    writer = ShardWriter(tmp_path / "shards")
+    for i in range(6):
+        codes = [torch.randint(0, tokenizer.vocab.image_codebook_size, (3, 4), generator=g) for _ in range(2)]
+        seq = tokenizer.encode(["a red circle", Image(codes=codes[0]), "make it blue", Image(codes=codes[1])])
+        writer.add(TokenizedDocument(f"doc-{i}", seq.ids.numpy().astype(np.int32)))
+    index = {"format": "safetensors", "vocab": tokenizer.vocab.to_dict(), "docs": 6, "shards": writer.close()}
+    (tmp_path / "shards" / "index.json").write_text(json.dumps(index))
+    grid = {"rope_grid": 2, "rope_grid_layers": [1], "qk_norm": "rms"}
+    module = tiny_unified(tok_dir, model=grid, copy_head={"block": 1, "shards": str(tmp_path / "shards"),
+                                                           "scale": 5.0, "documents": 4})
+    attn, hd = module.model.blocks[1].attn, module.model.config.head_dim
+    assert torch.all(attn.q_norm.weight[0] == 5.0) and torch.all(attn.k_norm.weight[0] == 5.0)
+    rows = attn.q_proj.weight[:hd]  # every row of head 0 is a multiple of one direction, the grid pairs' only
+    nonzero = rows.norm(dim=1) > 0
+    assert nonzero.sum() == 2 * 2 + 2  # two column pairs (cos, sin), two row pairs (1, 0)
+    u = rows[nonzero][0] / rows[nonzero][0].norm()
+    torch.testing.assert_close(rows[nonzero] / rows[nonzero].norm(dim=1, keepdim=True), u.expand(6, -1) *
+                               torch.sign(rows[nonzero] @ u)[:, None])
+    plain = tiny_unified(tok_dir, model=grid)
+    assert torch.equal(plain.model.blocks[1].attn.q_proj.weight[hd:], attn.q_proj.weight[hd:])  # other heads kept
+    with pytest.raises(ValueError, match="copy_head must be a mapping with block and shards"):
+        tiny_unified(tok_dir, model=grid, copy_head={"block": 1})
+    with pytest.raises(ValueError, match="block 0 has no 2D rotary pairs"):
+        tiny_unified(tok_dir, model=grid, copy_head={"block": 0, "shards": str(tmp_path / "shards")})

@@ -430,6 +430,12 @@ class UnifiedModule(LightningModule):
             (same schedule). They start at zero while every other tensor of a warm start is trained: at a late
             stage's peak (1e-4) they grew to an RMS of 0.0005 in 100 steps against the code table's 0.029
             (session 26). 1: no group of their own.
+        copy_head: ``{"block": i, "shards": dir}`` (optionally ``head`` 0, ``scale`` 3.0, ``column_offset`` 1,
+            ``documents`` 64): after ``init_from`` (and ``grow_depth``), set query head ``head`` of block ``i``, which
+            must have 2D rotary pairs (``model.rope_grid_layers``), to attend from an image code to the code one
+            column to the right in earlier images (``trainers.copy_head``), its direction read off the first
+            ``documents`` documents of ``shards`` that hold image codes. For a block grown onto a trained model,
+            so that edits and stories can copy the earlier image cell by cell.
     """
 
     def __init__(
@@ -453,6 +459,7 @@ class UnifiedModule(LightningModule):
         und_code_loss: float = 0.0,
         grow_depth: bool = False,
         grid_lr_scale: float = 1.0,
+        copy_head: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -492,6 +499,8 @@ class UnifiedModule(LightningModule):
             load_initial_weights(self.model, init_from, image_code_map=code_map,
                                  text_tokenizer=Path(tokenizer_dir) / TEXT_FILE, reinit=reinit_prefixes,
                                  grow_depth=grow_depth)
+        if copy_head is not None:
+            self._init_copy_head(copy_head)
         apply_trainable(self.model, self.groups)
         empty = [n for n in self.groups if not parameter_groups(self.model)[n]]
         if empty and train != "all":
@@ -516,6 +525,31 @@ class UnifiedModule(LightningModule):
         self.und_code_head: nn.Linear | None = None
         if self.und_code_loss:
             self._init_und_code_head()
+
+    def _init_copy_head(self, options: dict[str, Any]) -> None:
+        """``copy_head``: set one head of a 2D-rotary block to read the next cell of earlier images
+        (``trainers.copy_head``), its direction taken from the first documents with image codes in ``shards``."""
+        from anygen.data.shards import TokenShards
+        from trainers.copy_head import copy_head_direction, init_copy_head
+
+        accepted = {"block", "shards", "head", "scale", "column_offset", "documents"}
+        if not isinstance(options, dict) or not {"block", "shards"} <= set(options) or set(options) - accepted:
+            raise ValueError(f"copy_head must be a mapping with block and shards (and optionally head, scale, "
+                             f"column_offset, documents), got {options!r}")
+        count = options.get("documents", 64)
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ValueError(f"copy_head documents must be an int >= 1, got {count!r}")
+        shards, v = TokenShards(options["shards"]), self.model.vocab
+        chosen = []
+        for i in range(len(shards)):
+            ids = torch.from_numpy(shards.ids(i).astype("int64"))
+            if ((ids >= v.image_offset) & (ids < v.video_offset)).any() and not (ids == v.special("und")).any():
+                chosen.append(ids)
+                if len(chosen) == count:
+                    break
+        direction = copy_head_direction(self.model, chosen, options["block"])
+        init_copy_head(self.model, options["block"], direction, head=options.get("head", 0),
+                       scale=options.get("scale", 3.0), column_offset=options.get("column_offset", 1))
 
     def _init_und_code_head(self) -> None:
         """The ``und_code_loss`` head, ``d_model -> block² · latent channels``, and the hook that keeps the
