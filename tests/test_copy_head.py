@@ -84,3 +84,6 @@ def test_copy_head_is_refused_where_it_cannot_work():
     model = _model()
     with pytest.raises(ValueError, match="none of the documents holds an image code"):
         copy_head_direction(model, [torch.tensor([model.vocab.bos, 11, 12])], 1)
+    with pytest.raises(ValueError, match="without <\\|und\\|> positions"):
+        copy_head_direction(model.train(), [torch.tensor([model.vocab.bos, model.vocab.special("und")])], 1)
+    assert model.training  # the model's mode is given back, also after a refusal

@@ -61,10 +61,10 @@ def copy_head_direction(model: AnyGenModel, documents: list[Tensor], block: int)
     v = model.vocab
     seen: list[Tensor] = []
     hook = model.blocks[block].attn.register_forward_hook(lambda module, args, out: seen.append(args[0][0]))
-    total, count = None, 0
+    total: Tensor | None = None
+    was_training = model.training
+    model.eval()
     try:
-        was_training = model.training
-        model.eval()
         for ids in documents:
             if bool((ids == v.special("und")).any()):
                 raise ValueError("copy_head_direction: pass documents without <|und|> positions")
@@ -73,12 +73,11 @@ def copy_head_direction(model: AnyGenModel, documents: list[Tensor], block: int)
                 continue
             seen.clear()
             model(ids[None].long())
-            x = seen[0][is_code].float().sum(0)
+            x = seen[0][is_code].float().sum(0)  # the direction of the mean: a sum will do
             total = x if total is None else total + x
-            count += int(is_code.sum())
-        model.train(was_training)
     finally:
         hook.remove()
+        model.train(was_training)
     if total is None:
         raise ValueError("copy_head_direction: none of the documents holds an image code")
     return total / total.norm()
