@@ -88,6 +88,11 @@ class HeadNorm(nn.Module):
         return y if self.bias is None else y + self.bias[:, None, :]
 
 
+def rope_inv_freq(head_dim: int, theta: float, device: torch.device | None = None) -> Tensor:
+    """The ``head_dim / 2`` rotary frequencies, highest first: ``theta ** (-2i / head_dim)``."""
+    return theta ** -(torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+
+
 def rope_cos_sin(positions: Tensor, head_dim: int, theta: float, grid: Tensor | None = None,
                  grid_pairs: int = 0) -> tuple[Tensor, Tensor]:
     """Rotary tables at explicit positions: ``positions (B, T)`` -> cos, sin ``(B, 1, T, head_dim)``.
@@ -99,7 +104,7 @@ def rope_cos_sin(positions: Tensor, head_dim: int, theta: float, grid: Tensor | 
     ``grid_pairs`` g > 0 an image code's first g rotary pairs (the highest frequencies) turn by its column and the
     next g by its row, at the first g pairs' frequencies, instead of by its position (``AnyGenConfig.rope_grid``).
     """
-    inv_freq = theta ** -(torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    inv_freq = rope_inv_freq(head_dim, theta, positions.device)
     freqs = positions[..., None].float() * inv_freq  # (B, T, hd/2)
     if grid_pairs and grid is not None:
         g = grid_pairs

@@ -33,7 +33,7 @@ import math
 import torch
 from torch import Tensor
 
-from anygen.model import AnyGenModel
+from anygen.model import AnyGenModel, rope_inv_freq
 
 
 def _grid_pairs(model: AnyGenModel, block: int) -> int:
@@ -105,7 +105,7 @@ def init_copy_head(model: AnyGenModel, block: int, direction: Tensor, *, head: i
     attn = model.blocks[block].attn
     hd, half = c.head_dim, c.head_dim // 2
     kv_head = head // (c.n_head // c.n_kv_head)
-    inv_freq = c.rope_theta ** -(torch.arange(0, hd, 2, dtype=torch.float32) / hd)
+    inv_freq = rope_inv_freq(hd, c.rope_theta)
     q, k = torch.zeros(hd), torch.zeros(hd)
     for i in range(g):  # rotate-half layout: pair i is dims (i, i + half); column pairs 0..g-1, row pairs g..2g-1
         angle = column_offset * float(inv_freq[i])
