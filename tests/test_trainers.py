@@ -515,6 +515,47 @@ def test_grid_lr_scale_gives_the_grid_tables_their_own_rate(tok_dir):
         tiny_unified(tok_dir, grid_lr_scale=10.0)  # no image_grid_embed
 
 
+def test_lr_scales_give_named_groups_their_own_rate(tok_dir):
+    """A grown block at 5x the rate: its tensors (decayed and not) in groups of their own, the rest at ``lr``."""
+    module = tiny_unified(tok_dir, lr=1e-3, warmup_steps=0, lr_scales={"block.1": 5})
+    optimizer = module.configure_optimizers()["optimizer"]
+    block = {id(p) for p in module.model.blocks[1].parameters()}
+    rates = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    assert set(rates) == {id(p) for p in module.model.parameters() if p.requires_grad}  # every tensor once
+    assert all(rates[i] == pytest.approx(5e-3) for i in block)
+    assert all(r == pytest.approx(1e-3) for i, r in rates.items() if i not in block)
+    decay = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    norm = module.model.blocks[1].attn.q_norm.weight
+    assert decay[id(norm)] == 0.0 and decay[id(module.model.blocks[1].attn.q_proj.weight)] > 0
+    for bad, match in (({"block.99": 2}, "not a parameter group"), ({"heads": 0}, r"lr_scales\['heads'\]"),
+                       ({"heads": True}, "finite number"), (["heads"], "must be a mapping")):
+        with pytest.raises(ValueError, match=match):
+            tiny_unified(tok_dir, lr_scales=bad)
+    with pytest.raises(ValueError, match="does not train"):
+        tiny_unified(tok_dir, train="heads", lr_scales={"block.0": 2})
+
+
+def test_grow_depth_list_puts_the_new_blocks_where_asked(tok_dir, tmp_path):
+    """``grow_depth: [0]``: one new block right after old block 0 (a zero-writer copy of it), the model unchanged;
+    a list of the wrong length or naming a block the weights lack is refused."""
+    pretrained = tiny_unified(tok_dir).model
+    n = pretrained.config.n_layer
+    path = tmp_path / "shallow"
+    AnyGen(pretrained, MultimodalTokenizer.load(tok_dir)).save_pretrained(path)
+    deep = tiny_unified(tok_dir, init_from=str(path), grow_depth=[0], model={"n_layer": n + 1})
+    ids = torch.randint(0, pretrained.vocab.text_size, (2, 12))
+    with torch.no_grad():
+        assert torch.allclose(deep.model.eval()(ids), pretrained.eval()(ids), atol=1e-5)
+    old, new = pretrained.state_dict(), deep.model.state_dict()
+    assert torch.equal(new["blocks.1.attn.q_proj.weight"], old["blocks.0.attn.q_proj.weight"])
+    assert not new["blocks.1.attn.o_proj.weight"].any() and not new["blocks.1.mlp.down_proj.weight"].any()
+    for i in range(1, n):  # the old blocks after it move up by one
+        assert torch.equal(new[f"blocks.{i + 1}.mlp.down_proj.weight"], old[f"blocks.{i}.mlp.down_proj.weight"])
+    for bad in ([0, 0], [n], [-1], [True], "0"):
+        with pytest.raises(ValueError, match="grow_depth lists the old blocks"):
+            tiny_unified(tok_dir, init_from=str(path), grow_depth=bad, model={"n_layer": n + 1})
+
+
 # -- checkpoints: resume, export, init_from ----------------------------------------------------------------
 
 

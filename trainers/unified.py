@@ -203,6 +203,33 @@ def check_code_noise(value: Any) -> dict[str, float]:
                      f"in training) or a mapping {{'image': p, 'video': q}} of such numbers, got {value!r}")
 
 
+def check_lr_scales(model: AnyGenModel, value: Any, trained: list[str]) -> dict[str, float]:
+    """``UnifiedModule(lr_scales=)`` checked against ``model`` after ``apply_trainable``: ``{group: multiple of lr}``
+    over groups whose tensors all train.
+
+    Raises:
+        ValueError: not a mapping, a group the model does not have or that does not train, or a multiple that is
+            not a finite number > 0.
+    """
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(f"lr_scales must be a mapping {{group: multiple of lr}} such as {{'block.2': 5}}, got "
+                         f"{value!r}")
+    known = parameter_groups(model)
+    out = {}
+    for name, scale in value.items():
+        if name not in known:
+            raise ValueError(f"lr_scales names {name!r}, not a parameter group of this model; accepted: "
+                             f"{', '.join(GROUPS)}, block.0 .. block.{model.config.n_layer - 1}")
+        if not known[name] or not all(p.requires_grad for p in known[name]):  # apply_trainable has run
+            raise ValueError(f"lr_scales names {name!r}, which train: does not train (train: {trained})")
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+            raise ValueError(f"lr_scales[{name!r}] must be a finite number > 0 (a multiple of lr), got {scale!r}")
+        out[name] = float(scale)
+    return out
+
+
 def _bpe_table(path: Path) -> Any:
     model = json.loads(path.read_text()).get("model", {})
     return model.get("vocab"), model.get("merges")
@@ -239,7 +266,7 @@ def _under(key: str, prefix: str) -> bool:
 RESIDUAL_WRITERS = ("attn.o_proj.", "mlp.down_proj.")
 
 
-def expand_blocks(state: dict[str, Tensor], n_layer: int) -> dict[str, Tensor]:
+def expand_blocks(state: dict[str, Tensor], n_layer: int, after: list[int] | None = None) -> dict[str, Tensor]:
     """``state`` with its transformer blocks spread over ``n_layer`` blocks (LLaMA-Pro's block expansion).
 
     The old blocks keep their order; after old block ``i`` come ``floor((i + 1)·e / n) - floor(i·e / n)`` new ones
@@ -248,8 +275,12 @@ def expand_blocks(state: dict[str, Tensor], n_layer: int) -> dict[str, Tensor]:
     projection) are zero. A zeroed block adds nothing to the residual stream, so the grown model computes exactly
     what the old one did, and training starts from there with the extra depth to use. Other tensors are unchanged.
 
+    ``after`` places the new blocks instead: one after each old block it lists (an index twice: two there), so
+    a block meant to read what the low blocks still hold (``trainers.copy_head``) can go low in the stack.
+
     Raises:
-        ValueError: ``state`` has no blocks, or more than ``n_layer``.
+        ValueError: ``state`` has no blocks, or more than ``n_layer``; ``after`` names a block the weights do not
+            have, or not ``n_layer - N`` of them.
     """
     indices = sorted({int(k.split(".")[1]) for k in state if k.startswith("blocks.")})
     n = len(indices)
@@ -259,10 +290,16 @@ def expand_blocks(state: dict[str, Tensor], n_layer: int) -> dict[str, Tensor]:
         raise ValueError(f"grow_depth only adds blocks: the weights have {n}, the model config asks for {n_layer} "
                          f"(set model.n_layer to {n} or more)")
     extra = n_layer - n
+    if after is None:  # spread evenly
+        after = [i for i in range(n) for _ in range((i + 1) * extra // n - i * extra // n)]
+    elif (isinstance(after, (str, bytes)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in after)
+          or len(after) != extra or not all(0 <= i < n for i in after)):
+        raise ValueError(f"grow_depth lists the old blocks (0..{n - 1}) to put a new block after, one entry per new "
+                         f"block: {extra} entries for {n} -> {n_layer} blocks, got {after!r}")
     order: list[tuple[int, bool]] = []  # (old block, is a zeroed copy) for each new index
     for i in range(n):
         order.append((i, False))
-        order += [(i, True)] * ((i + 1) * extra // n - i * extra // n)
+        order += [(i, True)] * list(after).count(i)
     out = {k: v for k, v in state.items() if not k.startswith("blocks.")}
     for new, (old, copy) in enumerate(order):
         prefix = f"blocks.{old}."
@@ -276,7 +313,7 @@ def expand_blocks(state: dict[str, Tensor], n_layer: int) -> dict[str, Tensor]:
 
 def load_initial_weights(model: AnyGenModel, path: str | Path, *, image_code_map: Tensor | None = None,
                          text_tokenizer: Path | None = None, reinit: tuple[str, ...] = (),
-                         grow_depth: bool = False) -> None:
+                         grow_depth: bool | list[int] = False) -> None:
     """Load weights from a ``save_pretrained`` directory or a Lightning ``.ckpt`` of a ``UnifiedModule``.
 
     A ``.ckpt`` is read with ``torch.load(weights_only=True)``: tensors and plain values only.
@@ -293,7 +330,7 @@ def load_initial_weights(model: AnyGenModel, path: str | Path, *, image_code_map
             initialisation, and may be absent from ``path`` or have another shape there. When both image rows
             (``embed.image`` and ``head.image``) are reinitialised, the image codebook size may differ too.
         grow_depth: ``path`` may have fewer transformer blocks than ``model``: they are spread over its depth and
-            the new ones start as identities (``expand_blocks``).
+            the new ones start as identities (``expand_blocks``); a list names the old blocks to put them after.
 
     Raises:
         FileNotFoundError: ``path`` is neither.
@@ -339,8 +376,8 @@ def load_initial_weights(model: AnyGenModel, path: str | Path, *, image_code_map
                     raise ValueError(f"init_image_codes maps onto {int(image_code_map.max()) + 1} old codes, but "
                                      f"{path} has {rows} rows in {key}: the tokenizer is not the one it trained on")
                 state[key] = state[key][image_code_map.to(state[key].device)]
-    if grow_depth:
-        state = expand_blocks(state, model.config.n_layer)
+    if grow_depth is not False:
+        state = expand_blocks(state, model.config.n_layer, None if grow_depth is True else list(grow_depth))
     if reinit:
         own = model.state_dict()
         state = {k: v for k, v in state.items() if not any(_under(k, r) for r in reinit)}
@@ -425,11 +462,16 @@ class UnifiedModule(LightningModule):
         grow_depth: ``init_from`` may have fewer transformer blocks than ``model.n_layer``: block expansion
             (``expand_blocks``): its blocks are spread over the deeper stack and each new block starts as a copy
             of the one before it with its output projections zeroed, so training starts from exactly the old
-            model's function with more depth to learn in. Needs ``init_from``.
+            model's function with more depth to learn in. A list of old block indices puts one new block after
+            each instead (``[1]``: 8 -> 9 blocks with the new one at index 2). Needs ``init_from``.
         grid_lr_scale: the learning rate of the ``image_grid_embed`` row / column tables, as a multiple of ``lr``
             (same schedule). They start at zero while every other tensor of a warm start is trained: at a late
             stage's peak (1e-4) they grew to an RMS of 0.0005 in 100 steps against the code table's 0.029
             (session 26). 1: no group of their own.
+        lr_scales: ``{group: multiple}`` for ``train:`` groups (``block.2``, ``heads``, ...) that learn at their own
+            multiple of ``lr`` (same schedule): a block grown into a trained model starts with zero output
+            projections and grows them slowly at a late stage's peak. A tensor in two listed groups takes the
+            first's rate. ``{}``: none.
         copy_head: ``{"block": i, "shards": dir}`` (optionally ``head`` 0, ``scale`` 3.0, ``column_offset`` 1,
             ``documents`` 64): after ``init_from`` (and ``grow_depth``), set query head ``head`` of block ``i``, which
             must have 2D rotary pairs (``model.rope_grid_layers``), to attend from an image code to the code one
@@ -457,9 +499,10 @@ class UnifiedModule(LightningModule):
         reinit: list[str] | None = None,
         code_noise: float | dict[str, float] = 0.0,
         und_code_loss: float = 0.0,
-        grow_depth: bool = False,
+        grow_depth: bool | list[int] = False,
         grid_lr_scale: float = 1.0,
         copy_head: dict[str, Any] | None = None,
+        lr_scales: dict[str, float] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -488,7 +531,7 @@ class UnifiedModule(LightningModule):
         reinit_prefixes = check_reinit(self.model, reinit)
         if reinit_prefixes and init_from is None:
             raise ValueError(f"reinit {list(reinit_prefixes)} names what init_from should not fill; set init_from too")
-        if grow_depth and init_from is None:
+        if grow_depth is not False and init_from is None:
             raise ValueError("grow_depth deepens init_from's model; set init_from too")
         if init_from is not None:
             code_map = None
@@ -515,6 +558,7 @@ class UnifiedModule(LightningModule):
         if self.grid_lr_scale != 1.0 and self.model.grid_embed is None:
             rank_zero_warn(f"UnifiedModule: grid_lr_scale={grid_lr_scale} does nothing: the model has no grid tables "
                            "(model.image_grid_embed is off)")
+        self.lr_scales = check_lr_scales(self.model, lr_scales, self.groups)
         self.register_buffer("modality_weights", torch.tensor([weights[m] for m in MODALITIES]), persistent=False)
         v = self.model.vocab
         self.register_buffer("no_loss_ids", torch.tensor([v.special(n) for n in NO_LOSS_SPECIALS]), persistent=False)
@@ -719,6 +763,15 @@ class UnifiedModule(LightningModule):
             groups[0]["params"] = [p for p in decay if id(p) not in tables]
             groups.append({"params": [p for p in decay if id(p) in tables], "weight_decay": self.weight_decay,
                            "lr": self.lr * self.grid_lr_scale})
+        named = parameter_groups(self.model)
+        for group, scale in self.lr_scales.items():  # listed groups, each at its own rate
+            own = {id(p) for p in named[group]}
+            for g in list(groups):
+                if "lr" in g:  # already a group of its own
+                    continue
+                mine = [p for p in g["params"] if id(p) in own]
+                g["params"] = [p for p in g["params"] if id(p) not in own]
+                groups.append({"params": mine, "weight_decay": g["weight_decay"], "lr": self.lr * scale})
         optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.lr, betas=self.betas)
         total = self.max_steps
         if total is None and self._trainer is not None and self._trainer.max_steps > 0:
