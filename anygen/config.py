@@ -91,6 +91,13 @@ class AnyGenConfig:
     # onto a trained model (UnifiedModule(grow_depth=True)) can read cells this way while the trained blocks keep
     # the 1D positions they learned
     rope_grid_layers: list[int] | None = None
+    # experimental (session 28): InstructPix2Pix's channel-wise source conditioning, for a decoder. Inside an image,
+    # each position's input also gets the earlier image's code at the cell the position predicts next (same row
+    # and column, the image before it in the same document), through the image table and a zero-initialised
+    # d_model x d_model projection: an edit or a story's next picture sees, at every step, the code it would copy.
+    # Training and teacher-forced scoring (forward) only: the KV-cached generation path does not compute the hints
+    # yet, and prefill / decode_step refuse such a model. Needs routed heads with a plain image table
+    image_copy_hint: bool = False
 
     # training
     z_loss_weight: float = 0.0  # weight of log(Z)^2 per target token (PaLM, Chameleon); 0 disables
@@ -128,7 +135,7 @@ class AnyGenConfig:
             raise ValueError(f"AnyGenConfig.{name} must be > 0, got {getattr(self, name)}")
         if self.z_loss_weight < 0:
             raise ValueError(f"AnyGenConfig.z_loss_weight must be >= 0, got {self.z_loss_weight}")
-        for name in ("post_norm", "tie_embeddings", "und_trainable", "image_grid_embed"):
+        for name in ("post_norm", "tie_embeddings", "und_trainable", "image_grid_embed", "image_copy_hint"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"AnyGenConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if self.qk_norm not in _QK_NORMS:
@@ -142,6 +149,10 @@ class AnyGenConfig:
                 f"AnyGenConfig.n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
         if self.head_dim % 2:
             raise ValueError(f"AnyGenConfig.d_model / n_head (head_dim {self.head_dim}) must be even for RoPE")
+        if self.image_copy_hint and (self.head_mode != "routed" or self.image_embed_dim):
+            raise ValueError("AnyGenConfig.image_copy_hint looks the hint codes up in the image table: it needs "
+                             f"head_mode='routed' and image_embed_dim=0, got head_mode={self.head_mode!r}, "
+                             f"image_embed_dim={self.image_embed_dim}")
         self._check_rope_grid_layers()
         if 2 * self.rope_grid > self.head_dim // 2:
             raise ValueError(f"AnyGenConfig.rope_grid ({self.rope_grid}) takes 2 * rope_grid of the head's "
@@ -233,6 +244,8 @@ class AnyGenConfig:
             total += (d * p + p) + (p * k + k) - k * d
         if self.image_grid_embed:
             total += (self.max_height + self.max_width) * d
+        if self.image_copy_hint:
+            total += d * d
         if include_und and self.und_encoder is not None:
             total += self._und_parameters()
         return total

@@ -203,6 +203,44 @@ def image_grid_coords(ids: Tensor, vocab: Vocab, state: Tensor | None = None) ->
     return torch.where(is_code[..., None], coords, -1), after
 
 
+def image_copy_hints(ids: Tensor, vocab: Vocab, after: Tensor, document_ids: Tensor | None = None) -> Tensor:
+    """For each position inside an image, the earlier image's code at the cell the position predicts next.
+
+    ``after (B, T, 2)``: the ``image_grid_coords`` states (where the code following each position goes). A
+    position from an image's ``<|boi|>`` up to its ``<|eoi|>`` gets the code (``0 .. K-1``) that the image before
+    it (in the same document, with ``document_ids``) holds at that row and column; ``-1`` where there is none: outside
+    images, in a row's last column (an ``<|eol|>`` comes next), in a first image, past the earlier image's size.
+
+    Returns:
+        ``(B, T)`` long.
+    """
+    b, t = ids.shape
+    v, h, w = vocab, vocab.max_height, vocab.max_width
+    idx = torch.arange(t, device=ids.device).expand(b, t)
+    is_code = (ids >= v.image_offset) & (ids < v.video_offset)
+    is_boi = ids == v.boi
+    image = is_boi.long().cumsum(-1)  # (B, T) 1 for the first image's span, 2 for the second, ...
+    last_boi = torch.cummax(torch.where(is_boi, idx, -1), dim=-1).values
+    last_eoi = torch.cummax(torch.where(ids == v.eoi, idx, -1), dim=-1).values
+    inside = last_boi > last_eoi  # <|boi|> .. the token before <|eoi|>
+    n = int(image.max()) + 1  # host sync: forward only
+    coords, _ = image_grid_coords(ids, v)
+    cell = image * h * w + coords[..., 0].clamp(0, h - 1) * w + coords[..., 1].clamp(0, w - 1)
+    table = torch.full((b, n * h * w + 1), -1, dtype=torch.long, device=ids.device)  # the last slot: a bin
+    table.scatter_(1, torch.where(is_code, cell, n * h * w), torch.where(is_code, ids - v.image_offset, -1))
+    table[:, -1] = -1
+    row, col = after[..., 0], after[..., 1]
+    ok = inside & (image >= 2) & (row < h) & (col < w)
+    look = (image - 1).clamp(min=0) * h * w + row.clamp(0, h - 1) * w + col.clamp(0, w - 1)
+    hint = table.gather(1, look)
+    if document_ids is not None:  # the earlier image must be in the same document
+        starts = torch.full((b, n), -1, dtype=torch.long, device=ids.device)
+        starts.scatter_(1, torch.where(is_boi, image, 0), torch.where(is_boi, idx, -1))
+        earlier = starts.gather(1, (image - 1).clamp(min=0)).clamp(min=0)
+        ok = ok & (document_ids.gather(1, earlier) == document_ids)
+    return torch.where(ok, hint, -1)
+
+
 class KVCache(nn.Module):
     """Static key/value store of one attention layer, written by slot.
 
@@ -362,7 +400,11 @@ class AnyGenModel(nn.Module):
         # image_grid_embed: a code's row and column, added to its embedding (zero at init: see _init_weights)
         self.grid_embed = nn.ModuleDict({"row": nn.Embedding(v.max_height, d), "col": nn.Embedding(v.max_width, d)}) \
             if config.image_grid_embed else None
-        self.tracks_grid = config.image_grid_embed or config.rope_grid > 0  # both read image_grid_coords
+        # image_copy_hint (experimental): the earlier image's code at the next cell, through the image table and this
+        # projection (zero at init: a model warm-started without it begins exactly as it was)
+        self.copy_hint = nn.Linear(d, d, bias=False) if config.image_copy_hint else None
+        # image_grid_embed, rope_grid and image_copy_hint all read image_grid_coords
+        self.tracks_grid = config.image_grid_embed or config.rope_grid > 0 or config.image_copy_hint
         self._init_weights()
         if config.tie_embeddings:
             for name in sizes:
@@ -386,6 +428,8 @@ class AnyGenModel(nn.Module):
         if self.grid_embed is not None:  # zero: a model warm-started without them begins exactly as it was
             for table in self.grid_embed.values():
                 nn.init.zeros_(table.weight)
+        if self.copy_hint is not None:
+            nn.init.zeros_(self.copy_hint.weight)
 
     def num_parameters(self, *, trainable_only: bool = False) -> int:
         """Parameter count (tied weights once); ``trainable_only`` skips a frozen SigLIP tower."""
@@ -509,7 +553,10 @@ class AnyGenModel(nn.Module):
                 starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
                 first = torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), dim=1).values
                 positions = idx - first
-        x, coords, _ = self._add_grid(self._embed_with_und(ids, und_pixels), ids)  # (B, T, D)
+        x, coords, after = self._add_grid(self._embed_with_und(ids, und_pixels), ids)  # (B, T, D)
+        if self.copy_hint is not None:
+            hint = image_copy_hints(ids, self.vocab, after, document_ids)
+            x = x + self.copy_hint(self.embed["image"](hint.clamp(min=0))) * (hint >= 0)[..., None]
         ropes = self._rope(positions, coords)
         segments = None if document_ids is None else document_segments(document_ids, attention_mask)
         mask: Tensor | None = None
@@ -600,6 +647,19 @@ class AnyGenModel(nn.Module):
         caches = [block.attn.kv_cache for block in self.blocks if block.attn.kv_cache is not None]
         return sum(c.k.nbytes + c.v.nbytes for c in caches)
 
+    @property
+    def cannot_generate(self) -> str | None:
+        """Why the KV-cached path (prefill / decode_step, so generation) refuses this model; None when it does not."""
+        if self.copy_hint is not None:
+            return ("AnyGenConfig.image_copy_hint is experimental: the KV-cached path (prefill / decode_step, so "
+                    "generation) does not compute the hints yet; such a model trains and scores teacher-forced "
+                    "(forward) only. Generate with a model without it")
+        return None
+
+    def _check_cached_generation(self) -> None:
+        if self.cannot_generate is not None:
+            raise NotImplementedError(self.cannot_generate)
+
     def _require_cache(self) -> tuple[int, int]:
         if self.cache_valid is None:
             raise RuntimeError("KV cache not set up: call AnyGenModel.setup_cache(batch_size, max_seq_len) first")
@@ -629,6 +689,7 @@ class AnyGenModel(nn.Module):
         """
         cache_b, cache_len = self._require_cache()
         self._check_inputs(ids, positions, attention_mask)
+        self._check_cached_generation()
         b, t = ids.shape
         if b != cache_b:
             raise ValueError(f"prefill batch size {b} differs from the cache's {cache_b}; call setup_cache again")
@@ -676,6 +737,7 @@ class AnyGenModel(nn.Module):
             Logits ``(B, V)`` for the next token (``(B, K)`` for a one-modality head), or None.
         """
         self._require_cache()
+        self._check_cached_generation()
         if not isinstance(slot, Tensor):  # a Python int is accepted for convenience; capture needs a tensor
             slot = torch.tensor(slot, device=self.cache_valid.device)
         slot = slot.reshape(1)  # (1,) index for index_copy_ / index_fill_

@@ -416,6 +416,76 @@ def test_image_grid_embed_config_is_checked_and_counted():
         == (config.max_height + config.max_width) * config.d_model
 
 
+# -- image_copy_hint (experimental): the earlier image's code at the next cell ---------------------------------
+
+
+def test_image_copy_hints_give_the_earlier_images_code_at_the_next_cell():
+    from anygen.model import image_copy_hints, image_grid_coords
+
+    v = build().vocab
+    c = [v.image_offset + k for k in range(10)]
+    ids = torch.tensor([[v.bos, v.boi, c[1], c[2], v.eol, c[3], c[4], v.eol, v.eoi, 7,
+                         v.boi, c[5], c[6], v.eol, c[7], c[8], v.eol, v.eoi, 8,
+                         v.boi, c[9], v.eol, v.eoi]])
+    _, after = image_grid_coords(ids, v)
+    got = image_copy_hints(ids, v, after)[0].tolist()
+    none = -1
+    expected = [none] * 10  # the first image and the text after it: no earlier image
+    # the second image: <|boi|> predicts cell (0, 0), each code the next cell, an <|eol|> the next row's first
+    expected += [1, 2, none, 3, 4, none, none, none, none]  # a row's last code and the last <|eol|>: no cell
+    # the third image copies from the second, not the first; the hints follow the earlier image's cells (a 1 x 1
+    # image's code and <|eol|> get the 2 x 2 one's (0, 1) and (1, 0): the forced <|eol|> / <|eoi|> come next anyway)
+    expected += [5, 6, 7, none]
+    assert got == expected
+    # a document boundary before the second image: it has no earlier image in its document; the third does
+    docs = torch.tensor([[0] * 10 + [1] * (ids.shape[1] - 10)])
+    split = image_copy_hints(ids, v, after, docs)[0].tolist()
+    assert split[:19] == [none] * 19 and split[19:] == expected[19:]
+
+
+def test_image_copy_hint_starts_as_the_plain_model_and_then_reads_the_earlier_image():
+    plain = build(image_grid_embed=True)
+    model = build(image_grid_embed=True, image_copy_hint=True)
+    assert not model.copy_hint.weight.any()  # zero at init
+    assert model.load_state_dict(plain.state_dict(), strict=False).missing_keys == ["copy_hint.weight"]
+    v = model.vocab
+    ids = two_images(v)
+    same = torch.cat([ids[:, :16], ids[:, 3:15], ids[:, -2:]], dim=1)  # a 2x3 image, text, the same image again
+    torch.testing.assert_close(model(same), plain(same), atol=ATOL, rtol=0)
+    with torch.no_grad():
+        model.copy_hint.weight.normal_(0, 0.5)
+    other = same.clone()
+    other[0, 7] = v.image_offset + 9  # the first image's cell (0, 1)
+    second = 16  # the second image's <|boi|>; its first code (slot 19) predicts cell (0, 1)
+    with torch.no_grad():
+        delta = (model(other) - model(same)).abs().amax(-1)[0]
+        saved = model.copy_hint.weight.clone()
+        model.copy_hint.weight.zero_()
+        through_attention = (model(other) - model(same)).abs().amax(-1)[0]
+        model.copy_hint.weight.copy_(saved)
+    assert delta[second + 3] > through_attention[second + 3] + 1e-4  # the hint adds its own path there
+    assert not delta[:7].any()  # causal: nothing before the change moves
+    loss = model(same).logsumexp(-1).mean()
+    loss.backward()
+    assert model.copy_hint.weight.grad.abs().sum() > 0
+
+
+def test_image_copy_hint_is_refused_by_the_cached_path_and_checked():
+    model = build(image_copy_hint=True)
+    model.setup_cache(1, 32)
+    ids = two_images(model.vocab)
+    with pytest.raises(NotImplementedError, match="image_copy_hint is experimental"):
+        model.prefill(ids[:, :8])
+    with pytest.raises(NotImplementedError, match="image_copy_hint is experimental"):
+        model.decode_step(ids[:, 0], slot=0, positions=torch.tensor([0]))
+    with pytest.raises(ValueError, match="image_copy_hint must be a bool"):
+        AnyGenConfig.preset("tiny", image_copy_hint=1)
+    with pytest.raises(ValueError, match="image_copy_hint looks the hint codes up"):
+        AnyGenConfig.preset("tiny", image_copy_hint=True, head_mode="shared")
+    config = AnyGenConfig.preset("tiny", image_copy_hint=True)
+    assert config.num_parameters_estimate() == AnyGenModel(config).num_parameters()
+
+
 # -- rope_grid: 2D rotary pairs for image codes ------------------------------------------------------------------
 
 

@@ -485,12 +485,11 @@ def test_staged_freezing_trains_exactly_the_named_groups(tok_dir, train):
     assert module.model.config.und_trainable == ("und_encoder" in resolve_groups(train))
 
 
-@pytest.mark.parametrize("head_mode", ["routed", "shared"])
-def test_every_parameter_is_in_a_group(tok_dir, head_mode):
+@pytest.mark.parametrize("extra", [{"image_embed_dim": 8, "image_head_dim": 16}, {"head_mode": "shared"},
+                                   {"image_copy_hint": True}])
+def test_every_parameter_is_in_a_group(tok_dir, extra):
     """train: all must train every tensor, whatever the model's options add."""
-    options = {"image_grid_embed": True, "head_mode": head_mode}
-    if head_mode == "routed":
-        options.update(image_embed_dim=8, image_head_dim=16)
+    options = {"image_grid_embed": True, **extra}
     module = tiny_unified(tok_dir, model=options)
     grouped = {id(p) for params in parameter_groups(module.model).values() for p in params}
     missing = [name for name, p in module.model.named_parameters() if id(p) not in grouped]

@@ -35,6 +35,7 @@ Parameter groups for ``train:`` (``"all"`` is every group)::
     heads      = text_head + image_head + video_head
     decoder    = the transformer blocks and the final norm
     block.<i>  = transformer block i alone (say the one a grow_depth stage added, with the rest frozen)
+    copy_hint  = the image_copy_hint projection (experimental; also in image_embeddings and embeddings)
     aligner    = the understanding encoder's MLP aligner
     und_encoder= the SigLIP tower (sets AnyGenConfig.und_trainable)
 
@@ -70,7 +71,7 @@ MODALITIES = ("text", "image", "video")
 NO_LOSS_SPECIALS = ("eol", "eoi", "eof", "eov", "pad", "und")
 BLOCK_GROUP = re.compile(r"block\.\d+")  # train: one transformer block by index (parameter_groups)
 GROUPS = ("text_embeddings", "image_embeddings", "video_embeddings", "embeddings", "text_head", "image_head",
-          "video_head", "heads", "decoder", "aligner", "und_encoder")
+          "video_head", "heads", "decoder", "aligner", "und_encoder", "copy_hint")
 
 
 # -- model config from a tokenizer -------------------------------------------------------------------
@@ -133,6 +134,11 @@ def parameter_groups(model: AnyGenModel) -> dict[str, list[nn.Parameter]]:
             groups[umbrella] += params
             if name in MODALITIES:
                 groups[f"{name}_embeddings" if kind == "embed" else f"{name}_head"] += params
+    if model.copy_hint is not None:  # image_copy_hint: its projection is part of an image code's embedding too
+        hint = list(model.copy_hint.parameters())
+        groups["embeddings"] += hint
+        groups["image_embeddings"] += hint
+        groups["copy_hint"] = hint
     if model.grid_embed is not None:  # image_grid_embed: the row / column tables are part of an image code's embedding
         tables = list(model.grid_embed.parameters())
         groups["embeddings"] += tables
