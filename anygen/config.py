@@ -98,6 +98,10 @@ class AnyGenConfig:
     # Training and teacher-forced scoring (forward) only: the KV-cached generation path does not compute the hints
     # yet, and prefill / decode_step refuse such a model. Needs routed heads with a plain image table
     image_copy_hint: bool = False
+    # experimental (session 28), a pointer (See et al.'s copy mechanism, for cells): the same hint code gets a
+    # learned logit bonus gate(h) = w . h + b from the final hidden state (zero at init), so a position can copy it
+    # outright. Forward only, like image_copy_hint; needs routed heads with a plain image table
+    image_copy_logit: bool = False
 
     # training
     z_loss_weight: float = 0.0  # weight of log(Z)^2 per target token (PaLM, Chameleon); 0 disables
@@ -135,7 +139,8 @@ class AnyGenConfig:
             raise ValueError(f"AnyGenConfig.{name} must be > 0, got {getattr(self, name)}")
         if self.z_loss_weight < 0:
             raise ValueError(f"AnyGenConfig.z_loss_weight must be >= 0, got {self.z_loss_weight}")
-        for name in ("post_norm", "tie_embeddings", "und_trainable", "image_grid_embed", "image_copy_hint"):
+        for name in ("post_norm", "tie_embeddings", "und_trainable", "image_grid_embed", "image_copy_hint",
+                     "image_copy_logit"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"AnyGenConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if self.qk_norm not in _QK_NORMS:
@@ -149,10 +154,10 @@ class AnyGenConfig:
                 f"AnyGenConfig.n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
         if self.head_dim % 2:
             raise ValueError(f"AnyGenConfig.d_model / n_head (head_dim {self.head_dim}) must be even for RoPE")
-        if self.image_copy_hint and (self.head_mode != "routed" or self.image_embed_dim):
-            raise ValueError("AnyGenConfig.image_copy_hint looks the hint codes up in the image table: it needs "
-                             f"head_mode='routed' and image_embed_dim=0, got head_mode={self.head_mode!r}, "
-                             f"image_embed_dim={self.image_embed_dim}")
+        if (self.image_copy_hint or self.image_copy_logit) and (self.head_mode != "routed" or self.image_embed_dim):
+            raise ValueError("AnyGenConfig.image_copy_hint / image_copy_logit look the hint codes up in the image "
+                             f"table: they need head_mode='routed' and image_embed_dim=0, got head_mode="
+                             f"{self.head_mode!r}, image_embed_dim={self.image_embed_dim}")
         self._check_rope_grid_layers()
         if 2 * self.rope_grid > self.head_dim // 2:
             raise ValueError(f"AnyGenConfig.rope_grid ({self.rope_grid}) takes 2 * rope_grid of the head's "
@@ -246,6 +251,8 @@ class AnyGenConfig:
             total += (self.max_height + self.max_width) * d
         if self.image_copy_hint:
             total += d * d
+        if self.image_copy_logit:
+            total += d + 1
         if include_und and self.und_encoder is not None:
             total += self._und_parameters()
         return total

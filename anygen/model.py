@@ -403,8 +403,11 @@ class AnyGenModel(nn.Module):
         # image_copy_hint (experimental): the earlier image's code at the next cell, through the image table and this
         # projection (zero at init: a model warm-started without it begins exactly as it was)
         self.copy_hint = nn.Linear(d, d, bias=False) if config.image_copy_hint else None
-        # image_grid_embed, rope_grid and image_copy_hint all read image_grid_coords
-        self.tracks_grid = config.image_grid_embed or config.rope_grid > 0 or config.image_copy_hint
+        # image_copy_logit (experimental): the hint code's logit bonus from the final hidden state (zero at init)
+        self.copy_gate = nn.Linear(d, 1) if config.image_copy_logit else None
+        # image_grid_embed, rope_grid and the copy hints all read image_grid_coords
+        self.tracks_grid = config.image_grid_embed or config.rope_grid > 0 or config.image_copy_hint \
+            or config.image_copy_logit
         self._init_weights()
         if config.tie_embeddings:
             for name in sizes:
@@ -430,6 +433,9 @@ class AnyGenModel(nn.Module):
                 nn.init.zeros_(table.weight)
         if self.copy_hint is not None:
             nn.init.zeros_(self.copy_hint.weight)
+        if self.copy_gate is not None:
+            nn.init.zeros_(self.copy_gate.weight)
+            nn.init.zeros_(self.copy_gate.bias)
 
     def num_parameters(self, *, trainable_only: bool = False) -> int:
         """Parameter count (tied weights once); ``trainable_only`` skips a frozen SigLIP tower."""
@@ -593,8 +599,16 @@ class AnyGenModel(nn.Module):
         Returns:
             Logits ``(B, T, V)`` over the whole vocabulary.
         """
-        return self.logits(self.hidden(ids, positions=positions, attention_mask=attention_mask,
-                                       und_pixels=und_pixels, document_ids=document_ids))
+        hidden = self.hidden(ids, positions=positions, attention_mask=attention_mask, und_pixels=und_pixels,
+                             document_ids=document_ids)
+        logits = self.logits(hidden)
+        if self.copy_gate is not None:  # the hint code's bonus, where there is a hint
+            v = self.vocab
+            hint = image_copy_hints(ids, v, image_grid_coords(ids, v)[1], document_ids)
+            bonus = self.copy_gate(hidden)[..., 0] * (hint >= 0)
+            logits = logits.scatter_add(-1, (v.image_offset + hint.clamp(min=0))[..., None],
+                                        bonus[..., None].to(logits.dtype))
+        return logits
 
     # -- losses ----------------------------------------------------------------------------------------
     def loss(self, logits: Tensor, targets: Tensor, loss_mask: Tensor | None = None, *,
@@ -650,8 +664,8 @@ class AnyGenModel(nn.Module):
     @property
     def cannot_generate(self) -> str | None:
         """Why the KV-cached path (prefill / decode_step, so generation) refuses this model; None when it does not."""
-        if self.copy_hint is not None:
-            return ("AnyGenConfig.image_copy_hint is experimental: the KV-cached path (prefill / decode_step, so "
+        if self.copy_hint is not None or self.copy_gate is not None:
+            return ("AnyGenConfig.image_copy_hint / image_copy_logit are experimental: the KV-cached path (prefill / decode_step, so "
                     "generation) does not compute the hints yet; such a model trains and scores teacher-forced "
                     "(forward) only. Generate with a model without it")
         return None

@@ -470,20 +470,51 @@ def test_image_copy_hint_starts_as_the_plain_model_and_then_reads_the_earlier_im
     assert model.copy_hint.weight.grad.abs().sum() > 0
 
 
+def test_image_copy_logit_adds_its_gate_to_the_hint_code_only():
+    from anygen.model import image_copy_hints, image_grid_coords
+
+    plain = build(image_grid_embed=True)
+    model = build(image_grid_embed=True, image_copy_logit=True)
+    assert sorted(model.load_state_dict(plain.state_dict(), strict=False).missing_keys) == \
+        ["copy_gate.bias", "copy_gate.weight"]
+    v = model.vocab
+    ids = two_images(v)
+    same = torch.cat([ids[:, :16], ids[:, 3:15], ids[:, -2:]], dim=1)  # a 2x3 image, text, the same image again
+    torch.testing.assert_close(model(same), plain(same), atol=ATOL, rtol=0)  # zero at init
+    with torch.no_grad():
+        model.copy_gate.bias.fill_(2.5)
+    hint = image_copy_hints(same, v, image_grid_coords(same, v)[1])[0]
+    delta = (model(same) - plain(same))[0]  # (T, V)
+    expected = torch.zeros_like(delta)
+    rows = (hint >= 0).nonzero().flatten()
+    expected[rows, v.image_offset + hint[rows]] = 2.5
+    assert len(rows) > 0
+    torch.testing.assert_close(delta, expected, atol=1e-5, rtol=0)
+    model(same).logsumexp(-1).mean().backward()
+    assert model.copy_gate.weight.grad.abs().sum() > 0 and model.copy_gate.bias.grad.abs() > 0
+
+
 def test_image_copy_hint_is_refused_by_the_cached_path_and_checked():
     model = build(image_copy_hint=True)
     model.setup_cache(1, 32)
     ids = two_images(model.vocab)
-    with pytest.raises(NotImplementedError, match="image_copy_hint is experimental"):
+    with pytest.raises(NotImplementedError, match="image_copy_hint / image_copy_logit are experimental"):
         model.prefill(ids[:, :8])
-    with pytest.raises(NotImplementedError, match="image_copy_hint is experimental"):
+    with pytest.raises(NotImplementedError, match="image_copy_hint / image_copy_logit are experimental"):
         model.decode_step(ids[:, 0], slot=0, positions=torch.tensor([0]))
     with pytest.raises(ValueError, match="image_copy_hint must be a bool"):
         AnyGenConfig.preset("tiny", image_copy_hint=1)
-    with pytest.raises(ValueError, match="image_copy_hint looks the hint codes up"):
+    with pytest.raises(ValueError, match="image_copy_hint / image_copy_logit look the hint codes up"):
         AnyGenConfig.preset("tiny", image_copy_hint=True, head_mode="shared")
-    config = AnyGenConfig.preset("tiny", image_copy_hint=True)
-    assert config.num_parameters_estimate() == AnyGenModel(config).num_parameters()
+    with pytest.raises(ValueError, match="image_copy_logit must be a bool"):
+        AnyGenConfig.preset("tiny", image_copy_logit="yes")
+    for extra in ({"image_copy_hint": True}, {"image_copy_logit": True}):
+        config = AnyGenConfig.preset("tiny", **extra)
+        assert config.num_parameters_estimate() == AnyGenModel(config).num_parameters()
+        gated = build(**extra)
+        gated.setup_cache(1, 32)
+        with pytest.raises(NotImplementedError, match="are experimental"):
+            gated.prefill(ids[:, :8])
 
 
 # -- rope_grid: 2D rotary pairs for image codes ------------------------------------------------------------------

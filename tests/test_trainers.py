@@ -486,7 +486,7 @@ def test_staged_freezing_trains_exactly_the_named_groups(tok_dir, train):
 
 
 @pytest.mark.parametrize("extra", [{"image_embed_dim": 8, "image_head_dim": 16}, {"head_mode": "shared"},
-                                   {"image_copy_hint": True}])
+                                   {"image_copy_hint": True, "image_copy_logit": True}])
 def test_every_parameter_is_in_a_group(tok_dir, extra):
     """train: all must train every tensor, whatever the model's options add."""
     options = {"image_grid_embed": True, **extra}

@@ -35,7 +35,8 @@ Parameter groups for ``train:`` (``"all"`` is every group)::
     heads      = text_head + image_head + video_head
     decoder    = the transformer blocks and the final norm
     block.<i>  = transformer block i alone (say the one a grow_depth stage added, with the rest frozen)
-    copy_hint  = the image_copy_hint projection (experimental; also in image_embeddings and embeddings)
+    copy_hint  = the image_copy_hint projection and the image_copy_logit gate (experimental; also in
+                 image_embeddings / embeddings and image_head / heads)
     aligner    = the understanding encoder's MLP aligner
     und_encoder= the SigLIP tower (sets AnyGenConfig.und_trainable)
 
@@ -138,7 +139,12 @@ def parameter_groups(model: AnyGenModel) -> dict[str, list[nn.Parameter]]:
         hint = list(model.copy_hint.parameters())
         groups["embeddings"] += hint
         groups["image_embeddings"] += hint
-        groups["copy_hint"] = hint
+        groups["copy_hint"] += hint
+    if model.copy_gate is not None:  # image_copy_logit: its gate adds to the image head's logits
+        gate = list(model.copy_gate.parameters())
+        groups["heads"] += gate
+        groups["image_head"] += gate
+        groups["copy_hint"] += gate
     if model.grid_embed is not None:  # image_grid_embed: the row / column tables are part of an image code's embedding
         tables = list(model.grid_embed.parameters())
         groups["embeddings"] += tables
