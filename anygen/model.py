@@ -665,9 +665,9 @@ class AnyGenModel(nn.Module):
     def cannot_generate(self) -> str | None:
         """Why the KV-cached path (prefill / decode_step, so generation) refuses this model; None when it does not."""
         if self.copy_hint is not None or self.copy_gate is not None:
-            return ("AnyGenConfig.image_copy_hint / image_copy_logit are experimental: the KV-cached path (prefill / decode_step, so "
-                    "generation) does not compute the hints yet; such a model trains and scores teacher-forced "
-                    "(forward) only. Generate with a model without it")
+            return ("AnyGenConfig.image_copy_hint / image_copy_logit are experimental: the KV-cached path (prefill / "
+                    "decode_step, so generation) does not compute the hints yet; such a model trains and scores "
+                    "teacher-forced (forward) only. Generate with a model without them")
         return None
 
     def _check_cached_generation(self) -> None:
