@@ -95,12 +95,11 @@ class AnyGenConfig:
     # each position's input also gets the earlier image's code at the cell the position predicts next (same row
     # and column, the image before it in the same document), through the image table and a zero-initialised
     # d_model x d_model projection: an edit or a story's next picture sees, at every step, the code it would copy.
-    # Training and teacher-forced scoring (forward) only: the KV-cached generation path does not compute the hints
-    # yet, and prefill / decode_step refuse such a model. Needs routed heads with a plain image table
+    # The KV cache keeps each slot's id to find the hints again (cache_ids). Needs routed heads, a plain image table
     image_copy_hint: bool = False
     # experimental (session 28), a pointer (See et al.'s copy mechanism, for cells): the same hint code gets a
     # learned logit bonus gate(h) = w . h + b from the final hidden state (zero at init), so a position can copy it
-    # outright. Forward only, like image_copy_hint; needs routed heads with a plain image table
+    # outright. Needs routed heads with a plain image table
     image_copy_logit: bool = False
 
     # training

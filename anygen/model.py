@@ -203,41 +203,49 @@ def image_grid_coords(ids: Tensor, vocab: Vocab, state: Tensor | None = None) ->
     return torch.where(is_code[..., None], coords, -1), after
 
 
-def image_copy_hints(ids: Tensor, vocab: Vocab, after: Tensor, document_ids: Tensor | None = None) -> Tensor:
+def image_copy_hints(ids: Tensor, vocab: Vocab, document_ids: Tensor | None = None, *, valid: Tensor | None = None,
+                     queries: Tensor | None = None) -> Tensor:
     """For each position inside an image, the earlier image's code at the cell the position predicts next.
 
-    ``after (B, T, 2)``: the ``image_grid_coords`` states (where the code following each position goes). A
-    position from an image's ``<|boi|>`` up to its ``<|eoi|>`` gets the code (``0 .. K-1``) that the image before
-    it (in the same document, with ``document_ids``) holds at that row and column; ``-1`` where there is none: outside
-    images, in a row's last column (an ``<|eol|>`` comes next), in a first image, past the earlier image's size.
+    A position from an image's ``<|boi|>`` up to its ``<|eoi|>`` gets the code (``0 .. K-1``) that the image before
+    it (in the same document, with ``document_ids``) holds at the row and column the next code takes
+    (``image_grid_coords``' state after the position); ``-1`` where there is none: outside images, in a row's last
+    column (an ``<|eol|>`` comes next), in a first image, past the earlier image's size. Found by matching every
+    position against every code (no host sync, no data-dependent shapes), so ``decode_step`` can call it.
+
+    Args:
+        ids: ``(B, S)`` every token so far (a KV cache's slots).
+        document_ids: ``(B, S)`` packed documents; an earlier image in another document is not used.
+        valid: ``(B, S)`` bool, the slots that may be read (the cache's valid slots up to the query); None: all.
+        queries: ``(B, T)`` long, the slots to give hints for; None: every slot.
 
     Returns:
-        ``(B, T)`` long.
+        ``(B, T)`` long (``(B, S)`` without ``queries``).
     """
-    b, t = ids.shape
+    b, s = ids.shape
     v, h, w = vocab, vocab.max_height, vocab.max_width
-    idx = torch.arange(t, device=ids.device).expand(b, t)
-    is_code = (ids >= v.image_offset) & (ids < v.video_offset)
+    idx = torch.arange(s, device=ids.device).expand(b, s)
     is_boi = ids == v.boi
-    image = is_boi.long().cumsum(-1)  # (B, T) 1 for the first image's span, 2 for the second, ...
+    image = is_boi.long().cumsum(-1)  # (B, S) 1 in the first image's span, 2 in the second, ...
     last_boi = torch.cummax(torch.where(is_boi, idx, -1), dim=-1).values
     last_eoi = torch.cummax(torch.where(ids == v.eoi, idx, -1), dim=-1).values
-    inside = last_boi > last_eoi  # <|boi|> .. the token before <|eoi|>
-    n = int(image.max()) + 1  # host sync: forward only
-    coords, _ = image_grid_coords(ids, v)
-    cell = image * h * w + coords[..., 0].clamp(0, h - 1) * w + coords[..., 1].clamp(0, w - 1)
-    table = torch.full((b, n * h * w + 1), -1, dtype=torch.long, device=ids.device)  # the last slot: a bin
-    table.scatter_(1, torch.where(is_code, cell, n * h * w), torch.where(is_code, ids - v.image_offset, -1))
-    table[:, -1] = -1
-    row, col = after[..., 0], after[..., 1]
-    ok = inside & (image >= 2) & (row < h) & (col < w)
-    look = (image - 1).clamp(min=0) * h * w + row.clamp(0, h - 1) * w + col.clamp(0, w - 1)
-    hint = table.gather(1, look)
-    if document_ids is not None:  # the earlier image must be in the same document
-        starts = torch.full((b, n), -1, dtype=torch.long, device=ids.device)
-        starts.scatter_(1, torch.where(is_boi, image, 0), torch.where(is_boi, idx, -1))
-        earlier = starts.gather(1, (image - 1).clamp(min=0)).clamp(min=0)
-        ok = ok & (document_ids.gather(1, earlier) == document_ids)
+    coords, after = image_grid_coords(ids, v)
+    key = coords[..., 0] >= 0  # the image codes
+    if valid is not None:
+        key = key & valid
+    q_image, q_after, q_inside = image, after, last_boi > last_eoi  # <|boi|> .. the token before <|eoi|>
+    q_doc = document_ids
+    if queries is not None:
+        q_image, q_inside = image.gather(1, queries), q_inside.gather(1, queries)
+        q_after = after.gather(1, queries[..., None].expand(*queries.shape, 2))
+        q_doc = None if document_ids is None else document_ids.gather(1, queries)
+    match = key[:, None, :] & (image[:, None, :] == (q_image - 1)[..., None]) \
+        & (coords[:, None, :, 0] == q_after[..., None, 0]) & (coords[:, None, :, 1] == q_after[..., None, 1])
+    if document_ids is not None:
+        match = match & (document_ids[:, None, :] == q_doc[..., None])  # (B, T, S)
+    code = (ids - v.image_offset)[:, None, :]
+    hint = torch.where(match, code, torch.zeros_like(code)).sum(-1)
+    ok = q_inside & match.any(-1) & (q_after[..., 0] < h) & (q_after[..., 1] < w)
     return torch.where(ok, hint, -1)
 
 
@@ -418,6 +426,8 @@ class AnyGenModel(nn.Module):
         # image_grid_embed / rope_grid: (B, L, 2) the image_grid_coords state after the token in each slot (a
         # rewritten slot, e.g. a rejected speculative draft, rewrites its state too)
         self.register_buffer("cache_grid", None, persistent=False)
+        # image_copy_hint / image_copy_logit: (B, L) the id in each slot, so the hints can be found again
+        self.register_buffer("cache_ids", None, persistent=False)
 
     def _init_weights(self) -> None:
         # the SigLIP tower keeps transformers' own init (or its pretrained weights)
@@ -559,10 +569,8 @@ class AnyGenModel(nn.Module):
                 starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
                 first = torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), dim=1).values
                 positions = idx - first
-        x, coords, after = self._add_grid(self._embed_with_und(ids, und_pixels), ids)  # (B, T, D)
-        if self.copy_hint is not None:
-            hint = image_copy_hints(ids, self.vocab, after, document_ids)
-            x = x + self.copy_hint(self.embed["image"](hint.clamp(min=0))) * (hint >= 0)[..., None]
+        x, coords, _ = self._add_grid(self._embed_with_und(ids, und_pixels), ids)  # (B, T, D)
+        x = self._add_copy_hint(x, self._copy_hints(ids, document_ids))
         ropes = self._rope(positions, coords)
         segments = None if document_ids is None else document_segments(document_ids, attention_mask)
         mask: Tensor | None = None
@@ -601,14 +609,27 @@ class AnyGenModel(nn.Module):
         """
         hidden = self.hidden(ids, positions=positions, attention_mask=attention_mask, und_pixels=und_pixels,
                              document_ids=document_ids)
-        logits = self.logits(hidden)
-        if self.copy_gate is not None:  # the hint code's bonus, where there is a hint
-            v = self.vocab
-            hint = image_copy_hints(ids, v, image_grid_coords(ids, v)[1], document_ids)
-            bonus = self.copy_gate(hidden)[..., 0] * (hint >= 0)
-            logits = logits.scatter_add(-1, (v.image_offset + hint.clamp(min=0))[..., None],
-                                        bonus[..., None].to(logits.dtype))
-        return logits
+        return self._add_copy_bonus(self.logits(hidden), hidden, self._copy_hints(ids, document_ids), "all")
+
+    # -- image_copy_hint / image_copy_logit (experimental) ------------------------------------------------
+    def _copy_hints(self, ids: Tensor, document_ids: Tensor | None = None) -> Tensor | None:
+        if self.copy_hint is None and self.copy_gate is None:
+            return None
+        return image_copy_hints(ids, self.vocab, document_ids)
+
+    def _add_copy_hint(self, x: Tensor, hint: Tensor | None) -> Tensor:
+        """``x`` plus the hint code's embedding through ``copy_hint`` where there is a hint (``image_copy_hint``)."""
+        if self.copy_hint is None or hint is None:
+            return x
+        return x + self.copy_hint(self.embed["image"](hint.clamp(min=0))).to(x.dtype) * (hint >= 0)[..., None]
+
+    def _add_copy_bonus(self, logits: Tensor, hidden: Tensor, hint: Tensor | None, head: Head) -> Tensor:
+        """``logits`` (of ``head``) with the gate's bonus on the hint code where there is one (``image_copy_logit``)."""
+        if self.copy_gate is None or hint is None or head in ("text", "video"):
+            return logits
+        offset = 0 if head == "image" else self.vocab.image_offset
+        bonus = self.copy_gate(hidden)[..., 0] * (hint >= 0)
+        return logits.scatter_add(-1, (offset + hint.clamp(min=0))[..., None], bonus[..., None].to(logits.dtype))
 
     # -- losses ----------------------------------------------------------------------------------------
     def loss(self, logits: Tensor, targets: Tensor, loss_mask: Tensor | None = None, *,
@@ -636,6 +657,8 @@ class AnyGenModel(nn.Module):
         self.cache_slot_ids = torch.arange(max_seq_len, device=device)
         self.cache_grid = torch.zeros(batch_size, max_seq_len, 2, dtype=torch.long, device=device) \
             if self.tracks_grid else None
+        self.cache_ids = torch.zeros(batch_size, max_seq_len, dtype=torch.long, device=device) \
+            if self.copy_hint is not None or self.copy_gate is not None else None
 
     def reset_cache(self) -> None:
         """Forget every cached token (zeroes k/v and the valid mask) without reallocating."""
@@ -647,6 +670,8 @@ class AnyGenModel(nn.Module):
         self.cache_valid.zero_()
         if self.cache_grid is not None:
             self.cache_grid.zero_()
+        if self.cache_ids is not None:
+            self.cache_ids.zero_()
 
     def release_cache(self) -> None:
         """Free the KV cache (its memory goes back to the allocator); ``setup_cache`` makes a new one."""
@@ -655,24 +680,12 @@ class AnyGenModel(nn.Module):
         self.cache_valid = None
         self.cache_slot_ids = None
         self.cache_grid = None
+        self.cache_ids = None
 
     def cache_bytes(self) -> int:
         """Bytes held by the k/v buffers: 2 * layers * kv_heads * head_dim * L * B * element size."""
         caches = [block.attn.kv_cache for block in self.blocks if block.attn.kv_cache is not None]
         return sum(c.k.nbytes + c.v.nbytes for c in caches)
-
-    @property
-    def cannot_generate(self) -> str | None:
-        """Why the KV-cached path (prefill / decode_step, so generation) refuses this model; None when it does not."""
-        if self.copy_hint is not None or self.copy_gate is not None:
-            return ("AnyGenConfig.image_copy_hint / image_copy_logit are experimental: the KV-cached path (prefill / "
-                    "decode_step, so generation) does not compute the hints yet; such a model trains and scores "
-                    "teacher-forced (forward) only. Generate with a model without them")
-        return None
-
-    def _check_cached_generation(self) -> None:
-        if self.cannot_generate is not None:
-            raise NotImplementedError(self.cannot_generate)
 
     def _require_cache(self) -> tuple[int, int]:
         if self.cache_valid is None:
@@ -703,7 +716,6 @@ class AnyGenModel(nn.Module):
         """
         cache_b, cache_len = self._require_cache()
         self._check_inputs(ids, positions, attention_mask)
-        self._check_cached_generation()
         b, t = ids.shape
         if b != cache_b:
             raise ValueError(f"prefill batch size {b} differs from the cache's {cache_b}; call setup_cache again")
@@ -722,6 +734,13 @@ class AnyGenModel(nn.Module):
         if self.cache_grid is not None:  # a chunk after cached slots continues the state of the slot before it
             x, coords, after = self._add_grid(x, ids, self.cache_grid[:, start - 1] if start else None)
             self.cache_grid[:, start:start + t] = after
+        hint = None
+        if self.cache_ids is not None:  # the copy hints, found again over every slot so far
+            self.cache_ids[:, start:start + t] = ids
+            queries = self.cache_slot_ids[start:start + t].expand(b, t)
+            hint = image_copy_hints(self.cache_ids[:, :start + t], self.vocab, valid=self.cache_valid[:, :start + t],
+                                    queries=queries)
+            x = self._add_copy_hint(x, hint)
         ropes = self._rope(positions, coords)
         kv_len = start + t
         q_slots = self.cache_slot_ids[start:kv_len]  # (T,)
@@ -731,7 +750,10 @@ class AnyGenModel(nn.Module):
         mask = causal & (self.cache_valid[:, None, None, :kv_len] | (k_slots[None, :] == q_slots[:, None]))
         for block, (cos, sin) in zip(self.blocks, ropes):
             x = block(x, cos, sin, mask, cache_slots=q_slots, kv_len=kv_len)
-        return self.head_logits(self.norm(x if all_positions else x[:, -1]), head)  # (B, V) or (B, T, V)
+        hidden = self.norm(x if all_positions else x[:, -1])
+        if hint is not None and not all_positions:
+            hint = hint[:, -1]
+        return self._add_copy_bonus(self.head_logits(hidden, head), hidden, hint, head)  # (B, V) or (B, T, V)
 
     @torch.no_grad()
     def decode_step(self, ids: Tensor, *, slot: Tensor | int, positions: Tensor, kv_len: int | None = None,
@@ -751,7 +773,6 @@ class AnyGenModel(nn.Module):
             Logits ``(B, V)`` for the next token (``(B, K)`` for a one-modality head), or None.
         """
         self._require_cache()
-        self._check_cached_generation()
         if not isinstance(slot, Tensor):  # a Python int is accepted for convenience; capture needs a tensor
             slot = torch.tensor(slot, device=self.cache_valid.device)
         slot = slot.reshape(1)  # (1,) index for index_copy_ / index_fill_
@@ -764,12 +785,20 @@ class AnyGenModel(nn.Module):
             before = self.cache_grid.index_select(1, (slot - 1).clamp(min=0))[:, 0]  # (B, 2)
             x, coords, after = self._add_grid(x, ids[:, None], torch.where(slot > 0, before, torch.zeros_like(before)))
             self.cache_grid.index_copy_(1, slot, after)
+        hint = None
+        if self.cache_ids is not None:  # the copy hint, found again over the slots this step reads
+            self.cache_ids.index_copy_(1, slot, ids[:, None])
+            hint = image_copy_hints(self.cache_ids[:, :n], self.vocab, valid=mask[:, 0, 0],
+                                    queries=slot.expand(ids.shape[0])[:, None])  # (B, 1)
+            x = self._add_copy_hint(x, hint)
         ropes = self._rope(positions[:, None], coords)
         for block, (cos, sin) in zip(self.blocks, ropes):
             x = block(x, cos, sin, mask, cache_slots=slot, kv_len=kv_len)
         if head is None:
             return None
-        return self.head_logits(self.norm(x[:, 0]), head)  # (B, V) or (B, K)
+        hidden = self.norm(x[:, 0])
+        return self._add_copy_bonus(self.head_logits(hidden, head), hidden, None if hint is None else hint[:, 0],
+                                    head)  # (B, V) or (B, K)
 
 
 # -- losses ------------------------------------------------------------------------------------------

@@ -274,3 +274,32 @@ def test_a_call_that_can_only_draw_a_clip_runs_no_image_guidance_twins(engine, f
     for may_draw_an_image in ({"max_images": 2}, {"start_with": ["video", None]}):
         generator.generate(seqs, _settings(**{**clip_only.__dict__, **may_draw_an_image}))
         assert engine.model.cache_valid.shape[0] == 2 * len(prompts)
+
+
+def test_copy_hints_generate_alike_in_both_loops_and_a_large_bonus_copies_the_earlier_image():
+    """``image_copy_hint`` / ``image_copy_logit`` through the generator: the fast loop (with guidance twins, which
+    see no earlier image) equals the plain one, and a copy bonus far above every logit redraws the prompt's image
+    code for code, which it can only do if the cached path finds the hints where the forward pass does."""
+    from PIL import Image as PILImage, ImageDraw
+
+    from tokenizers_mm.segments import Image
+
+    engine = random_engine("tiny", seed=0, image_copy_hint=True, image_copy_logit=True)
+    with torch.no_grad():
+        engine.model.copy_hint.weight.normal_(0, 0.5)
+        engine.model.copy_gate.weight.normal_(0, 0.5)
+    picture = PILImage.new("RGB", (32, 32), (20, 20, 200))
+    ImageDraw.Draw(picture).ellipse((4, 6, 20, 22), fill=(220, 30, 30))
+    prompts = [[Image(picture), "make the circle green"]]
+    grid = engine.tokenizer.image_grid
+    settings = _settings(image=GREEDY_CFG, start_with="image", max_images=1, image_size=grid,
+                         max_new_tokens=grid[0] * (grid[1] + 1) + 6)
+    assert _ids(engine, prompts, settings) == _ids(engine, prompts, settings, fast=False)
+    with torch.no_grad():
+        engine.model.copy_gate.weight.zero_()
+        engine.model.copy_gate.bias.fill_(1e3)
+    v = engine.tokenizer.vocab
+    source = [t for t in engine.encode_prompt(prompts[0]).ids.tolist() if v.image_offset <= t < v.video_offset]
+    for fast in (True, False):
+        (drawn,) = _ids(engine, prompts, settings, fast=fast)
+        assert [t for t in drawn if v.image_offset <= t < v.video_offset] == source

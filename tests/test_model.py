@@ -420,15 +420,14 @@ def test_image_grid_embed_config_is_checked_and_counted():
 
 
 def test_image_copy_hints_give_the_earlier_images_code_at_the_next_cell():
-    from anygen.model import image_copy_hints, image_grid_coords
+    from anygen.model import image_copy_hints
 
     v = build().vocab
     c = [v.image_offset + k for k in range(10)]
     ids = torch.tensor([[v.bos, v.boi, c[1], c[2], v.eol, c[3], c[4], v.eol, v.eoi, 7,
                          v.boi, c[5], c[6], v.eol, c[7], c[8], v.eol, v.eoi, 8,
                          v.boi, c[9], v.eol, v.eoi]])
-    _, after = image_grid_coords(ids, v)
-    got = image_copy_hints(ids, v, after)[0].tolist()
+    got = image_copy_hints(ids, v)[0].tolist()
     none = -1
     expected = [none] * 10  # the first image and the text after it: no earlier image
     # the second image: <|boi|> predicts cell (0, 0), each code the next cell, an <|eol|> the next row's first
@@ -439,8 +438,15 @@ def test_image_copy_hints_give_the_earlier_images_code_at_the_next_cell():
     assert got == expected
     # a document boundary before the second image: it has no earlier image in its document; the third does
     docs = torch.tensor([[0] * 10 + [1] * (ids.shape[1] - 10)])
-    split = image_copy_hints(ids, v, after, docs)[0].tolist()
+    split = image_copy_hints(ids, v, docs)[0].tolist()
     assert split[:19] == [none] * 19 and split[19:] == expected[19:]
+    # queries and a key mask, as the KV cache asks: the same hints slot by slot; a masked-out image gives none
+    for q in range(ids.shape[1]):
+        one = image_copy_hints(ids[:, :q + 1], v, queries=torch.tensor([[q]]))
+        assert one.tolist() == [[expected[q]]], q
+    valid = torch.ones_like(ids, dtype=torch.bool)
+    valid[0, 10:19] = False  # the second image masked out (a guidance twin's reset): the third finds nothing
+    assert image_copy_hints(ids, v, valid=valid)[0, 19:].tolist() == [none] * 4
 
 
 def test_image_copy_hint_starts_as_the_plain_model_and_then_reads_the_earlier_image():
@@ -471,7 +477,7 @@ def test_image_copy_hint_starts_as_the_plain_model_and_then_reads_the_earlier_im
 
 
 def test_image_copy_logit_adds_its_gate_to_the_hint_code_only():
-    from anygen.model import image_copy_hints, image_grid_coords
+    from anygen.model import image_copy_hints
 
     plain = build(image_grid_embed=True)
     model = build(image_grid_embed=True, image_copy_logit=True)
@@ -483,7 +489,7 @@ def test_image_copy_logit_adds_its_gate_to_the_hint_code_only():
     torch.testing.assert_close(model(same), plain(same), atol=ATOL, rtol=0)  # zero at init
     with torch.no_grad():
         model.copy_gate.bias.fill_(2.5)
-    hint = image_copy_hints(same, v, image_grid_coords(same, v)[1])[0]
+    hint = image_copy_hints(same, v)[0]
     delta = (model(same) - plain(same))[0]  # (T, V)
     expected = torch.zeros_like(delta)
     rows = (hint >= 0).nonzero().flatten()
@@ -494,14 +500,40 @@ def test_image_copy_logit_adds_its_gate_to_the_hint_code_only():
     assert model.copy_gate.weight.grad.abs().sum() > 0 and model.copy_gate.bias.grad.abs() > 0
 
 
-def test_image_copy_hint_is_refused_by_the_cached_path_and_checked():
-    model = build(image_copy_hint=True)
-    model.setup_cache(1, 32)
-    ids = two_images(model.vocab)
-    with pytest.raises(NotImplementedError, match="image_copy_hint / image_copy_logit are experimental"):
-        model.prefill(ids[:, :8])
-    with pytest.raises(NotImplementedError, match="image_copy_hint / image_copy_logit are experimental"):
-        model.decode_step(ids[:, 0], slot=0, positions=torch.tensor([0]))
+@pytest.mark.parametrize("extra", [{"image_copy_hint": True}, {"image_copy_logit": True},
+                                   {"image_copy_hint": True, "image_copy_logit": True}])
+def test_image_copy_hints_decode_equals_forward(extra):
+    """The KV-cached path finds the same hints: prefill, chunks from mid-image, one token at a time, each head."""
+    model = build(image_grid_embed=True, **extra)
+    with torch.no_grad():
+        for p in [model.copy_hint.weight] if model.copy_hint is not None else []:
+            p.normal_(0, 0.5)
+        if model.copy_gate is not None:
+            model.copy_gate.weight.normal_(0, 0.5)
+            model.copy_gate.bias.fill_(1.0)
+    v = model.vocab
+    ids = two_images(v)
+    ids = torch.cat([ids[:, :16], ids[:, 3:15], ids[:, 3:15], ids[:, -2:]], dim=1)  # an image, text, it twice more
+    full = model(ids)
+    model.setup_cache(1, 64)
+    p = 20  # inside the second image
+    torch.testing.assert_close(model.prefill(ids[:, :p]), full[:, p - 1], atol=ATOL, rtol=0)
+    for i in range(p, ids.shape[1]):
+        logits = model.decode_step(ids[:, i], slot=torch.tensor(i), positions=torch.tensor([i]))
+        torch.testing.assert_close(logits, full[:, i], atol=ATOL, rtol=0)
+    image = model.decode_step(ids[:, -3], slot=torch.tensor(ids.shape[1] - 3),
+                              positions=torch.tensor([ids.shape[1] - 3]), head="image")
+    torch.testing.assert_close(image, full[:, -3, v.image_offset:v.video_offset], atol=ATOL, rtol=0)
+    logits = model.prefill(ids[:, 22:], start=22, all_positions=True)  # a chunk from mid-image (drafts rewritten)
+    torch.testing.assert_close(logits, full[:, 22:], atol=ATOL, rtol=0)
+    step = torch.compile(model.decode_step, backend="eager", fullgraph=True)  # no host sync, no branch on values
+    model.prefill(ids[:, :30])
+    for i in range(30, 34):
+        logits = step(ids[:, i], slot=torch.tensor(i), positions=torch.tensor([i]))
+        torch.testing.assert_close(logits, full[:, i], atol=ATOL, rtol=0)
+
+
+def test_image_copy_hint_config_is_checked_and_counted():
     with pytest.raises(ValueError, match="image_copy_hint must be a bool"):
         AnyGenConfig.preset("tiny", image_copy_hint=1)
     with pytest.raises(ValueError, match="image_copy_hint / image_copy_logit look the hint codes up"):
@@ -511,10 +543,6 @@ def test_image_copy_hint_is_refused_by_the_cached_path_and_checked():
     for extra in ({"image_copy_hint": True}, {"image_copy_logit": True}):
         config = AnyGenConfig.preset("tiny", **extra)
         assert config.num_parameters_estimate() == AnyGenModel(config).num_parameters()
-        gated = build(**extra)
-        gated.setup_cache(1, 32)
-        with pytest.raises(NotImplementedError, match="are experimental"):
-            gated.prefill(ids[:, :8])
 
 
 # -- rope_grid: 2D rotary pairs for image codes ------------------------------------------------------------------

@@ -119,9 +119,6 @@ class SampleLogger(Callback):
         out_dir = Path(trainer.log_dir or trainer.default_root_dir) / "samples" / f"step_{trainer.global_step:07d}"
         out_dir.mkdir(parents=True, exist_ok=True)
         if isinstance(pl_module, UnifiedModule):
-            if pl_module.model.cannot_generate is not None:
-                rank_zero_warn(f"SampleLogger: skipped: {pl_module.model.cannot_generate}")
-                return
             self._sample_unified(trainer, pl_module, out_dir)
         elif isinstance(pl_module, VQModuleBase):
             self._sample_tokenizer(trainer, pl_module, out_dir)
@@ -242,9 +239,6 @@ class HeldoutEval(Callback):
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking or not isinstance(pl_module, UnifiedModule):
-            return
-        if pl_module.model.cannot_generate is not None:
-            rank_zero_warn(f"HeldoutEval: skipped: {pl_module.model.cannot_generate}")
             return
         from anygen.eval.harness import EvalContext, eval_sampling, run_eval
 
