@@ -280,7 +280,8 @@ def test_copy_hints_generate_alike_in_both_loops_and_a_large_bonus_copies_the_ea
     """``image_copy_hint`` / ``image_copy_logit`` through the generator: the fast loop (with guidance twins, which
     see no earlier image) equals the plain one, and a copy bonus far above every logit redraws the prompt's image
     code for code, which it can only do if the cached path finds the hints where the forward pass does."""
-    from PIL import Image as PILImage, ImageDraw
+    from PIL import Image as PILImage
+    from PIL import ImageDraw
 
     from tokenizers_mm.segments import Image
 
