@@ -535,7 +535,8 @@ class AnyGenModel(nn.Module):
         plain = rope_cos_sin(positions, c.head_dim, c.rope_theta)
         return [grid if i in c.rope_grid_layers else plain for i in range(c.n_layer)]
 
-    def _check_inputs(self, ids: Tensor, positions: Tensor | None, attention_mask: Tensor | None) -> None:
+    def _check_inputs(self, ids: Tensor, positions: Tensor | None, attention_mask: Tensor | None,
+                      document_ids: Tensor | None = None) -> None:
         if ids.ndim != 2 or ids.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"ids must be an integer tensor of shape (B, T), got {ids.dtype} {tuple(ids.shape)}")
         self.vocab.check_ids(ids)
@@ -544,6 +545,9 @@ class AnyGenModel(nn.Module):
         if attention_mask is not None and (attention_mask.shape != ids.shape or attention_mask.dtype != torch.bool):
             raise ValueError(f"attention_mask must be a bool tensor of shape {tuple(ids.shape)} (False = padding), "
                              f"got {attention_mask.dtype} {tuple(attention_mask.shape)}")
+        if document_ids is not None and document_ids.shape != ids.shape:
+            raise ValueError(f"document_ids must have the shape of ids {tuple(ids.shape)}, "
+                             f"got {tuple(document_ids.shape)}")
 
     @staticmethod
     def default_positions(ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
@@ -556,11 +560,13 @@ class AnyGenModel(nn.Module):
     def hidden(self, ids: Tensor, *, positions: Tensor | None = None, attention_mask: Tensor | None = None,
                und_pixels: Tensor | None = None, document_ids: Tensor | None = None) -> Tensor:
         """Final-norm hidden states ``(B, T, D)`` of a full causal pass (no cache); see ``forward``."""
-        self._check_inputs(ids, positions, attention_mask)
+        self._check_inputs(ids, positions, attention_mask, document_ids)  # before the hints read the ids
+        return self._hidden(ids, positions, attention_mask, und_pixels, document_ids,
+                            self._copy_hints(ids, document_ids))
+
+    def _hidden(self, ids: Tensor, positions: Tensor | None, attention_mask: Tensor | None,
+                und_pixels: Tensor | None, document_ids: Tensor | None, hint: Tensor | None) -> Tensor:
         t = ids.shape[1]
-        if document_ids is not None and document_ids.shape != ids.shape:
-            raise ValueError(f"document_ids must have the shape of ids {tuple(ids.shape)}, "
-                             f"got {tuple(document_ids.shape)}")
         if positions is None:
             positions = self.default_positions(ids, attention_mask)
             if document_ids is not None:  # packed documents: each one counts its positions from 0
@@ -570,7 +576,7 @@ class AnyGenModel(nn.Module):
                 first = torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), dim=1).values
                 positions = idx - first
         x, coords, _ = self._add_grid(self._embed_with_und(ids, und_pixels), ids)  # (B, T, D)
-        x = self._add_copy_hint(x, self._copy_hints(ids, document_ids))
+        x = self._add_copy_hint(x, hint)
         ropes = self._rope(positions, coords)
         segments = None if document_ids is None else document_segments(document_ids, attention_mask)
         mask: Tensor | None = None
@@ -607,9 +613,10 @@ class AnyGenModel(nn.Module):
         Returns:
             Logits ``(B, T, V)`` over the whole vocabulary.
         """
-        hidden = self.hidden(ids, positions=positions, attention_mask=attention_mask, und_pixels=und_pixels,
-                             document_ids=document_ids)
-        return self._add_copy_bonus(self.logits(hidden), hidden, self._copy_hints(ids, document_ids), "all")
+        self._check_inputs(ids, positions, attention_mask, document_ids)  # before the hints read the ids
+        hint = self._copy_hints(ids, document_ids)  # found once for the input and the output
+        hidden = self._hidden(ids, positions, attention_mask, und_pixels, document_ids, hint)
+        return self._add_copy_bonus(self.logits(hidden), hidden, hint, "all")
 
     # -- image_copy_hint / image_copy_logit (experimental) ------------------------------------------------
     def _copy_hints(self, ids: Tensor, document_ids: Tensor | None = None) -> Tensor | None:
