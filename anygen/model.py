@@ -630,12 +630,18 @@ class AnyGenModel(nn.Module):
             return x
         return x + self.copy_hint(self.embed["image"](hint.clamp(min=0))).to(x.dtype) * (hint >= 0)[..., None]
 
-    def _add_copy_bonus(self, logits: Tensor, hidden: Tensor, hint: Tensor | None, head: Head) -> Tensor:
-        """``logits`` (of ``head``) with the gate's bonus on the hint code where there is one (``image_copy_logit``)."""
+    def _add_copy_bonus(self, logits: Tensor, hidden: Tensor, hint: Tensor | None, head: Head,
+                        twins: int = 0) -> Tensor:
+        """``logits`` (of ``head``) with the gate's bonus on the hint code where there is one (``image_copy_logit``).
+
+        ``twins``: rows ``twins .. 2·twins`` are the guidance twins of rows ``0 .. twins`` and get their row's bonus
+        on their row's hint code (``decode_step``)."""
         if self.copy_gate is None or hint is None or head in ("text", "video"):
             return logits
         offset = 0 if head == "image" else self.vocab.image_offset
         bonus = self.copy_gate(hidden)[..., 0] * (hint >= 0)
+        if twins:
+            bonus, hint = torch.cat([bonus[:twins], bonus[:twins]]), torch.cat([hint[:twins], hint[:twins]])
         return logits.scatter_add(-1, (offset + hint.clamp(min=0))[..., None], bonus[..., None].to(logits.dtype))
 
     # -- losses ----------------------------------------------------------------------------------------
@@ -702,7 +708,7 @@ class AnyGenModel(nn.Module):
     @torch.no_grad()
     def prefill(self, ids: Tensor, *, positions: Tensor | None = None, attention_mask: Tensor | None = None,
                 und_pixels: Tensor | None = None, start: int = 0, head: Head = "all",
-                all_positions: bool = False) -> Tensor:
+                all_positions: bool = False, twins: int = 0) -> Tensor:
         """Run a prompt through the model, writing its k/v into cache slots ``start .. start+T-1``.
 
         Args:
@@ -716,6 +722,8 @@ class AnyGenModel(nn.Module):
                 on, as speculative decoding does with rejected drafts).
             head: which logits to return (``head_logits``).
             all_positions: return the logits of every position, not only the last one.
+            twins: rows ``twins .. 2·twins`` are the classifier-free guidance twins of rows ``0 .. twins`` (as in
+                ``decode_step``); 0: none.
 
         Returns:
             Logits ``(B, V)`` of the last position (``(B, K)`` for a one-modality head); ``(B, T, ·)`` with
@@ -726,6 +734,7 @@ class AnyGenModel(nn.Module):
         b, t = ids.shape
         if b != cache_b:
             raise ValueError(f"prefill batch size {b} differs from the cache's {cache_b}; call setup_cache again")
+        _check_twins(twins, b)
         if start < 0 or start + t > cache_len:
             raise ValueError(f"prefill of {t} tokens at slot {start} does not fit the cache of {cache_len} slots")
         if attention_mask is None:
@@ -760,11 +769,11 @@ class AnyGenModel(nn.Module):
         hidden = self.norm(x if all_positions else x[:, -1])
         if hint is not None and not all_positions:
             hint = hint[:, -1]
-        return self._add_copy_bonus(self.head_logits(hidden, head), hidden, hint, head)  # (B, V) or (B, T, V)
+        return self._add_copy_bonus(self.head_logits(hidden, head), hidden, hint, head, twins)  # (B, V) / (B, T, V)
 
     @torch.no_grad()
     def decode_step(self, ids: Tensor, *, slot: Tensor | int, positions: Tensor, kv_len: int | None = None,
-                    head: Head | None = "all") -> Tensor | None:
+                    head: Head | None = "all", twins: int = 0) -> Tensor | None:
         """One token per row through the cache; capturable (no host sync, no value-dependent branches).
 
         Args:
@@ -775,11 +784,17 @@ class AnyGenModel(nn.Module):
                 preallocated length. A caller that buckets it keeps shapes static per bucket.
             head: which logits to return (``head_logits``); None returns nothing (the step only writes
                 the cache: every row's next id is forced).
+            twins: rows ``twins .. 2·twins`` are the classifier-free guidance twins of rows ``0 .. twins`` (the
+                generator's layout); 0: none. With ``image_copy_logit`` each twin gets its row's copy bonus on its
+                row's hint code, so guidance ``u + s·(c − u)`` leaves the bonus out and adds it once: the bonus
+                points at the earlier image's code, it is not what the condition adds (a twin sees no earlier
+                image, and without this the bonus would be multiplied by ``s``). Nothing else changes.
 
         Returns:
             Logits ``(B, V)`` for the next token (``(B, K)`` for a one-modality head), or None.
         """
         self._require_cache()
+        _check_twins(twins, ids.shape[0])
         if not isinstance(slot, Tensor):  # a Python int is accepted for convenience; capture needs a tensor
             slot = torch.tensor(slot, device=self.cache_valid.device)
         slot = slot.reshape(1)  # (1,) index for index_copy_ / index_fill_
@@ -805,7 +820,13 @@ class AnyGenModel(nn.Module):
             return None
         hidden = self.norm(x[:, 0])
         return self._add_copy_bonus(self.head_logits(hidden, head), hidden, None if hint is None else hint[:, 0],
-                                    head)  # (B, V) or (B, K)
+                                    head, twins)  # (B, V) or (B, K)
+
+
+def _check_twins(twins: int, rows: int) -> None:
+    if not isinstance(twins, int) or twins < 0 or (twins and rows != 2 * twins):
+        raise ValueError(f"twins must be 0 or half the batch (rows twins .. 2*twins are the guidance twins of rows "
+                         f"0 .. twins), got twins={twins!r} for {rows} rows")
 
 
 # -- losses ------------------------------------------------------------------------------------------

@@ -500,6 +500,44 @@ def test_image_copy_logit_adds_its_gate_to_the_hint_code_only():
     assert model.copy_gate.weight.grad.abs().sum() > 0 and model.copy_gate.bias.grad.abs() > 0
 
 
+def test_guidance_twins_get_their_rows_copy_bonus_so_guidance_leaves_it_out():
+    """``twins=b``: rows b.. (guidance twins, which see no earlier image) get their row's bonus on their row's hint
+    code and nothing else changes, so ``u + s·(c − u)`` counts the bonus once, not ``s`` times."""
+    from anygen.model import image_copy_hints
+
+    model = build(image_grid_embed=True, image_copy_logit=True)
+    with torch.no_grad():
+        model.copy_gate.bias.fill_(2.5)
+    v = model.vocab
+    ids = two_images(v)
+    same = torch.cat([ids[:, :16], ids[:, 3:15], ids[:, -2:]], dim=1)  # an image, text, the same image again
+    twin = torch.cat([torch.full((1, 14), v.pad), torch.tensor([[v.bos, v.null]]), ids[:, 3:15], ids[:, -2:]], 1)
+    rows = torch.cat([same, twin])  # (2, 30): the second image in the same slots
+    mask = rows != v.pad
+    hint = image_copy_hints(same, v)[0]
+    assert (hint >= 0).sum() > 0 and (image_copy_hints(twin, v) < 0).all()
+    expected = torch.zeros(rows.shape[1], v.size)
+    at = (hint >= 0).nonzero().flatten()
+    expected[at, v.image_offset + hint[at]] = 2.5
+    model.setup_cache(2, 40)
+    plain = model.prefill(rows, attention_mask=mask, all_positions=True)
+    paired = model.prefill(rows, attention_mask=mask, all_positions=True, twins=1)
+    torch.testing.assert_close(paired[0], plain[0], atol=0, rtol=0)
+    torch.testing.assert_close(paired[1] - plain[1], expected, atol=1e-5, rtol=0)
+    steps = {}
+    for twins in (0, 1):  # one token at a time through the cache: the same
+        model.prefill(rows[:, :20], attention_mask=mask[:, :20])
+        positions = mask[:, :20].sum(-1)
+        steps[twins] = model.decode_step(rows[:, 20], slot=20, positions=positions, twins=twins, head="image")
+    image = slice(v.image_offset, v.video_offset)
+    torch.testing.assert_close(steps[0], plain[:, 20, image], atol=ATOL, rtol=0)
+    bonus = torch.stack([torch.zeros_like(expected[20]), expected[20]])[:, image]
+    torch.testing.assert_close(steps[1] - steps[0], bonus, atol=1e-5, rtol=0)
+    for bad in (2, -1, 3):
+        with pytest.raises(ValueError, match="twins must be 0 or half the batch"):
+            model.decode_step(rows[:, 20], slot=20, positions=positions, twins=bad)
+
+
 @pytest.mark.parametrize("extra", [{"image_copy_hint": True}, {"image_copy_logit": True},
                                    {"image_copy_hint": True, "image_copy_logit": True}])
 def test_image_copy_hints_decode_equals_forward(extra):

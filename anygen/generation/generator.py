@@ -15,7 +15,9 @@ Notable:
   ``<|bos|><|null|>`` plus the image / video span currently open. The twin is fed the same ids as
   its row, but its cache slots count as valid only inside a span; when a new span opens, the
   twin's valid-slot mask goes back to its two prompt slots. Guided logits ``u + s·(c − u)`` are used
-  only inside image / video bodies; elsewhere the conditional logits are used as they are.
+  only inside image / video bodies; elsewhere the conditional logits are used as they are. A model's copy
+  bonus (``image_copy_logit``) is given to each twin as its row has it (``decode_step(twins=…)``), so guidance
+  leaves it out and it counts once.
 - Limits are checked before any work: a prompt that does not fit the context, or a requested image /
   video that cannot fit in what is left, raises ``ValueError``.
 - Two loops give the same greedy tokens. The plain one (``Generator(fast=False)``) is the reference:
@@ -302,7 +304,7 @@ class Generator:
             self._compiled.setup_cache(r, width + budget)
         else:
             model.setup_cache(r, width + budget, device=dev)
-        logits = model.prefill(ids, attention_mask=mask, und_pixels=und_pixels)  # (R, V)
+        logits = model.prefill(ids, attention_mask=mask, und_pixels=und_pixels, twins=b if guided else 0)  # (R, V)
         positions = mask.sum(-1)  # (R,) next RoPE position of each row
 
         def tensor(values: list[int]) -> torch.Tensor:
@@ -360,7 +362,7 @@ class Generator:
                 model.cache_valid.copy_(torch.where(reset, t.prompt_valid, model.cache_valid))
                 positions[b:] = torch.where(opens, t.twin_prompt_len, positions[b:])
                 feed = torch.cat([tok, tok])
-            logits = model.decode_step(feed, slot=slot, positions=positions)
+            logits = model.decode_step(feed, slot=slot, positions=positions, twins=b if run.guided else 0)
             if run.guided:
                 model.cache_valid[b:].index_copy_(1, slot.reshape(1), twin_valid[:, None])
                 positions[b:] += twin_valid.long()
@@ -484,7 +486,8 @@ class FastStep(torch.nn.Module):
                 model.cache_valid.copy_(torch.where(reset, t.prompt_valid, model.cache_valid))
                 positions = torch.cat([positions[:b], torch.where(opens, t.twin_prompt_len, positions[b:])])
             feed = torch.cat([tok, tok])
-        logits = model.decode_step(feed, slot=slot, positions=positions, kv_len=kv_len, head=head)
+        logits = model.decode_step(feed, slot=slot, positions=positions, kv_len=kv_len, head=head,
+                                   twins=b if guided else 0)
         if guided:
             twin_valid = in_media | opens
             model.cache_valid[b:].index_copy_(1, slot.reshape(1), twin_valid[:, None])

@@ -175,7 +175,8 @@ def generate_speculative(generator: Generator, prompts: list[TokenSequence], set
         feed = torch.cat([fed, fed]) if rows > b else fed  # the guidance twins read the same ids
         # every span id is valid for a twin too, so each row's position grows with the slot
         positions = run.positions[:, None] + (start - 1) + torch.arange(w, device=dev)[None]  # (R, W)
-        logits = model.prefill(feed, positions=positions, start=width + start - 1, head=kind, all_positions=True)
+        logits = model.prefill(feed, positions=positions, start=width + start - 1, head=kind, all_positions=True,
+                               twins=b if rows > b else 0)
         forwards += 1
         cond = logits[:b].float()
         if guided:
