@@ -74,7 +74,7 @@ logger = logging.getLogger("anygen.demo")  # one name whether imported or run as
 RANDOM_NOTICE = "untrained tiny random model — outputs are noise; pass --checkpoint DIR"
 DEFAULT_MAX_UPLOAD_MB = 20.0
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".mov", ".avi", ".gif")
+VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".mov", ".avi", ".gif", ".apng")
 ASPECTS: dict[str, float | None] = {"auto": None, "1:1": 1.0, "4:3": 4 / 3, "3:4": 3 / 4, "16:9": 16 / 9,
                                     "9:16": 9 / 16}
 TEXT_REFRESH_S = 0.05  # at most this often a text delta alone re-sends the chat to the browser

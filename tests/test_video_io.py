@@ -1,18 +1,29 @@
-"""video_io: the frame-count policy, loading a real bundled mp4, write → load round trips, unreadable files."""
+"""video_io: the frame-count policy, loading a real bundled mp4, write → load round trips (mp4, animated PNG, GIF),
+animated images without PyAV, unreadable files."""
 
 from __future__ import annotations
 
 import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 
 import av
 import numpy as np
 import pytest
 import torch
+from PIL import Image, PngImagePlugin
 
 from tokenizers_mm import video_io
 from tokenizers_mm.video import VideoTokenizer, VideoTokenizerConfig
-from tokenizers_mm.video_io import fit_frame_count, fitted_frame_count, load_video, write_gif, write_video
+from tokenizers_mm.video_io import (
+    fit_frame_count,
+    fitted_frame_count,
+    load_video,
+    write_apng,
+    write_gif,
+    write_video,
+)
 
 
 @pytest.fixture(scope="module")
@@ -152,6 +163,75 @@ def test_write_gif(tmp_path: Path) -> None:
     path = write_gif(tmp_path / "clip.gif", gradient_clip(5, 16, 24), fps=10)
     clip, fps = load_video(path)
     assert clip.shape == (3, 5, 16, 24) and fps == pytest.approx(10.0)
+
+
+def flat_clip(pattern: str, side: int = 16) -> torch.Tensor:
+    """One flat colour per frame (``pattern[t]`` in "rgb"): exact in any palette, so GIF round trips are exact."""
+    colours = {"r": (1.0, -1.0, -1.0), "g": (-1.0, 1.0, -1.0), "b": (-1.0, -1.0, 1.0)}
+    clip = torch.tensor([colours[c] for c in pattern]).T  # (3, T)
+    return clip[:, :, None, None].expand(3, len(pattern), side, side).contiguous()
+
+
+def test_apng_round_trip_is_exact_and_keeps_repeated_frames(tmp_path: Path) -> None:
+    clip = ((gradient_clip(9, 16, 24) + 1) * 127.5).round() / 127.5 - 1  # on the uint8 grid: lossless
+    clip[:, 3] = clip[:, 2]
+    clip[:, 7:] = clip[:, 6:7]  # Pillow stores runs of equal frames as one longer frame
+    path = write_apng(tmp_path / "clip.apng", clip, fps=8)
+    with Image.open(path) as image:
+        assert image.n_frames == 6
+    loaded, fps = load_video(path)
+    assert fps == 8.0 and torch.equal(loaded, clip)
+    half, fps = load_video(path, fps=4.0)  # nearest-timestamp resampling applies as to any video
+    assert fps == 4.0 and torch.equal(half, clip[:, ::2])
+
+
+def test_gif_keeps_repeated_frames_despite_centisecond_delays(tmp_path: Path) -> None:
+    clip = flat_clip("rrgggbrrb")  # 125 ms frames stored as 12 / 25 / 37 cs: one frame per shortest delay
+    path = write_gif(tmp_path / "clip.gif", clip, fps=8)
+    with Image.open(path) as image:
+        assert image.n_frames == 5
+    loaded, fps = load_video(path)
+    assert torch.equal(loaded, clip) and fps == pytest.approx(1000 / 120)
+
+
+def test_pillow_decodes_a_gif_as_ffmpeg_does(tmp_path: Path) -> None:
+    path = write_gif(tmp_path / "clip.gif", gradient_clip(5, 16, 24), fps=10)
+    with av.open(str(path)) as container:
+        reference = [torch.from_numpy(f.to_ndarray(format="rgb24")).permute(2, 0, 1) for f in container.decode(video=0)]
+    loaded, _ = load_video(path)
+    assert torch.equal(((loaded + 1) * 127.5).round().to(torch.uint8), torch.stack(reference, dim=1))
+
+
+def test_animated_images_need_no_pyav(tmp_path: Path) -> None:
+    write_apng(tmp_path / "clip.apng", flat_clip("rgbrg"), fps=8)
+    write_video(tmp_path / "clip.mp4", flat_clip("rgbrg"), fps=8)
+    script = rf"""
+import sys
+sys.modules["av"] = None  # as on a machine without PyAV: `import av` raises ImportError
+import pytest, torch
+from tokenizers_mm import video_io
+clip, fps = video_io.load_video({str(tmp_path / "clip.apng")!r})
+assert clip.shape == (3, 5, 16, 16) and fps == 8.0, (clip.shape, fps)
+video_io.write_apng({str(tmp_path / "again.apng")!r}, clip, fps)
+with pytest.raises(ImportError, match=r"reading clip.mp4 needs PyAV \(pip install av\).*animated images"):
+    video_io.load_video({str(tmp_path / "clip.mp4")!r})
+with pytest.raises(ImportError, match="writing out.mp4 .*needs PyAV"):
+    video_io.write_video({str(tmp_path / "out.mp4")!r}, clip, 8)
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+def test_unreadable_animated_images(tmp_path: Path) -> None:
+    (tmp_path / "noise.apng").write_bytes(b"\x89PNG not really")
+    with pytest.raises(ValueError, match="is not a readable animated image"):
+        load_video(tmp_path / "noise.apng")
+    info = PngImagePlugin.PngInfo()
+    info.add_text("fps", "fast")
+    Image.new("RGB", (8, 8)).save(tmp_path / "bad_fps.png", pnginfo=info)
+    with pytest.raises(ValueError, match="declares fps='fast', not a number"):
+        load_video(tmp_path / "bad_fps.png")
 
 
 @pytest.mark.parametrize(

@@ -2,8 +2,16 @@
 
 Owns: decoding a file into a ``[3, T, H, W]`` float clip in ``[-1, 1]`` (``load_video``), fitting a clip to
 the ``T = 1 + 4k`` frame counts the causal ``VideoTokenizer`` accepts (``fit_frame_count``), and writing
-clips back as H.264 mp4 (``write_video``) or GIF (``write_gif``). Decoding uses PyAV (torchvision 0.29 no
-longer ships video decoding); resizing uses ``torchvision.transforms.v2.functional`` on uint8 frames.
+clips back as H.264 mp4 (``write_video``), lossless animated PNG (``write_apng``) or GIF (``write_gif``).
+Containers FFmpeg reads (mp4, webm, mkv, ...) are decoded with PyAV (torchvision 0.29 no longer ships video
+decoding), imported only when such a file is read or written; animated images (``.apng``, ``.png``, ``.gif``,
+``.webp``) are decoded with Pillow, so they need no PyAV (``anygen data shapes --clip-format apng`` writes its
+clips so, for machines without FFmpeg). Resizing uses ``torchvision.transforms.v2.functional`` on uint8 frames.
+
+Animated images store a duration per frame, and their writers merge identical consecutive frames into one
+longer frame. Their frames are therefore expanded back to a constant rate first: the rate is the file's own
+``fps`` text chunk (``write_apng`` stores one), else one frame per shortest duration; each frame is repeated
+``round(duration × rate)`` times (at least once). The policies below then apply as to any video.
 
 Policies, in the order ``load_video`` applies them:
 
@@ -26,17 +34,19 @@ Policies, in the order ``load_video`` applies them:
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from fractions import Fraction
 from pathlib import Path
 from typing import Literal
 
-import av
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageSequence
 from torchvision.transforms.v2 import functional as TF
 
 FramePolicy = Literal["trim", "pad"]
+ANIMATED_IMAGE_SUFFIXES = (".apng", ".png", ".gif", ".webp")  # decoded with Pillow: no PyAV needed
+_DEFAULT_FRAME_MS = 100.0  # what browsers show a GIF frame that declares no (or a zero) delay for
 TEMPORAL_DOWNSAMPLE = 4  # VideoTokenizerConfig.temporal_downsample of the shipped tokenizers
 SPATIAL_MULTIPLE = 8  # VideoTokenizerConfig.spatial_downsample of the shipped tokenizers
 _RANGE_TOLERANCE = 1e-3
@@ -137,16 +147,23 @@ def load_video(
     if not path.is_file():
         raise FileNotFoundError(f"no video file at {path}")
 
-    try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise ValueError(f"{path} has no video stream (streams: {list(container.streams)})")
-            stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
-            source_fps = _stream_fps(stream)
-            frames = _decode_frames(container, stream, source_fps, fps, num_frames, size)
-    except av.FFmpegError as err:
-        raise ValueError(f"{path} is not a readable video: {err}") from err
+    if path.suffix.lower() in ANIMATED_IMAGE_SUFFIXES:
+        decoded, source_fps = _animated_image_frames(path)
+        frames = _decode_frames(decoded, source_fps, fps, num_frames, size)
+    else:
+        av = _import_av(f"reading {path.name}")
+        try:
+            with av.open(str(path)) as container:
+                if not container.streams.video:
+                    raise ValueError(f"{path} has no video stream (streams: {list(container.streams)})")
+                stream = container.streams.video[0]
+                stream.thread_type = "AUTO"
+                source_fps = _stream_fps(stream)
+                decoded = ((frame.to_ndarray(format="rgb24"), index / source_fps if frame.time is None else frame.time)
+                           for index, frame in enumerate(container.decode(stream)))
+                frames = _decode_frames(decoded, source_fps, fps, num_frames, size)
+        except av.FFmpegError as err:
+            raise ValueError(f"{path} is not a readable video: {err}") from err
     if not frames:
         raise ValueError(f"{path} has a video stream but no frames could be decoded")
 
@@ -187,6 +204,7 @@ def write_video(path: str | Path, frames: torch.Tensor, fps: float, *, crf: int 
     height, width = pixels.shape[1:3]
     pixels = np.pad(pixels, ((0, 0), (0, height % 2), (0, width % 2), (0, 0)), mode="edge")
     path = Path(path)
+    av = _import_av(f"writing {path.name} (write_apng or write_gif need no PyAV)")
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), mode="w") as container:
         options = {"crf": str(crf), "threads": "1", "x264-params": "mbtree=0"}
@@ -223,25 +241,52 @@ def write_gif(path: str | Path, frames: torch.Tensor, fps: float) -> Path:
     return path
 
 
+def write_apng(path: str | Path, frames: torch.Tensor, fps: float) -> Path:
+    """Write a clip as a lossless, looping animated PNG through Pillow (no PyAV needed).
+
+    The exact rate goes into an ``fps`` text chunk: Pillow stores whole-millisecond delays and merges identical
+    consecutive frames, and ``load_video`` uses the chunk to give back every frame at ``fps``.
+
+    Args:
+        path: output file, usually ``.apng``; parent folders are created.
+        frames: float ``[3, T, H, W]`` in ``[-1, 1]``.
+        fps: frame rate.
+
+    Returns:
+        ``path``.
+    """
+    from PIL import PngImagePlugin
+
+    pixels = _to_uint8_frames(frames)
+    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 < fps < math.inf:
+        raise ValueError(f"fps must be a positive number, got {fps!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    info = PngImagePlugin.PngInfo()
+    info.add_text("fps", repr(float(fps)))
+    images = [Image.fromarray(image) for image in pixels]
+    images[0].save(path, format="PNG", save_all=True, append_images=images[1:], duration=1000 / fps, loop=0,
+                   pnginfo=info)
+    return path
+
+
 # ---------------------------------------------------------------------- helpers
 
 
 def _decode_frames(
-    container: av.container.InputContainer,
-    stream: av.video.stream.VideoStream,
+    decoded: Iterable[tuple[np.ndarray, float]],
     source_fps: float,
     fps: float | None,
     num_frames: int | None,
     size: int | tuple[int, int] | None,
 ) -> list[torch.Tensor]:
-    """Decode, resample by nearest timestamp and resize; returns ``[3, H, W]`` uint8 frames."""
+    """Resample ``(RGB uint8 (H, W, 3) frame, time in s)`` by nearest timestamp and resize; ``[3, H, W]`` uint8."""
     out: list[torch.Tensor] = []
-    previous: tuple[av.VideoFrame, float] | None = None
+    previous: tuple[np.ndarray, float] | None = None
     t0: float | None = None
-    for index, frame in enumerate(container.decode(stream)):
-        time = frame.time if frame.time is not None else index / source_fps
+    for image, time in decoded:
         if fps is None:
-            out.append(_resize(frame, size))
+            out.append(_resize(image, size))
         else:
             t0 = time if t0 is None else t0
             # Emit every target time up to this frame; each takes the nearer of this frame and the previous one.
@@ -252,16 +297,54 @@ def _decode_frames(
                 if previous is not None and target - previous[1] <= time - target:
                     out.append(_resize(previous[0], size))
                 else:
-                    out.append(_resize(frame, size))
-            previous = (frame, time)
+                    out.append(_resize(image, size))
+            previous = (image, time)
         if num_frames is not None and len(out) >= num_frames:
             break
     return out
 
 
-def _resize(frame: av.VideoFrame, size: int | tuple[int, int] | None) -> torch.Tensor:
-    """RGB uint8 ``[3, H, W]`` resized per ``size`` and center-cropped to multiples of 8."""
-    image = torch.from_numpy(frame.to_ndarray(format="rgb24")).permute(2, 0, 1)  # (3, H, W)
+def _animated_image_frames(path: Path) -> tuple[list[tuple[np.ndarray, float]], float]:
+    """An animated image's frames at a constant rate (module docstring) with their times, and that rate."""
+    try:
+        with Image.open(path) as image:
+            declared = image.info.get("fps")
+            frames, durations = [], []
+            for frame in ImageSequence.Iterator(image):
+                frames.append(np.array(frame.convert("RGB")))
+                duration = frame.info.get("duration")
+                durations.append(float(duration) if duration and duration > 0 else _DEFAULT_FRAME_MS)
+    except (OSError, SyntaxError, ValueError) as err:  # Pillow's UnidentifiedImageError is an OSError
+        kinds = ", ".join(ANIMATED_IMAGE_SUFFIXES)
+        raise ValueError(f"{path} is not a readable animated image ({kinds}): {err}") from err
+    try:
+        rate = float(declared) if declared is not None else 1000.0 / min(durations)
+    except ValueError:
+        raise ValueError(f"{path} declares fps={declared!r}, not a number") from None
+    if not 0 < rate < math.inf:
+        raise ValueError(f"{path} declares fps={declared!r}; it must be a positive number")
+    out: list[tuple[np.ndarray, float]] = []
+    for frame, duration in zip(frames, durations):
+        for _ in range(max(1, round(duration * rate / 1000.0))):
+            out.append((frame, len(out) / rate))
+    return out, rate
+
+
+def _import_av(purpose: str):
+    """PyAV, or an ImportError that says what needs it and what works without it."""
+    try:
+        import av
+    except ImportError as err:
+        raise ImportError(
+            f"{purpose} needs PyAV (pip install av), which is not installed; animated images "
+            f"({', '.join(ANIMATED_IMAGE_SUFFIXES)}) are read without it, and write_apng / write_gif write clips "
+            "without it") from err
+    return av
+
+
+def _resize(frame: np.ndarray, size: int | tuple[int, int] | None) -> torch.Tensor:
+    """RGB uint8 ``(H, W, 3)`` resized per ``size`` and center-cropped to multiples of 8, as ``[3, H, W]``."""
+    image = torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1)  # (3, H, W)
     height, width = image.shape[1:]
     if size is None:
         crop = (height // SPATIAL_MULTIPLE * SPATIAL_MULTIPLE, width // SPATIAL_MULTIPLE * SPATIAL_MULTIPLE)
@@ -286,7 +369,7 @@ def _resize(frame: av.VideoFrame, size: int | tuple[int, int] | None) -> torch.T
     return image
 
 
-def _stream_fps(stream: av.video.stream.VideoStream) -> float:
+def _stream_fps(stream) -> float:  # an av VideoStream
     for rate in (stream.average_rate, stream.guessed_rate, stream.base_rate):
         if rate is not None and rate > 0:
             return float(rate)
