@@ -77,6 +77,31 @@ def test_every_file_exists_and_has_the_requested_size(shapes_dir):
     assert clips == 3
 
 
+def test_apng_clips_hold_the_rendered_frames_and_the_same_documents(tmp_path):
+    """--clip-format apng (no PyAV needed): same documents but the suffix, clips exactly as rendered."""
+    import torch
+
+    from tokenizers_mm.preprocess import to_tensor
+    from tokenizers_mm.video_io import load_video
+
+    generate_shapes(tmp_path / "mp4", num=12, seed=5, kinds="video,video_caption", **SMALL)
+    meta = generate_shapes(tmp_path / "apng", num=12, seed=5, kinds="video,video_caption", clip_format="apng",
+                           **SMALL)
+    assert meta["clip_format"] == "apng"
+    mp4_lines = (tmp_path / "mp4/documents.jsonl").read_text()
+    assert (tmp_path / "apng/documents.jsonl").read_text() == mp4_lines.replace(".mp4", ".apng")
+    docs = list(read_documents(tmp_path / "apng/documents.jsonl"))
+    clips = [(doc, path) for doc in docs for path in doc.files() if path.suffix == ".apng"]
+    assert len(clips) >= 12
+    for doc, path in clips[:4]:
+        motion = shapes.Motion.from_dict(doc.meta["motion"])
+        rendered = torch.stack([to_tensor(f) for f in render_motion(motion, 5, 32)], dim=1)
+        frames, fps = load_video(path)
+        assert fps == 8.0 and torch.equal(frames, rendered)
+        lossy, _ = load_video(tmp_path / "mp4" / path.relative_to(tmp_path / "apng").with_suffix(".mp4"))
+        assert (lossy - rendered).abs().mean() < 0.02  # the same clip, through H.264
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_caption_parses_back_to_the_scene(seed):
     rng = random.Random(seed)
@@ -195,6 +220,7 @@ def test_heldout_combinations_never_appear_in_training(shapes_dir):
     (dict(kinds="t2i,poems"), "unknown document kind 'poems'"),
     (dict(kinds="t2i:0"), "positive weight"),
     (dict(image_size=4), "image_size"),
+    (dict(clip_format="gif"), "clip_format must be one of mp4, apng, got 'gif'"),
 ])
 def test_generator_refuses_bad_arguments(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):

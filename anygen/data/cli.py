@@ -39,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--video-size", type=int, default=None, help="clip side in pixels (default: --image-size)")
     p.add_argument("--frames", type=int, default=9, help="frames per clip, 1 + 4k (default 9)")
     p.add_argument("--fps", type=float, default=8.0, help="clip frame rate (default 8)")
+    p.add_argument("--clip-format", choices=shapes.CLIP_FORMATS, default="mp4",
+                   help="mp4 (H.264, needs PyAV; default) or apng (lossless animated PNG through Pillow: for a "
+                        "machine without PyAV / FFmpeg)")
     p.add_argument("--kinds", default=None,
                    help=f"comma-separated kinds with optional weights, e.g. t2i:4,caption:2 (accepted: "
                         f"{', '.join(shapes.KINDS)}; default "
@@ -102,7 +105,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from anygen.data.shapes import generate_shapes
 
             meta = generate_shapes(args.out, num=args.num, seed=args.seed, image_size=args.image_size,
-                                   video_size=args.video_size, frames=args.frames, fps=args.fps, kinds=args.kinds,
+                                   video_size=args.video_size, frames=args.frames, fps=args.fps,
+                                   clip_format=args.clip_format, kinds=args.kinds,
                                    holdout=args.holdout, num_heldout=args.num_heldout, workers=args.workers,
                                    overwrite=args.overwrite, progress=True)
         else:

@@ -75,6 +75,7 @@ POSITIONS: tuple[str, ...] = (
 DIRECTIONS: dict[str, tuple[int, int]] = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 BACKGROUND: tuple[int, int, int] = (24, 24, 28)  # a plain dark background every colour stands out on
 
+CLIP_FORMATS: tuple[str, ...] = ("mp4", "apng")  # how clips are stored: write_clip
 KINDS: tuple[str, ...] = ("t2i", "caption", "vqa", "video", "video_caption", "edit", "story")
 DEFAULT_KINDS: dict[str, float] = {
     "t2i": 4, "caption": 2, "vqa": 1, "video": 2, "video_caption": 1, "edit": 1, "story": 1,
@@ -401,6 +402,7 @@ class _Context:
     fps: float
     out: Path
     stem: str  # path stem of this document's files, relative to out: "images/train/000/000123"
+    clip_format: str = "mp4"  # one of CLIP_FORMATS
     first_object: ObjectKey | None = None  # force a held-out object into the document
     first_motion: MotionKey | None = None
     assets: list[tuple[str, Any]] = field(default_factory=list)  # (relative path, scene or motion) to write
@@ -411,7 +413,7 @@ class _Context:
         return rel
 
     def clip(self, motion: Motion) -> str:
-        rel = f"{self.stem.replace('images/', 'videos/', 1)}.mp4"
+        rel = f"{self.stem.replace('images/', 'videos/', 1)}.{self.clip_format}"
         self.assets.append((rel, motion))
         return rel
 
@@ -427,13 +429,19 @@ class _Context:
 
 
 def write_clip(path: Path, frames: Sequence[PIL.Image.Image], fps: float, *, crf: int = 12) -> Path:
-    """Write PIL frames as an H.264 mp4 through ``write_video`` (byte-identical for identical frames)."""
+    """Write PIL frames as the suffix of ``path`` says (``CLIP_FORMATS``), byte-identical for identical frames.
+
+    ``.mp4``: H.264 through ``write_video`` at ``crf`` (needs PyAV). ``.apng``: lossless animated PNG through
+    ``write_apng`` (Pillow only).
+    """
     import torch
 
     from tokenizers_mm.preprocess import to_tensor
-    from tokenizers_mm.video_io import write_video
+    from tokenizers_mm.video_io import write_apng, write_video
 
     clip = torch.stack([to_tensor(frame) for frame in frames], dim=1)  # (3, T, H, W)
+    if path.suffix == ".apng":
+        return write_apng(path, clip, fps)
     return write_video(path, clip, fps, crf=crf)
 
 
@@ -548,13 +556,14 @@ class _Job:
     out: str
     heldout_objects: frozenset
     heldout_motions: frozenset
+    clip_format: str = "mp4"
 
 
 def _make_document(job: _Job) -> str:
     """Render one document's files and return its JSONL line (runs in worker processes)."""
     rng = random.Random(f"shapes:{job.seed}:{job.split}:{job.index}")
     stem = f"images/{job.split}/{job.index // 1000:03d}/{job.index:06d}"
-    ctx = _Context(job.image_size, job.video_size, job.frames, job.fps, Path(job.out), stem)
+    ctx = _Context(job.image_size, job.video_size, job.frames, job.fps, Path(job.out), stem, job.clip_format)
     heldout = job.split == "heldout"
     for _ in range(1000):
         if heldout:  # force one held-out combination of the kind's type into the document
@@ -662,6 +671,7 @@ def generate_shapes(
     video_size: int | None = None,
     frames: int = 9,
     fps: float = 8.0,
+    clip_format: str = "mp4",
     kinds: str | Sequence[str] | dict[str, float] | None = None,
     holdout: float = 0.1,
     num_heldout: int | None = None,
@@ -676,9 +686,11 @@ def generate_shapes(
         num: training documents, written to ``documents.jsonl``.
         seed: everything (kinds, scenes, the held-out combinations) follows from it.
         image_size: side of the PNG images.
-        video_size: side of the mp4 clips; ``None`` uses ``image_size``.
+        video_size: side of the clips; ``None`` uses ``image_size``.
         frames: frames per clip, ``1 + 4k``.
         fps: frame rate stored in the clips.
+        clip_format: ``"mp4"`` (H.264 at crf 12, through PyAV) or ``"apng"`` (lossless animated PNG through
+            Pillow: for machines without PyAV / FFmpeg; larger files).
         kinds: document kinds with optional weights, ``"t2i,caption:2"``; ``None`` uses ``DEFAULT_KINDS``.
         holdout: fraction of attribute combinations withheld from training, in ``[0, 0.5]``.
         num_heldout: documents of ``heldout.jsonl``; ``None`` uses ``round(num * holdout)``.
@@ -698,6 +710,8 @@ def generate_shapes(
     if not isinstance(video_size, int) or video_size < 8 or video_size % 2:
         raise ValueError(f"video_size must be an even int >= 8 (H.264 needs even sides), got {video_size!r}")
     _check_frames(frames)
+    if clip_format not in CLIP_FORMATS:
+        raise ValueError(f"clip_format must be one of {', '.join(CLIP_FORMATS)}, got {clip_format!r}")
     if not isinstance(fps, (int, float)) or not 0 < fps < math.inf:
         raise ValueError(f"fps must be a positive number, got {fps!r}")
     weights = parse_kinds(kinds)
@@ -715,7 +729,7 @@ def generate_shapes(
         order = allocate(n, weights, rng)
         counts[split] = {k: order.count(k) for k in weights}
         jobs += [_Job(split, i, kind, seed, image_size, video_size, frames, float(fps), str(out),
-                      heldout_objects, heldout_motions) for i, kind in enumerate(order)]
+                      heldout_objects, heldout_motions, clip_format) for i, kind in enumerate(order)]
     with open(out / "documents.jsonl", "w", encoding="utf-8") as train, \
             open(out / "heldout.jsonl", "w", encoding="utf-8") as held:
         for job, line in zip(jobs, _run_jobs(jobs, _make_document, workers, progress, "shapes")):
@@ -729,6 +743,7 @@ def generate_shapes(
         "video_size": video_size,
         "frames": frames,
         "fps": float(fps),
+        "clip_format": clip_format,
         "files": {"train": "documents.jsonl", "heldout": "heldout.jsonl"},
         "num": {"train": num, "heldout": num_heldout},
         "kinds": counts,
@@ -757,7 +772,7 @@ def scene_from_meta(objects: Iterable[dict[str, Any]]) -> list[SceneObject]:
 
 
 __all__ = [
-    "BACKGROUND", "COLORS", "DEFAULT_KINDS", "DIRECTIONS", "KINDS", "POSITIONS", "SHAPES",
+    "BACKGROUND", "CLIP_FORMATS", "COLORS", "DEFAULT_KINDS", "DIRECTIONS", "KINDS", "POSITIONS", "SHAPES",
     "Motion", "SceneObject", "allocate", "caption", "cell_of", "generate_shapes", "holdout_combinations",
     "motion_caption", "parse_caption", "parse_kinds", "parse_motion", "refer", "render_motion", "render_scene",
     "sample_motion", "sample_object", "sample_scene", "scene_from_meta", "write_clip",
