@@ -43,6 +43,11 @@
 #     (unified_16x16_digits.yaml, TAIL_STEPS [its max_steps], TAIL_WEIGHTS [its weights]) into $RUNS/model_tail,
 #     which eval and SHIP then use:
 #     how session 13's shipped model was made (docs/default_model.md)
+#   CLIP_FORMAT [mp4]: how `anygen data shapes` stores clips; apng needs no PyAV (scripts/device_stage.sh)
+#   DATA_ONLY [0]: 1 stops after the data, the tokenizer directory and the shards (scripts/device_stage.sh times
+#     the fit with what is left of its budget)
+#   EVAL_ARGS [none]: more `anygen eval` arguments, e.g. "--no-images --categories t2i_single,caption"
+#   PY [.venv/bin/python]: the Python that runs anygen (python3 where anygen's needs are on PYTHONPATH)
 #   INIT_FROM [runs/default/model]: GRID=16's 8x8 model (its BPE table, video tokenizer and weights but the
 #     image rows are kept; GRID=8 of this script makes it there); none: from scratch in two stages instead
 #     (unified_16x16.yaml, then unified_16x16_mix.yaml with mixture weights), ~2x the steps. GRID=8 refuses it
@@ -114,7 +119,8 @@ log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$RUNS/logs/recipe.log"; }
 if [[ ! -f "$DATA/documents.jsonl" ]]; then
   log "data: shapes ($NUM_SHAPES documents) + digits -> $DATA"
   [[ -f "$DATA/shapes/meta.json" ]] || $ANYGEN data shapes --out "$DATA/shapes" --num "$NUM_SHAPES" --seed 0 \
-      --image-size 64 --frames 9 --holdout 0.1 --workers "$WORKERS" --overwrite > "$RUNS/logs/data.log" 2>&1
+      --image-size 64 --frames 9 --holdout 0.1 --workers "$WORKERS" --clip-format "${CLIP_FORMAT:-mp4}" --overwrite \
+      > "$RUNS/logs/data.log" 2>&1
   [[ -f "$DATA/digits/meta.json" ]] || $ANYGEN data digits --out "$DATA/digits" --seed 0 --image-size 64 \
       ${NUM_DIGITS:+--num "$NUM_DIGITS"} --overwrite >> "$RUNS/logs/data.log" 2>&1
   # one JSONL for the trainers and the tokenizer: every line of both sets, files re-rooted at $DATA, interleaved
@@ -179,6 +185,8 @@ if [[ ! -f "$DATA/shards/index.json" ]]; then
       --workers "$WORKERS" --video-frames 9 --max-length $MAX_LENGTH ${LIMIT:-} --overwrite --quiet > "$RUNS/logs/tokenize.log" 2>&1
 fi
 
+if [[ "${DATA_ONLY:-0}" == 1 ]]; then log "data only: $DATA/shards"; exit 0; fi
+
 # 6. the unified model (GRID=16 with INIT_FROM=none: two stages, the second with mixture weights), 7. export
 # kept(STAGE): the step with the lowest validation CE, not the last one (a long run on few documents
 # overfits); a run too short to validate (TOY=1) has only its last step
@@ -225,7 +233,7 @@ fi
 
 # 8. evaluation on held-out prompts, 9. ship
 log "eval -> $RUNS/eval"
-$ANYGEN eval --checkpoint "$MODEL" --out "$RUNS/eval" --num "$EVAL_NUM" | tee "$RUNS/logs/eval.log"
+$ANYGEN eval --checkpoint "$MODEL" --out "$RUNS/eval" --num "$EVAL_NUM" ${EVAL_ARGS:-} | tee "$RUNS/logs/eval.log"
 if [[ "${SHIP:-0}" == 1 ]]; then
   rm -rf anygen/assets/default && mkdir -p anygen/assets/default
   cp "$MODEL"/{config.json,model.safetensors,tokenizer_config.json,text_tokenizer.json,generation_config.json} \

@@ -339,3 +339,87 @@ def test_fit_args_reach_the_unified_fits_and_not_the_tokenizers(tmp_path):
     assert _recipe(env).returncode == 0
     fits = _calls(calls, "fit")
     assert len(fits) == 2 and all(line.endswith("--data.init_args.seed 1") for line in fits), fits
+
+
+def test_the_recipe_data_only_clip_format_and_eval_args(tmp_path):
+    """``CLIP_FORMAT`` reaches ``anygen data shapes`` (mp4 unless set), ``DATA_ONLY=1`` stops before any fit and
+    ``EVAL_ARGS`` reaches the evaluation."""
+    env, calls = _recording_env(tmp_path, CLIP_FORMAT="apng", DATA_ONLY="1")
+    done = _recipe(env)
+    assert done.returncode == 0, done.stderr
+    shapes = _calls(calls, "shapes")
+    assert len(shapes) == 1 and "--clip-format apng" in shapes[0], shapes
+    fits = _calls(calls, "fit")  # GRID=8 trains its tokenizers to build the tokenizer directory, then stops
+    assert _calls(calls, "tokenize") and len(fits) == 2 and not any("unified" in f for f in fits), fits
+    assert not _calls(calls, "eval")
+    calls.unlink()
+    env = {k: v for k, v in env.items() if k not in ("CLIP_FORMAT", "DATA_ONLY")}
+    done = _recipe({**env, "EVAL_ARGS": "--no-images --seed 3"})
+    assert done.returncode == 0, done.stderr
+    assert "--clip-format mp4" in _calls(calls, "shapes")[0]
+    evals = _calls(calls, "eval")
+    assert len(evals) == 1 and evals[0].endswith("--no-images --seed 3"), evals
+
+
+def _device_stage(tmp_path: Path, **knobs: str):
+    """Run ``scripts/device_stage.sh run`` (a copy, beside a copy of the recipe) with a stand-in interpreter that
+    records its calls and writes the files by which the recipe skips a finished stage and what ``anygen export``
+    and ``anygen eval`` would; ``(process, calls, out)``."""
+    import os
+    import shutil
+    import subprocess
+
+    model = _model_dir(tmp_path, "model.safetensors", "video_tokenizer.safetensors", "text_tokenizer.json",
+                       "image_tokenizer.safetensors")
+    scripts = tmp_path / "repo" / "scripts"
+    scripts.mkdir(parents=True)
+    shutil.copy(SCRIPT, scripts / SCRIPT.name)
+    shutil.copy(SCRIPT.parent / "device_stage.sh", scripts / "device_stage.sh")
+    calls, out = tmp_path / "calls.txt", tmp_path / "out"
+    fake = tmp_path / "python"
+    fake.write_text(f"""#!/usr/bin/env bash
+echo "$*" >> {calls}
+args=("$@")
+for i in "${{!args[@]}}"; do
+  if [[ "${{args[$i]}}" == --out ]]; then dir="${{args[$((i + 1))]}}"; fi
+done
+if [[ "${{1:-}}" == - && -n "${{2:-}}" ]]; then  # the recipe's merge of the two data sets
+  mkdir -p "$2" && echo '{{}}' > "$2/documents.jsonl"
+elif [[ " $* " == *" build-tokenizer "* ]]; then
+  mkdir -p "$dir" && echo '{{}}' > "$dir/tokenizer_config.json"
+elif [[ " $* " == *" tokenize "* ]]; then
+  mkdir -p "$dir" && echo '{{}}' > "$dir/index.json"
+elif [[ " $* " == *" export "* ]]; then
+  mkdir -p "$dir" && head -c 40000 /dev/urandom > "$dir/model.safetensors" && echo '{{}}' > "$dir/config.json"
+elif [[ " $* " == *" eval "* ]]; then
+  mkdir -p "$dir" && echo '{{}}' > "$dir/eval.json"
+fi
+""")
+    fake.chmod(0o755)
+    env = {**os.environ, "PY": str(fake), "OUT": str(out), "INIT_FROM": str(model), **knobs}
+    done = subprocess.run(["bash", str(scripts / "device_stage.sh"), "run"], env=env, capture_output=True, text=True,
+                          timeout=60, cwd=tmp_path)
+    return done, calls, out
+
+
+def test_the_device_stage_makes_apng_data_then_fits_for_what_is_left_of_its_budget(tmp_path):
+    done, calls, out = _device_stage(tmp_path, BUDGET_S="390", EXPORT_S="100", BATCH="48")
+    assert done.returncode == 0, done.stderr
+    shapes, fits = _calls(calls, "shapes"), _calls(calls, "fit")
+    assert len(shapes) == 1 and "--clip-format apng" in shapes[0], shapes  # once: the fit's call skips the data
+    assert len(_calls(calls, "tokenize")) == 1 and len(_calls(calls, "build-tokenizer")) == 1
+    assert len(fits) == 1 and "unified_16x16_more.yaml" in fits[0], fits
+    assert "--trainer.max_time 00:00:04:00" in fits[0]  # (390 - 100 - the seconds so far) // 60
+    assert "--data.init_args.batch_size 48" in fits[0] and "--trainer.precision bf16-mixed" in fits[0]
+    assert f"--model.init_args.init_from {tmp_path / 'grid16_model'}" in fits[0]
+    exported = tmp_path / "repo" / "runs" / "device" / "model" / "model.safetensors"
+    parts = sorted(out.glob("model.safetensors.part-*"))
+    assert parts and b"".join(p.read_bytes() for p in parts) == exported.read_bytes()
+    assert {"config.json", "eval.json", "logs.tar.gz"} <= {p.name for p in out.iterdir()}
+    assert "--no-images" in _calls(calls, "eval")[0]  # the device has no PyAV to write mp4s
+
+
+def test_the_device_stage_refuses_a_budget_with_no_minute_for_the_fit(tmp_path):
+    done, calls, out = _device_stage(tmp_path, BUDGET_S="150", EXPORT_S="100")
+    assert done.returncode == 3 and "no minute left for the fit (BUDGET_S=150)" in done.stdout + done.stderr
+    assert _calls(calls, "tokenize") and not _calls(calls, "fit")
