@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/train_step.py                      # rows of 384 (8x8 images) and 896 (16x16)
     .venv/bin/python bench/train_step.py --rows 4 --lengths 896 --steps 10 --kind scene
+    python3 bench/train_step.py --device cuda --rows 32 --lengths 896   # a GPU (scripts/device_stage.sh runs it)
 
 Builds the decoder the shipped model's ``config.json`` describes (``--config``; random weights: speed does not
 depend on them), and times forward + the trainer's routed cross-entropy
@@ -53,11 +54,17 @@ def time_steps(model: AnyGenModel, ids: torch.Tensor, *, bf16: bool, steps: int,
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    def sync() -> None:  # CUDA runs asynchronously: wait for the queued kernels before reading the clock
+        if ids.device.type == "cuda":
+            torch.cuda.synchronize(ids.device)
+
     for _ in range(warmup):
         step()
+    sync()
     start = time.perf_counter()
     for _ in range(steps):
         step()
+    sync()
     return (time.perf_counter() - start) / steps
 
 
@@ -86,16 +93,26 @@ def main() -> None:
     parser.add_argument("--kind", choices=("scene", "text"), default="scene",
                         help="scene: text prompts and image spans, as training rows are; text: random text ids")
     parser.add_argument("--grid", type=int, default=16, help="image codes per side in --kind scene rows")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     add_decoder_args(parser)
     args = parser.parse_args()
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as err:
+        parser.error(f"--device {args.device!r}: {err} (accepted: cpu, cuda, cuda:N)")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device must be cpu or cuda[:N], got {args.device!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device here")
     cfg = decoder_config(parser, args, max(args.lengths))
     vocab = Vocab(**cfg.vocab_dict())
     if not 1 <= args.grid <= min(vocab.max_height, vocab.max_width):
         parser.error(f"--grid must be in 1..{min(vocab.max_height, vocab.max_width)} (the vocabulary's size "
                      f"tokens), got {args.grid}")
     torch.manual_seed(0)
-    print(f"decoder: {cfg.num_parameters_estimate() / 1e6:.1f}M parameters, {args.kind} rows, "
-          f"{torch.get_num_threads()} threads, oneDNN: {torch.backends.mkldnn.is_available()}")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else (
+        f"{torch.get_num_threads()} threads, oneDNN: {torch.backends.mkldnn.is_available()}")
+    print(f"decoder: {cfg.num_parameters_estimate() / 1e6:.1f}M parameters, {args.kind} rows, {where}")
     print("| rows x tokens | fp32 ms/step | bf16 ms/step | fp32 tok/s | bf16 tok/s | bf16 speed-up |")
     print("|---|---|---|---|---|---|")
     for length in args.lengths:
@@ -107,7 +124,7 @@ def main() -> None:
         times = {}
         for bf16 in (False, True):
             torch.manual_seed(0)
-            times[bf16] = time_steps(AnyGenModel(cfg), ids, bf16=bf16, steps=args.steps)
+            times[bf16] = time_steps(AnyGenModel(cfg).to(device), ids.to(device), bf16=bf16, steps=args.steps)
         tokens = args.rows * length
         print(f"| {args.rows} x {length} | {times[False] * 1e3:.0f} | {times[True] * 1e3:.0f} | "
               f"{tokens / times[False]:.0f} | {tokens / times[True]:.0f} | {times[False] / times[True]:.2f}x |")

@@ -73,6 +73,12 @@ print(f"cuda: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else '
 import anygen.cli, anygen.data.shapes, anygen.eval, tokenizers_mm.multimodal, trainers.cli, trainers.unified  # noqa
 EOF
 
+# a training step of the decoder on the GPU before the budget goes to data: the device's torch runs the model's
+# forward and backward, and the step time (fp32 and bf16) sizes STEPS for the next run
+if $PY -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  $PY bench/train_step.py --device cuda --rows "$BATCH" --lengths 896 --steps 5 2>&1 | tee -a "$RUNS/logs/device.log"
+fi
+
 # the knobs every train_default.sh call shares (see its top)
 export PY GRID=16 CONTINUE=1 INIT_FROM NUM_SHAPES=${NUM_SHAPES:-60000} NUM_DIGITS=${NUM_DIGITS:-28760} WORKERS \
     DATA RUNS CLIP_FORMAT=apng PRECISION=${PRECISION:-bf16-mixed} MIX_WEIGHTS="$WEIGHTS" EVAL_NUM=${EVAL_NUM:-40} \
