@@ -17,8 +17,9 @@
 # Environment knobs (defaults in brackets):
 #   BUDGET_S [560]: wall-clock seconds for the whole of `run`, from its start; the fit gets what data, shards,
 #     export and eval leave (EXPORT_S [100] is kept back for export and eval), in whole minutes (Lightning max_time)
-#   STEPS [6000]: the fit's max_steps, which its cosine decays over; BATCH [32]: rows of 896 tokens a step
-#   LR [3e-4]  WARMUP [100]  VAL_EVERY [1000]: steps between validations (each runs HeldoutEval, 48 prompts)
+#   STEPS [what the fit's minutes hold at 1.5x the bf16 step time bench/train_step.py measured there, else 6000]:
+#     the fit's max_steps, which its cosine decays over; BATCH [32]: rows of 896 tokens a step
+#   LR [3e-4]  WARMUP [100]  VAL_EVERY [STEPS / 4]: steps between validations (each runs HeldoutEval, 48 prompts)
 #   WEIGHTS [below]: the document groups' mixture (copies per epoch)
 #   NUM_SHAPES [60000]  NUM_DIGITS [28760]  WORKERS [CPU cores - 2]: the data of the shipped model's stages
 #   INIT_FROM [anygen/assets/default]  OUT [$OUT, else runs/device/out]  PY [python3]
@@ -50,7 +51,6 @@ EXPORT_S=${EXPORT_S:-100}
 PY=${PY:-python3}
 OUT=${OUT:-runs/device/out}
 INIT_FROM=${INIT_FROM:-anygen/assets/default}
-STEPS=${STEPS:-6000}
 BATCH=${BATCH:-32}
 WORKERS=${WORKERS:-$(( $(nproc) > 3 ? $(nproc) - 2 : 1 ))}
 WEIGHTS=${WEIGHTS:-'{"*/caption": 3, "shapes/vqa": 3, "shapes/video*": 5, "digits/t2i": 2, "shapes/t2i": 2, "shapes/edit": 2, "shapes/story": 0.5}'}
@@ -74,9 +74,13 @@ import anygen.cli, anygen.data.shapes, anygen.eval, tokenizers_mm.multimodal, tr
 EOF
 
 # a training step of the decoder on the GPU before the budget goes to data: the device's torch runs the model's
-# forward and backward, and the step time (fp32 and bf16) sizes STEPS for the next run
+# forward and backward, and its bf16 step time sizes STEPS
+STEP_MS=
 if $PY -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-  $PY bench/train_step.py --device cuda --rows "$BATCH" --lengths 896 --steps 5 2>&1 | tee -a "$RUNS/logs/device.log"
+  $PY bench/train_step.py --device cuda --rows "$BATCH" --lengths 896 --steps 5 2>&1 | tee "$RUNS/logs/bench.log"
+  cat "$RUNS/logs/bench.log" >> "$RUNS/logs/device.log"
+  # the row "| 32 x 896 | fp32 ms/step | bf16 ms/step | ...": its bf16 column
+  STEP_MS=$(awk -F'|' -v r="$BATCH x 896" '$2 ~ r {gsub(/ /, "", $4); print $4}' "$RUNS/logs/bench.log")
 fi
 
 # the knobs every train_default.sh call shares (see its top)
@@ -87,10 +91,19 @@ log "data + shards ($WORKERS workers) -> $DATA"
 DATA_ONLY=1 bash scripts/train_default.sh
 MINUTES=$(( (BUDGET_S - EXPORT_S - ($(date +%s) - START)) / 60 ))
 (( MINUTES >= 1 )) || { log "no minute left for the fit (BUDGET_S=$BUDGET_S)"; exit 3; }
-log "fit: $MINUTES min at most, $STEPS steps of $BATCH rows"
+if [[ -z "${STEPS:-}" ]]; then
+  if [[ "$STEP_MS" =~ ^[0-9]+$ ]] && (( STEP_MS > 0 )); then  # data loading, logging and validation: the 1.5x
+    STEPS=$(( MINUTES * 60000 * 2 / (3 * STEP_MS) ))
+    STEPS=$(( STEPS < 500 ? 500 : STEPS > 50000 ? 50000 : STEPS ))
+  else
+    STEPS=6000
+  fi
+fi
+VAL_EVERY=${VAL_EVERY:-$(( STEPS / 4 ))}
+log "fit: $MINUTES min at most, $STEPS steps of $BATCH rows (bf16 step ${STEP_MS:-not measured} ms), validation every $VAL_EVERY"
 UNIFIED_MINUTES=$MINUTES UNIFIED_STEPS=$STEPS FIT_ARGS="--data.init_args.batch_size $BATCH \
 --data.init_args.num_workers 4 --model.init_args.lr ${LR:-3e-4} --model.init_args.warmup_steps ${WARMUP:-100} \
---trainer.val_check_interval ${VAL_EVERY:-1000} --data.init_args.seed 40 --model.init_args.code_noise {\"image\":0.1} \
+--trainer.val_check_interval $VAL_EVERY --data.init_args.seed 40 --model.init_args.code_noise {\"image\":0.1} \
 --model.init_args.und_code_loss 10 --model.init_args.model {\"max_seq_len\":1024,\"qk_norm\":\"rms\",\"image_grid_embed\":true,\"n_layer\":8} \
 ${EXTRA_FIT_ARGS:-}" bash scripts/train_default.sh
 log "results -> $OUT"
