@@ -99,7 +99,7 @@ if [[ -z "${STEPS:-}" ]]; then
     STEPS=6000
   fi
 fi
-VAL_EVERY=${VAL_EVERY:-$(( STEPS / 4 ))}
+VAL_EVERY=${VAL_EVERY:-$(( STEPS >= 8 ? STEPS / 4 : 1 ))}
 log "fit: $MINUTES min at most, $STEPS steps of $BATCH rows (bf16 step ${STEP_MS:-not measured} ms), validation every $VAL_EVERY"
 UNIFIED_MINUTES=$MINUTES UNIFIED_STEPS=$STEPS FIT_ARGS="--data.init_args.batch_size $BATCH \
 --data.init_args.num_workers 4 --model.init_args.lr ${LR:-3e-4} --model.init_args.warmup_steps ${WARMUP:-100} \

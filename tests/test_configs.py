@@ -429,3 +429,10 @@ def test_the_device_stage_refuses_a_budget_with_no_minute_for_the_fit(tmp_path):
     done, calls, out = _device_stage(tmp_path, BUDGET_S="150", EXPORT_S="100")
     assert done.returncode == 3 and "no minute left for the fit (BUDGET_S=150)" in done.stdout + done.stderr
     assert _calls(calls, "tokenize") and not _calls(calls, "fit")
+
+
+def test_the_device_stage_validates_a_short_fit_at_least_every_step(tmp_path):
+    done, calls, _ = _device_stage(tmp_path, BUDGET_S="390", EXPORT_S="100", STEPS="3")
+    assert done.returncode == 0, done.stderr
+    fits = _calls(calls, "fit")
+    assert "--trainer.max_steps 3 " in fits[0] and "--trainer.val_check_interval 1 " in fits[0], fits  # not 3 // 4
