@@ -41,6 +41,13 @@ if [[ "${1:-}" == wheels ]]; then
   $PIP download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
       --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl "${specs[@]}"
   echo "$(ls .whl | wc -l) wheels, $(du -sh .whl | cut -f1) in .whl/: ${specs[*]}"
+  # what the device tool sends: tracked and untracked-but-not-ignored files, plus the carried .whl/ (64 MiB at most)
+  tree=$( (git ls-files -z; git ls-files -z --others --exclude-standard) | xargs -0 -r stat -c %s 2>/dev/null \
+      | awk '{s += $1} END {print s + 0}')
+  wheels=$(du -sb .whl | cut -f1)
+  echo "working tree $((tree / 1048576)) MiB + wheels $((wheels / 1048576)) MiB = $(((tree + wheels) / 1048576)) MiB" \
+       "of the 64 MiB the device tool sends"
+  (( tree + wheels <= 64 * 1048576 )) || { echo "over 64 MiB: the device tool would refuse it" >&2; exit 1; }
   exit 0
 fi
 [[ "${1:-}" == run ]] || { echo "usage: bash scripts/device_stage.sh wheels|run (see the top of this file)" >&2; exit 2; }
