@@ -243,9 +243,10 @@ def test_unreadable_animated_images(tmp_path: Path) -> None:
         (torch.zeros(3, 2, 8, 8), 0, ValueError, "fps"),
     ],
 )
-def test_write_video_rejects_bad_input(tmp_path: Path, frames, fps: float, error: type, match: str) -> None:
+@pytest.mark.parametrize("writer", [write_video, write_apng, write_gif])
+def test_writers_reject_bad_input(tmp_path: Path, writer, frames, fps: float, error: type, match: str) -> None:
     with pytest.raises(error, match=match):
-        write_video(tmp_path / "bad.mp4", frames, fps)
+        writer(tmp_path / "bad.clip", frames, fps)
 
 
 # ---------------------------------------------------------------------- unreadable files and bad arguments

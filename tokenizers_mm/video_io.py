@@ -197,8 +197,7 @@ def write_video(path: str | Path, frames: torch.Tensor, fps: float, *, crf: int 
         TypeError / ValueError: ``frames`` or ``fps`` is not as described.
     """
     pixels = _to_uint8_frames(frames)  # (T, H, W, 3)
-    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 < fps < math.inf:
-        raise ValueError(f"fps must be a positive number, got {fps!r}")
+    _check_fps(fps)
     if isinstance(crf, bool) or not isinstance(crf, int) or not 0 <= crf <= 51:
         raise ValueError(f"crf must be an int in [0, 51], got {crf!r}")
     height, width = pixels.shape[1:3]
@@ -231,14 +230,8 @@ def write_gif(path: str | Path, frames: torch.Tensor, fps: float) -> Path:
     Returns:
         ``path``.
     """
-    pixels = _to_uint8_frames(frames)
-    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 < fps < math.inf:
-        raise ValueError(f"fps must be a positive number, got {fps!r}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    images = [Image.fromarray(image) for image in pixels]
-    images[0].save(path, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
-    return path
+    _check_fps(fps)
+    return _save_animated(path, frames, fps, "GIF", duration=round(1000 / fps))
 
 
 def write_apng(path: str | Path, frames: torch.Tensor, fps: float) -> Path:
@@ -257,20 +250,29 @@ def write_apng(path: str | Path, frames: torch.Tensor, fps: float) -> Path:
     """
     from PIL import PngImagePlugin
 
-    pixels = _to_uint8_frames(frames)
-    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 < fps < math.inf:
-        raise ValueError(f"fps must be a positive number, got {fps!r}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _check_fps(fps)
     info = PngImagePlugin.PngInfo()
     info.add_text("fps", repr(float(fps)))
-    images = [Image.fromarray(image) for image in pixels]
-    images[0].save(path, format="PNG", save_all=True, append_images=images[1:], duration=1000 / fps, loop=0,
-                   pnginfo=info)
-    return path
+    return _save_animated(path, frames, fps, "PNG", duration=1000 / fps, pnginfo=info)
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _save_animated(path: str | Path, frames: torch.Tensor, fps: float, image_format: str, **options) -> Path:
+    """Save a clip through Pillow as a looping animated image of ``image_format`` (``"GIF"``, ``"PNG"``)."""
+    pixels = _to_uint8_frames(frames)
+    _check_fps(fps)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    images = [Image.fromarray(image) for image in pixels]
+    images[0].save(path, format=image_format, save_all=True, append_images=images[1:], loop=0, **options)
+    return path
+
+
+def _check_fps(fps: float) -> None:
+    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 < fps < math.inf:
+        raise ValueError(f"fps must be a positive number, got {fps!r}")
 
 
 def _decode_frames(
