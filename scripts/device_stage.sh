@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One long stage of the default model on a borrowed GPU machine that has PyTorch, Lightning and transformers but
 # none of anygen's other dependencies, no PyAV / FFmpeg and no network (the device tool's H100 or H200:
-# docs/default_model.md, "Training on a device"). It is scripts/train_default.sh with GRID=16 CONTINUE=1 from the
+# docs/default_model.md, "A stage on a borrowed GPU"). It is scripts/train_default.sh with GRID=16 CONTINUE=1 from the
 # shipped model, the data made there (clips as lossless APNG: no PyAV), in two steps under one wall-clock budget:
 #
 #   bash scripts/device_stage.sh wheels   # here, once: the pure-Python wheels the device lacks -> .whl/ (~8 MB,
@@ -23,7 +23,9 @@
 #   WEIGHTS [below]: the document groups' mixture (copies per epoch)
 #   NUM_SHAPES [60000]  NUM_DIGITS [28760]  WORKERS [CPU cores - 2]: the data of the shipped model's stages
 #   INIT_FROM [anygen/assets/default]  OUT [$OUT, else runs/device/out]  PY [python3]
-#   EXTRA_FIT_ARGS [none]: more `anygen fit` arguments, e.g. "--model.init_args.image_copy_logit true"
+#   EXTRA_FIT_ARGS [none]: more `anygen fit` arguments, after this script's (a later one wins), e.g. the pointer:
+#     '--model.init_args.model {...,"image_copy_hint":true,"image_copy_logit":true} --model.init_args.reinit [...]'
+#     (docs/default_model.md, runs/gate12's command)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WHEELS=(vector-quantize-pytorch einx torch-einops-utils frozendict loguru diffusers importlib-metadata jsonargparse

@@ -690,7 +690,7 @@ def generate_shapes(
         frames: frames per clip, ``1 + 4k``.
         fps: frame rate stored in the clips.
         clip_format: ``"mp4"`` (H.264 at crf 12, through PyAV) or ``"apng"`` (lossless animated PNG through
-            Pillow: for machines without PyAV / FFmpeg; larger files).
+            Pillow: for machines without PyAV / FFmpeg; about the size of the mp4s for these flat scenes).
         kinds: document kinds with optional weights, ``"t2i,caption:2"``; ``None`` uses ``DEFAULT_KINDS``.
         holdout: fraction of attribute combinations withheld from training, in ``[0, 0.5]``.
         num_heldout: documents of ``heldout.jsonl``; ``None`` uses ``round(num * holdout)``.
