@@ -231,7 +231,7 @@ def write_gif(path: str | Path, frames: torch.Tensor, fps: float) -> Path:
         ``path``.
     """
     _check_fps(fps)
-    return _save_animated(path, frames, fps, "GIF", duration=round(1000 / fps))
+    return _save_animated(path, frames, "GIF", duration=round(1000 / fps))
 
 
 def write_apng(path: str | Path, frames: torch.Tensor, fps: float) -> Path:
@@ -253,16 +253,16 @@ def write_apng(path: str | Path, frames: torch.Tensor, fps: float) -> Path:
     _check_fps(fps)
     info = PngImagePlugin.PngInfo()
     info.add_text("fps", repr(float(fps)))
-    return _save_animated(path, frames, fps, "PNG", duration=1000 / fps, pnginfo=info)
+    return _save_animated(path, frames, "PNG", duration=1000 / fps, pnginfo=info)
 
 
 # ---------------------------------------------------------------------- helpers
 
 
-def _save_animated(path: str | Path, frames: torch.Tensor, fps: float, image_format: str, **options) -> Path:
-    """Save a clip through Pillow as a looping animated image of ``image_format`` (``"GIF"``, ``"PNG"``)."""
+def _save_animated(path: str | Path, frames: torch.Tensor, image_format: str, **options) -> Path:
+    """Save a clip through Pillow as a looping animated image of ``image_format`` (``"GIF"``, ``"PNG"``); the
+    caller has checked the frame rate its ``duration`` option came from."""
     pixels = _to_uint8_frames(frames)
-    _check_fps(fps)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     images = [Image.fromarray(image) for image in pixels]
