@@ -48,6 +48,7 @@ from tokenizers_mm.vocab import Vocab
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+SAVE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # save_pretrained(dtype=)
 GENERATION_CONFIG_FILE = "generation_config.json"
 FORMAT = "anygen"
 
@@ -131,13 +132,25 @@ class AnyGen:
         return self
 
     # -- checkpoint directory ----------------------------------------------------------------------
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write the checkpoint directory (see the module docstring)."""
+    def save_pretrained(self, directory: str | Path, *, dtype: torch.dtype | None = None) -> Path:
+        """Write the checkpoint directory (see the module docstring).
+
+        ``dtype`` (``torch.bfloat16`` / ``torch.float16`` / ``torch.float32``) stores the decoder's floating
+        tensors in it: bf16 halves ``model.safetensors`` (the shipped default model is stored so).
+        ``from_pretrained`` casts them back to the model's own dtype (fp32 unless told otherwise).
+
+        Raises:
+            ValueError: ``dtype`` is not one of those three.
+        """
+        if dtype is not None and dtype not in SAVE_DTYPES.values():
+            raise ValueError(f"save_pretrained stores float32, bfloat16 or float16 weights, got dtype={dtype!r}")
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         meta = {"format": FORMAT, "model": self.config.to_dict(), "vocab": self.tokenizer.vocab.to_dict()}
         (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
         state = {k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}
+        if dtype is not None:
+            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         if self.config.tie_embeddings:  # safetensors stores each tensor once; tied heads are re-tied on load
             state = {k: v for k, v in state.items() if not k.startswith("head.")}
         save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": FORMAT})

@@ -644,6 +644,38 @@ def test_export_unified_loads_and_generates(tok_dir, tmp_path):
     assert export_checkpoint(ckpt, tmp_path / "export2").is_dir()
 
 
+def test_export_in_bf16_halves_the_weights_and_loads_back_as_fp32(tok_dir, tmp_path, capsys):
+    module = tiny_unified(tok_dir)
+    ckpt = _fit_with_checkpoint(module, _loader(token_batches(module.tokenizer, 4, 2)), tmp_path / "ckpt")
+    assert export_main([str(ckpt), "--out", str(tmp_path / "fp32")]) == 0
+    assert export_main([str(ckpt), "--out", str(tmp_path / "bf16"), "--dtype", "bf16"]) == 0
+    with safe_open(str(tmp_path / "bf16" / "model.safetensors"), framework="pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    full, half = ((tmp_path / d / "model.safetensors").stat().st_size for d in ("fp32", "bf16"))
+    assert half < 0.55 * full
+    engine = AnyGen.from_pretrained(tmp_path / "bf16")
+    for key, value in module.model.state_dict().items():
+        loaded = engine.model.state_dict()[key]
+        assert loaded.dtype == torch.float32, key
+        assert torch.equal(loaded, value.to(torch.bfloat16).float()), key  # rounded once, nothing else
+    result = engine.generate("a red circle", start_with="image", image_size=(2, 2), max_new_tokens=12, seed=0)
+    assert len(result.images) == 1
+    # a training stage starts from the bf16 directory as from any other
+    stage2 = UnifiedModule(tok_dir, init_from=str(tmp_path / "bf16"))
+    assert all(torch.equal(stage2.model.state_dict()[k], v) for k, v in engine.model.state_dict().items())
+
+
+def test_export_dtype_is_checked(tok_dir, tmp_path, capsys):
+    module = tiny_unified(tok_dir)
+    with pytest.raises(ValueError, match="float32, bfloat16 or float16"):
+        AnyGen(module.model, module.tokenizer).save_pretrained(tmp_path / "x", dtype=torch.int8)
+    image = _fit_with_checkpoint(tiny_image(), _loader(image_batches(1)), tmp_path / "img", steps=1)
+    assert export_main([str(image), "--out", str(tmp_path / "tok"), "--dtype", "bf16"]) == 1
+    assert "--dtype applies to unified checkpoints only" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--dtype must be one of fp32, bf16, fp16"):
+        export_checkpoint(image, tmp_path / "tok", dtype="int8")
+
+
 def test_export_rejects_foreign_files(tmp_path, capsys):
     path = tmp_path / "plain.ckpt"
     torch.save({"state_dict": {}}, path)

@@ -15,6 +15,7 @@ arbitrary pickled objects. The modules store what export needs as plain values w
 Usage::
 
     anygen export runs/unified/checkpoints/last.ckpt --out checkpoints/anygen-tiny
+    anygen export runs/unified/checkpoints/last.ckpt --out checkpoints/anygen-tiny --dtype bf16   # half the size
     anygen export runs/image_tokenizer/checkpoints/last.ckpt --out tokenizer_dir/
 """
 
@@ -53,14 +54,25 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
-def export_checkpoint(ckpt_path: str | Path, out: str | Path, *, tokenizer_dir: str | Path | None = None) -> Path:
-    """Export ``ckpt_path`` to ``out`` (see the module docstring); returns the written path."""
+def export_checkpoint(ckpt_path: str | Path, out: str | Path, *, tokenizer_dir: str | Path | None = None,
+                      dtype: str | None = None) -> Path:
+    """Export ``ckpt_path`` to ``out`` (see the module docstring); returns the written path.
+
+    ``dtype`` (``"fp32"``, ``"bf16"``, ``"fp16"``; unified checkpoints only) is the dtype ``model.safetensors``
+    stores the weights in; ``None`` keeps the checkpoint's (fp32 for every recipe here).
+    """
+    from anygen.api import SAVE_DTYPES
+
+    if dtype is not None and dtype not in SAVE_DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(SAVE_DTYPES)}, got {dtype!r}")
     ckpt = read_checkpoint(ckpt_path)
     kind = ckpt["anygen_module"]
     if kind == "unified":
-        return _export_unified(ckpt, Path(out), tokenizer_dir)
+        return _export_unified(ckpt, Path(out), tokenizer_dir, None if dtype is None else SAVE_DTYPES[dtype])
     if tokenizer_dir is not None:
         raise ValueError("--tokenizer-dir applies to unified checkpoints only; this is a tokenizer checkpoint")
+    if dtype is not None:
+        raise ValueError("--dtype applies to unified checkpoints only; tokenizer weights are stored as trained")
     return _export_tokenizer(ckpt, kind, Path(out))
 
 
@@ -68,7 +80,8 @@ def _submodule_state(ckpt: dict[str, Any], prefix: str) -> dict[str, torch.Tenso
     return {k.removeprefix(prefix): v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
 
 
-def _export_unified(ckpt: dict[str, Any], out: Path, tokenizer_dir: str | Path | None) -> Path:
+def _export_unified(ckpt: dict[str, Any], out: Path, tokenizer_dir: str | Path | None,
+                    dtype: torch.dtype | None) -> Path:
     from anygen.api import AnyGen
     from anygen.config import AnyGenConfig
     from anygen.model import AnyGenModel
@@ -88,7 +101,7 @@ def _export_unified(ckpt: dict[str, Any], out: Path, tokenizer_dir: str | Path |
                          f"{directory} {tokenizer.vocab.to_dict()}: pass the tokenizer directory it trained with")
     model = AnyGenModel(config)
     load_model_state(model, _submodule_state(ckpt, "model."), "the checkpoint")
-    return AnyGen(model, tokenizer).save_pretrained(out)
+    return AnyGen(model, tokenizer).save_pretrained(out, dtype=dtype)
 
 
 def _export_tokenizer(ckpt: dict[str, Any], kind: str, out: Path) -> Path:
@@ -118,13 +131,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="save_pretrained directory (unified), or .safetensors file / directory (tokenizers)")
     p.add_argument("--tokenizer-dir", type=Path, default=None,
                    help="MultimodalTokenizer directory (unified only; default: the one the run trained with)")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
+                   help="dtype model.safetensors stores (unified only; default: the checkpoint's, fp32). bf16 "
+                        "halves the file; loading casts back to fp32")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        path = export_checkpoint(args.checkpoint, args.out, tokenizer_dir=args.tokenizer_dir)
+        path = export_checkpoint(args.checkpoint, args.out, tokenizer_dir=args.tokenizer_dir, dtype=args.dtype)
     except (FileNotFoundError, ValueError) as err:
         print(f"anygen export: {err}", file=sys.stderr)
         return 1
