@@ -135,8 +135,8 @@ class AnyGen:
     def save_pretrained(self, directory: str | Path, *, dtype: torch.dtype | None = None) -> Path:
         """Write the checkpoint directory (see the module docstring).
 
-        ``dtype`` (``torch.bfloat16`` / ``torch.float16`` / ``torch.float32``) stores the decoder's floating
-        tensors in it: bf16 halves ``model.safetensors`` (the shipped default model is stored so).
+        ``dtype`` (``torch.bfloat16`` / ``torch.float16`` / ``torch.float32``) stores the model's floating
+        tensors (decoder and understanding encoder) in it: bf16 halves ``model.safetensors``.
         ``from_pretrained`` casts them back to the model's own dtype (fp32 unless told otherwise).
 
         Raises:
