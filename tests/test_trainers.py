@@ -644,7 +644,7 @@ def test_export_unified_loads_and_generates(tok_dir, tmp_path):
     assert export_checkpoint(ckpt, tmp_path / "export2").is_dir()
 
 
-def test_export_in_bf16_halves_the_weights_and_loads_back_as_fp32(tok_dir, tmp_path, capsys):
+def test_export_in_bf16_halves_the_weights_and_loads_back_as_fp32(tok_dir, tmp_path):
     module = tiny_unified(tok_dir)
     ckpt = _fit_with_checkpoint(module, _loader(token_batches(module.tokenizer, 4, 2)), tmp_path / "ckpt")
     assert export_main([str(ckpt), "--out", str(tmp_path / "fp32")]) == 0
