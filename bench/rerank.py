@@ -39,9 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from anygen.api import AnyGen  # noqa: E402
 from anygen.cli_generate import default_checkpoint  # noqa: E402
-from anygen.data.shapes import caption, sample_object, sample_scene  # noqa: E402
-from anygen.eval.harness import EvalContext, eval_sampling  # noqa: E402
-from anygen.eval.harness import _judge_scene as judge_scene  # noqa: E402
+from anygen.data.shapes import caption  # noqa: E402
+from anygen.eval.harness import EvalContext, eval_sampling, judge_scene, t2i_scenes  # noqa: E402
 from tokenizers_mm.multimodal import TokenSequence  # noqa: E402
 from tokenizers_mm.segments import Understand  # noqa: E402
 from tokenizers_mm.vocab import Modality  # noqa: E402
@@ -52,14 +51,6 @@ RERANKERS: dict[str, Callable[[dict[str, Any]], float]] = {
     "likelihood": lambda c: c["gen"],
     "pmi": lambda c: c["gen"] - c["unc"],
 }
-
-
-def held_out_scenes(ctx: EvalContext, category: str) -> list[list[Any]]:
-    """``anygen eval``'s scenes of ``category`` for ``ctx``'s seed and size (the same prompts)."""
-    if category == "t2i_pair":
-        return [sample_scene(ctx.rng("t2i_pair", i), 2, first=ctx.objects[i % len(ctx.objects)])
-                for i in range(ctx.num)]
-    return [[sample_object(ctx.rng("t2i_single", i), key=ctx.objects[i % len(ctx.objects)])] for i in range(ctx.num)]
 
 
 def summarize(rows: Sequence[Sequence[dict[str, Any]]], ks: Sequence[int]) -> list[dict[str, float]]:
@@ -139,9 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"{checkpoint} needs an image tokenizer and an understanding encoder (the reranker reads "
                      "each image through it)")
     ctx = EvalContext(engine, num=args.num, seed=args.seed, sampling=eval_sampling(defaults=engine.sampling_defaults))
-    rows = draw_and_score(engine, ctx, held_out_scenes(ctx, args.category), args.candidates)
-    ks = sorted({1, *[2 ** p for p in range(1, args.candidates.bit_length()) if 2 ** p <= args.candidates],
-                 args.candidates})
+    rows = draw_and_score(engine, ctx, t2i_scenes(ctx, args.category), args.candidates)
+    ks = sorted({2 ** p for p in range(args.candidates.bit_length())} | {args.candidates})  # 1, 2, 4, …, N
     lines = summarize(rows, ks)
     print(f"{args.category}, {args.num} held-out prompts (seed {args.seed}), {args.candidates} candidates each, "
           f"{checkpoint}")

@@ -177,3 +177,17 @@ def test_best_of_reranks_text_to_image_and_captions_not_edits(tmp_path, monkeypa
     assert main(["--random-tiny", "--num", "2", "--out", str(out), "--categories", "t2i_single", "--best-of", "2"]) == 0
     assert json.loads((out / "eval.json").read_text())["best_of"] == 2
     assert main(["--random-tiny", "--num", "1", "--out", str(out), "--best-of", "0"]) == 2
+
+
+def test_t2i_scenes_ask_for_held_out_objects_and_refuse_other_categories():
+    from anygen.eval.harness import EvalContext, t2i_scenes
+    from anygen.testing import random_engine
+
+    ctx = EvalContext(random_engine("tiny"), num=6, seed=3)
+    singles, pairs = t2i_scenes(ctx, "t2i_single"), t2i_scenes(ctx, "t2i_pair")
+    assert [len(s) for s in singles] == [1] * 6 and [len(s) for s in pairs] == [2] * 6
+    assert all(s[0].key in ctx.objects for s in singles + pairs)  # the first object is a held-out triple
+    assert all(p[0].position != p[1].position for p in pairs)
+    assert [caption(s) for s in t2i_scenes(ctx, "t2i_pair")] == [caption(s) for s in pairs]  # seeded: the same again
+    with pytest.raises(ValueError, match="t2i_single, t2i_pair"):
+        t2i_scenes(ctx, "caption")

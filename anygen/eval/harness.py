@@ -203,7 +203,9 @@ def _attribute_hits(truth: Sequence[SceneObject], found: Sequence[Any]) -> tuple
     return color, shape, position
 
 
-def _judge_scene(truth: Sequence[SceneObject], image: PIL.Image.Image | None) -> dict[str, Any]:
+def judge_scene(truth: Sequence[SceneObject], image: PIL.Image.Image | None) -> dict[str, Any]:
+    """The detector's reading of one generated image against its scene: the attribute hits, and ``correct`` when
+    the detected objects are exactly the scene's (what the text → image, edit and story categories score)."""
     found = detect_objects(image) if image is not None else []
     color, shape, position = _attribute_hits(truth, found)
     return {"truth": _keys(truth), "detected": sorted(d.key for d in found), "color": color, "shape": shape,
@@ -216,7 +218,7 @@ def _scene_result(name: str, ctx: EvalContext, scenes: list[list[SceneObject]], 
     samples = []
     for i, (scene, image) in enumerate(zip(scenes, images)):
         ctx.keep(name, i, "image", image)
-        samples.append({"prompt": prompts[i][0], **_judge_scene(scene, image)})
+        samples.append({"prompt": prompts[i][0], **judge_scene(scene, image)})
     total = sum(len(s) for s in scenes)
     details = {"exact": _mean([s["correct"] for s in samples]),
                "color": sum(s["color"] for s in samples) / max(1, total),
@@ -230,19 +232,26 @@ def _scene_result(name: str, ctx: EvalContext, scenes: list[list[SceneObject]], 
     return CategoryResult(name, len(scenes), metric, score, details, samples, time.perf_counter() - started)
 
 
+def t2i_scenes(ctx: EvalContext, category: str) -> list[list[SceneObject]]:
+    """The scenes a text → image category asks for at ``ctx``'s seed and size: ``t2i_single``, one held-out object
+    each; ``t2i_pair``, a held-out object and a second one in another cell (``bench/rerank.py`` draws the same)."""
+    if category == "t2i_single":
+        return [[sample_object(ctx.rng(category, i), key=ctx.objects[i % len(ctx.objects)])] for i in range(ctx.num)]
+    if category == "t2i_pair":
+        return [sample_scene(ctx.rng(category, i), 2, first=ctx.objects[i % len(ctx.objects)]) for i in range(ctx.num)]
+    raise ValueError(f"unknown text → image category {category!r}; accepted: t2i_single, t2i_pair")
+
+
 def eval_t2i_single(ctx: EvalContext) -> CategoryResult:
     """One held-out object per prompt; headline: mean of colour, shape and position accuracy."""
     started = time.perf_counter()
-    scenes = [[sample_object(ctx.rng("t2i_single", i), key=ctx.objects[i % len(ctx.objects)])]
-              for i in range(ctx.num)]
-    return _scene_result("t2i_single", ctx, scenes, started)
+    return _scene_result("t2i_single", ctx, t2i_scenes(ctx, "t2i_single"), started)
 
 
 def eval_t2i_pair(ctx: EvalContext) -> CategoryResult:
     """A held-out object and a second one in another cell; headline: both exactly right (so their relation)."""
     started = time.perf_counter()
-    scenes = [sample_scene(ctx.rng("t2i_pair", i), 2, first=ctx.objects[i % len(ctx.objects)]) for i in range(ctx.num)]
-    return _scene_result("t2i_pair", ctx, scenes, started)
+    return _scene_result("t2i_pair", ctx, t2i_scenes(ctx, "t2i_pair"), started)
 
 
 def eval_caption(ctx: EvalContext) -> CategoryResult:
@@ -337,7 +346,7 @@ def eval_edit(ctx: EvalContext) -> CategoryResult:
     samples = []
     for i, ((before, after, target, text), image) in enumerate(zip(cases, images)):
         ctx.keep("edit", i, "edited", image)
-        judged = _judge_scene(after, image)
+        judged = judge_scene(after, image)
         detected = set(judged["detected"])
         changed = after[target].key in detected
         rest = all(o.key in detected for k, o in enumerate(after) if k != target)
@@ -369,8 +378,8 @@ def eval_story(ctx: EvalContext) -> CategoryResult:
     for i in range(ctx.num):
         ctx.keep("story", i, "step1", images1[i])
         ctx.keep("story", i, "step2", images2[i])
-        j1 = _judge_scene([firsts[i]], images1[i])
-        j2 = _judge_scene([firsts[i], seconds[i]], images2[i])
+        j1 = judge_scene([firsts[i]], images1[i])
+        j2 = judge_scene([firsts[i], seconds[i]], images2[i])
         samples.append({"steps": [steps1[i], steps2[i]], "step1": j1, "step2": j2,
                         "correct": j1["correct"] and j2["correct"]})
     details = {"step1": _mean([s["step1"]["correct"] for s in samples]),
