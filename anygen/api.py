@@ -275,7 +275,8 @@ class AnyGen:
                  text: SamplingConfig | dict | None = None, image: SamplingConfig | dict | None = None,
                  video: SamplingConfig | dict | None = None, image_size: tuple[int, int] | None = None,
                  video_size: tuple[int, int, int] | None = None, start_with: Literal["image", "video"] | None = None,
-                 max_images: int = 0, seed: int | None = None, speculative: int = 0, best_of: int = 1
+                 max_images: int = 0, seed: int | None = None, speculative: int = 0, best_of: int = 1,
+                 negatives: Sequence[str] | Sequence[Sequence[str]] | None = None
                  ) -> GenerationOutput | list[GenerationOutput]:
         """Generate interleaved text, images and video.
 
@@ -304,8 +305,16 @@ class AnyGen:
                 ``Understand(image)``), as DALL-E reranked with CLIP. image→text (no ``start_with``, exactly one
                 image in each prompt): draw this many replies and keep the one under which the generation path
                 finds the image most likely (``score_image``: the reply read as a caption); with greedy text the
-                greedy reply is one of them and the rest are sampled at temperature 1. Costs ``best_of``
-                generations per prompt.
+                greedy reply is one of them and the rest are sampled at temperature 1. text→video
+                (``start_with="video"``, ``max_images`` 0 or 1) needs ``negatives``: draw this many clips and keep
+                the one whose reading (``score`` of the prompt after the clip's VQ codes) most favours the prompt
+                over its negatives. Costs ``best_of`` generations per prompt.
+            negatives: with ``best_of`` for text→image or text→video, what each output must not be, as texts read
+                like the prompt (``"a red circle moves up"`` against ``"… moves down"``, ``"… to the left"``); a
+                candidate is then ranked by how much its reading prefers the prompt to them (the prompt's score
+                minus the log-sum-exp over the prompt and each negative), not by the prompt's score alone. One
+                prompt: a list of str (or one str); a batch: one list of str per prompt. Required for text→video,
+                where the reading alone ranks clips no better than one draw (``docs/default_model.md``).
 
         Returns:
             One ``GenerationOutput``, or a list of them for a batch.
@@ -315,8 +324,10 @@ class AnyGen:
             outputs = self._best_of(prompts, best_of, dict(
                 max_new_tokens=max_new_tokens, text=text, image=image, video=video, image_size=image_size,
                 video_size=video_size, start_with=start_with, max_images=max_images, seed=seed,
-                speculative=speculative))
+                speculative=speculative), self._negatives(negatives, prompts, batched))
             return outputs if batched else outputs[0]
+        if negatives is not None:
+            raise ValueError("negatives rank the candidates that best_of draws: pass best_of > 1 with them")
         if speculative:
             settings = self._settings(max_new_tokens, text, image, video, image_size, video_size, start_with,
                                       1, seed, 0)  # max_images 1: the one span it draws
@@ -481,33 +492,83 @@ class AnyGen:
                                    head_mode=head_mode or self.config.head_mode, reduction="none")
         return (-nll.sum(-1)).tolist()
 
-    def _best_of(self, prompts: list[Prompt], n: Any, kwargs: dict[str, Any]) -> list[GenerationOutput]:
+    @staticmethod
+    def _negatives(negatives: Any, prompts: list[Prompt], batched: bool) -> list[list[str]] | None:
+        """``generate``'s ``negatives`` as one list of distinct texts per prompt (None: none given)."""
+        if negatives is None:
+            return None
+        if not batched:
+            negatives = [negatives]
+        elif not isinstance(negatives, (list, tuple)) or len(negatives) != len(prompts) or not all(
+                isinstance(n, (list, tuple)) for n in negatives):  # a flat list of str: for which prompt?
+            raise ValueError(f"negatives for a batch of {len(prompts)} prompts must be one list of str per prompt, "
+                             f"got {negatives!r:.200}")
+        rows = []
+        for i, (prompt, row) in enumerate(zip(prompts, negatives)):
+            row = [row] if isinstance(row, str) else row
+            if not isinstance(row, (list, tuple)) or not row:
+                raise ValueError(f"negatives of prompt #{i} must be a non-empty list of str, got {row!r:.200}")
+            for j, text in enumerate(row):
+                if not isinstance(text, str) or not text.strip():
+                    raise ValueError(f"negative #{j} of prompt #{i} must be a non-empty str, got {text!r:.200}")
+                if isinstance(prompt, str) and text.strip() == prompt.strip():
+                    raise ValueError(f"negative #{j} of prompt #{i} is the prompt itself ({text!r:.200}); a "
+                                     "negative is what the output must not be")
+            rows.append(list(dict.fromkeys(row)))
+        return rows
+
+    def _best_of(self, prompts: list[Prompt], n: Any, kwargs: dict[str, Any],
+                 negatives: list[list[str]] | None = None) -> list[GenerationOutput]:
         """``generate(best_of=n)``: n candidates a prompt, each path of the model reranking the other's output.
 
         text → image (``start_with="image"``): the image under which the understanding path finds the prompt most
-        likely (``score``). image → text (no ``start_with``): the reply under which the generation path finds the
-        prompt's image most likely (``score_image``).
+        likely (``score`` after ``Understand(image)``). text → video (``start_with="video"``): the clip whose reading
+        (``score`` after the clip's VQ codes) most favours the prompt over its negatives. image → text (no
+        ``start_with``): the reply under which the generation path finds the prompt's image most likely
+        (``score_image``). With ``negatives`` a text → image / video candidate's score is the contrast
+        ``s(prompt) - logsumexp(s(prompt), s(negative), ...)`` instead of ``s(prompt)``. Ties keep the earlier
+        candidate; a prompt whose candidates drew no image / clip keeps its first.
         """
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"best_of must be an int >= 1 (candidates drawn per prompt; 1: off), got {n!r}")
         if kwargs["start_with"] is None:
+            if negatives is not None:
+                raise ValueError("negatives rank text→image and text→video candidates: pass start_with='image' or "
+                                 "'video' with them (image→text replies are ranked by the picture alone)")
             return self._best_reply(prompts, n, kwargs)
-        if kwargs["start_with"] != "image" or kwargs["max_images"] not in (0, 1):
-            raise ValueError("best_of reranks text→image: pass start_with='image' and max_images 0 or 1 (or no "
-                             "start_with, with one image in each prompt, to rerank image→text replies), got "
-                             f"start_with={kwargs['start_with']!r}, max_images={kwargs['max_images']!r}")
+        kind = kwargs["start_with"]
+        if kind not in ("image", "video") or kwargs["max_images"] not in (0, 1):
+            raise ValueError("best_of reranks text→image or text→video: pass start_with='image' or 'video' and "
+                             "max_images 0 or 1 (or no start_with, with one image in each prompt, to rerank "
+                             f"image→text replies), got start_with={kind!r}, max_images={kwargs['max_images']!r}")
         if not all(isinstance(p, str) for p in prompts):
-            raise ValueError("best_of scores each image by the likelihood of its prompt's text: every prompt must "
+            raise ValueError(f"best_of scores each {kind} by the likelihood of its prompt's text: every prompt must "
                              "be a str")
-        if self.tokenizer.und_tokens <= 0 or self.model.und is None:
+        if kind == "image" and (self.tokenizer.und_tokens <= 0 or self.model.und is None):
             raise ValueError("best_of reads each image with the understanding encoder, and this model has none")
+        if kind == "video":
+            if self.tokenizer.video is None:
+                raise ValueError("best_of with start_with='video' draws clips, and this model has no video tokenizer")
+            if negatives is None:
+                raise ValueError("best_of for text→video needs negatives=[...], texts the clip must not match (for "
+                                 "\"a red circle moves up\": the other directions): the model's reading of a clip "
+                                 "ranks clips no better than one draw on its own, and contrasted with negatives it "
+                                 "keeps the right one (docs/default_model.md)")
         outputs = self.generate([p for p in prompts for _ in range(n)], **{**kwargs, "max_images": 1})
-        images = [out.images[0] if out.images else None for out in outputs]
-        drawn = [k for k, image in enumerate(images) if image is not None]
-        scores = [float("-inf")] * len(outputs)
-        for k, value in zip(drawn, self.score([[Understand(images[k])] for k in drawn],
-                                              [prompts[k // n] for k in drawn])):
-            scores[k] = value
+        reads: dict[int, list] = {}  # candidate -> the context its texts are scored after
+        for k, out in enumerate(outputs):
+            if kind == "image" and out.images:
+                reads[k] = [Understand(out.images[0])]
+            elif kind == "video" and out.videos:
+                clip = out.videos[0]
+                reads[k] = [Video(codes=clip.codes) if clip.codes is not None else clip]
+        texts = {k: [prompts[k // n], *(negatives[k // n] if negatives is not None else [])] for k in reads}
+        flat = self.score([reads[k] for k in reads for _ in texts[k]], [t for k in reads for t in texts[k]])
+        scores, at = [float("-inf")] * len(outputs), 0
+        for k in reads:
+            row = torch.tensor(flat[at:at + len(texts[k])])
+            scores[k] = float(row[0] - torch.logsumexp(row, 0)) if negatives is not None else float(row[0])
+            at += len(row)
         best = [max(range(i * n, (i + 1) * n), key=lambda k: scores[k]) for i in range(len(prompts))]
         return [outputs[k] for k in best]
 

@@ -62,7 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="self-reranking. text→image (--start-with image, text prompts): draw N images per prompt and "
                         "keep the one the model's understanding path scores best; image→text (no --start-with, one "
                         "--understand or --image picture): draw N replies and keep the one under which the generation "
-                        "path finds the picture most likely (default 1: off)")
+                        "path finds the picture most likely; text→video (--start-with video) needs --negative "
+                        "(default 1: off)")
+    p.add_argument("--negative", action="append", default=[], metavar="TEXT",
+                   help="with --best-of for text→image / text→video: what the output must not be, read like the "
+                        "prompt (\"a red circle moves down\" for \"a red circle moves up\"); candidates are ranked "
+                        "by how much more their reading favours the prompt than these; repeatable, applies to every "
+                        "prompt without its own (a --prompts line's \"negatives\")")
     p.add_argument("--batch-size", type=int, default=4, help="prompts per batch with --prompts")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     for m in MODALITIES:
@@ -83,7 +89,7 @@ def _load_prompts(args: argparse.Namespace) -> list[dict]:
         if not args.prompt and not (args.image or args.understand):
             raise ValueError("give a prompt (text, --image / --understand pictures, or both), or --prompts FILE.jsonl")
         return [{"prompt": args.prompt, "images": [str(p) for p in args.image],
-                 "understand": [str(p) for p in args.understand]}]
+                 "understand": [str(p) for p in args.understand], "negatives": args.negative}]
     if not args.prompts.is_file():
         raise FileNotFoundError(f"--prompts file {args.prompts} does not exist")
     items = []
@@ -98,12 +104,15 @@ def _load_prompts(args: argparse.Namespace) -> list[dict]:
             item = {"prompt": item}
         if not isinstance(item, dict) or not isinstance(item.get("prompt", ""), str):
             raise ValueError(f'{args.prompts}:{n}: expected a string or {{"prompt": str, "images": [...], '
-                             f'"understand": [...]}}')
-        unknown = set(item) - {"prompt", "images", "understand"}
+                             f'"understand": [...], "negatives": [...]}}')
+        unknown = set(item) - {"prompt", "images", "understand", "negatives"}
         if unknown:
             raise ValueError(f"{args.prompts}:{n}: unknown keys {sorted(unknown)}; accepted: prompt, images, "
-                             f"understand")
-        items.append(item)
+                             f"understand, negatives")
+        negatives = item.get("negatives", [])
+        if not isinstance(negatives, list) or not all(isinstance(t, str) for t in negatives):
+            raise ValueError(f'{args.prompts}:{n}: "negatives" must be a list of str, got {negatives!r:.100}')
+        items.append({**item, "negatives": item.get("negatives") or args.negative})
     if not items:
         raise ValueError(f"{args.prompts} holds no prompts")
     return items
@@ -149,13 +158,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         items = _load_prompts(args)
         documents = [_document(item) for item in items]  # decode every image before any work
         engine = load_engine(args.checkpoint, args.random_tiny, args.device)
-        return _run(engine, args, documents)
+        return _run(engine, args, documents, [item["negatives"] for item in items])
     except (ValueError, FileNotFoundError, TypeError) as err:
         print(f"anygen generate: error: {err}", file=sys.stderr)
         return 2
 
 
-def _run(engine, args: argparse.Namespace, documents: list[list]) -> int:
+def _run(engine, args: argparse.Namespace, documents: list[list], negatives: list[list[str]]) -> int:
     from tqdm import tqdm
 
     from tokenizers_mm.video_io import write_video
@@ -167,12 +176,14 @@ def _run(engine, args: argparse.Namespace, documents: list[list]) -> int:
                   image_size=image_size, video_size=args.video_size, start_with=args.start_with,
                   max_images=args.max_images, seed=args.seed, speculative=args.speculative, best_of=args.best_of)
     size = max(1, args.batch_size)
-    batches = [documents[i:i + size] for i in range(0, len(documents), size)]
+    starts = range(0, len(documents), size)
     index = 0
-    for batch in tqdm(batches, desc="generating", unit="batch", disable=len(batches) == 1):
+    for lo in tqdm(starts, desc="generating", unit="batch", disable=len(starts) == 1):
+        batch = documents[lo:lo + size]
         # best_of scores each image by its prompt's text, so text-only prompts go as str
         prompts = [d[0] if args.best_of != 1 and len(d) == 1 and isinstance(d[0], str) else list(d) for d in batch]
-        outputs = engine.generate(prompts, **kwargs)
+        given = negatives[lo:lo + size]
+        outputs = engine.generate(prompts, **kwargs, negatives=given if any(given) else None)
         for out in outputs:
             folder = args.out / f"{index:04d}"
             folder.mkdir(parents=True, exist_ok=True)

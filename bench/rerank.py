@@ -17,7 +17,10 @@ candidates of each prompt):
 - ``likelihood``: the highest ``score_image(prompt, image)``, the generation path's own log-probability of the
   image's codes;
 - ``pmi``: the highest ``score_image(prompt, image) - score_image(<|bos|><|null|>, image)``, the likelihood
-  against the unconditional context classifier-free guidance draws with (the implicit classifier).
+  against the unconditional context classifier-free guidance draws with (the implicit classifier);
+- ``contrast`` (with ``--negatives``): the highest understanding score of the prompt against its negatives, every
+  caption one attribute of one object away (``scene_negatives``): ``s(prompt) - logsumexp(s(prompt), s(negative),
+  ...)``, what ``generate(best_of=k, negatives=...)`` keeps.
 
 Every figure is a fraction of prompts; the ratio column is the understanding reranker against one draw, measured
 on the same candidates.
@@ -30,6 +33,7 @@ import json
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from anygen.api import AnyGen  # noqa: E402
 from anygen.cli_generate import default_checkpoint  # noqa: E402
-from anygen.data.shapes import caption  # noqa: E402
+from anygen.data.shapes import COLORS, POSITIONS, SHAPES, caption  # noqa: E402
 from anygen.eval.harness import EvalContext, eval_sampling, judge_scene, t2i_scenes  # noqa: E402
 from tokenizers_mm.multimodal import TokenSequence  # noqa: E402
 from tokenizers_mm.segments import Understand  # noqa: E402
@@ -50,7 +54,21 @@ RERANKERS: dict[str, Callable[[dict[str, Any]], float]] = {
     "understanding": lambda c: c["und"],
     "likelihood": lambda c: c["gen"],
     "pmi": lambda c: c["gen"] - c["unc"],
+    "contrast": lambda c: c["con"],  # only with --negatives
 }
+
+
+def scene_negatives(scene: Sequence[Any]) -> list[str]:
+    """The captions of every scene one attribute of one object away from ``scene`` (another colour, shape or free
+    cell), each once: the confusions a text → image draw makes, as ``generate(negatives=...)`` takes them."""
+    taken = {o.position for o in scene}
+    out = []
+    for i, obj in enumerate(scene):
+        changes = ([replace(obj, color=c) for c in COLORS if c != obj.color]
+                   + [replace(obj, shape=s) for s in SHAPES if s != obj.shape]
+                   + [replace(obj, position=p) for p in POSITIONS if p not in taken])
+        out += [caption([*scene[:i], other, *scene[i + 1:]]) for other in changes]
+    return [text for text in dict.fromkeys(out) if text != caption(scene)]
 
 
 def summarize(rows: Sequence[Sequence[dict[str, Any]]], ks: Sequence[int]) -> list[dict[str, float]]:
@@ -62,13 +80,15 @@ def summarize(rows: Sequence[Sequence[dict[str, Any]]], ks: Sequence[int]) -> li
     """
     if not rows:
         raise ValueError("summarize needs at least one prompt's candidates")
+    names = [n for n in RERANKERS if n != "contrast" or any("con" in c for row in rows for c in row)]
     lines = []
     for k in ks:
         heads = [list(row[:k]) for row in rows]
         line = {"k": k,
                 "one_draw": sum(sum(c["correct"] for c in h) / len(h) if h else 0.0 for h in heads) / len(heads),
                 "oracle": sum(any(c["correct"] for c in h) for h in heads) / len(heads)}
-        for name, key in RERANKERS.items():
+        for name in names:
+            key = RERANKERS[name]
             line[name] = sum(bool(h) and max(h, key=key)["correct"] for h in heads) / len(heads)
         lines.append(line)
     return lines
@@ -76,8 +96,9 @@ def summarize(rows: Sequence[Sequence[dict[str, Any]]], ks: Sequence[int]) -> li
 
 @torch.no_grad()
 def draw_and_score(engine: AnyGen, ctx: EvalContext, scenes: list[list[Any]], candidates: int,
-                   progress: bool = True) -> list[list[dict[str, Any]]]:
-    """``candidates`` images a scene's caption (eval sampling, a seed per prompt), each judged and scored."""
+                   progress: bool = True, negatives: bool = False) -> list[list[dict[str, Any]]]:
+    """``candidates`` images a scene's caption (eval sampling, a seed per prompt), each judged and scored; with
+    ``negatives`` also contrasted with the scene's ``scene_negatives``."""
     h, w = ctx.image_tokens
     v = engine.tokenizer.vocab
     unconditional = TokenSequence(ids=torch.tensor([v.bos, v.null]),
@@ -93,6 +114,13 @@ def draw_and_score(engine: AnyGen, ctx: EvalContext, scenes: list[list[Any]], ca
         unc = engine.score_image([unconditional] * len(images), images) if images else []
         rows.append([{"correct": judge_scene(scene, im)["correct"], "und": a, "gen": b, "unc": c}
                      for im, a, b, c in zip(images, und, gen, unc)])
+        if negatives and images:
+            others = scene_negatives(scene)
+            read = torch.tensor(engine.score([[Understand(im)] for im in images for _ in others],
+                                             [t for _ in images for t in others])).view(len(images), len(others))
+            both = torch.cat([torch.tensor(und)[:, None], read], 1)
+            for cand, value in zip(rows[-1], (both[:, 0] - both.logsumexp(1)).tolist()):
+                cand["con"] = value
         if progress:
             right = sum(c["correct"] for c in rows[-1])
             print(f"  prompt {i + 1}/{len(scenes)}: {right}/{candidates} right, {time.perf_counter() - started:.0f} s "
@@ -101,7 +129,7 @@ def draw_and_score(engine: AnyGen, ctx: EvalContext, scenes: list[list[Any]], ca
 
 
 def table(lines: list[dict[str, float]]) -> str:
-    cols = ["one_draw", "oracle", *RERANKERS]
+    cols = ["one_draw", "oracle", *[n for n in RERANKERS if n in lines[0]]]
     out = ["| k | " + " | ".join(c.replace("_", " ") for c in cols) + " | understanding / one draw |",
            "|---|" + "---|" * (len(cols) + 1)]
     for line in lines:
@@ -118,6 +146,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--num", type=int, default=40, help="held-out prompts (anygen eval's, in its order)")
     parser.add_argument("--candidates", type=int, default=16, help="images drawn a prompt (N)")
     parser.add_argument("--seed", type=int, default=0, help="anygen eval's prompt seed")
+    parser.add_argument("--negatives", action="store_true",
+                        help="add the contrast reranker: the prompt against every caption one attribute away "
+                             "(slower: each candidate is read once per negative)")
     parser.add_argument("--json", default=None, help="also write the table and every candidate's scores here")
     args = parser.parse_args(argv)
     if args.num < 1 or args.candidates < 1:
@@ -130,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"{checkpoint} needs an image tokenizer and an understanding encoder (the reranker reads "
                      "each image through it)")
     ctx = EvalContext(engine, num=args.num, seed=args.seed, sampling=eval_sampling(defaults=engine.sampling_defaults))
-    rows = draw_and_score(engine, ctx, t2i_scenes(ctx, args.category), args.candidates)
+    rows = draw_and_score(engine, ctx, t2i_scenes(ctx, args.category), args.candidates, negatives=args.negatives)
     ks = sorted({2 ** p for p in range(args.candidates.bit_length())} | {args.candidates})  # 1, 2, 4, …, N
     lines = summarize(rows, ks)
     print(f"{args.category}, {args.num} held-out prompts (seed {args.seed}), {args.candidates} candidates each, "

@@ -42,3 +42,32 @@ def test_table_has_a_line_per_k_and_no_ratio_without_a_baseline():
     text = rerank.table(rerank.summarize([[cand(False, 0, 0, 0), cand(True, 1, 0, 0)]], [1, 2]))
     lines = text.splitlines()
     assert len(lines) == 4 and lines[2].endswith("| – |") and lines[3].endswith("| 2.00x |")
+
+
+def test_summarize_adds_the_contrast_column_only_when_candidates_carry_it():
+    rows = [[{**cand(True, 2, 0, 0), "con": -3.0}, {**cand(False, 1, 0, 0), "con": -0.1}]]  # contrast picks wrong
+    (line,) = rerank.summarize(rows, [2])
+    assert line["understanding"] == 1.0 and line["contrast"] == 0.0
+    assert "contrast" not in rerank.summarize([[cand(True, 0, 0, 0)]], [1])[0]
+    assert "| contrast |" in rerank.table([line]) and "contrast" not in rerank.table(rerank.summarize([[cand(
+        True, 0, 0, 0)]], [1]))
+
+
+def test_scene_negatives_are_every_caption_one_attribute_away():
+    from anygen.data.shapes import COLORS, POSITIONS, SHAPES, SceneObject, caption, parse_caption
+
+    one = [SceneObject("circle", "red", "top left")]
+    negatives = rerank.scene_negatives(one)
+    assert len(negatives) == len(set(negatives)) == (len(COLORS) - 1) + (len(SHAPES) - 1) + (len(POSITIONS) - 1)
+    assert caption(one) not in negatives
+    for text in negatives:
+        (found,) = parse_caption(text)
+        assert sum(a != b for a, b in zip(found.key, one[0].key)) == 1, text  # exactly one attribute differs
+    pair = [SceneObject("circle", "red", "top left"), SceneObject("square", "blue", "bottom")]
+    truth = {o.key for o in pair}
+    negatives = rerank.scene_negatives(pair)
+    assert len(negatives) == len(set(negatives)) == 2 * ((len(COLORS) - 1) + (len(SHAPES) - 1) + (len(POSITIONS) - 2))
+    for text in negatives:
+        keys = {o.key for o in parse_caption(text)}
+        assert len(keys) == 2 and len({k[2] for k in keys}) == 2, text  # never two objects in one cell
+        assert len(keys & truth) == 1, text  # one object kept, the other changed

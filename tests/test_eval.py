@@ -179,6 +179,31 @@ def test_best_of_reranks_text_to_image_and_captions_not_edits(tmp_path, monkeypa
     assert main(["--random-tiny", "--num", "1", "--out", str(out), "--best-of", "0"]) == 2
 
 
+def test_best_of_reranks_clips_against_the_same_motion_in_its_other_directions(monkeypatch):
+    from anygen.data.shapes import parse_motion
+    from anygen.eval.harness import EvalContext, eval_video
+    from anygen.testing import random_engine
+
+    engine = random_engine("tiny")
+    calls, real = [], engine.generate
+    monkeypatch.setattr(engine, "generate", lambda prompts, **kw: calls.append((prompts, kw)) or real(prompts, **kw))
+    result = eval_video(EvalContext(engine, num=3, best_of=2))
+    prompts, kw = calls[0]
+    assert kw["best_of"] == 2 and kw["start_with"] == "video" and len(prompts) == len(kw["negatives"]) == 3
+    for prompt, negatives in zip(prompts, kw["negatives"]):
+        color, shape, direction = parse_motion(prompt)
+        read = [parse_motion(n) for n in negatives]
+        assert {(c, s) for c, s, _ in read} == {(color, shape)}  # the same object, in every other direction
+        assert sorted(d for *_, d in read + [(color, shape, direction)]) == ["down", "left", "right", "up"]
+    assert result.details["best_of"] == 2 and result.details["negatives"] == "the prompt's other directions"
+    assert result.num == 3 and all(s["detected"] is None or s["detected"] in ("down", "left", "right", "up")
+                                   for s in result.samples)
+    calls.clear()
+    plain = eval_video(EvalContext(engine, num=3))  # no reranking: one draw a prompt, no negatives
+    assert all(kw.get("best_of", 1) == 1 and "negatives" not in kw for _, kw in calls)
+    assert plain.details["best_of"] == 1 and "negatives" not in plain.details
+
+
 def test_t2i_scenes_ask_for_held_out_objects_and_refuse_other_categories():
     from anygen.eval.harness import EvalContext, t2i_scenes
     from anygen.testing import random_engine

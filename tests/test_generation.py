@@ -343,6 +343,28 @@ def test_cli_generate_best_of(tmp_path, capsys):
     assert "give a prompt (text, --image / --understand pictures, or both)" in capsys.readouterr().err
 
 
+def test_cli_generate_best_of_video_takes_negatives_from_the_flag_or_the_prompts_file(tmp_path, capsys):
+    from anygen.cli_generate import main
+
+    video = ["--random-tiny", "--start-with", "video", "--video-size", "1x2x2", "--best-of", "2", "--seed", "0"]
+    assert main(["a red circle moves up", *video, "--out", str(tmp_path / "none")]) == 2
+    assert "text→video needs negatives" in capsys.readouterr().err
+    assert main(["a red circle moves up", *video, "--negative", "a red circle moves down", "--negative",
+                 "a red circle moves to the left", "--out", str(tmp_path / "flag")]) == 0
+    assert (tmp_path / "flag" / "0000" / "video_0.mp4").is_file()
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "a red circle moves up", "negatives": ["a red circle moves down"]}) +
+                       '\n"a blue square moves up"\n')  # the second line takes the flag's
+    assert main(["--prompts", str(prompts), *video, "--negative", "a blue square moves down",
+                 "--out", str(tmp_path / "file")]) == 0
+    assert sorted(p.name for p in (tmp_path / "file").iterdir()) == ["0000", "0001"]
+    assert main(["--prompts", str(prompts), *video, "--out", str(tmp_path / "half")]) == 2  # line 2 has none
+    assert "negatives of prompt #1 must be a non-empty list of str" in capsys.readouterr().err
+    prompts.write_text(json.dumps({"prompt": "x", "negatives": "not a list"}) + "\n")
+    assert main(["--prompts", str(prompts), *video, "--out", str(tmp_path / "bad")]) == 2
+    assert 'p.jsonl:1: "negatives" must be a list of str' in capsys.readouterr().err
+
+
 def test_cli_generate_prompts_file_mixes_text_and_picture_prompts_in_one_batch(tmp_path, capsys):
     """``--prompts``: text-only and picture lines share a batch (a mixed list is a batch, not one prompt's
     segments), each gets its own folder; a reranked batch that cannot be reranked says why; bad lines are named."""
@@ -530,7 +552,15 @@ def test_best_of_a_reply_needs_exactly_one_image_in_the_prompt(engine, prompt, h
 @pytest.mark.parametrize("kwargs, match", [
     ({"best_of": 0}, "best_of must be an int >= 1"),
     ({"best_of": 2, "start_with": None}, "holds 0"),  # no start_with: image→text, and "a red circle" has no image
-    ({"best_of": 2, "start_with": "video"}, "or no start_with"),
+    ({"best_of": 2, "start_with": "video"}, "text→video needs negatives=\\[...\\]"),
+    ({"best_of": 2, "max_new_tokens": 4, "start_with": None, "negatives": ["a blue square"]},
+     "pass start_with='image' or 'video' with them"),
+    ({"negatives": ["a blue square"]}, "pass best_of > 1 with them"),
+    ({"best_of": 2, "negatives": ["a red circle "]}, "negative #0 of prompt #0 is the prompt itself"),
+    ({"best_of": 2, "negatives": ["a blue square", ""]}, "negative #1 of prompt #0 must be a non-empty str"),
+    ({"best_of": 2, "negatives": []}, "negatives of prompt #0 must be a non-empty list of str"),
+    ({"best_of": 2, "prompt": ["a", "b"], "negatives": ["c", "d"]}, "one list of str per prompt"),
+    ({"best_of": 2, "prompt": ["a", "b"], "negatives": [["c"]]}, "a batch of 2 prompts"),
     ({"best_of": 2, "max_images": 2}, "max_images 0 or 1"),
     ({"best_of": 2, "prompt": [Understand(PIL.Image.new("RGB", (8, 8))), "x"]}, "every prompt must be a str"),
 ])
@@ -538,6 +568,58 @@ def test_best_of_refuses_what_it_cannot_rerank(engine, kwargs, match):
     kwargs = {"prompt": "a red circle", "start_with": "image", "image_size": (2, 2), **kwargs}
     with pytest.raises(ValueError, match=match):
         engine.generate(kwargs.pop("prompt"), **kwargs)
+
+
+def _contrast_pick(engine, drawn, prompts, negatives, n, read):
+    """The candidate of each prompt whose reading most favours the prompt over its negatives, recomputed, and the
+    one the prompt's score alone would keep (``(contrast picks, plain picks)``)."""
+    picks, plain = [], []
+    for i, prompt in enumerate(prompts):
+        texts = [prompt, *negatives[i]]
+        scores = [torch.tensor(engine.score([read(drawn[k])] * len(texts), texts)) for k in range(i * n, (i + 1) * n)]
+        picks.append(i * n + max(range(n), key=lambda k: float(scores[k][0] - scores[k].logsumexp(0))))
+        plain.append(i * n + max(range(n), key=lambda k: float(scores[k][0])))
+    return picks, plain
+
+
+def test_best_of_with_negatives_keeps_the_clip_that_reads_most_like_its_prompt_and_least_like_them(engine):
+    prompts = ["a red circle moves up", "a blue square moves to the left"]
+    negatives = [["a red circle moves down", "a red circle moves to the left"], ["a blue square moves up"]]
+    kwargs = dict(start_with="video", video_size=(1, 2, 2), seed=2, video={"temperature": 1.0})
+    best = engine.generate(prompts, best_of=3, negatives=negatives, **kwargs)
+    drawn = engine.generate([p for p in prompts for _ in range(3)], max_images=1, **kwargs)  # what best_of draws
+    assert len({tuple(out.ids.tolist()) for out in drawn}) > 1  # the candidates differ, so the choice matters
+    read = lambda out: [Video(codes=out.videos[0].codes)]  # noqa: E731 - the clip as the context it is read in
+    picks, plain = _contrast_pick(engine, drawn, prompts, negatives, 3, read)
+    assert picks != plain  # the negatives change a choice here, so ignoring them fails
+    for i, out in enumerate(best):
+        assert torch.equal(out.ids, drawn[picks[i]].ids), i
+    one = engine.generate(prompts[0], best_of=3, negatives=negatives[0], **kwargs)  # one prompt: a flat list
+    drawn = engine.generate([prompts[0]] * 3, max_images=1, **kwargs)
+    (pick,), _ = _contrast_pick(engine, drawn, prompts[:1], negatives[:1], 3, read)
+    assert torch.equal(one.ids, drawn[pick].ids)
+    assert torch.equal(engine.generate(prompts[0], best_of=3, negatives=negatives[0] * 2, **kwargs).ids,
+                       one.ids)  # a negative given twice counts once
+    alone = engine.generate(prompts[1], best_of=3, negatives=negatives[1][0], **kwargs)  # or one str
+    assert torch.equal(alone.ids, engine.generate(prompts[1], best_of=3, negatives=negatives[1], **kwargs).ids)
+
+
+def test_best_of_with_negatives_ranks_images_by_the_same_contrast(engine):
+    prompts = ["a red circle", "a blue square at the top"]
+    negatives = [["a green circle", "a red square"], ["a blue square at the bottom"]]
+    kwargs = dict(start_with="image", image_size=(2, 2), seed=5, image={"temperature": 1.0})
+    best = engine.generate(prompts, best_of=3, negatives=negatives, **kwargs)
+    drawn = engine.generate([p for p in prompts for _ in range(3)], max_images=1, **kwargs)
+    picks, plain = _contrast_pick(engine, drawn, prompts, negatives, 3, lambda out: [Understand(out.images[0])])
+    assert picks != plain  # the negatives change a choice here, so ignoring them fails
+    for i, out in enumerate(best):
+        assert torch.equal(out.ids, drawn[picks[i]].ids), i
+
+
+def test_best_of_for_video_needs_a_video_tokenizer(engine, monkeypatch):
+    monkeypatch.setattr(engine.tokenizer, "video", None)
+    with pytest.raises(ValueError, match="has no video tokenizer"):
+        engine.generate("a red circle moves up", start_with="video", best_of=2, negatives=["a red circle moves down"])
 
 
 def test_best_of_needs_an_understanding_encoder():

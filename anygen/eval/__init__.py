@@ -59,8 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--best-of", type=int, default=1,
                    help="self-reranking: text→image prompts (t2i_single, t2i_pair, digits) draw N images each and "
                         "keep the one the model's understanding path scores best; captions draw N (the greedy one and "
-                        "N-1 sampled) and keep the one under which the generation path finds the image most likely "
-                        "(default 1: no reranking)")
+                        "N-1 sampled) and keep the one under which the generation path finds the image most likely; "
+                        "video draws N clips and keeps the one whose reading most favours its prompt over the same "
+                        "motion in the other three directions (negatives) (default 1: no reranking)")
     p.add_argument("--no-images", action="store_true", help="do not write the generated images")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     return p

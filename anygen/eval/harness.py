@@ -26,7 +26,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import PIL.Image
@@ -35,6 +35,7 @@ import torch
 from anygen.data.digits import digit_caption
 from anygen.data.shapes import (
     COLORS,
+    DIRECTIONS,
     SceneObject,
     caption,
     holdout_combinations,
@@ -123,7 +124,8 @@ class EvalContext:
         best_of: self-reranking (``AnyGen.generate(best_of=...)``); 1: one draw, no reranking. Text→image prompts
             (one object, two objects, digits) draw this many images and keep the one the model's understanding path
             scores best; captions draw this many (the greedy one and the rest sampled) and keep the one under which
-            the generation path finds the image most likely.
+            the generation path finds the image most likely; video draws this many clips and keeps the one whose
+            reading most favours its prompt over the same motion in the other three directions (``negatives``).
     """
 
     engine: Any
@@ -288,8 +290,17 @@ def eval_video(ctx: EvalContext) -> CategoryResult:
     started = time.perf_counter()
     motions = [sample_motion(ctx.rng("video", i), key=ctx.motions[i % len(ctx.motions)]) for i in range(ctx.num)]
     t, h, w = ctx.video_tokens
-    outputs = ctx.generate([[motion_caption(m)] for m in motions], start_with="video", video_size=(t, h, w),
-                           max_images=1, max_new_tokens=t * (h * (w + 1) + 1) + 8)
+    settings = dict(start_with="video", video_size=(t, h, w), max_images=1, max_new_tokens=t * (h * (w + 1) + 1) + 8)
+    if ctx.best_of > 1:  # rerank each prompt's clips against the same motion in its other directions
+        outputs = []
+        for lo in range(0, len(motions), ctx.batch_size):
+            batch = motions[lo:lo + ctx.batch_size]
+            negatives = [[motion_caption(replace(m, direction=d)) for d in DIRECTIONS if d != m.direction]
+                         for m in batch]
+            outputs += ctx.engine.generate([motion_caption(m) for m in batch], seed=ctx.seed + lo, **ctx.sampling,
+                                           **settings, best_of=ctx.best_of, negatives=negatives)
+    else:
+        outputs = ctx.generate([[motion_caption(m)] for m in motions], **settings)
     samples = []
     for i, (motion, out) in enumerate(zip(motions, outputs)):
         frames = out.videos[0].to_pil_frames() if out.videos else []
@@ -302,7 +313,9 @@ def eval_video(ctx: EvalContext) -> CategoryResult:
                         "color_shape": bool(first) and (first[0].color, first[0].shape) == (motion.color, motion.shape),
                         "correct": direction == motion.direction})
     details = {"color_shape": _mean([s["color_shape"] for s in samples]),
-               "no_video": sum(not o.videos for o in outputs)}
+               "no_video": sum(not o.videos for o in outputs), "best_of": ctx.best_of}
+    if ctx.best_of > 1:
+        details["negatives"] = "the prompt's other directions"
     return CategoryResult("video", len(motions), "direction", _mean([s["correct"] for s in samples]), details,
                           samples, time.perf_counter() - started)
 
