@@ -239,7 +239,7 @@ class AnyGen:
             image=SamplingConfig.coerce(image, "image", self.sampling_defaults.image),
             video=SamplingConfig.coerce(video, "video", self.sampling_defaults.video),
             image_size=tuple(image_size) if image_size is not None else self._default_image_size(start_with),
-            video_size=tuple(video_size) if video_size is not None else None,
+            video_size=tuple(video_size) if video_size is not None else self._default_video_size(start_with),
             start_with=start_with,
             max_images=max_images,
             seed=seed,
@@ -253,6 +253,12 @@ class AnyGen:
         if "image" in starts and self.tokenizer.layout.is_native:
             return self.tokenizer.image_grid
         return None
+
+    def _default_video_size(self, start_with: Any) -> tuple[int, int, int] | None:
+        """A forced video start without a size draws at the tokenizer's trained clip size (``video_grid``) where it
+        is known; otherwise the model chooses."""
+        starts = start_with if isinstance(start_with, (list, tuple)) else [start_with]
+        return self.tokenizer.video_grid if "video" in starts else None
 
     def stream(self, prompt: Prompt | Sequence[Prompt], *, max_new_tokens: int = 512,
                text: SamplingConfig | dict | None = None, image: SamplingConfig | dict | None = None,
@@ -290,7 +296,9 @@ class AnyGen:
                 ``sampling_defaults`` (the checkpoint's ``generation_config.json``, else the library's).
             image_size: ``(h, w)`` in tokens for generated images; None lets the model choose, except that
                 ``start_with="image"`` then draws at the size the tokenizer was built for (``tokenizer.image_grid``).
-            video_size: ``(t, h, w)`` in tokens for generated videos.
+            video_size: ``(t, h, w)`` in tokens for generated videos; None lets the model choose, except that
+                ``start_with="video"`` then draws at the tokenizer's trained clip size where it records one
+                (``tokenizer.video_grid``).
             start_with: ``"image"`` or ``"video"`` forces the output to open with one (text→image).
             max_images: stop after this many images + videos (0: no limit).
             seed: makes sampling reproducible.

@@ -54,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--start-with", choices=("image", "video"), help="force the output to open with an image / video")
     p.add_argument("--image-size", type=lambda t: _size(t, 2, "--image-size"),
                    help="HxW in tokens (default: the tokenizer's image size, the one the model trained on)")
-    p.add_argument("--video-size", type=lambda t: _size(t, 3, "--video-size"), help="TxHxW in tokens")
+    p.add_argument("--video-size", type=lambda t: _size(t, 3, "--video-size"),
+                   help="TxHxW in tokens (default with --start-with video: the clip size the model trained on, where "
+                        "its tokenizer records one)")
     p.add_argument("--speculative", type=int, default=0, metavar="WINDOW",
                    help="opt-in speculative Jacobi decoding of the --start-with span, WINDOW ids per forward pass "
                         "(same distribution, fewer passes; top-k and top-p stay off; default 0: off)")

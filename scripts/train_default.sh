@@ -175,7 +175,7 @@ if [[ ! -f "$DATA/tokenizer/tokenizer_config.json" ]]; then
   $ANYGEN build-tokenizer --documents "$DATA/documents.jsonl" --vocab-size "$VOCAB" ${WARM:+--text-tokenizer "$WARM"} \
       --image-tokenizer "$RUNS/export/image_tokenizer.safetensors" \
       --video-tokenizer "$RUNS/export/video_tokenizer.safetensors" --image-size 64 --video-size 32 \
-      --und-tokens 16 --und-image-size 64 --max-height 32 --max-width 32 --max-frames 8 --out "$DATA/tokenizer"
+      --und-tokens 16 --und-image-size 64 --max-height 32 --max-width 32 --max-frames 8 --video-frames 9 --out "$DATA/tokenizer"
 fi
 
 # 5. token shards

@@ -49,13 +49,14 @@ def test_build_tokenizer_directory_loads_with_matching_vocab(inputs, tmp_path, c
     assert tok.vocab.video_codebook_size == VideoTokenizer.load(video).codebook_size
     assert tok.vocab.text_size == tok.text.vocab_size <= 300
     assert tok.und_tokens == 16 and tok.image_size == (32, 32) and tok.vocab.max_height == 16
+    assert tok.video_frames is None  # not given: not recorded
     text = "a red circle at the top left"
     assert tok.text.decode(tok.text.encode(text)) == text
     assert len(tok.text.encode(text)) < len(text.encode())  # merges learned from the documents
 
 
 def test_build_tokenizer_errors(inputs, tmp_path, capsys):
-    docs, image, _ = inputs
+    docs, image, video = inputs
     with pytest.raises(FileNotFoundError, match="video tokenizer"):
         build_tokenizer([docs], tmp_path / "t", image_tokenizer=image, video_tokenizer=tmp_path / "missing")
     empty = tmp_path / "empty.jsonl"
@@ -64,6 +65,18 @@ def test_build_tokenizer_errors(inputs, tmp_path, capsys):
         build_tokenizer([empty], tmp_path / "t", image_tokenizer=image, video_tokenizer=None)
     assert main(["--documents", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "t")]) == 1
     assert "nope.jsonl" in capsys.readouterr().err
+    assert main(["--documents", str(docs), "--video-tokenizer", str(video), "--video-frames", "8",
+                 "--out", str(tmp_path / "t")]) == 1  # not a length the causal video tokenizer takes
+    assert "anygen build-tokenizer: error:" in capsys.readouterr().err
+
+
+def test_build_tokenizer_records_the_trained_clip_length(inputs, tmp_path, capsys):
+    docs, image, video = inputs
+    assert main(["--documents", str(docs), "--video-tokenizer", str(video), "--video-size", "16", "--video-frames",
+                 "5", "--vocab-size", "300", "--out", str(tmp_path / "t")]) == 0
+    tok = MultimodalTokenizer.load(tmp_path / "t")
+    assert tok.video_frames == 5 and tok.video_grid == (tok.video.num_latent_frames(5), 16 // tok.video.downsample,
+                                                        16 // tok.video.downsample)
 
 
 def test_build_tokenizer_reuses_a_trained_bpe_table(inputs, tmp_path, capsys):

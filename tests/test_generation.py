@@ -403,6 +403,21 @@ def test_a_list_of_whole_prompts_is_a_batch_even_when_their_kinds_mix():
     assert not isinstance(alone, list)
 
 
+def test_api_forced_video_start_defaults_to_the_trained_clip_size(monkeypatch):
+    """``generate(start_with="video")`` without ``video_size`` draws at ``tokenizer.video_grid`` where the tokenizer
+    records the trained clip length; without one the model chooses, and the largest clip does not fit this budget."""
+    engine = random_engine("tiny")
+    with pytest.raises(ValueError, match="the requested video needs"):
+        engine.generate("a red circle moves up", max_new_tokens=64, start_with="video", max_images=1)
+    monkeypatch.setattr(engine.tokenizer, "video_frames", 5)
+    out = engine.generate("a red circle moves up", max_new_tokens=64, start_with="video", max_images=1, seed=0)
+    (clip,) = out.videos
+    assert tuple(clip.codes.shape) == engine.tokenizer.video_grid == (2, 2, 2)
+    asked = engine.generate("a red circle moves up", max_new_tokens=64, start_with="video", max_images=1, seed=0,
+                            video_size=(1, 2, 3))
+    assert tuple(asked.videos[0].codes.shape) == (1, 2, 3)  # a size asked for wins
+
+
 def test_api_forced_image_start_defaults_to_the_trained_size():
     """``generate(start_with="image")`` without ``image_size`` draws at ``tokenizer.image_grid``: the largest grid
     the grammar allows would not fit this 64-token budget, and the call used to refuse it."""

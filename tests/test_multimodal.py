@@ -186,3 +186,20 @@ def test_save_load(mm, tmp_path):
     (tmp_path / "tokenizer_config.json").unlink()
     with pytest.raises(FileNotFoundError, match="no tokenizer_config.json"):
         MultimodalTokenizer.load(tmp_path)
+
+
+def test_video_frames_give_the_trained_clip_grid_and_survive_save_load(mm, tmp_path):
+    assert mm.video_frames is None and mm.video_grid is None  # unknown: a clip needs a size
+    mm.save(tmp_path / "plain")
+    assert "video_frames" not in (tmp_path / "plain" / "tokenizer_config.json").read_text()  # old files unchanged
+    timed = MultimodalTokenizer(mm.text, mm.image, mm.video, image_size=32, video_size=16, max_height=8, max_width=8,
+                                max_frames=4, video_frames=5)
+    down = mm.video.downsample
+    assert timed.video_grid == (mm.video.num_latent_frames(5), 16 // down, 16 // down)
+    timed.save(tmp_path / "timed")
+    again = MultimodalTokenizer.load(tmp_path / "timed")
+    assert again.video_frames == 5 and again.video_grid == timed.video_grid
+    with pytest.raises(ValueError, match="video_frames=4 is not a clip length .* accepts T = 1 \\+"):
+        MultimodalTokenizer(mm.text, mm.image, mm.video, video_size=16, video_frames=4)
+    with pytest.raises(ValueError, match="needs a video tokenizer"):
+        MultimodalTokenizer(mm.text, mm.image, None, video_frames=5)

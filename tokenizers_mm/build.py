@@ -64,6 +64,7 @@ def build_tokenizer(
     max_width: int = 32,
     max_frames: int = 8,
     text_tokenizer: str | Path | None = None,
+    video_frames: int | None = None,
 ) -> MultimodalTokenizer:
     """Train the BPE, attach the VQ tokenizers and save the directory ``out``.
 
@@ -79,6 +80,8 @@ def build_tokenizer(
         max_height / max_width / max_frames: largest token grid the size tokens describe.
         text_tokenizer: a ``text_tokenizer.json`` (or a directory holding one) to reuse; ``documents`` are then
             not read and may be empty.
+        video_frames: pixel frames of the clips the model will train on, the length a generated clip gets unless
+            asked (None: not recorded; generating a clip then needs a size).
 
     Returns:
         The saved tokenizer.
@@ -105,7 +108,7 @@ def build_tokenizer(
     video = VideoTokenizer.load(video_tokenizer).eval() if video_tokenizer is not None else None
     tokenizer = MultimodalTokenizer(text, image, video, image_size=image_size, video_size=video_size,
                                     und_tokens=und_tokens, und_image_size=und_image_size, max_height=max_height,
-                                    max_width=max_width, max_frames=max_frames)
+                                    max_width=max_width, max_frames=max_frames, video_frames=video_frames)
     tokenizer.save(out)
     return tokenizer
 
@@ -128,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-height", type=int, default=32, help="largest image / frame height in tokens")
     p.add_argument("--max-width", type=int, default=32, help="largest image / frame width in tokens")
     p.add_argument("--max-frames", type=int, default=8, help="largest video length in latent frames")
+    p.add_argument("--video-frames", type=int, default=None,
+                   help="pixel frames of the clips the model trains on (1 + 4k, e.g. 9): the length a generated clip "
+                        "gets unless asked (default: not recorded, so generating a clip needs --video-size)")
     return p
 
 
@@ -140,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                               image_size=args.image_size, video_size=args.video_size, und_tokens=args.und_tokens,
                               und_image_size=args.und_image_size, max_height=args.max_height,
                               max_width=args.max_width, max_frames=args.max_frames,
-                              text_tokenizer=args.text_tokenizer)
+                              text_tokenizer=args.text_tokenizer, video_frames=args.video_frames)
     except (FileNotFoundError, ValueError) as err:
         print(f"anygen build-tokenizer: error: {err}", file=sys.stderr)
         return 1

@@ -88,6 +88,8 @@ class MultimodalTokenizer:
         und_image_size: pixel edge of images given to the understanding encoder.
         max_height / max_width / max_frames: largest spans the size tokens can describe.
         layout: how image spans are written; None: anygen's own grammar.
+        video_frames: pixel frames of the clips the model trained on (``1 + 4k``), the length a generated clip
+            gets unless asked (``video_grid``); None: unknown, so generating a clip needs a ``video_size``.
     """
 
     def __init__(
@@ -104,6 +106,7 @@ class MultimodalTokenizer:
         max_width: int = 64,
         max_frames: int = 32,
         layout: ImageLayout | None = None,
+        video_frames: int | None = None,
     ) -> None:
         self.text = text
         self.layout = ImageLayout() if layout is None else layout
@@ -113,6 +116,15 @@ class MultimodalTokenizer:
         self.video_size = _pair(video_size, "video_size")
         self.und_tokens = und_tokens
         self.und_image_size = und_image_size
+        if video_frames is not None:
+            if video is None:
+                raise ValueError(f"video_frames={video_frames!r} needs a video tokenizer, and none is given")
+            try:
+                video.num_latent_frames(video_frames)
+            except ValueError as err:  # the lengths the causal tokenizer accepts, named
+                raise ValueError(f"video_frames={video_frames!r} is not a clip length the video tokenizer takes: "
+                                 f"{err}") from err
+        self.video_frames = video_frames
         self.vocab = Vocab(
             text_size=text.vocab_size,
             image_codebook_size=image.codebook_size if image is not None else 1,
@@ -128,6 +140,16 @@ class MultimodalTokenizer:
         if self.image is None:
             return None
         return (self.image_size[0] // self.image.downsample, self.image_size[1] // self.image.downsample)
+
+    @property
+    def video_grid(self) -> tuple[int, int, int] | None:
+        """``(t, h, w)`` in tokens of a clip of ``video_frames`` frames at ``video_size`` (what the model trained
+        on); None without a video tokenizer or a known clip length."""
+        if self.video is None or self.video_frames is None:
+            return None
+        down = self.video.downsample
+        return (self.video.num_latent_frames(self.video_frames), self.video_size[0] // down,
+                self.video_size[1] // down)
 
     # -- encode ------------------------------------------------------------------------------------
     def encode(self, document: str | Segment | Sequence, *, bos: bool = True, eos: bool = True) -> TokenSequence:
@@ -580,6 +602,8 @@ class MultimodalTokenizer:
         }
         if self.layout != ImageLayout():  # written only when it differs, so old files stay byte-identical
             data["layout"] = self.layout.to_dict()
+        if self.video_frames is not None:  # likewise
+            data["video_frames"] = self.video_frames
         return data
 
     def save(self, directory: str | Path) -> Path:
@@ -615,7 +639,7 @@ class MultimodalTokenizer:
         tok = cls(text, image, video, image_size=tuple(cfg["image_size"]), video_size=tuple(cfg["video_size"]),
                   und_tokens=cfg.get("und_tokens", 0), und_image_size=cfg.get("und_image_size", 0),
                   max_height=vocab.max_height, max_width=vocab.max_width, max_frames=vocab.max_frames,
-                  layout=ImageLayout.from_dict(cfg.get("layout")))
+                  layout=ImageLayout.from_dict(cfg.get("layout")), video_frames=cfg.get("video_frames"))
         if tok.vocab != vocab:
             raise ValueError(f"{cfg_path} describes vocabulary {vocab.to_dict()} but the tokenizer files give "
                              f"{tok.vocab.to_dict()}: the files do not belong together")
