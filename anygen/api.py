@@ -563,22 +563,52 @@ class AnyGen:
                                  "ranks clips no better than one draw on its own, and contrasted with negatives it "
                                  "keeps the right one (docs/default_model.md)")
         outputs = self.generate([p for p in prompts for _ in range(n)], **{**kwargs, "max_images": 1})
+        best = []
+        for i, prompt in enumerate(prompts):
+            row = outputs[i * n:(i + 1) * n]
+            drawn = [(out.images or [None])[0] if kind == "image" else (out.videos or [None])[0] for out in row]
+            scores = self.score_candidates(drawn, prompt, negatives[i] if negatives is not None else None)
+            best.append(row[max(range(n), key=lambda k: scores[k])])  # ties (and all -inf) keep the earlier one
+        return best
+
+    def score_candidates(self, candidates: Sequence[Any], prompt: str, negatives: Sequence[str] | None = None
+                         ) -> list[float]:
+        """How well each drawn image or clip reads back as ``prompt``: what ``generate(best_of=N)`` keeps the best
+        of, and the demo's best of N.
+
+        An image (``PIL.Image`` or ``Image``) is read by the understanding encoder (``score`` of the prompt after
+        ``Understand(image)``); a clip (``Video``) by the decoder as its VQ codes (``score`` after the clip). With
+        ``negatives`` (texts the candidate must not be) the score is the contrast ``s(prompt) - logsumexp(s(prompt),
+        s(negative), ...)``, else ``s(prompt)``. A ``None`` candidate (nothing drawn) scores ``-inf``.
+
+        Raises:
+            ValueError: a candidate is not an image, a clip or None, an image needs an understanding encoder the
+                model lacks, or a negative is not a non-empty str.
+        """
+        texts = [prompt, *(negatives or [])]
+        if not all(isinstance(t, str) and t.strip() for t in texts):
+            raise ValueError(f"the prompt and each negative must be a non-empty str, got {texts!r:.200}")
         reads: dict[int, list] = {}  # candidate -> the context its texts are scored after
-        for k, out in enumerate(outputs):
-            if kind == "image" and out.images:
-                reads[k] = [Understand(out.images[0])]
-            elif kind == "video" and out.videos:
-                clip = out.videos[0]
-                reads[k] = [Video(codes=clip.codes) if clip.codes is not None else clip]
-        texts = {k: [prompts[k // n], *(negatives[k // n] if negatives is not None else [])] for k in reads}
-        flat = self.score([reads[k] for k in reads for _ in texts[k]], [t for k in reads for t in texts[k]])
-        scores, at = [float("-inf")] * len(outputs), 0
-        for k in reads:
-            row = torch.tensor(flat[at:at + len(texts[k])])
-            scores[k] = float(row[0] - torch.logsumexp(row, 0)) if negatives is not None else float(row[0])
-            at += len(row)
-        best = [max(range(i * n, (i + 1) * n), key=lambda k: scores[k]) for i in range(len(prompts))]
-        return [outputs[k] for k in best]
+        for k, drawn in enumerate(candidates):
+            if drawn is None:
+                continue
+            if isinstance(drawn, Video):
+                reads[k] = [Video(codes=drawn.codes) if drawn.codes is not None else drawn]
+            elif isinstance(drawn, (PIL.Image.Image, Image)):
+                if self.tokenizer.und_tokens <= 0 or self.model.und is None:
+                    raise ValueError("an image is read back with the understanding encoder, and this model has none")
+                reads[k] = [Understand(drawn.image if isinstance(drawn, Image) else drawn)]
+            else:
+                raise ValueError(f"candidate #{k} is a {type(drawn).__name__}; accepted: PIL.Image, Image, Video, "
+                                 "None")
+        scores = [float("-inf")] * len(candidates)
+        if not reads:
+            return scores
+        flat = self.score([reads[k] for k in reads for _ in texts], [t for _ in reads for t in texts])
+        for j, k in enumerate(reads):
+            row = torch.tensor(flat[j * len(texts):(j + 1) * len(texts)])
+            scores[k] = float(row[0] - torch.logsumexp(row, 0)) if negatives else float(row[0])
+        return scores
 
     def _best_reply(self, prompts: list[Prompt], n: int, kwargs: dict[str, Any]) -> list[GenerationOutput]:
         """image → text with self-reranking: n replies a prompt, keeping the best ``score_image(reply, image)``.

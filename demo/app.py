@@ -16,7 +16,9 @@ Notable:
   VQ context (``Image``, to edit them), as the user picks; uploaded video is VQ context.
 - Best of N (``best_of``), each path of the model judging the other's output as ``generate(best_of=N)`` does:
   N candidates are drawn as one batch and the first one previewed. A text → image reply keeps the image whose
-  prompt the understanding path finds most likely (``AnyGen.score``); an image → text reply (one uploaded
+  prompt the understanding path finds most likely (``AnyGen.score_candidates``); a text → video reply, given
+  negatives (texts it must not be, one per line), keeps the clip whose reading most favours the message over them
+  (with negatives an image is ranked by the same contrast); an image → text reply (one uploaded
   picture, text sampled at a temperature above 0) keeps the reply under which the generation path finds the
   picture most likely (``AnyGen.score_image``) and shows it in place of the first. The chat says which.
 - Streaming: text shows as it arrives; an image shows at once as a grey canvas that fills in every
@@ -97,7 +99,9 @@ class ChatOptions:
     ``image_side`` is the longer side of a generated image in tokens and ``aspect`` its width : height
     (``"auto"`` lets the model pick the size); ``video_frames`` / ``video_side`` give a generated video's
     latent frames and square side in tokens; ``seed=-1`` samples freshly each time; ``best_of`` > 1 draws that
-    many candidates for a text → image reply, or an image → text one, and keeps the one the model reads back best.
+    many candidates for a text → image reply, a text → video one (with ``negatives``), or an image → text one, and
+    keeps the one the model reads back best; ``negatives`` holds texts, one per line, that a reranked text → image
+    or text → video reply must not be.
     """
 
     upload_mode: Literal["understand", "edit"] = "understand"
@@ -120,6 +124,7 @@ class ChatOptions:
     preview_every: int = 4
     max_images: int = 0
     best_of: int = 1
+    negatives: str = ""
 
     @classmethod
     def for_engine(cls, engine: AnyGen) -> ChatOptions:
@@ -128,7 +133,10 @@ class ChatOptions:
         v, ctx = engine.tokenizer.vocab, engine.config.max_seq_len
         side = min(16, v.max_height, v.max_width)
         d = engine.sampling_defaults
-        return cls(image_side=side, video_frames=min(2, v.max_frames), video_side=min(4, v.max_height, v.max_width),
+        grid = engine.tokenizer.video_grid  # the trained clip, where the tokenizer records it
+        frames, clip_side = (min(2, v.max_frames), min(4, v.max_height, v.max_width)) if grid is None else (
+            grid[0], min(grid[1:]))
+        return cls(image_side=side, video_frames=frames, video_side=clip_side,
                    max_new_tokens=min(512, ctx), preview_every=max(1, side // 4),
                    text_temperature=d.text.temperature, text_top_k=d.text.top_k, text_top_p=d.text.top_p,
                    image_temperature=d.image.temperature, image_top_k=d.image.top_k,
@@ -153,6 +161,12 @@ class ChatOptions:
                 value = float(value)
             out[name] = value
         return cls(**out)
+
+    def negative_texts(self) -> list[str]:
+        """``negatives`` as a list: one text per non-empty line."""
+        if not isinstance(self.negatives, str):
+            raise ValueError(f"negatives must be text, one per line, got {type(self.negatives).__name__}")
+        return [line.strip() for line in self.negatives.splitlines() if line.strip()]
 
     def image_size(self, max_h: int, max_w: int) -> tuple[int, int] | None:
         if self.aspect not in ASPECTS:
@@ -299,7 +313,8 @@ class ChatRunner:
         try:
             settings = options.settings(self.engine)
             seq = tok.encode(segments, bos=False, eos=False)
-            candidates = self._candidates(options.best_of, settings, text)
+            negatives = options.negative_texts()
+            candidates = self._candidates(options.best_of, settings, text, negatives)
             picture = self._rerank_picture(settings, segments) if options.best_of > 1 and candidates == 1 else None
             candidates = options.best_of if picture is not None else candidates
         except (ValueError, TypeError) as err:
@@ -309,8 +324,9 @@ class ChatRunner:
         if options.best_of > 1 and candidates == 1:
             conv.messages.append(_note(f"ℹ️ best of {options.best_of} reranks text → image replies (start the reply "
                                        "with an image, with text in the message; a model with an understanding "
-                                       "encoder) and image → text replies (one uploaded picture, start: auto, text "
-                                       "temperature above 0): this reply draws once."))
+                                       "encoder), text → video replies (start with a video, with text in the "
+                                       "message and negatives) and image → text replies (one uploaded picture, "
+                                       "start: auto, text temperature above 0): this reply draws once."))
         if candidates > 1 and picture is None:
             settings = replace(settings, max_images=1)  # each candidate is one image, as generate(best_of=N)
         new = Turn(seq.ids, list(seq.und_pixels) if seq.und_pixels is not None else [])
@@ -318,15 +334,19 @@ class ChatRunner:
         if dropped:
             conv.messages.append(_note(f"ℹ️ dropped the {dropped} oldest turn(s) from the model's context to make "
                                        f"room for this reply."))
-        yield from self._stream(conv, conv.context(new, tok.vocab), new, settings, candidates, text, picture)
+        yield from self._stream(conv, conv.context(new, tok.vocab), new, settings, candidates, text, picture,
+                                negatives)
 
-    def _candidates(self, best_of: Any, settings: GenerationSettings, text: str) -> int:
+    def _candidates(self, best_of: Any, settings: GenerationSettings, text: str, negatives: list[str]) -> int:
         """How many candidates this reply draws: ``best_of`` where it can rerank (a text → image reply of a
-        model with an understanding encoder), else 1; ``ValueError`` for a value out of range."""
+        model with an understanding encoder; a text → video reply with negatives), else 1; ``ValueError`` for a
+        value out of range."""
         if not isinstance(best_of, int) or isinstance(best_of, bool) or not 1 <= best_of <= MAX_BEST_OF:
             raise ValueError(f"best of must be an int from 1 (off) to {MAX_BEST_OF}, got {best_of!r}")
-        reranks = settings.start_with == "image" and bool(text) and self.engine.model.und is not None \
-            and self.engine.tokenizer.und_tokens > 0
+        tok = self.engine.tokenizer
+        reranks = bool(text) and (
+            (settings.start_with == "image" and self.engine.model.und is not None and tok.und_tokens > 0)
+            or (settings.start_with == "video" and bool(negatives) and tok.video is not None))
         return best_of if reranks else 1
 
     def _rerank_picture(self, settings: GenerationSettings, segments: list[Segment]) -> Image | Understand | None:
@@ -339,23 +359,24 @@ class ChatRunner:
             return None
         return pictures[0]
 
-    def _pick(self, dones: dict[int, RowDone], text: str, picture: Image | Understand | None = None) -> int:
-        """The candidate whose first image makes ``text`` most likely under the understanding path; with a
-        ``picture`` (image → text), the one whose reply text makes the picture most likely under the generation
-        path (``score_image``; a reply without text, or too long to precede the picture, is never kept over one that
+    def _pick(self, dones: dict[int, RowDone], text: str, picture: Image | Understand | None = None,
+              negatives: list[str] | None = None) -> int:
+        """The candidate whose first image or video reads back best as ``text`` (``score_candidates``: an image
+        through the understanding path, a clip as its codes; with ``negatives``, against them); with a ``picture``
+        (image → text), the one whose reply text makes the picture most likely under the generation path
+        (``score_image``; a reply without text, or too long to precede the picture, is never kept over one that
         can be scored)."""
         if picture is not None:
             rows = sorted(dones)
             scores = self.engine.score_replies(
                 ["".join(s.text for s in dones[r].segments if isinstance(s, Text)) for r in rows], picture)
             return rows[max(range(len(rows)), key=lambda i: scores[i])]  # all -inf: the first
-        images = {r: next((s.image for s in d.segments if isinstance(s, Image) and s.image is not None), None)
-                  for r, d in dones.items()}
-        drawn = sorted(r for r, im in images.items() if im is not None)
-        if not drawn:
-            return 0
-        scores = self.engine.score([[Understand(images[r])] for r in drawn], [text] * len(drawn))
-        return drawn[max(range(len(drawn)), key=lambda i: scores[i])]
+        rows = sorted(dones)
+        media = [next((s.image if isinstance(s, Image) else s for s in dones[r].segments
+                       if (isinstance(s, Image) and s.image is not None) or (isinstance(s, Video) and s.codes
+                                                                              is not None)), None) for r in rows]
+        scores = self.engine.score_candidates(media, text, negatives or None)
+        return rows[max(range(len(rows)), key=lambda i: scores[i])]  # nothing drawn (all -inf): the first
 
     def _make_room(self, conv: Conversation, new: Turn, settings: GenerationSettings) -> int:
         """Drop the oldest turns until the prompt leaves room for the reply; returns how many were dropped."""
@@ -374,8 +395,8 @@ class ChatRunner:
         return dropped
 
     def _stream(self, conv: Conversation, prompt: TokenSequence, new: Turn, settings: GenerationSettings,
-                candidates: int = 1, text: str = "", picture: Image | Understand | None = None
-                ) -> Iterator[list[dict]]:
+                candidates: int = 1, text: str = "", picture: Image | Understand | None = None,
+                negatives: list[str] | None = None) -> Iterator[list[dict]]:
         """Stream one reply; with ``candidates`` > 1 the rows are candidates, row 0 is shown as it is drawn and
         the one ``_pick`` keeps replaces it at the end (its image for text → image; the whole reply for image →
         text, reranked by ``picture``)."""
@@ -383,6 +404,7 @@ class ChatRunner:
         text_item: dict | None = None  # the reply's open run of text
         media_item: dict | None = None  # the reply's open image / video
         first_image: dict | None = None  # the reply's first image item (best of N shows the kept one there)
+        first_video: dict | None = None  # likewise for a video
         canvas: PIL.Image.Image | None = None
         done: RowDone | None = None
         dones: dict[int, RowDone] = {}
@@ -430,6 +452,7 @@ class ChatRunner:
                     text_item = None
                     media_item = _bot(f"🎞️ generating a {event.frames}×{event.height}×{event.width}-token video: "
                                       f"frame 0/{event.frames}")
+                    first_video = first_video or media_item
                     reply.append(media_item)
                 elif isinstance(event, VideoFrameDone):
                     timings.setdefault("first_frame_s", now - start)
@@ -443,7 +466,7 @@ class ChatRunner:
                 last = now
                 yield conv.messages + reply
             if len(dones) == candidates:
-                kept = self._pick(dones, text, picture) if candidates > 1 else 0
+                kept = self._pick(dones, text, picture, negatives) if candidates > 1 else 0
                 done = dones[kept]
                 if candidates > 1 and picture is not None:
                     if kept != 0:  # the shown reply is candidate 1's: show the kept one's in its place
@@ -451,12 +474,19 @@ class ChatRunner:
                         media_item = None
                     reply.append(_note(f"ℹ️ best of {candidates}: kept reply {kept + 1}, the one under which the "
                                        "model's generation path finds the picture most likely."))
+                elif candidates > 1 and settings.start_with == "video":
+                    clip = next((s for s in done.segments if isinstance(s, Video)), None)
+                    if first_video is not None and clip is not None:
+                        first_video["content"] = self._save_video(conv, clip)
+                    reply.append(_note(f"ℹ️ best of {candidates}: kept clip {kept + 1}, the one the model reads as "
+                                       "the message most, against the negatives."))
                 elif candidates > 1:
                     image = next((s.image for s in done.segments if isinstance(s, Image)), None)
                     if first_image is not None and image is not None:
                         first_image["content"] = self._save_image(conv, image, f"best of {candidates}")
+                    against = ", against the negatives" if negatives else ""
                     reply.append(_note(f"ℹ️ best of {candidates}: kept candidate {kept + 1}, the one whose prompt the "
-                                       "model's understanding path finds most likely."))
+                                       f"model's understanding path finds most likely{against}."))
         except (ValueError, TypeError) as err:  # refused before any work (too long, bad size, ...)
             failed = True
             reply.append(_note(f"⚠️ {err}"))
@@ -652,6 +682,14 @@ def build_demo(engine: AnyGen, *, notice: str | None = None, max_upload_mb: floa
                 controls["max_new_tokens"] = gr.Slider(1, ctx, value=defaults.max_new_tokens, step=1,
                                                        label="max new tokens")
                 controls["seed"] = gr.Number(defaults.seed, precision=0, label="seed (-1: random)", elem_id="seed")
+                controls["best_of"] = gr.Slider(
+                    1, MAX_BEST_OF, value=defaults.best_of, step=1, label="best of N", elem_id="best-of",
+                    info="draw N, keep the one the model reads back best: text → image (with an understanding "
+                         "encoder), text → video (with negatives), image → text (sampled text)")
+                controls["negatives"] = gr.Textbox(
+                    defaults.negatives, lines=2, label="negatives, one per line (best of N)", elem_id="negatives",
+                    placeholder="a red circle moves down\na red circle moves to the left",
+                    info="what a reranked reply must not be; a text → video reply needs them")
                 with gr.Accordion("image", open=True):
                     controls["image_side"] = gr.Slider(1, max_side, value=defaults.image_side, step=1,
                                                        label="size (tokens, longer side)", elem_id="image-side")
@@ -665,11 +703,6 @@ def build_demo(engine: AnyGen, *, notice: str | None = None, max_upload_mb: floa
                                                         step=1, label="top-k (0: off)")
                     controls["image_guidance"] = gr.Slider(1, 10, value=defaults.image_guidance, step=0.1,
                                                            label="guidance scale (1: off)")
-                    controls["best_of"] = gr.Slider(
-                        1, MAX_BEST_OF, value=defaults.best_of, step=1, label="best of N", elem_id="best-of",
-                        interactive=has_und,
-                        info="text → image: draw N, keep the one the model reads back best" if has_und
-                        else "needs an understanding encoder, which this model has none of")
                 with gr.Accordion("text", open=False):
                     controls["text_temperature"] = gr.Slider(0, 2, value=defaults.text_temperature, step=0.05,
                                                              label="temperature")
@@ -695,15 +728,19 @@ def build_demo(engine: AnyGen, *, notice: str | None = None, max_upload_mb: floa
             label="examples (each shows one capability)",
             examples=[
                 [{"text": "a red circle at the top left and a blue square at the bottom right", "files": []},
-                 "image", "understand", 0],
-                [{"text": "what is in the picture?", "files": [examples["shapes"]]}, "auto", "understand", 0],
-                [{"text": "a green triangle moves to the right", "files": []}, "video", "understand", 0],
-                [{"text": "make the circle yellow", "files": [examples["circle"]]}, "image", "edit", 0],
+                 "image", "understand", 0, 1, ""],
+                [{"text": "what is in the picture?", "files": [examples["shapes"]]}, "auto", "understand", 0, 1, ""],
+                [{"text": "a green triangle moves to the right", "files": []}, "video", "understand", 0, 1, ""],
+                [{"text": "a green triangle moves to the right", "files": []}, "video", "understand", 0, 4,
+                 "a green triangle moves to the left\na green triangle moves up\na green triangle moves down"],
+                [{"text": "make the circle yellow", "files": [examples["circle"]]}, "image", "edit", 0, 1, ""],
                 [{"text": "draw a red square, then add a blue circle below it: a short illustrated story",
-                  "files": []}, "auto", "understand", 2],
+                  "files": []}, "auto", "understand", 2, 1, ""],
             ],
-            example_labels=["text → image", "image → text", "text → video", "editing", "illustrated story"],
-            inputs=[textbox, controls["start_with"], controls["upload_mode"], controls["max_images"]],
+            example_labels=["text → image", "image → text", "text → video", "text → video, best of 4", "editing",
+                            "illustrated story"],
+            inputs=[textbox, controls["start_with"], controls["upload_mode"], controls["max_images"],
+                    controls["best_of"], controls["negatives"]],
         )
 
         send = textbox.submit(

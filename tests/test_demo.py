@@ -101,6 +101,25 @@ def test_controls_start_at_the_checkpoint_sampling(engine):
     assert settings.text == SamplingDefaults().text
 
 
+def test_video_controls_start_at_the_trained_clip_where_the_tokenizer_records_it(engine, monkeypatch):
+    v = engine.tokenizer.vocab
+    assert (ChatOptions.for_engine(engine).video_frames, ChatOptions.for_engine(engine).video_side) == (
+        min(2, v.max_frames), min(4, v.max_height, v.max_width))  # unknown: the small default
+    monkeypatch.setattr(engine.tokenizer, "video_frames", 5)
+    t, h, w = engine.tokenizer.video_grid
+    options = ChatOptions.for_engine(engine)
+    assert (options.video_frames, options.video_side) == (t, min(h, w))
+    assert options.settings(engine).video_size == (t, min(h, w), min(h, w))
+
+
+def test_negatives_are_one_per_line():
+    assert ChatOptions(negatives=" a red circle moves down \n\n a red circle moves up\n").negative_texts() == [
+        "a red circle moves down", "a red circle moves up"]
+    assert ChatOptions().negative_texts() == []
+    with pytest.raises(ValueError, match="negatives must be text, one per line, got list"):
+        ChatOptions(negatives=["a"]).negative_texts()
+
+
 def test_conversation_is_kept_as_tokens_and_images_are_not_reencoded(engine, tmp_path, monkeypatch):
     runner = ChatRunner(engine, tmp_path)
     calls = {"encode": 0}
@@ -253,6 +272,44 @@ def test_best_of_reranks_an_image_to_text_reply_by_the_picture(engine, tmp_path,
     rows.clear()
     greedy = ChatOptions(**{**FAST, "best_of": 4, "text_temperature": 0.0, "max_new_tokens": 12})
     chat = list(runner.respond({"text": "and this?", "files": [str(_png(tmp_path / "b.png"))]}, greedy, conv))[-1]
+    assert len(rows) == 1 and any("draws once" in m["content"] for m in chat if isinstance(m["content"], str))
+
+
+def test_best_of_keeps_the_clip_that_reads_as_the_message_against_the_negatives(engine, tmp_path, monkeypatch):
+    """A text → video reply with negatives draws N clips in one batch and keeps the one ``score_candidates``
+    ranks first; the kept clip replaces the first one in the chat and in the model's context."""
+    runner = ChatRunner(engine, tmp_path)
+    rows, scored = _record_rows(engine, monkeypatch), []
+
+    def fake_score_candidates(candidates, prompt, negatives=None):
+        scored.append((list(candidates), prompt, negatives))
+        return [0.0, -1.0, 3.0][:len(candidates)]  # the third clip reads best
+
+    monkeypatch.setattr(engine, "score_candidates", fake_score_candidates)
+    saved, save_video = [], runner._save_video
+    monkeypatch.setattr(runner, "_save_video", lambda conv, video: saved.append(video) or save_video(conv, video))
+    conv = Conversation()
+    negatives = "a red circle moves down\na red circle moves to the left"
+    options = ChatOptions(**{**FAST, "start_with": "video", "best_of": 3, "negatives": negatives,
+                             "max_new_tokens": 64})
+    chat = list(runner.respond("a red circle moves up", options, conv))[-1]
+
+    assert len(rows) == 3  # three candidates, drawn as one batch
+    (candidates, prompt, given), = scored
+    assert prompt == "a red circle moves up" and given == ["a red circle moves down", "a red circle moves to the left"]
+    assert all(isinstance(c, app.Video) and c.codes is not None for c in candidates)
+    kept = sorted(rows, key=lambda e: e.row)[2]
+    assert torch.equal(conv.turns[0].ids[-len(runner._reply_ids(kept.ids)):], runner._reply_ids(kept.ids))
+    kept_clip = next(s for s in kept.segments if isinstance(s, app.Video))
+    assert torch.equal(candidates[2].codes, kept_clip.codes)
+    videos = [m["content"] for m in chat if isinstance(m["content"], dict)]
+    assert len(videos) == 1  # one video in the chat: the kept one, in the first one's place
+    assert torch.equal(saved[-1].codes, kept_clip.codes) and videos[0]["path"].endswith(".mp4")
+    assert "kept clip 3" in chat[-1]["content"]
+    # without negatives a clip cannot be ranked: it draws once and says so
+    rows.clear()
+    plain = ChatOptions(**{**FAST, "start_with": "video", "best_of": 3, "max_new_tokens": 64})
+    chat = list(runner.respond("a red circle moves up", plain, conv))[-1]
     assert len(rows) == 1 and any("draws once" in m["content"] for m in chat if isinstance(m["content"], str))
 
 

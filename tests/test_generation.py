@@ -631,6 +631,24 @@ def test_best_of_with_negatives_ranks_images_by_the_same_contrast(engine):
         assert torch.equal(out.ids, drawn[picks[i]].ids), i
 
 
+def test_score_candidates_reads_images_and_clips_and_scores_nothing_drawn_as_minus_infinity(engine):
+    picture = _picture(11, (32, 32))
+    clip = engine.generate("a red circle moves up", start_with="video", video_size=(1, 2, 2), seed=0).videos[0]
+    prompt, negatives = "a red circle moves up", ["a red circle moves down"]
+    plain = engine.score_candidates([picture, None, Image(picture), clip], prompt)
+    assert plain[1] == float("-inf") and plain[0] == pytest.approx(plain[2], abs=1e-5)  # a PIL image or a segment
+    assert plain[0] == pytest.approx(engine.score([Understand(picture)], prompt)[0], abs=1e-4)
+    assert plain[3] == pytest.approx(engine.score([Video(codes=clip.codes)], prompt)[0], abs=1e-4)
+    read = torch.tensor([engine.score([Video(codes=clip.codes)], t)[0] for t in [prompt, *negatives]])
+    (contrast,) = engine.score_candidates([clip], prompt, negatives)
+    assert contrast == pytest.approx(float(read[0] - read.logsumexp(0)), abs=1e-4) and contrast < 0
+    assert engine.score_candidates([None, None], prompt) == [float("-inf")] * 2  # nothing to read: no forward
+    with pytest.raises(ValueError, match="candidate #0 is a str; accepted: PIL.Image, Image, Video, None"):
+        engine.score_candidates(["a picture"], prompt)
+    with pytest.raises(ValueError, match="each negative must be a non-empty str"):
+        engine.score_candidates([clip], prompt, [""])
+
+
 def test_best_of_for_video_needs_a_video_tokenizer(engine, monkeypatch):
     monkeypatch.setattr(engine.tokenizer, "video", None)
     with pytest.raises(ValueError, match="has no video tokenizer"):
