@@ -71,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "prompt (\"a red circle moves down\" for \"a red circle moves up\"); candidates are ranked "
                         "by how much more their reading favours the prompt than these; repeatable, applies to every "
                         "prompt without its own (a --prompts line's \"negatives\")")
+    p.add_argument("--negative-prompt", default=None, metavar="TEXT",
+                   help="steer the drawing away from TEXT: classifier-free guidance reads it instead of the empty "
+                        "context (needs guidance on, e.g. --video-guidance-scale 2; the default model draws the asked "
+                        "motion far more often against the opposite one: \"a red circle moves down\" for \"... moves "
+                        "up\"); applies to every prompt without its own (a --prompts line's \"negative_prompt\")")
     p.add_argument("--batch-size", type=int, default=4, help="prompts per batch with --prompts")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     for m in MODALITIES:
@@ -91,7 +96,8 @@ def _load_prompts(args: argparse.Namespace) -> list[dict]:
         if not args.prompt and not (args.image or args.understand):
             raise ValueError("give a prompt (text, --image / --understand pictures, or both), or --prompts FILE.jsonl")
         return [{"prompt": args.prompt, "images": [str(p) for p in args.image],
-                 "understand": [str(p) for p in args.understand], "negatives": args.negative}]
+                 "understand": [str(p) for p in args.understand], "negatives": args.negative,
+                 "negative_prompt": args.negative_prompt}]
     if not args.prompts.is_file():
         raise FileNotFoundError(f"--prompts file {args.prompts} does not exist")
     items = []
@@ -106,15 +112,19 @@ def _load_prompts(args: argparse.Namespace) -> list[dict]:
             item = {"prompt": item}
         if not isinstance(item, dict) or not isinstance(item.get("prompt", ""), str):
             raise ValueError(f'{args.prompts}:{n}: expected a string or {{"prompt": str, "images": [...], '
-                             f'"understand": [...], "negatives": [...]}}')
-        unknown = set(item) - {"prompt", "images", "understand", "negatives"}
+                             f'"understand": [...], "negatives": [...], "negative_prompt": str}}')
+        unknown = set(item) - {"prompt", "images", "understand", "negatives", "negative_prompt"}
         if unknown:
             raise ValueError(f"{args.prompts}:{n}: unknown keys {sorted(unknown)}; accepted: prompt, images, "
-                             f"understand, negatives")
+                             f"understand, negatives, negative_prompt")
+        if not isinstance(item.get("negative_prompt", ""), str):
+            raise ValueError(f'{args.prompts}:{n}: "negative_prompt" must be a str, got '
+                             f'{item["negative_prompt"]!r:.100}')
         negatives = item.get("negatives", [])
         if not isinstance(negatives, list) or not all(isinstance(t, str) for t in negatives):
             raise ValueError(f'{args.prompts}:{n}: "negatives" must be a list of str, got {negatives!r:.100}')
-        items.append({**item, "negatives": item.get("negatives") or args.negative})
+        items.append({**item, "negatives": item.get("negatives") or args.negative,
+                      "negative_prompt": item.get("negative_prompt") or args.negative_prompt})
     if not items:
         raise ValueError(f"{args.prompts} holds no prompts")
     return items
@@ -160,13 +170,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         items = _load_prompts(args)
         documents = [_document(item) for item in items]  # decode every image before any work
         engine = load_engine(args.checkpoint, args.random_tiny, args.device)
-        return _run(engine, args, documents, [item["negatives"] for item in items])
+        return _run(engine, args, documents, [item["negatives"] for item in items],
+                    [item["negative_prompt"] for item in items])
     except (ValueError, FileNotFoundError, TypeError) as err:
         print(f"anygen generate: error: {err}", file=sys.stderr)
         return 2
 
 
-def _run(engine, args: argparse.Namespace, documents: list[list], negatives: list[list[str]]) -> int:
+def _run(engine, args: argparse.Namespace, documents: list[list], negatives: list[list[str]],
+         negative_prompts: list[str | None]) -> int:
     from tqdm import tqdm
 
     from tokenizers_mm.video_io import write_video
@@ -184,8 +196,9 @@ def _run(engine, args: argparse.Namespace, documents: list[list], negatives: lis
         batch = documents[lo:lo + size]
         # best_of scores each image by its prompt's text, so text-only prompts go as str
         prompts = [d[0] if args.best_of != 1 and len(d) == 1 and isinstance(d[0], str) else list(d) for d in batch]
-        given = negatives[lo:lo + size]
-        outputs = engine.generate(prompts, **kwargs, negatives=given if any(given) else None)
+        given, steer = negatives[lo:lo + size], negative_prompts[lo:lo + size]
+        outputs = engine.generate(prompts, **kwargs, negatives=given if any(given) else None,
+                                  negative_prompt=steer if any(steer) else None)
         for out in outputs:
             folder = args.out / f"{index:04d}"
             folder.mkdir(parents=True, exist_ok=True)

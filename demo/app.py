@@ -21,6 +21,8 @@ Notable:
   (with negatives an image is ranked by the same contrast); an image → text reply (one uploaded
   picture, text sampled at a temperature above 0) keeps the reply under which the generation path finds the
   picture most likely (``AnyGen.score_image``) and shows it in place of the first. The chat says which.
+- Negative prompt: classifier-free guidance reads it instead of the empty context (``negative_prompt``), so a
+  guided image or clip is steered away from it; with guidance off it is refused in the chat, saying so.
 - Streaming: text shows as it arrives; an image shows at once as a grey canvas that fills in every
   ``preview_every`` rows (``ImageRows.preview``); a video shows its frame count, then the mp4.
 - One engine, one generation at a time: the model holds a single KV cache, so the chat event runs with
@@ -101,7 +103,7 @@ class ChatOptions:
     latent frames and square side in tokens; ``seed=-1`` samples freshly each time; ``best_of`` > 1 draws that
     many candidates for a text → image reply, a text → video one (with ``negatives``), or an image → text one, and
     keeps the one the model reads back best; ``negatives`` holds texts, one per line, that a reranked text → image
-    or text → video reply must not be.
+    or text → video reply must not be; ``negative_prompt`` is the text guidance steers away from (empty: none).
     """
 
     upload_mode: Literal["understand", "edit"] = "understand"
@@ -125,6 +127,7 @@ class ChatOptions:
     max_images: int = 0
     best_of: int = 1
     negatives: str = ""
+    negative_prompt: str = ""
 
     @classmethod
     def for_engine(cls, engine: AnyGen) -> ChatOptions:
@@ -334,8 +337,9 @@ class ChatRunner:
         if dropped:
             conv.messages.append(_note(f"ℹ️ dropped the {dropped} oldest turn(s) from the model's context to make "
                                        f"room for this reply."))
+        steer = options.negative_prompt.strip() if isinstance(options.negative_prompt, str) else ""
         yield from self._stream(conv, conv.context(new, tok.vocab), new, settings, candidates, text, picture,
-                                negatives)
+                                negatives, self.engine.encode_prompt(steer) if steer else None)
 
     def _candidates(self, best_of: Any, settings: GenerationSettings, text: str, negatives: list[str]) -> int:
         """How many candidates this reply draws: ``best_of`` where it can rerank (a text → image reply of a
@@ -396,7 +400,7 @@ class ChatRunner:
 
     def _stream(self, conv: Conversation, prompt: TokenSequence, new: Turn, settings: GenerationSettings,
                 candidates: int = 1, text: str = "", picture: Image | Understand | None = None,
-                negatives: list[str] | None = None) -> Iterator[list[dict]]:
+                negatives: list[str] | None = None, steer: TokenSequence | None = None) -> Iterator[list[dict]]:
         """Stream one reply; with ``candidates`` > 1 the rows are candidates, row 0 is shown as it is drawn and
         the one ``_pick`` keeps replaces it at the end (its image for text → image; the whole reply for image →
         text, reranked by ``picture``)."""
@@ -412,7 +416,8 @@ class ChatRunner:
         owner = self._owner = object()
         start = last = time.perf_counter()
         timings = self.last_timings = {}
-        stream = self.engine.generator.stream([prompt] * candidates, settings)
+        twins = {} if steer is None else {"negatives": [steer] * candidates}  # guidance twins' negative prompt
+        stream = self.engine.generator.stream([prompt] * candidates, settings, **twins)
         try:
             for event in stream:
                 now = time.perf_counter()
@@ -690,6 +695,10 @@ def build_demo(engine: AnyGen, *, notice: str | None = None, max_upload_mb: floa
                     defaults.negatives, lines=2, label="negatives, one per line (best of N)", elem_id="negatives",
                     placeholder="a red circle moves down\na red circle moves to the left",
                     info="what a reranked reply must not be; a text → video reply needs them")
+                controls["negative_prompt"] = gr.Textbox(
+                    defaults.negative_prompt, lines=1, label="negative prompt (guidance steers away from it)",
+                    elem_id="negative-prompt", placeholder="a red circle moves down",
+                    info="needs the medium's guidance scale above 1 (for clips, 2)")
                 with gr.Accordion("image", open=True):
                     controls["image_side"] = gr.Slider(1, max_side, value=defaults.image_side, step=1,
                                                        label="size (tokens, longer side)", elem_id="image-side")
@@ -724,23 +733,27 @@ def build_demo(engine: AnyGen, *, notice: str | None = None, max_upload_mb: floa
                 controls["max_images"] = gr.Number(defaults.max_images, precision=0, minimum=0,
                                                    label="stop after N images + videos (0: no limit)",
                                                    elem_id="max-images")
+        plain = [1, "", "", defaults.video_guidance]  # best of N, negatives, negative prompt, video guidance
         gr.Examples(
             label="examples (each shows one capability)",
             examples=[
                 [{"text": "a red circle at the top left and a blue square at the bottom right", "files": []},
-                 "image", "understand", 0, 1, ""],
-                [{"text": "what is in the picture?", "files": [examples["shapes"]]}, "auto", "understand", 0, 1, ""],
-                [{"text": "a green triangle moves to the right", "files": []}, "video", "understand", 0, 1, ""],
+                 "image", "understand", 0, *plain],
+                [{"text": "what is in the picture?", "files": [examples["shapes"]]}, "auto", "understand", 0, *plain],
+                [{"text": "a green triangle moves to the right", "files": []}, "video", "understand", 0, *plain],
                 [{"text": "a green triangle moves to the right", "files": []}, "video", "understand", 0, 4,
-                 "a green triangle moves to the left\na green triangle moves up\na green triangle moves down"],
-                [{"text": "make the circle yellow", "files": [examples["circle"]]}, "image", "edit", 0, 1, ""],
+                 "a green triangle moves to the left\na green triangle moves up\na green triangle moves down",
+                 "a green triangle moves to the left", 2.0],
+                [{"text": "make the circle yellow", "files": [examples["circle"]]}, "image", "edit", 0, *plain],
                 [{"text": "draw a red square, then add a blue circle below it: a short illustrated story",
-                  "files": []}, "auto", "understand", 2, 1, ""],
+                  "files": []}, "auto", "understand", 2, *plain],
             ],
-            example_labels=["text → image", "image → text", "text → video", "text → video, best of 4", "editing",
+            example_labels=["text → image", "image → text", "text → video",
+                            "text → video, steered from the opposite motion, best of 4", "editing",
                             "illustrated story"],
             inputs=[textbox, controls["start_with"], controls["upload_mode"], controls["max_images"],
-                    controls["best_of"], controls["negatives"]],
+                    controls["best_of"], controls["negatives"], controls["negative_prompt"],
+                    controls["video_guidance"]],
         )
 
         send = textbox.submit(

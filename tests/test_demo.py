@@ -313,6 +313,30 @@ def test_best_of_keeps_the_clip_that_reads_as_the_message_against_the_negatives(
     assert len(rows) == 1 and any("draws once" in m["content"] for m in chat if isinstance(m["content"], str))
 
 
+def test_negative_prompt_goes_to_every_candidates_guidance_twin_and_is_refused_unguided(engine, tmp_path,
+                                                                                        monkeypatch):
+    runner = ChatRunner(engine, tmp_path)
+    seen, stream = [], engine.generator.stream
+    monkeypatch.setattr(engine.generator, "stream",
+                        lambda seqs, s, negatives=None: (seen.append(negatives), stream(seqs, s, negatives))[1])
+    conv = Conversation()
+    steered = ChatOptions(**{**FAST, "start_with": "video", "best_of": 2, "max_new_tokens": 64, "video_guidance": 2.0,
+                             "negatives": "a red circle moves down", "negative_prompt": " a red circle moves down "})
+    list(runner.respond("a red circle moves up", steered, conv))
+    (twins,) = seen
+    assert len(twins) == 2 and all(t.ids.tolist() == engine.encode_prompt("a red circle moves down").ids.tolist()
+                                   for t in twins)
+    assert len(conv.turns) == 1
+    seen.clear()
+    unguided = ChatOptions(**{**FAST, "start_with": "video", "max_images": 1, "max_new_tokens": 64,
+                              "video_guidance": 1.0, "negative_prompt": "a red circle moves down"})
+    chat = list(runner.respond("a red circle moves up", unguided, conv))[-1]
+    assert "a negative prompt steers classifier-free guidance" in chat[-1]["content"] and len(conv.turns) == 1
+    seen.clear()
+    list(runner.respond("a red circle moves up", ChatOptions(**{**FAST, "start_with": "video"}), conv))
+    assert seen == [None]  # no negative prompt: the empty context, as before
+
+
 def test_best_of_draws_once_where_it_cannot_rerank(engine, tmp_path, monkeypatch):
     runner = ChatRunner(engine, tmp_path)
     batches = []

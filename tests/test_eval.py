@@ -204,6 +204,33 @@ def test_best_of_reranks_clips_against_the_same_motion_in_its_other_directions(m
     assert plain.details["best_of"] == 1 and "negatives" not in plain.details
 
 
+def test_video_negative_guides_each_clip_away_from_the_opposite_motion(tmp_path, monkeypatch):
+    from anygen.data.shapes import parse_motion
+    from anygen.eval import main
+    from anygen.eval.harness import EvalContext, eval_video
+    from anygen.testing import random_engine
+
+    engine = random_engine("tiny")
+    calls, real = [], engine.generate
+    monkeypatch.setattr(engine, "generate", lambda prompts, **kw: calls.append((prompts, kw)) or real(prompts, **kw))
+    guided = {"video": {"temperature": 0.7, "guidance_scale": 2.0}}
+    result = eval_video(EvalContext(engine, num=3, video_negative="opposite", sampling=guided))
+    (prompts, kw), = calls
+    opposite = {"up": "down", "down": "up", "left": "right", "right": "left"}
+    for prompt, negative in zip(prompts, kw["negative_prompt"]):
+        color, shape, direction = parse_motion(prompt)
+        assert parse_motion(negative) == (color, shape, opposite[direction])
+    assert result.details["negative_prompt"] == "the opposite motion" and "best_of" not in kw
+    with pytest.raises(ValueError, match="video_negative must be one of"):
+        EvalContext(engine, num=1, video_negative="sideways")
+    out = tmp_path / "eval"
+    assert main(["--random-tiny", "--num", "1", "--out", str(out), "--categories", "video",
+                 "--video-negative", "opposite"]) == 2  # video guidance off: said, not ignored
+    assert main(["--random-tiny", "--num", "1", "--out", str(out), "--categories", "video",
+                 "--video-negative", "opposite", "--video-guidance-scale", "2"]) == 0
+    assert json.loads((out / "eval.json").read_text())["video_negative"] == "opposite"
+
+
 def test_t2i_scenes_ask_for_held_out_objects_and_refuse_other_categories():
     from anygen.eval.harness import EvalContext, t2i_scenes
     from anygen.testing import random_engine

@@ -360,6 +360,16 @@ def test_cli_generate_best_of_video_takes_negatives_from_the_flag_or_the_prompts
     assert sorted(p.name for p in (tmp_path / "file").iterdir()) == ["0000", "0001"]
     assert main(["--prompts", str(prompts), *video, "--out", str(tmp_path / "half")]) == 2  # line 2 has none
     assert "negatives of prompt #1 must be a non-empty list of str" in capsys.readouterr().err
+    steered = ["a red circle moves up", *video, "--video-guidance-scale", "2", "--negative-prompt",
+               "a red circle moves down", "--negative", "a red circle moves down"]
+    assert main([*steered, "--out", str(tmp_path / "steered")]) == 0
+    assert (tmp_path / "steered" / "0000" / "video_0.mp4").is_file()
+    assert main(["a red circle moves up", *video[:-4], "--max-images", "1", "--negative-prompt",
+                 "a red circle moves down", "--out", str(tmp_path / "unguided")]) == 2  # one clip, unguided
+    assert "a negative prompt steers classifier-free guidance" in capsys.readouterr().err
+    prompts.write_text(json.dumps({"prompt": "x", "negative_prompt": ["a list"]}) + "\n")
+    assert main(["--prompts", str(prompts), *video, "--out", str(tmp_path / "bad")]) == 2
+    assert 'p.jsonl:1: "negative_prompt" must be a str' in capsys.readouterr().err
     prompts.write_text(json.dumps({"prompt": "x", "negatives": "not a list"}) + "\n")
     assert main(["--prompts", str(prompts), *video, "--out", str(tmp_path / "bad")]) == 2
     assert 'p.jsonl:1: "negatives" must be a list of str' in capsys.readouterr().err
@@ -659,3 +669,80 @@ def test_best_of_needs_an_understanding_encoder():
     plain = random_engine("tiny", und_encoder=None)
     with pytest.raises(ValueError, match="has none"):
         plain.generate("a red circle", start_with="image", image_size=(2, 2), best_of=2)
+
+
+# -- negative prompts (the guidance twin reads a text instead of the empty context) ------------------------------
+
+
+def _first_code_is_guided_against(engine, prompt, negative, scale, kind):
+    """Greedy, guided: the first body code drawn is the argmax of ``u + s·(c − u)``, with ``c`` the logits after the
+    prompt and ``u`` those after ``negative``, both followed by the span written so far (one full forward each)."""
+    v = engine.tokenizer.vocab
+    greedy = {"temperature": 0.0, "guidance_scale": scale}
+    size = dict(image_size=(2, 2)) if kind == "image" else dict(video_size=(1, 2, 2))
+    out = engine.generate(prompt, start_with=kind, max_images=1, seed=0, negative_prompt=negative,
+                          **{kind: greedy}, **size)
+    lo, hi = (v.image_offset, v.video_offset) if kind == "image" else (v.video_offset, v.video_offset +
+                                                                      v.video_codebook_size)
+    ids = out.ids.tolist()
+    k = next(i for i, t in enumerate(ids) if lo <= t < hi)  # the first body code
+    prefix = torch.tensor(ids[:k])
+    with torch.no_grad():
+        c = engine.model(torch.cat([engine.encode_prompt(prompt).ids, prefix])[None])[0, -1, lo:hi]
+        u = engine.model(torch.cat([engine.encode_prompt(negative).ids, prefix])[None])[0, -1, lo:hi]
+        empty = engine.model(torch.cat([torch.tensor([v.bos, v.null]), prefix])[None])[0, -1, lo:hi]
+    return ids[k] - lo, int((u + scale * (c - u)).argmax()), int((empty + scale * (c - empty)).argmax())
+
+
+@pytest.mark.parametrize("kind", ["image", "video"])
+def test_negative_prompt_is_what_the_guidance_twin_reads(engine, kind):
+    # a large scale, so the twin's context decides the code (at 3 this random model's c alone does)
+    drawn, expected, unconditional = _first_code_is_guided_against(
+        engine, "a red circle moves up", "a red circle moves down and is much longer than the prompt", 30.0, kind)
+    assert drawn == expected != unconditional
+
+
+def test_negative_prompt_of_the_empty_context_is_plain_guidance_and_another_text_changes_the_draw(engine):
+    v = engine.tokenizer.vocab
+    greedy = {"temperature": 0.0, "guidance_scale": 3.0}
+    prompts = ["a red circle moves up", "draw a cat on a mat"]
+    kwargs = dict(start_with="video", video_size=(2, 2, 2), max_images=1, video=greedy)
+    plain = engine.generate(prompts, **kwargs)
+    from tokenizers_mm.multimodal import TokenSequence
+    from tokenizers_mm.vocab import Modality
+
+    empty = TokenSequence(ids=torch.tensor([v.bos, v.null]), modality=torch.tensor([Modality.TEXT] * 2))
+    same = engine.generate(prompts, negative_prompt=[empty, empty], **kwargs)
+    assert [o.ids.tolist() for o in same] == [o.ids.tolist() for o in plain]
+    steered = engine.generate(prompts, negative_prompt="a red circle moves down", **kwargs)  # one str: every prompt
+    assert [o.ids.tolist() for o in steered] != [o.ids.tolist() for o in plain]
+    one = engine.generate(prompts[0], negative_prompt="a red circle moves down", **kwargs)
+    assert one.ids.tolist() == steered[0].ids.tolist()  # rows do not see each other's twins
+    fast = engine.generate(prompts, negative_prompt="a red circle moves down", speculative=3, **kwargs)
+    assert [o.ids.tolist() for o in fast] == [o.ids.tolist() for o in steered]  # speculative: the same ids
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"negative_prompt": "a red circle moves down"}, "off \\(guidance_scale 1\\) for every medium .* video="),
+    ({"negative_prompt": ["a", "b"], "video": {"guidance_scale": 2.0}}, "one str per prompt \\(1\\)"),
+    ({"negative_prompt": "  ", "video": {"guidance_scale": 2.0}}, "negative_prompt #0 must be a non-empty str"),
+    ({"negatives": ["a red circle moves down"]}, "to steer the drawing itself away from a text, pass negative_prompt"),
+])
+def test_negative_prompt_refusals_say_what_to_pass(engine, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        engine.generate("a red circle moves up", start_with="video", video_size=(1, 2, 2), max_images=1, **kwargs)
+
+
+def test_best_of_draws_every_candidate_with_its_prompts_negative_prompt(engine):
+    prompts = ["a red circle moves up", "a blue square moves to the left"]
+    negatives = [["a red circle moves down"], ["a blue square moves to the right"]]
+    steer = ["a red circle moves down", "a blue square moves to the right"]
+    kwargs = dict(start_with="video", video_size=(1, 2, 2), seed=4, video={"temperature": 1.0, "guidance_scale": 2.0})
+    best = engine.generate(prompts, best_of=2, negatives=negatives, negative_prompt=steer, **kwargs)
+    drawn = engine.generate([p for p in prompts for _ in range(2)], max_images=1,
+                            negative_prompt=[n for n in steer for _ in range(2)], **kwargs)
+    read = lambda out: [Video(codes=out.videos[0].codes)]  # noqa: E731
+    picks, _ = _contrast_pick(engine, drawn, prompts, negatives, 2, read)
+    assert [o.ids.tolist() for o in best] == [drawn[k].ids.tolist() for k in picks]
+    with pytest.raises(ValueError, match="negatives and negative_prompt act on text→image and text→video"):
+        engine.generate([Understand(_picture(1))], best_of=2, negative_prompt="x", image={"guidance_scale": 2.0})

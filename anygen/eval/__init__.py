@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "N-1 sampled) and keep the one under which the generation path finds the image most likely; "
                         "video draws N clips and keeps the one whose reading most favours its prompt over the same "
                         "motion in the other three directions (negatives) (default 1: no reranking)")
+    p.add_argument("--video-negative", choices=("none", "opposite"), default="none",
+                   help="the video row's negative prompt: 'opposite' guides each clip away from the same object moving "
+                        "the opposite way (\"... moves down\" for \"... moves up\"); needs --video-guidance-scale, "
+                        "e.g. 2 (default none: guidance, if any, against the empty context)")
     p.add_argument("--no-images", action="store_true", help="do not write the generated images")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     return p
@@ -100,7 +104,8 @@ def _run(args: argparse.Namespace) -> int:
                       sampling=eval_sampling(args.temperature, args.top_k, args.guidance_scale,
                                              args.video_guidance_scale, args.video_temperature,
                                              engine.sampling_defaults),
-                      keep_images=None if args.no_images else keep, best_of=args.best_of)
+                      keep_images=None if args.no_images else keep, best_of=args.best_of,
+                      video_negative=args.video_negative)
 
     def progress(result) -> None:
         print(f"  {result.name}: {result.metric} = {result.score:.4f} ({result.num} prompts, {result.seconds:.1f} s)",
@@ -113,7 +118,7 @@ def _run(args: argparse.Namespace) -> int:
     report = {
         "checkpoint": str(args.checkpoint) if args.checkpoint else ("random-tiny" if args.random_tiny else "default"),
         "num": args.num, "seed": args.seed, "holdout": args.holdout, "data_seed": args.data_seed,
-        "best_of": args.best_of,
+        "best_of": args.best_of, "video_negative": args.video_negative,
         "sampling": ctx.sampling, "image_tokens": ctx.image_tokens, "video_tokens": ctx.video_tokens,
         "seconds": round(time.perf_counter() - started, 2),
         "categories": {name: r.to_dict() for name, r in results.items()},

@@ -54,6 +54,8 @@ from tokenizers_mm.segments import Image, Understand
 # the issue's targets (fraction correct, on the category's headline metric)
 TARGETS: dict[str, float] = {"t2i_single": 0.95, "t2i_pair": 0.80, "caption": 0.90, "video": 0.85, "digits": 0.90,
                              "edit": 0.80}
+VIDEO_NEGATIVES: tuple[str, ...] = ("none", "opposite")  # EvalContext.video_negative
+OPPOSITE: dict[str, str] = {"left": "right", "right": "left", "up": "down", "down": "up"}
 CATEGORIES: tuple[str, ...] = ("t2i_single", "t2i_pair", "caption", "video", "digits", "edit", "story", "tokenizer")
 
 
@@ -126,6 +128,8 @@ class EvalContext:
             scores best; captions draw this many (the greedy one and the rest sampled) and keep the one under which
             the generation path finds the image most likely; video draws this many clips and keeps the one whose
             reading most favours its prompt over the same motion in the other three directions (``negatives``).
+        video_negative: ``"opposite"``: each clip's guidance twin reads the same motion in the opposite direction
+            (``negative_prompt``; acts only with video guidance on); ``"none"``: the empty context.
     """
 
     engine: Any
@@ -137,8 +141,11 @@ class EvalContext:
     sampling: dict[str, Any] = field(default_factory=dict)
     keep_images: Callable[[str, int, str, PIL.Image.Image], None] | None = None
     best_of: int = 1
+    video_negative: str = "none"
 
     def __post_init__(self) -> None:
+        if self.video_negative not in VIDEO_NEGATIVES:
+            raise ValueError(f"video_negative must be one of {VIDEO_NEGATIVES}, got {self.video_negative!r}")
         self.objects, self.motions = (sorted(s) for s in holdout_combinations(self.holdout, self.data_seed))
         tok = self.engine.tokenizer
         self.image_px = tok.image_size
@@ -291,16 +298,18 @@ def eval_video(ctx: EvalContext) -> CategoryResult:
     motions = [sample_motion(ctx.rng("video", i), key=ctx.motions[i % len(ctx.motions)]) for i in range(ctx.num)]
     t, h, w = ctx.video_tokens
     settings = dict(start_with="video", video_size=(t, h, w), max_images=1, max_new_tokens=t * (h * (w + 1) + 1) + 8)
-    if ctx.best_of > 1:  # rerank each prompt's clips against the same motion in its other directions
-        outputs = []
-        for lo in range(0, len(motions), ctx.batch_size):
-            batch = motions[lo:lo + ctx.batch_size]
-            negatives = [[motion_caption(replace(m, direction=d)) for d in DIRECTIONS if d != m.direction]
-                         for m in batch]
-            outputs += ctx.engine.generate([motion_caption(m) for m in batch], seed=ctx.seed + lo, **ctx.sampling,
-                                           **settings, best_of=ctx.best_of, negatives=negatives)
-    else:
-        outputs = ctx.generate([[motion_caption(m)] for m in motions], **settings)
+    outputs = []
+    for lo in range(0, len(motions), ctx.batch_size):
+        batch = motions[lo:lo + ctx.batch_size]
+        extra: dict[str, Any] = {}
+        if ctx.best_of > 1:  # rerank each prompt's clips against the same motion in its other directions
+            extra["best_of"] = ctx.best_of
+            extra["negatives"] = [[motion_caption(replace(m, direction=d)) for d in DIRECTIONS if d != m.direction]
+                                  for m in batch]
+        if ctx.video_negative == "opposite":  # guide each clip away from the opposite motion
+            extra["negative_prompt"] = [motion_caption(replace(m, direction=OPPOSITE[m.direction])) for m in batch]
+        prompts = [motion_caption(m) for m in batch] if extra else [[motion_caption(m)] for m in batch]
+        outputs += ctx.engine.generate(prompts, seed=ctx.seed + lo, **ctx.sampling, **settings, **extra)
     samples = []
     for i, (motion, out) in enumerate(zip(motions, outputs)):
         frames = out.videos[0].to_pil_frames() if out.videos else []
@@ -316,6 +325,8 @@ def eval_video(ctx: EvalContext) -> CategoryResult:
                "no_video": sum(not o.videos for o in outputs), "best_of": ctx.best_of}
     if ctx.best_of > 1:
         details["negatives"] = "the prompt's other directions"
+    if ctx.video_negative != "none":
+        details["negative_prompt"] = "the opposite motion"
     return CategoryResult("video", len(motions), "direction", _mean([s["correct"] for s in samples]), details,
                           samples, time.perf_counter() - started)
 

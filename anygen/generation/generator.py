@@ -32,6 +32,9 @@ Notable:
   the size is the requested one (or the layout's default), a header is forced after ``<|boi|>``, and
   with ``guidance="masked"`` the unconditional twin is the prompt with every id but ``<|bos|>`` /
   ``<|boi|>`` replaced by ``<|null|>`` (Janus), instead of ``<|bos|><|null|>``.
+- Negative prompts: ``stream(prompts, settings, negatives=[...])`` gives each row's twin that context instead
+  (``u`` is then the negative prompt's logits, so ``u + s·(c − u)`` steers away from it, as diffusion pipelines'
+  ``negative_prompt`` does); it only acts where guidance does.
 """
 
 from __future__ import annotations
@@ -202,7 +205,8 @@ class Generator:
     def video_span_len(self, t: int, h: int, w: int) -> int:
         return 4 + t * (h * (w + 1) + 1) + 1
 
-    def _check(self, prompts: list[TokenSequence], s: GenerationSettings) -> int:
+    def _check(self, prompts: list[TokenSequence], s: GenerationSettings,
+               negatives: list[TokenSequence] | None = None) -> int:
         """Validate the request before any work; returns the number of new tokens to budget for."""
         v, ctx = self.vocab, self.model.config.max_seq_len
         if not prompts:
@@ -224,7 +228,15 @@ class Generator:
             if not (1 <= t <= v.max_frames and 1 <= h <= v.max_height and 1 <= w <= v.max_width):
                 raise ValueError(f"video_size {t}x{h}x{w} tokens cannot be produced: accepted 1..{v.max_frames} "
                                  f"latent frames, 1..{v.max_height} rows, 1..{v.max_width} columns")
-        longest = max(len(p) for p in prompts)
+        if negatives is not None:
+            if len(negatives) != len(prompts):
+                raise ValueError(f"negatives: one negative prompt per prompt, got {len(negatives)} for "
+                                 f"{len(prompts)}")
+            if not any(getattr(s, m).guidance_scale != 1.0 for m in self._drawable(s, len(prompts))):
+                raise ValueError("a negative prompt steers classifier-free guidance, which is off (guidance_scale 1) "
+                                 f"for every medium this call may draw ({', '.join(self._drawable(s, len(prompts)))})"
+                                 ": set that medium's guidance_scale, e.g. video={'guidance_scale': 2}")
+        longest = max(len(p) for p in [*prompts, *(negatives or [])])
         if longest >= ctx:
             raise ValueError(f"the prompt is {longest} tokens but the model's context is {ctx} "
                              f"(AnyGenConfig.max_seq_len): shorten the prompt")
@@ -264,28 +276,34 @@ class Generator:
 
     # -- the loop ----------------------------------------------------------------------------------------
     @torch.no_grad()
-    def stream(self, prompts: list[TokenSequence], settings: GenerationSettings | None = None) -> Iterator[Event]:
-        """Generate for a batch of prompts, yielding events as ids arrive; ends with one ``RowDone`` per row."""
+    def stream(self, prompts: list[TokenSequence], settings: GenerationSettings | None = None,
+               negatives: list[TokenSequence] | None = None) -> Iterator[Event]:
+        """Generate for a batch of prompts, yielding events as ids arrive; ends with one ``RowDone`` per row.
+        ``negatives``: one prompt per row that its guidance twin reads instead of ``<|bos|><|null|>``."""
         s = settings or GenerationSettings()
-        budget = self._check(prompts, s)
-        run = self._start(prompts, s, budget)
+        budget = self._check(prompts, s, negatives)
+        run = self._start(prompts, s, budget, negatives)
         yield from (self._fast_steps if self.fast else self._plain_steps)(run, s, budget)
         for tracker in run.trackers:
             if not tracker.finished:
                 yield from tracker.finish("max_new_tokens")
 
-    def generate(self, prompts: list[TokenSequence], settings: GenerationSettings | None = None) -> list[RowDone]:
+    def generate(self, prompts: list[TokenSequence], settings: GenerationSettings | None = None,
+                 negatives: list[TokenSequence] | None = None) -> list[RowDone]:
         """Run ``stream`` to the end; one ``RowDone`` (segments and new ids) per prompt, in order."""
-        done = [e for e in self.stream(prompts, settings) if isinstance(e, RowDone)]
+        done = [e for e in self.stream(prompts, settings, negatives) if isinstance(e, RowDone)]
         return sorted(done, key=lambda e: e.row)
 
-    def _start(self, prompts: list[TokenSequence], s: GenerationSettings, budget: int) -> _Run:
+    def _start(self, prompts: list[TokenSequence], s: GenerationSettings, budget: int,
+               negatives: list[TokenSequence] | None = None) -> _Run:
         """Left-pad the prompts (and their guidance twins), prefill the cache, build the sampler's tensors."""
         v, dev, model = self.vocab, self.device, self.model
         b = len(prompts)
         guided = any(getattr(s, m).guidance_scale != 1.0 for m in self._drawable(s, b))
         rows = [p.ids for p in prompts]
-        if guided and self.layout.guidance == "masked":  # the reference's twin: the prompt, blanked
+        if guided and negatives is not None:  # each twin reads its row's negative prompt
+            rows += [n.ids for n in negatives]
+        elif guided and self.layout.guidance == "masked":  # the reference's twin: the prompt, blanked
             rows += [torch.where((p.ids == v.bos) | (p.ids == v.boi), p.ids, v.null) for p in prompts]
         elif guided:
             rows += [torch.tensor([v.bos, v.null])] * b

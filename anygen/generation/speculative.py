@@ -129,7 +129,8 @@ def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tenso
 
 @torch.no_grad()
 def generate_speculative(generator: Generator, prompts: list[TokenSequence], settings: GenerationSettings, *,
-                         window: int = 16) -> tuple[list[RowDone], SpeculativeStats]:
+                         window: int = 16, negatives: list[TokenSequence] | None = None
+                         ) -> tuple[list[RowDone], SpeculativeStats]:
     """One image (or video) per prompt by speculative Jacobi decoding; same output distribution as ``generate``.
 
     Args:
@@ -138,6 +139,7 @@ def generate_speculative(generator: Generator, prompts: list[TokenSequence], set
         settings: as for ``Generator.generate``; ``start_with`` and the size must fix the span (see the
             module docstring), ``max_images`` is taken as 1, and the modality's ``top_k`` / ``top_p`` must be off.
         window: ids per row and forward pass (1 is plain decoding, one forward per id).
+        negatives: one negative prompt per prompt for the guidance twins, as ``Generator.stream`` takes them.
 
     Returns:
         One ``RowDone`` per prompt (reason ``"max_images"``) and the ``SpeculativeStats``.
@@ -151,8 +153,8 @@ def generate_speculative(generator: Generator, prompts: list[TokenSequence], set
     v, model, dev = generator.vocab, generator.model, generator.device
     offset = v.image_offset if kind == "image" else v.video_offset
     k = v.image_codebook_size if kind == "image" else v.video_codebook_size
-    budget = generator._check(prompts, settings)  # validates the request; the span fits (start_with is set)
-    run = generator._start(prompts, settings, budget)
+    budget = generator._check(prompts, settings, negatives)  # validates the request; the span fits
+    run = generator._start(prompts, settings, budget, negatives)
     b, guided, width = run.b, run.guided and cfg.guidance_scale != 1.0, run.width
     rows = model.cache_valid.shape[0]
     gen = run.generator
