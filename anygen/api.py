@@ -327,7 +327,8 @@ class AnyGen:
                 where the reading alone ranks clips no better than one draw (``docs/default_model.md``).
             negative_prompt: what to steer away from while drawing: the text each prompt's classifier-free guidance
                 twin reads instead of the empty context, so guided logits ``u + s·(c − u)`` push from it towards the
-                prompt (diffusion pipelines' ``negative_prompt``). A str (for every prompt) or one str per prompt.
+                prompt (diffusion pipelines' ``negative_prompt``). A str (for every prompt) or one str (None:
+                none) per prompt.
                 It acts only where guidance does: set the medium's ``guidance_scale`` (clips draw unguided by
                 default; the shipped model draws the asked direction of motion for 88.8 % of held-out prompts with
                 the opposite motion as negative prompt at ``video={"guidance_scale": 2}``, 74.6 % without).
@@ -512,8 +513,9 @@ class AnyGen:
                                    head_mode=head_mode or self.config.head_mode, reduction="none")
         return (-nll.sum(-1)).tolist()
 
-    def _negative_prompts(self, negative_prompt: Any, n: int) -> list[TokenSequence] | None:
-        """``negative_prompt`` as one encoded prompt per row (None: none given); already-encoded passes through."""
+    def _negative_prompts(self, negative_prompt: Any, n: int) -> list[TokenSequence | None] | None:
+        """``negative_prompt`` as one encoded prompt per row (None: none given; a None entry: that row's twin reads
+        the empty context); already-encoded passes through."""
         if negative_prompt is None:
             return None
         texts = [negative_prompt] * n if isinstance(negative_prompt, str) else negative_prompt
@@ -521,12 +523,13 @@ class AnyGen:
             raise ValueError(f"negative_prompt must be a str or one str per prompt ({n}), got {negative_prompt!r:.200}")
         out = []
         for i, text in enumerate(texts):
-            if isinstance(text, TokenSequence):
+            if text is None or isinstance(text, TokenSequence):
                 out.append(text)
             elif isinstance(text, str) and text.strip():
                 out.append(self.encode_prompt(text))
             else:
-                raise ValueError(f"negative_prompt #{i} must be a non-empty str, got {text!r:.200}")
+                raise ValueError(f"negative_prompt #{i} must be a non-empty str (or None: none for that prompt), got "
+                                 f"{text!r:.200}")
         return out
 
     @staticmethod
@@ -543,7 +546,7 @@ class AnyGen:
         rows = []
         for i, (prompt, row) in enumerate(zip(prompts, negatives)):
             row = [row] if isinstance(row, str) else row
-            if not isinstance(row, (list, tuple)) or not row:
+            if not isinstance(row, (list, tuple)) or (not row and not batched):  # in a batch, []: none for it
                 raise ValueError(f"negatives of prompt #{i} must be a non-empty list of str, got {row!r:.200}")
             for j, text in enumerate(row):
                 if not isinstance(text, str) or not text.strip():
@@ -570,9 +573,9 @@ class AnyGen:
             raise ValueError(f"best_of must be an int >= 1 (candidates drawn per prompt; 1: off), got {n!r}")
         if kwargs["start_with"] is None:
             if negatives is not None or kwargs["negative_prompt"] is not None:
-                raise ValueError("negatives and negative_prompt act on text→image and text→video: pass "
-                                 "start_with='image' or 'video' with them (best_of without start_with reranks "
-                                 "image→text replies, by the picture alone)")
+                raise ValueError("best_of without start_with reranks image→text replies, by the picture alone; "
+                                 "negatives and negative_prompt go with best_of on text→image or text→video: pass "
+                                 "start_with='image' or 'video'")
             return self._best_reply(prompts, n, kwargs)
         kind = kwargs["start_with"]
         if kind not in ("image", "video") or kwargs["max_images"] not in (0, 1):
@@ -587,8 +590,9 @@ class AnyGen:
         if kind == "video":
             if self.tokenizer.video is None:
                 raise ValueError("best_of with start_with='video' draws clips, and this model has no video tokenizer")
-            if negatives is None:
-                raise ValueError("best_of for text→video needs negatives=[...], texts the clip must not match (for "
+            if negatives is None or not all(negatives):
+                raise ValueError("best_of for text→video needs negatives=[...] for every prompt, texts the clip must "
+                                 "not match (for "
                                  "\"a red circle moves up\": the other directions): the model's reading of a clip "
                                  "ranks clips no better than one draw on its own, and contrasted with negatives it "
                                  "keeps the right one (docs/default_model.md)")
@@ -618,9 +622,13 @@ class AnyGen:
             ValueError: a candidate is not an image, a clip or None, an image needs an understanding encoder the
                 model lacks, or a negative is not a non-empty str.
         """
-        texts = [prompt, *(negatives or [])]
+        others = [negatives] if isinstance(negatives, str) else list(negatives or [])
+        texts = [prompt, *dict.fromkeys(others)]  # a negative given twice counts once
         if not all(isinstance(t, str) and t.strip() for t in texts):
             raise ValueError(f"the prompt and each negative must be a non-empty str, got {texts!r:.200}")
+        if any(t.strip() == prompt.strip() for t in texts[1:]):
+            raise ValueError(f"a negative is the prompt itself ({prompt!r:.200}); a negative is what the candidate "
+                             "must not be")
         reads: dict[int, list] = {}  # candidate -> the context its texts are scored after
         for k, drawn in enumerate(candidates):
             if drawn is None:
@@ -640,7 +648,7 @@ class AnyGen:
         flat = self.score([reads[k] for k in reads for _ in texts], [t for _ in reads for t in texts])
         for j, k in enumerate(reads):
             row = torch.tensor(flat[j * len(texts):(j + 1) * len(texts)])
-            scores[k] = float(row[0] - torch.logsumexp(row, 0)) if negatives else float(row[0])
+            scores[k] = float(row[0] - torch.logsumexp(row, 0)) if len(texts) > 1 else float(row[0])
         return scores
 
     def _best_reply(self, prompts: list[Prompt], n: int, kwargs: dict[str, Any]) -> list[GenerationOutput]:

@@ -114,12 +114,8 @@ def draw_and_score(engine: AnyGen, ctx: EvalContext, scenes: list[list[Any]], ca
         unc = engine.score_image([unconditional] * len(images), images) if images else []
         rows.append([{"correct": judge_scene(scene, im)["correct"], "und": a, "gen": b, "unc": c}
                      for im, a, b, c in zip(images, und, gen, unc)])
-        if negatives and images:
-            others = scene_negatives(scene)
-            read = torch.tensor(engine.score([[Understand(im)] for im in images for _ in others],
-                                             [t for _ in images for t in others])).view(len(images), len(others))
-            both = torch.cat([torch.tensor(und)[:, None], read], 1)
-            for cand, value in zip(rows[-1], (both[:, 0] - both.logsumexp(1)).tolist()):
+        if negatives and images:  # the ranking generate(best_of, negatives=...) keeps
+            for cand, value in zip(rows[-1], engine.score_candidates(images, prompt, scene_negatives(scene))):
                 cand["con"] = value
         if progress:
             right = sum(c["correct"] for c in rows[-1])

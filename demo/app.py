@@ -93,6 +93,16 @@ CSS = """
 """
 
 
+def _first_media(done: RowDone) -> PIL.Image.Image | Video | None:
+    """A candidate reply's first drawn image (its pixels) or clip (with codes), what best of N ranks it by."""
+    for seg in done.segments:
+        if isinstance(seg, Image) and seg.image is not None:
+            return seg.image
+        if isinstance(seg, Video) and seg.codes is not None:
+            return seg
+    return None
+
+
 # -- per-request options and per-session state -----------------------------------------------------------
 @dataclass
 class ChatOptions:
@@ -376,10 +386,7 @@ class ChatRunner:
                 ["".join(s.text for s in dones[r].segments if isinstance(s, Text)) for r in rows], picture)
             return rows[max(range(len(rows)), key=lambda i: scores[i])]  # all -inf: the first
         rows = sorted(dones)
-        media = [next((s.image if isinstance(s, Image) else s for s in dones[r].segments
-                       if (isinstance(s, Image) and s.image is not None) or (isinstance(s, Video) and s.codes
-                                                                              is not None)), None) for r in rows]
-        scores = self.engine.score_candidates(media, text, negatives or None)
+        scores = self.engine.score_candidates([_first_media(dones[r]) for r in rows], text, negatives or None)
         return rows[max(range(len(rows)), key=lambda i: scores[i])]  # nothing drawn (all -inf): the first
 
     def _make_room(self, conv: Conversation, new: Turn, settings: GenerationSettings) -> int:
@@ -481,7 +488,7 @@ class ChatRunner:
                                        "model's generation path finds the picture most likely."))
                 elif candidates > 1 and settings.start_with == "video":
                     clip = next((s for s in done.segments if isinstance(s, Video)), None)
-                    if first_video is not None and clip is not None:
+                    if first_video is not None and clip is not None and kept != 0:  # 0: already shown
                         first_video["content"] = self._save_video(conv, clip)
                     reply.append(_note(f"ℹ️ best of {candidates}: kept clip {kept + 1}, the one the model reads as "
                                        "the message most, against the negatives."))

@@ -67,7 +67,7 @@ def test_build_tokenizer_errors(inputs, tmp_path, capsys):
     assert "nope.jsonl" in capsys.readouterr().err
     assert main(["--documents", str(docs), "--video-tokenizer", str(video), "--video-frames", "8",
                  "--out", str(tmp_path / "t")]) == 1  # not a length the causal video tokenizer takes
-    assert "anygen build-tokenizer: error:" in capsys.readouterr().err
+    assert "video_frames=8 is not a clip length the video tokenizer takes" in capsys.readouterr().err
 
 
 def test_build_tokenizer_records_the_trained_clip_length(inputs, tmp_path, capsys):

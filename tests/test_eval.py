@@ -196,8 +196,7 @@ def test_best_of_reranks_clips_against_the_same_motion_in_its_other_directions(m
         assert {(c, s) for c, s, _ in read} == {(color, shape)}  # the same object, in every other direction
         assert sorted(d for *_, d in read + [(color, shape, direction)]) == ["down", "left", "right", "up"]
     assert result.details["best_of"] == 2 and result.details["negatives"] == "the prompt's other directions"
-    assert result.num == 3 and all(s["detected"] is None or s["detected"] in ("down", "left", "right", "up")
-                                   for s in result.samples)
+    assert result.num == 3 and [s["direction"] for s in result.samples] == [parse_motion(p)[2] for p in prompts]
     calls.clear()
     plain = eval_video(EvalContext(engine, num=3))  # no reranking: one draw a prompt, no negatives
     assert all(kw.get("best_of", 1) == 1 and "negatives" not in kw for _, kw in calls)
@@ -224,8 +223,9 @@ def test_video_negative_guides_each_clip_away_from_the_opposite_motion(tmp_path,
     with pytest.raises(ValueError, match="video_negative must be one of"):
         EvalContext(engine, num=1, video_negative="sideways")
     out = tmp_path / "eval"
-    assert main(["--random-tiny", "--num", "1", "--out", str(out), "--categories", "video",
-                 "--video-negative", "opposite"]) == 2  # video guidance off: said, not ignored
+    assert main(["--random-tiny", "--num", "1", "--out", str(out), "--categories", "t2i_single,video",
+                 "--video-negative", "opposite"]) == 2  # video guidance off: said before any category runs
+    assert not (out / "eval.json").exists()
     assert main(["--random-tiny", "--num", "1", "--out", str(out), "--categories", "video",
                  "--video-negative", "opposite", "--video-guidance-scale", "2"]) == 0
     assert json.loads((out / "eval.json").read_text())["video_negative"] == "opposite"

@@ -359,7 +359,13 @@ def test_cli_generate_best_of_video_takes_negatives_from_the_flag_or_the_prompts
                  "--out", str(tmp_path / "file")]) == 0
     assert sorted(p.name for p in (tmp_path / "file").iterdir()) == ["0000", "0001"]
     assert main(["--prompts", str(prompts), *video, "--out", str(tmp_path / "half")]) == 2  # line 2 has none
-    assert "negatives of prompt #1 must be a non-empty list of str" in capsys.readouterr().err
+    assert "text→video needs negatives=[...] for every prompt" in capsys.readouterr().err
+    mixed = tmp_path / "mixed.jsonl"  # a negative prompt on one line only: the other's guidance is the plain one
+    mixed.write_text(json.dumps({"prompt": "a red circle moves up", "negative_prompt": "a red circle moves down"}) +
+                     '\n"a blue square moves up"\n')
+    assert main(["--prompts", str(mixed), *video[:-4], "--video-guidance-scale", "2", "--max-images", "1",
+                 "--out", str(tmp_path / "mixed")]) == 0
+    assert sorted(p.name for p in (tmp_path / "mixed").iterdir()) == ["0000", "0001"]
     steered = ["a red circle moves up", *video, "--video-guidance-scale", "2", "--negative-prompt",
                "a red circle moves down", "--negative", "a red circle moves down"]
     assert main([*steered, "--out", str(tmp_path / "steered")]) == 0
@@ -579,7 +585,7 @@ def test_best_of_a_reply_needs_exactly_one_image_in_the_prompt(engine, prompt, h
     ({"best_of": 2, "start_with": None}, "holds 0"),  # no start_with: image→text, and "a red circle" has no image
     ({"best_of": 2, "start_with": "video"}, "text→video needs negatives=\\[...\\]"),
     ({"best_of": 2, "max_new_tokens": 4, "start_with": None, "negatives": ["a blue square"]},
-     "pass start_with='image' or 'video' with them"),
+     "negatives and negative_prompt go with best_of on text→image or text→video"),
     ({"negatives": ["a blue square"]}, "pass best_of > 1 with them"),
     ({"best_of": 2, "negatives": ["a red circle "]}, "negative #0 of prompt #0 is the prompt itself"),
     ({"best_of": 2, "negatives": ["a blue square", ""]}, "negative #1 of prompt #0 must be a non-empty str"),
@@ -651,7 +657,11 @@ def test_score_candidates_reads_images_and_clips_and_scores_nothing_drawn_as_min
     assert plain[3] == pytest.approx(engine.score([Video(codes=clip.codes)], prompt)[0], abs=1e-4)
     read = torch.tensor([engine.score([Video(codes=clip.codes)], t)[0] for t in [prompt, *negatives]])
     (contrast,) = engine.score_candidates([clip], prompt, negatives)
-    assert contrast == pytest.approx(float(read[0] - read.logsumexp(0)), abs=1e-4) and contrast < 0
+    assert contrast == pytest.approx(float(read[0] - read.logsumexp(0)), abs=1e-4)
+    assert engine.score_candidates([clip], prompt, negatives[0]) == [contrast]  # one str is one negative
+    assert engine.score_candidates([clip], prompt, negatives * 2) == [contrast]  # given twice, counted once
+    with pytest.raises(ValueError, match="a negative is the prompt itself"):
+        engine.score_candidates([clip], prompt, [prompt + " "])
     assert engine.score_candidates([None, None], prompt) == [float("-inf")] * 2  # nothing to read: no forward
     with pytest.raises(ValueError, match="candidate #0 is a str; accepted: PIL.Image, Image, Video, None"):
         engine.score_candidates(["a picture"], prompt)
@@ -727,8 +737,13 @@ def test_negative_prompt_of_the_empty_context_is_plain_guidance_and_another_text
     ({"negative_prompt": ["a", "b"], "video": {"guidance_scale": 2.0}}, "one str per prompt \\(1\\)"),
     ({"negative_prompt": "  ", "video": {"guidance_scale": 2.0}}, "negative_prompt #0 must be a non-empty str"),
     ({"negatives": ["a red circle moves down"]}, "to steer the drawing itself away from a text, pass negative_prompt"),
+    ({"negative_prompt": "__understood__", "video": {"guidance_scale": 2.0}}, "cannot be one"),
+    ({"negative_prompt": "a red circle " * 400, "video": {"guidance_scale": 2.0}},
+     "negative prompt #0 is \\d+ tokens but the model's context is .* shorten the negative prompt"),
 ])
 def test_negative_prompt_refusals_say_what_to_pass(engine, kwargs, match):
+    if kwargs.get("negative_prompt") == "__understood__":  # an encoded prompt holding an understood image
+        kwargs = {**kwargs, "negative_prompt": [engine.encode_prompt([Understand(_picture(2)), "x"])]}
     with pytest.raises(ValueError, match=match):
         engine.generate("a red circle moves up", start_with="video", video_size=(1, 2, 2), max_images=1, **kwargs)
 
@@ -744,5 +759,5 @@ def test_best_of_draws_every_candidate_with_its_prompts_negative_prompt(engine):
     read = lambda out: [Video(codes=out.videos[0].codes)]  # noqa: E731
     picks, _ = _contrast_pick(engine, drawn, prompts, negatives, 2, read)
     assert [o.ids.tolist() for o in best] == [drawn[k].ids.tolist() for k in picks]
-    with pytest.raises(ValueError, match="negatives and negative_prompt act on text→image and text→video"):
+    with pytest.raises(ValueError, match="negatives and negative_prompt go with best_of on text→image or text→video"):
         engine.generate([Understand(_picture(1))], best_of=2, negative_prompt="x", image={"guidance_scale": 2.0})

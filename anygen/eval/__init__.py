@@ -107,6 +107,10 @@ def _run(args: argparse.Namespace) -> int:
                       keep_images=None if args.no_images else keep, best_of=args.best_of,
                       video_negative=args.video_negative)
 
+    if args.video_negative != "none" and "video" in categories and ctx.sampling["video"]["guidance_scale"] == 1.0:
+        raise ValueError("--video-negative steers video guidance, which is off (scale 1): add --video-guidance-scale, "
+                         "e.g. 2")
+
     def progress(result) -> None:
         print(f"  {result.name}: {result.metric} = {result.score:.4f} ({result.num} prompts, {result.seconds:.1f} s)",
               file=sys.stderr, flush=True)

@@ -151,9 +151,9 @@ class EvalContext:
         self.image_px = tok.image_size
         self.video_px = tok.video_size
         self.image_tokens: tuple[int, int] | None = tok.image_grid
-        self.video_tokens: tuple[int, int, int] | None = None
-        self.frames = 9
-        if tok.video is not None:
+        self.video_tokens: tuple[int, int, int] | None = tok.video_grid  # the trained clip, where recorded
+        self.frames = tok.video_frames or 9  # else the shapes data's clip length
+        if tok.video is not None and self.video_tokens is None:
             down = tok.video.downsample
             self.video_tokens = (tok.video.num_latent_frames(self.frames), self.video_px[0] // down,
                                  self.video_px[1] // down)

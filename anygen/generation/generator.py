@@ -206,7 +206,7 @@ class Generator:
         return 4 + t * (h * (w + 1) + 1) + 1
 
     def _check(self, prompts: list[TokenSequence], s: GenerationSettings,
-               negatives: list[TokenSequence] | None = None) -> int:
+               negatives: list[TokenSequence | None] | None = None) -> int:
         """Validate the request before any work; returns the number of new tokens to budget for."""
         v, ctx = self.vocab, self.model.config.max_seq_len
         if not prompts:
@@ -232,11 +232,18 @@ class Generator:
             if len(negatives) != len(prompts):
                 raise ValueError(f"negatives: one negative prompt per prompt, got {len(negatives)} for "
                                  f"{len(prompts)}")
+            if any(n is not None and n.und_pixels is not None for n in negatives):
+                raise ValueError("a negative prompt is read by the guidance twin as text and VQ spans; an image for "
+                                 "the understanding encoder (Understand) cannot be one")
+            for i, n in enumerate(negatives):
+                if n is not None and len(n) >= ctx:
+                    raise ValueError(f"negative prompt #{i} is {len(n)} tokens but the model's context is {ctx} "
+                                     f"(AnyGenConfig.max_seq_len): shorten the negative prompt")
             if not any(getattr(s, m).guidance_scale != 1.0 for m in self._drawable(s, len(prompts))):
                 raise ValueError("a negative prompt steers classifier-free guidance, which is off (guidance_scale 1) "
                                  f"for every medium this call may draw ({', '.join(self._drawable(s, len(prompts)))})"
                                  ": set that medium's guidance_scale, e.g. video={'guidance_scale': 2}")
-        longest = max(len(p) for p in [*prompts, *(negatives or [])])
+        longest = max(len(p) for p in [*prompts, *(n for n in negatives or [] if n is not None)])
         if longest >= ctx:
             raise ValueError(f"the prompt is {longest} tokens but the model's context is {ctx} "
                              f"(AnyGenConfig.max_seq_len): shorten the prompt")
@@ -251,8 +258,8 @@ class Generator:
             if need <= budget:
                 continue
             raise ValueError(f"the requested {what} needs {need} tokens but only {budget} fit "
-                             f"(prompt {longest} tokens, context {ctx}, max_new_tokens {s.max_new_tokens}); "
-                             f"ask for a smaller size or a shorter prompt")
+                             f"(prompt{' or negative prompt' if negatives else ''} {longest} tokens, context {ctx}, "
+                             f"max_new_tokens {s.max_new_tokens}); ask for a smaller size or a shorter prompt")
         return budget
 
     @staticmethod
@@ -274,12 +281,21 @@ class Generator:
             kinds = tuple(m for m in kinds if m in starts)
         return kinds
 
+    def _empty_twin(self, prompt: TokenSequence) -> torch.Tensor:
+        """The unconditional twin's context: ``<|bos|><|null|>``, or (``guidance="masked"``, Janus) the prompt with
+        every id but ``<|bos|>`` / ``<|boi|>`` replaced by ``<|null|>``."""
+        v = self.vocab
+        if self.layout.guidance == "masked":
+            return torch.where((prompt.ids == v.bos) | (prompt.ids == v.boi), prompt.ids, v.null)
+        return torch.tensor([v.bos, v.null])
+
     # -- the loop ----------------------------------------------------------------------------------------
     @torch.no_grad()
     def stream(self, prompts: list[TokenSequence], settings: GenerationSettings | None = None,
-               negatives: list[TokenSequence] | None = None) -> Iterator[Event]:
+               negatives: list[TokenSequence | None] | None = None) -> Iterator[Event]:
         """Generate for a batch of prompts, yielding events as ids arrive; ends with one ``RowDone`` per row.
-        ``negatives``: one prompt per row that its guidance twin reads instead of ``<|bos|><|null|>``."""
+        ``negatives``: one prompt per row that its guidance twin reads instead of ``<|bos|><|null|>`` (None for a
+        row: that one)."""
         s = settings or GenerationSettings()
         budget = self._check(prompts, s, negatives)
         run = self._start(prompts, s, budget, negatives)
@@ -289,24 +305,21 @@ class Generator:
                 yield from tracker.finish("max_new_tokens")
 
     def generate(self, prompts: list[TokenSequence], settings: GenerationSettings | None = None,
-                 negatives: list[TokenSequence] | None = None) -> list[RowDone]:
+                 negatives: list[TokenSequence | None] | None = None) -> list[RowDone]:
         """Run ``stream`` to the end; one ``RowDone`` (segments and new ids) per prompt, in order."""
         done = [e for e in self.stream(prompts, settings, negatives) if isinstance(e, RowDone)]
         return sorted(done, key=lambda e: e.row)
 
     def _start(self, prompts: list[TokenSequence], s: GenerationSettings, budget: int,
-               negatives: list[TokenSequence] | None = None) -> _Run:
+               negatives: list[TokenSequence | None] | None = None) -> _Run:
         """Left-pad the prompts (and their guidance twins), prefill the cache, build the sampler's tensors."""
         v, dev, model = self.vocab, self.device, self.model
         b = len(prompts)
         guided = any(getattr(s, m).guidance_scale != 1.0 for m in self._drawable(s, b))
         rows = [p.ids for p in prompts]
-        if guided and negatives is not None:  # each twin reads its row's negative prompt
-            rows += [n.ids for n in negatives]
-        elif guided and self.layout.guidance == "masked":  # the reference's twin: the prompt, blanked
-            rows += [torch.where((p.ids == v.bos) | (p.ids == v.boi), p.ids, v.null) for p in prompts]
-        elif guided:
-            rows += [torch.tensor([v.bos, v.null])] * b
+        if guided:  # each twin reads its row's negative prompt, else the empty context
+            given = negatives if negatives is not None else [None] * b
+            rows += [n.ids if n is not None else self._empty_twin(p) for p, n in zip(prompts, given)]
         r = len(rows)
         width = max(len(x) for x in rows)
         ids = torch.full((r, width), v.pad, dtype=torch.long)
