@@ -45,6 +45,28 @@ def test_default_model_draws_the_digit_it_is_asked_for():
     assert sum(p == d for d, p in enumerate(predicted)) >= 7, predicted
 
 
+def test_default_model_steered_from_the_opposite_motion_draws_the_asked_one():
+    """A quality floor, not the eval: 16 held-out motions (one batch, seeded), each clip guided away from the opposite
+    motion (``negative_prompt``, video guidance 2), judged by ``motion_direction``; the eval reads 88.8 % over 1080
+    such prompts (these 16: 14 steered, 12 unguided), the floor is 12 of 16."""
+    import random
+    from dataclasses import replace
+
+    from anygen.api import AnyGen
+    from anygen.data.shapes import holdout_combinations, motion_caption, sample_motion
+    from anygen.eval.detect import motion_direction
+    from anygen.eval.harness import OPPOSITE
+
+    engine = AnyGen.from_pretrained(default_checkpoint())
+    keys = sorted(holdout_combinations(0.1, 0)[1])  # the 10 held-out motions, cycled as the eval does
+    asked = [sample_motion(random.Random(i), key=keys[i % len(keys)]) for i in range(16)]
+    outs = engine.generate([motion_caption(m) for m in asked], start_with="video", max_images=1, seed=0,
+                           video={"guidance_scale": 2.0},
+                           negative_prompt=[motion_caption(replace(m, direction=OPPOSITE[m.direction])) for m in asked])
+    drawn = [motion_direction(o.videos[0].to_pil_frames()) if o.videos else None for o in outs]
+    assert sum(d == m.direction for d, m in zip(drawn, asked)) >= 12, drawn
+
+
 def test_load_engine_falls_back_to_the_default_model():
     from anygen.cli_generate import load_engine
 
@@ -60,6 +82,7 @@ def test_quickstart_uses_the_default_model(tmp_path):
     assert main(["--out", str(tmp_path)]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert {"image", "video", "caption", "digit"} <= set(summary["written"])
+    assert summary["prompts"]["video_negative_prompt"] == "a green triangle moves to the left"  # the clip is steered
     assert (tmp_path / "image.png").is_file() and (tmp_path / "video.mp4").is_file()
 
 
