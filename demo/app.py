@@ -181,6 +181,12 @@ class ChatOptions:
             raise ValueError(f"negatives must be text, one per line, got {type(self.negatives).__name__}")
         return [line.strip() for line in self.negatives.splitlines() if line.strip()]
 
+    def negative_prompt_text(self) -> str:
+        """``negative_prompt`` stripped (empty: none)."""
+        if not isinstance(self.negative_prompt, str):
+            raise ValueError(f"negative prompt must be text, got {type(self.negative_prompt).__name__}")
+        return self.negative_prompt.strip()
+
     def image_size(self, max_h: int, max_w: int) -> tuple[int, int] | None:
         if self.aspect not in ASPECTS:
             raise ValueError(f"aspect must be one of {list(ASPECTS)}, got {self.aspect!r}")
@@ -327,6 +333,7 @@ class ChatRunner:
             settings = options.settings(self.engine)
             seq = tok.encode(segments, bos=False, eos=False)
             negatives = options.negative_texts()
+            steer = options.negative_prompt_text()
             candidates = self._candidates(options.best_of, settings, text, negatives)
             picture = self._rerank_picture(settings, segments) if options.best_of > 1 and candidates == 1 else None
             candidates = options.best_of if picture is not None else candidates
@@ -347,7 +354,6 @@ class ChatRunner:
         if dropped:
             conv.messages.append(_note(f"ℹ️ dropped the {dropped} oldest turn(s) from the model's context to make "
                                        f"room for this reply."))
-        steer = options.negative_prompt.strip() if isinstance(options.negative_prompt, str) else ""
         yield from self._stream(conv, conv.context(new, tok.vocab), new, settings, candidates, text, picture,
                                 negatives, self.engine.encode_prompt(steer) if steer else None)
 

@@ -118,6 +118,9 @@ def test_negatives_are_one_per_line():
     assert ChatOptions().negative_texts() == []
     with pytest.raises(ValueError, match="negatives must be text, one per line, got list"):
         ChatOptions(negatives=["a"]).negative_texts()
+    assert ChatOptions(negative_prompt=" a red circle moves down ").negative_prompt_text() == "a red circle moves down"
+    with pytest.raises(ValueError, match="negative prompt must be text, got int"):
+        ChatOptions(negative_prompt=3).negative_prompt_text()
 
 
 def test_conversation_is_kept_as_tokens_and_images_are_not_reencoded(engine, tmp_path, monkeypatch):

@@ -201,5 +201,7 @@ def test_video_frames_give_the_trained_clip_grid_and_survive_save_load(mm, tmp_p
     assert again.video_frames == 5 and again.video_grid == timed.video_grid
     with pytest.raises(ValueError, match="video_frames=4 is not a clip length .* accepts T = 1 \\+"):
         MultimodalTokenizer(mm.text, mm.image, mm.video, video_size=16, video_frames=4)
+    with pytest.raises(ValueError, match="more than the size tokens can describe \\(max_frames=1\\)"):
+        MultimodalTokenizer(mm.text, mm.image, mm.video, video_size=16, max_frames=1, video_frames=5)
     with pytest.raises(ValueError, match="needs a video tokenizer"):
         MultimodalTokenizer(mm.text, mm.image, None, video_frames=5)

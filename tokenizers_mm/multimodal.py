@@ -120,10 +120,13 @@ class MultimodalTokenizer:
             if video is None:
                 raise ValueError(f"video_frames={video_frames!r} needs a video tokenizer, and none is given")
             try:
-                video.num_latent_frames(video_frames)
+                latent = video.num_latent_frames(video_frames)
             except ValueError as err:  # the lengths the causal tokenizer accepts, named
                 raise ValueError(f"video_frames={video_frames!r} is not a clip length the video tokenizer takes: "
                                  f"{err}") from err
+            if latent > max_frames:
+                raise ValueError(f"video_frames={video_frames} makes {latent} latent frames, more than the size "
+                                 f"tokens can describe (max_frames={max_frames})")
         self.video_frames = video_frames
         self.vocab = Vocab(
             text_size=text.vocab_size,
