@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     for m in MODALITIES:
         for f in fields(SamplingConfig):
-            p.add_argument(f"--{m}-{f.name.replace('_', '-')}", type=type(f.default), default=None,
+            kind = float if f.default is None else type(f.default)  # image_guidance_scale: None is off
+            p.add_argument(f"--{m}-{f.name.replace('_', '-')}", type=kind, default=None,
                            dest=f"{m}_{f.name}",
                            help=f"{m} sampling: {f.name} (default: the checkpoint's generation_config.json)")
     return p

@@ -130,6 +130,7 @@ class ChatOptions:
     image_temperature: float = DEFAULT_IMAGE.temperature
     image_top_k: int = DEFAULT_IMAGE.top_k
     image_guidance: float = DEFAULT_IMAGE.guidance_scale
+    image_source_guidance: float = DEFAULT_IMAGE.image_guidance_scale or 0.0  # image_guidance_scale; 0: off
     video_temperature: float = DEFAULT_VIDEO.temperature
     video_top_k: int = DEFAULT_VIDEO.top_k
     video_guidance: float = DEFAULT_VIDEO.guidance_scale
@@ -153,7 +154,8 @@ class ChatOptions:
                    max_new_tokens=min(512, ctx), preview_every=max(1, side // 4),
                    text_temperature=d.text.temperature, text_top_k=d.text.top_k, text_top_p=d.text.top_p,
                    image_temperature=d.image.temperature, image_top_k=d.image.top_k,
-                   image_guidance=d.image.guidance_scale, video_temperature=d.video.temperature,
+                   image_guidance=d.image.guidance_scale, image_source_guidance=d.image.image_guidance_scale or 0.0,
+                   video_temperature=d.video.temperature,
                    video_top_k=d.video.top_k, video_guidance=d.video.guidance_scale)
 
     @classmethod
@@ -206,7 +208,8 @@ class ChatOptions:
         return GenerationSettings(
             max_new_tokens=self.max_new_tokens,
             text=SamplingConfig(self.text_temperature, self.text_top_k, self.text_top_p),
-            image=SamplingConfig(self.image_temperature, self.image_top_k, 1.0, self.image_guidance),
+            image=SamplingConfig(self.image_temperature, self.image_top_k, 1.0, self.image_guidance,
+                                 self.image_source_guidance or None),
             video=SamplingConfig(self.video_temperature, self.video_top_k, 1.0, self.video_guidance),
             image_size=self.image_size(v.max_height, v.max_width),
             video_size=(min(self.video_frames, v.max_frames), side, side),
@@ -725,6 +728,10 @@ def build_demo(engine: AnyGen, *, notice: str | None = None, max_upload_mb: floa
                                                         step=1, label="top-k (0: off)")
                     controls["image_guidance"] = gr.Slider(1, 10, value=defaults.image_guidance, step=0.1,
                                                            label="guidance scale (1: off)")
+                    controls["image_source_guidance"] = gr.Slider(
+                        0, 10, value=defaults.image_source_guidance, step=0.1,
+                        label="image guidance of a source picture (edits; 0: off)",
+                        info="InstructPix2Pix's: the weight of the pictures in the prompt against the empty context")
                 with gr.Accordion("text", open=False):
                     controls["text_temperature"] = gr.Slider(0, 2, value=defaults.text_temperature, step=0.05,
                                                              label="temperature")

@@ -91,13 +91,16 @@ def test_image_size_follows_aspect(aspect, expected):
 
 def test_controls_start_at_the_checkpoint_sampling(engine):
     tuned = AnyGen(engine.model, engine.tokenizer, sampling_defaults=SamplingDefaults(
-        image=SamplingConfig(temperature=0.3, top_k=7, guidance_scale=4.5),
+        image=SamplingConfig(temperature=0.3, top_k=7, guidance_scale=4.5, image_guidance_scale=1.5),
         video=SamplingConfig(temperature=0.9, guidance_scale=2.0)))
     options = ChatOptions.for_engine(tuned)
     assert (options.image_temperature, options.image_top_k, options.image_guidance) == (0.3, 7, 4.5)
+    assert options.image_source_guidance == 1.5
     assert (options.video_temperature, options.video_guidance) == (0.9, 2.0)
     settings = options.settings(tuned)
-    assert settings.image == SamplingConfig(temperature=0.3, top_k=7, guidance_scale=4.5)
+    assert settings.image == SamplingConfig(temperature=0.3, top_k=7, guidance_scale=4.5, image_guidance_scale=1.5)
+    off = ChatOptions.from_values({**options.__dict__, "image_source_guidance": 0}).settings(tuned)
+    assert off.image.image_guidance_scale is None  # the slider's 0 is plain guidance
     assert settings.text == SamplingDefaults().text
 
 

@@ -219,7 +219,8 @@ def test_checkpoint_generation_config_sets_the_default_sampling(engine, tmp_path
     (tmp_path / "generation_config.json").write_text(json.dumps({"image": {"temperature": 0.0,
                                                                             "guidance_scale": 1.0}}))
     tuned = AnyGen.from_pretrained(tmp_path)
-    assert tuned.sampling_defaults.image == SamplingConfig(temperature=0.0, guidance_scale=1.0)
+    assert tuned.sampling_defaults.image == SamplingConfig(temperature=0.0, guidance_scale=1.0,
+                                                           image_guidance_scale=DEFAULT_IMAGE.image_guidance_scale)
     assert tuned.sampling_defaults.text == DEFAULT_TEXT and tuned.sampling_defaults.video == DEFAULT_VIDEO
     kwargs = dict(max_new_tokens=30, start_with="image", image_size=(3, 3), max_images=1)  # the image alone
     greedy = engine.generate("x", image=GREEDY_NO_CFG, **kwargs).ids
@@ -761,3 +762,111 @@ def test_best_of_draws_every_candidate_with_its_prompts_negative_prompt(engine):
     assert [o.ids.tolist() for o in best] == [drawn[k].ids.tolist() for k in picks]
     with pytest.raises(ValueError, match="negatives and negative_prompt go with best_of on text→image or text→video"):
         engine.generate([Understand(_picture(1))], best_of=2, negative_prompt="x", image={"guidance_scale": 2.0})
+
+
+# -- image guidance (InstructPix2Pix: a second twin reads only the prompt's images and clips) ---------------------
+
+
+def _first_code_under_image_guidance(engine, prompt, scale, source_scale, kind="image"):
+    """Greedy: the first body code drawn with image guidance, and the argmax of ``u + s_I·(c_m − u) + s·(c − c_m)``
+    and of plain ``u + s·(c − u)`` from full forwards (``c``: the prompt, ``u``: ``<|bos|><|null|>``, ``c_m``:
+    ``<|bos|>`` and the prompt's VQ spans, each followed by the span written so far)."""
+    v = engine.tokenizer.vocab
+    size = dict(image_size=(2, 2)) if kind == "image" else dict(video_size=(1, 2, 2))
+    out = engine.generate(prompt, start_with=kind, max_images=1, seed=0, **size,
+                          **{kind: {"temperature": 0.0, "guidance_scale": scale, "image_guidance_scale": source_scale}})
+    lo, hi = (v.image_offset, v.video_offset) if kind == "image" else (v.video_offset,
+                                                                      v.video_offset + v.video_codebook_size)
+    ids = out.ids.tolist()
+    k = next(i for i, t in enumerate(ids) if lo <= t < hi)
+    prefix = torch.tensor(ids[:k])
+    full = engine.encode_prompt(prompt).ids.tolist()
+    media, i = [v.bos], 0
+    while i < len(full):  # the test's own reading of "the prompt's closed spans"
+        if full[i] in (v.boi, v.bov):
+            j = full.index(v.eoi if full[i] == v.boi else v.eov, i)
+            media += full[i:j + 1]
+            i = j
+        i += 1
+    with torch.no_grad():
+        read = lambda ctx: engine.model(torch.cat([torch.tensor(ctx), prefix])[None])[0, -1, lo:hi]  # noqa: E731
+        c, u, m = read(full), read([v.bos, v.null]), read(media)
+    two = u + source_scale * (m - u) + scale * (c - m)
+    return ids[k] - lo, int(two.argmax()), int((u + scale * (c - u)).argmax())
+
+
+@pytest.mark.parametrize("kind", ["image", "video"])
+def test_image_guidance_draws_from_the_source_twin_formula(engine, kind):
+    prompt = [Image(_picture(1)), "make the circle yellow", Image(_picture(2))]
+    drawn, expected, plain = _first_code_under_image_guidance(engine, prompt, 4.0, 30.0, kind)
+    assert drawn == expected != plain
+
+
+def test_image_guidance_changes_nothing_without_a_source_or_at_the_plain_scale(engine):
+    """A prompt without images or clips is guided plainly (a batch mixing both guides that row as if alone), and
+    ``image_guidance_scale == guidance_scale`` is plain guidance; a different scale changes an edit's draw."""
+    kw = dict(start_with="image", image_size=(2, 3), max_images=1, seed=2)
+    edit = [Image(_picture(3)), "make it red"]
+    for sampling in ({"temperature": 0.0, "guidance_scale": 3.0}, {"temperature": 1.0, "guidance_scale": 2.0}):
+        plain = engine.generate(["a red circle", edit], image={**sampling, "image_guidance_scale": None}, **kw)
+        same = engine.generate(["a red circle", edit], image={**sampling, "image_guidance_scale":
+                                                              sampling["guidance_scale"]}, **kw)
+        assert [o.ids.tolist() for o in same] == [o.ids.tolist() for o in plain]
+        if sampling["temperature"] == 0.0:  # greedy: a row's draw does not depend on the batch's noise
+            mixed = engine.generate(["a red circle", edit], image={**sampling, "image_guidance_scale": 30.0}, **kw)
+            assert mixed[0].ids.tolist() == plain[0].ids.tolist()
+            assert mixed[1].ids.tolist() != plain[1].ids.tolist()
+    alone = engine.generate("a red circle", image={"temperature": 1.0, "image_guidance_scale": 5.0}, **kw)
+    off = engine.generate("a red circle", image={"temperature": 1.0, "image_guidance_scale": None}, **kw)
+    assert alone.ids.tolist() == off.ids.tolist()
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "plain"])
+def test_image_guidance_runs_a_second_twin_per_row_only_when_a_prompt_has_a_source(engine, fast):
+    from anygen.generation.generator import GenerationSettings, Generator
+
+    generator = Generator(engine.model, engine.tokenizer, fast=fast)
+    settings = GenerationSettings(max_new_tokens=16, start_with="image", image_size=(2, 2), max_images=1,
+                                  image=SamplingConfig(temperature=0.0, guidance_scale=3.0, image_guidance_scale=1.5))
+    texts = [engine.encode_prompt(p) for p in ("a red circle", "a blue square")]
+    generator.generate(texts, settings)
+    assert engine.model.cache_valid.shape[0] == 4
+    sourced = [texts[0], engine.encode_prompt([Image(_picture(4)), "make it red"])]
+    generator.generate(sourced, settings)
+    assert engine.model.cache_valid.shape[0] == 6
+    v = engine.tokenizer.vocab
+    twin = generator._source_twin(engine.encode_prompt(["a", Image(_picture(5)), "b", Understand(_picture(6)), "c"]))
+    full = engine.encode_prompt(["a", Image(_picture(5)), "b"]).ids.tolist()
+    span = full[full.index(v.boi):full.index(v.eoi) + 1]
+    assert twin.tolist() == [v.bos, *span]  # the VQ span kept; text and the understood image left out
+    assert generator._source_twin(texts[0]) is None
+
+
+def test_image_guidance_is_the_same_in_both_loops_and_speculative(engine):
+    from anygen.generation.generator import GenerationSettings, Generator
+
+    prompts = [engine.encode_prompt(p) for p in ([Image(_picture(7)), "make it red"], "a red circle")]
+    greedy = GenerationSettings(max_new_tokens=24, start_with="image", image_size=(3, 3), max_images=1,
+                                image=SamplingConfig(temperature=0.0, guidance_scale=3.0, image_guidance_scale=1.5))
+    fast = [r.ids.tolist() for r in Generator(engine.model, engine.tokenizer).generate(prompts, greedy)]
+    plain = [r.ids.tolist() for r in Generator(engine.model, engine.tokenizer, fast=False).generate(prompts, greedy)]
+    assert fast == plain
+    kw = dict(start_with="image", image_size=(3, 3), max_images=1,
+              image={"temperature": 0.0, "guidance_scale": 3.0, "image_guidance_scale": 1.5})
+    raw = [[Image(_picture(7)), "make it red"], "a red circle"]
+    spec = engine.generate(raw, speculative=3, **kw)
+    assert [o.ids.tolist() for o in spec] == [o.ids.tolist() for o in engine.generate(raw, **kw)]
+
+
+@pytest.mark.parametrize("value", [-1.0, True, "2"])
+def test_image_guidance_scale_refuses_what_is_not_a_scale(value):
+    with pytest.raises(ValueError, match="image_guidance_scale must be None \\(off\\) or a number >= 0"):
+        SamplingConfig(image_guidance_scale=value)
+
+
+def test_cli_takes_image_guidance_scale_as_a_number_and_leaves_it_to_the_checkpoint_otherwise():
+    from anygen.cli_generate import _sampling, build_parser
+
+    args = build_parser().parse_args(["make it red", "--image-image-guidance-scale", "1.5"])
+    assert _sampling(args, "image") == {"image_guidance_scale": 1.5}
+    assert "image_guidance_scale" not in _sampling(build_parser().parse_args(["x"]), "image")

@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0, help="image / video top-k (default 0: off)")
     p.add_argument("--guidance-scale", type=float, default=None,
                    help="image CFG scale (default: the checkpoint's; the library's 3)")
+    p.add_argument("--image-guidance-scale", type=float, default=None,
+                   help="image guidance of prompts that hold an image (edits, the story's second picture): the "
+                        "source's weight against the empty context, InstructPix2Pix's (default: the checkpoint's)")
     p.add_argument("--video-guidance-scale", type=float, default=None,
                    help="video CFG scale (default: the checkpoint's; the library's 1: guidance hurts held-out motions)")
     p.add_argument("--best-of", type=int, default=1,
@@ -103,7 +106,7 @@ def _run(args: argparse.Namespace) -> int:
                       data_seed=args.data_seed,
                       sampling=eval_sampling(args.temperature, args.top_k, args.guidance_scale,
                                              args.video_guidance_scale, args.video_temperature,
-                                             engine.sampling_defaults),
+                                             engine.sampling_defaults, args.image_guidance_scale),
                       keep_images=None if args.no_images else keep, best_of=args.best_of,
                       video_negative=args.video_negative)
 

@@ -1,6 +1,7 @@
 """Sampling settings per modality and a sampler with no host synchronisation.
 
-``SamplingConfig`` is what a user sets (``temperature``, ``top_k``, ``top_p``, ``guidance_scale``),
+``SamplingConfig`` is what a user sets (``temperature``, ``top_k``, ``top_p``, ``guidance_scale``,
+``image_guidance_scale``),
 once for text, once for images and once for video. ``sample`` turns a ``(B, V)`` logits tensor into
 ``(B,)`` ids with per-row settings given as tensors, so one batch can hold rows writing text next
 to rows drawing an image. It never calls ``.item()`` or branches on tensor values: the whole decode
@@ -29,12 +30,19 @@ class SamplingConfig:
         top_k: keep the ``k`` most likely ids (``0`` keeps all).
         top_p: nucleus sampling; keep the smallest set with this much mass (``1.0`` keeps all).
         guidance_scale: classifier-free guidance scale inside image / video spans (``1.0`` is off).
+        image_guidance_scale: InstructPix2Pix's image guidance, for prompts that hold images or clips (editing,
+            a story's next picture): a second twin reads only the prompt's VQ images and clips (``c_m``), and the
+            guided logits are ``u + image_guidance_scale·(c_m − u) + guidance_scale·(c − c_m)``: the first scale
+            weights the source against the empty context, the second the text against the source. None (the
+            default) is plain guidance, ``u + guidance_scale·(c − u)`` (the same as setting it equal to
+            ``guidance_scale``); a prompt without images or clips is guided plainly either way.
     """
 
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
     guidance_scale: float = 1.0
+    image_guidance_scale: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
@@ -45,6 +53,22 @@ class SamplingConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.guidance_scale, (int, float)) or self.guidance_scale < 0:
             raise ValueError(f"guidance_scale must be a number >= 0 (1 = no guidance), got {self.guidance_scale!r}")
+        if self.image_guidance_scale is not None and (not isinstance(self.image_guidance_scale, (int, float))
+                                                      or isinstance(self.image_guidance_scale, bool)
+                                                      or self.image_guidance_scale < 0):
+            raise ValueError(f"image_guidance_scale must be None (off) or a number >= 0, got "
+                             f"{self.image_guidance_scale!r}")
+
+    @property
+    def source_scale(self) -> float:
+        """The weight of the prompt's images and clips against the empty context: ``image_guidance_scale``, or
+        ``guidance_scale`` when that is None (which makes the two-twin formula plain guidance)."""
+        return self.guidance_scale if self.image_guidance_scale is None else float(self.image_guidance_scale)
+
+    @property
+    def guided(self) -> bool:
+        """Whether a drawing with these settings runs guidance twins at all."""
+        return self.guidance_scale != 1.0 or self.source_scale != 1.0
 
     @classmethod
     def coerce(cls, value: SamplingConfig | dict | None, name: str, default: SamplingConfig) -> SamplingConfig:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from anygen.generation.events import RowDone
-from anygen.generation.generator import GenerationSettings, Generator
+from anygen.generation.generator import GenerationSettings, Generator, guide
 from anygen.generation.grammar import DONE, M_IMAGE, M_VIDEO, TEXT, GrammarState
 from tokenizers_mm.multimodal import TokenSequence
 
@@ -155,7 +155,7 @@ def generate_speculative(generator: Generator, prompts: list[TokenSequence], set
     k = v.image_codebook_size if kind == "image" else v.video_codebook_size
     budget = generator._check(prompts, settings, negatives)  # validates the request; the span fits
     run = generator._start(prompts, settings, budget, negatives)
-    b, guided, width = run.b, run.guided and cfg.guidance_scale != 1.0, run.width
+    b, guided, width = run.b, run.guided and cfg.guided, run.width
     rows = model.cache_valid.shape[0]
     gen = run.generator
     n_pos = len(template)
@@ -174,7 +174,7 @@ def generate_speculative(generator: Generator, prompts: list[TokenSequence], set
         w = min(window, n_pos - start)  # chunk: template positions start-1 .. start+w-2, predicting start .. start+w-1
         idx = torch.arange(start - 1, start - 1 + w, device=dev)  # (W,)
         fed = torch.where(idx[None] < cursor[:, None], out[:, idx], draft[:, idx])  # (B, W)
-        feed = torch.cat([fed, fed]) if rows > b else fed  # the guidance twins read the same ids
+        feed = fed.repeat(rows // b, 1)  # the guidance twins (one or two groups) read the same ids
         # every span id is valid for a twin too, so each row's position grows with the slot
         positions = run.positions[:, None] + (start - 1) + torch.arange(w, device=dev)[None]  # (R, W)
         logits = model.prefill(feed, positions=positions, start=width + start - 1, head=kind, all_positions=True,
@@ -182,8 +182,7 @@ def generate_speculative(generator: Generator, prompts: list[TokenSequence], set
         forwards += 1
         cond = logits[:b].float()
         if guided:
-            unc = logits[b:].float()
-            cond = unc + cfg.guidance_scale * (cond - unc)
+            cond = guide(logits.float(), b, cfg.guidance_scale, cfg.source_scale)
         if cfg.temperature == 0:
             p = torch.nn.functional.one_hot(cond.argmax(-1), k).float()
         else:
