@@ -294,7 +294,8 @@ class AnyGen:
                 such prompts).
             max_new_tokens: most ids generated per prompt.
             text / image / video: sampling per modality, a ``SamplingConfig`` or a dict of its fields
-                (``temperature``, ``top_k``, ``top_p``, ``guidance_scale``); what is left out comes from
+                (``temperature``, ``top_k``, ``top_p``, ``guidance_scale``, ``image_guidance_scale``: InstructPix2Pix's
+                weight of the prompt's own images against the empty context); what is left out comes from
                 ``sampling_defaults`` (the checkpoint's ``generation_config.json``, else the library's).
             image_size: ``(h, w)`` in tokens for generated images; None lets the model choose, except that
                 ``start_with="image"`` then draws at the size the tokenizer was built for (``tokenizer.image_grid``).
