@@ -524,6 +524,13 @@ def test_guidance_twins_get_their_rows_copy_bonus_so_guidance_leaves_it_out():
     paired = model.prefill(rows, attention_mask=mask, all_positions=True, twins=1)
     torch.testing.assert_close(paired[0], plain[0], atol=0, rtol=0)
     torch.testing.assert_close(paired[1] - plain[1], expected, atol=1e-5, rtol=0)
+    model.setup_cache(3, 40)  # image guidance: a second twin group gets the row's bonus too
+    rows3, mask3 = torch.cat([rows, twin]), torch.cat([mask, twin != v.pad])
+    grouped = model.prefill(rows3, attention_mask=mask3, all_positions=True, twins=1)
+    torch.testing.assert_close(grouped[0], plain[0], atol=ATOL, rtol=0)
+    for twin_row in (1, 2):
+        torch.testing.assert_close(grouped[twin_row] - plain[1], expected, atol=1e-4, rtol=0)
+    model.setup_cache(2, 40)
     steps = {}
     for twins in (0, 1):  # one token at a time through the cache: the same
         model.prefill(rows[:, :20], attention_mask=mask[:, :20])

@@ -348,8 +348,9 @@ class Generator:
             first = [n.ids if n is not None else self._empty_twin(p) for p, n in zip(prompts, given)]
             rows += first
             twins = 1
-            sources = [self._source_twin(p) for p in prompts]
-            if any(c.source_scale != c.guidance_scale for c in drawable) and any(x is not None for x in sources):
+            sources = [self._source_twin(p) for p in prompts] if any(
+                c.source_scale != c.guidance_scale for c in drawable) else []
+            if any(x is not None for x in sources):
                 rows += [x if x is not None else f for x, f in zip(sources, first)]
                 twins = 2
         r = len(rows)
