@@ -834,6 +834,12 @@ def test_image_guidance_runs_a_second_twin_per_row_only_when_a_prompt_has_a_sour
     sourced = [texts[0], engine.encode_prompt([Image(_picture(4)), "make it red"])]
     generator.generate(sourced, settings)
     assert engine.model.cache_valid.shape[0] == 6
+    only_source = GenerationSettings(**{**settings.__dict__, "image": SamplingConfig(temperature=0.0,
+                                                                                     image_guidance_scale=1.5)})
+    generator.generate(texts, only_source)  # guidance 1 and no source: nothing to guide, no twins
+    assert engine.model.cache_valid.shape[0] == 2
+    generator.generate(sourced, only_source)  # the source against the empty context: both groups
+    assert engine.model.cache_valid.shape[0] == 6
     v = engine.tokenizer.vocab
     twin = generator._source_twin(engine.encode_prompt(["a", Image(_picture(5)), "b", Understand(_picture(6)), "c"]))
     full = engine.encode_prompt(["a", Image(_picture(5)), "b"]).ids.tolist()

@@ -340,19 +340,18 @@ class Generator:
         v, dev, model = self.vocab, self.device, self.model
         b = len(prompts)
         drawable = [getattr(s, m) for m in self._drawable(s, b)]
-        guided = any(c.guided for c in drawable)
+        sources = [self._source_twin(p) for p in prompts] if any(
+            c.source_scale != c.guidance_scale for c in drawable) else []
+        sourced = any(x is not None for x in sources)  # image guidance acts: a second twin group
+        guided = sourced or any(c.guidance_scale != 1.0 for c in drawable)
         rows = [p.ids for p in prompts]
-        twins = 0  # twin groups: 1 (plain guidance) or 2 (image guidance: a second twin reads the prompt's media)
         if guided:  # each twin reads its row's negative prompt, else the empty context
             given = negatives if negatives is not None else [None] * b
             first = [n.ids if n is not None else self._empty_twin(p) for p, n in zip(prompts, given)]
             rows += first
-            twins = 1
-            sources = [self._source_twin(p) for p in prompts] if any(
-                c.source_scale != c.guidance_scale for c in drawable) else []
-            if any(x is not None for x in sources):
+            if sourced:  # a row without a source reads its first twin's context again: plain guidance
                 rows += [x if x is not None else f for x, f in zip(sources, first)]
-                twins = 2
+        twins = (1 + sourced) if guided else 0
         r = len(rows)
         width = max(len(x) for x in rows)
         ids = torch.full((r, width), v.pad, dtype=torch.long)
@@ -393,7 +392,7 @@ class Generator:
             source_scale=torch.tensor([c.source_scale for c in cfgs], device=dev),
         )
         return _Run(
-            b=b, guided=guided, twins=twins, width=width, logits=logits, positions=positions, state=state,
+            b=b, twins=twins, width=width, logits=logits, positions=positions, state=state,
             first=tensor([{"image": v.boi, "video": v.bov}.get(x or "", -1) for x in self._starts(s, b)]),
             tensors=tensors, generator=generator,
             trackers=[_RowTracker(row, self.tokenizer, s.preview_every, (ih, iw)) for row in range(b)],
@@ -486,7 +485,6 @@ class _Run:
     """What ``Generator._start`` set up for one call: the batch, its guidance twins, the sampler, the trackers."""
 
     b: int  # prompts (rows b.. are their unconditional twins when guided)
-    guided: bool
     twins: int  # twin groups of b rows: 0, 1, or 2 (image guidance: rows 2b..3b read the prompts' media)
     width: int  # prompt slots (left-padded); generated ids go to slots width, width + 1, …
     logits: torch.Tensor  # (R, V) of the prefill
@@ -496,6 +494,10 @@ class _Run:
     tensors: StepTensors
     generator: torch.Generator
     trackers: list[_RowTracker]
+
+    @property
+    def guided(self) -> bool:
+        return self.twins > 0
 
 
 @dataclass
