@@ -66,7 +66,7 @@ def eval_sampling(temperature: float | None = None, top_k: int = 0, guidance_sca
     """``generate`` sampling arguments of an evaluation: greedy text; images and video with the same top-k, their
     temperatures and guidance scales defaulting to the engine's own (``defaults``: the checkpoint's
     ``generation_config.json``; None: the library's, ``DEFAULT_IMAGE`` temperature 0.5, guidance 3, image guidance
-    2 and ``DEFAULT_VIDEO`` temperature 0.7, guidance 1)."""
+    1.5 and ``DEFAULT_VIDEO`` temperature 0.7, guidance 1)."""
     defaults = defaults or SamplingDefaults()
 
     def pick(value: float | None, default: float) -> float:
