@@ -4,6 +4,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+import torch
 
 _PATH = Path(__file__).resolve().parents[1] / "bench" / "rerank.py"
 _SPEC = importlib.util.spec_from_file_location("bench_rerank", _PATH)
@@ -71,3 +72,44 @@ def test_scene_negatives_are_every_caption_one_attribute_away():
         keys = {o.key for o in parse_caption(text)}
         assert len(keys) == 2 and len({k[2] for k in keys}) == 2, text  # never two objects in one cell
         assert len(keys & truth) == 1, text  # one object kept, the other changed
+
+
+def test_consensus_keeps_the_candidate_the_others_agree_with_and_ties_keep_the_earlier():
+    sims = [[0, -0.9, -0.9, -0.9],  # an outlier
+            [-0.9, 0, -0.1, -0.2],  # agrees most with the others
+            [-0.9, -0.1, 0, -0.3],
+            [-0.9, -0.2, -0.3, 0]]
+    head = [{"sim": s} for s in sims]
+    assert rerank.consensus_pick(head) == 1
+    assert rerank.consensus_pick(head[:1]) == 0
+    assert rerank.consensus_pick([{"sim": [0, -0.5]}, {"sim": [-0.5, 0]}]) == 0  # a tie
+    # over the first k only: candidate 0's disagreement with the fourth counts at k = 4, not at k = 3
+    four = [{"sim": [0, -0.1, -0.1, -0.9]}, {"sim": [-0.1, 0, -0.3, -0.1]}, {"sim": [-0.1, -0.3, 0, -0.1]},
+            {"sim": [-0.9, -0.1, -0.1, 0]}]
+    assert rerank.consensus_pick(four[:3]) == 0 and rerank.consensus_pick(four) == 1
+
+
+def test_edit_rows_get_the_consensus_and_nearest_source_columns_only():
+    def edit(correct, sim, src):
+        return {"correct": correct, "sim": sim, "src": src}
+
+    rows = [[edit(False, [0, -0.8, -0.8], -0.01), edit(True, [-0.8, 0, -0.1], -0.2),
+             edit(True, [-0.8, -0.1, 0], -0.3)]]
+    (line,) = rerank.summarize(rows, [3])
+    assert set(line) == {"k", "one_draw", "oracle", "consensus", "nearest source"}
+    assert line["consensus"] == 1.0 and line["nearest source"] == 0.0  # the closest to the source changed nothing
+    header = rerank.table([line]).splitlines()[0]
+    assert "understanding" not in header and header.endswith("| consensus / one draw |")
+
+
+def test_pixel_agreement_is_minus_the_mean_absolute_difference():
+    import numpy as np
+    import PIL.Image
+
+    black, white = PIL.Image.new("RGB", (4, 4)), PIL.Image.new("RGB", (4, 4), (255, 255, 255))
+    half = np.zeros((4, 4, 3), dtype=np.uint8)
+    half[:, :2] = 255
+    sim = rerank.pixel_agreement([black, white, PIL.Image.fromarray(half)])
+    assert sim.shape == (3, 3) and torch.allclose(sim.diagonal(), torch.zeros(3))
+    assert sim[0, 1].item() == pytest.approx(-1.0) and sim[0, 2].item() == pytest.approx(-0.5)
+    assert torch.allclose(sim, sim.T)

@@ -243,3 +243,28 @@ def test_t2i_scenes_ask_for_held_out_objects_and_refuse_other_categories():
     assert [caption(s) for s in t2i_scenes(ctx, "t2i_pair")] == [caption(s) for s in pairs]  # seeded: the same again
     with pytest.raises(ValueError, match="t2i_single, t2i_pair"):
         t2i_scenes(ctx, "caption")
+
+
+def test_edit_cases_recolour_one_object_of_a_held_out_scene_and_judge_edit_reads_each_part():
+    from anygen.eval.harness import EvalContext, edit_cases, judge_edit
+    from anygen.testing import random_engine
+
+    ctx = EvalContext(random_engine("tiny"), num=6, seed=3)
+    cases = edit_cases(ctx)
+    assert [c.instruction for c in edit_cases(ctx)] == [c.instruction for c in cases]  # seeded: the same again
+    for case in cases:
+        assert case.before[0].key in ctx.objects  # the first object is a held-out triple
+        differ = [k for k, (a, b) in enumerate(zip(case.before, case.after)) if a != b]
+        assert differ == [case.target]
+        old, new = case.before[case.target], case.after[case.target]
+        assert new.color != old.color and (new.shape, new.position) == (old.shape, old.position)
+        assert case.instruction.startswith("make ") and case.instruction.endswith(new.color)
+    case = next(c for c in cases if len(c.before) > 1)  # one with an object to keep
+    size = ctx.image_px[0]
+    right = judge_edit(case, render_scene(case.after, size))
+    assert right["correct"] and right["changed"] and right["rest_unchanged"]
+    unedited = judge_edit(case, render_scene(case.before, size))
+    assert not unedited["correct"] and not unedited["changed"] and unedited["rest_unchanged"]
+    lost = judge_edit(case, render_scene([case.after[case.target]], size))  # the edit alone, the rest dropped
+    assert not lost["correct"] and lost["changed"] and not lost["rest_unchanged"]
+    assert judge_edit(case, None)["correct"] is False

@@ -354,9 +354,24 @@ def eval_digits(ctx: EvalContext) -> CategoryResult:
                           time.perf_counter() - started)
 
 
-def eval_edit(ctx: EvalContext) -> CategoryResult:
-    """Recolour one object of a held-out scene; headline: the edited image is exactly the edited scene."""
-    started = time.perf_counter()
+@dataclass(frozen=True)
+class EditCase:
+    """One held-out edit: ``before`` drawn in the prompt's picture, ``instruction`` recolours ``before[target]``,
+    ``after`` is the scene the edited image must show."""
+
+    before: list[SceneObject]
+    after: list[SceneObject]
+    target: int
+    instruction: str
+
+    def prompt(self, size: int) -> list[Any]:
+        """``[Image(before rendered at size px), instruction]``, the prompt the edit category draws from."""
+        return [Image(render_scene(self.before, size)), self.instruction]
+
+
+def edit_cases(ctx: EvalContext) -> list[EditCase]:
+    """The edits the edit category asks for at ``ctx``'s seed: a scene whose first object is held out, one of its
+    objects recoloured (``bench/rerank.py --category edit`` draws the same)."""
     cases = []
     for i in range(ctx.num):
         rng = ctx.rng("edit", i)
@@ -366,18 +381,30 @@ def eval_edit(ctx: EvalContext) -> CategoryResult:
         color = rng.choice([c for c in COLORS if c != obj.color])
         after = list(before)
         after[target] = SceneObject(obj.shape, color, obj.position, obj.dx, obj.dy, obj.scale)
-        cases.append((before, after, target, f"make {refer(obj, before)} {color}"))
-    prompts = [[Image(render_scene(b, ctx.image_px[0])), text] for b, _, _, text in cases]
-    images = ctx.generate_images(prompts)
+        cases.append(EditCase(before, after, target, f"make {refer(obj, before)} {color}"))
+    return cases
+
+
+def judge_edit(case: EditCase, image: PIL.Image.Image | None) -> dict[str, Any]:
+    """``judge_scene`` against the edited scene, plus ``changed`` (the recoloured object is there) and
+    ``rest_unchanged`` (every other object is)."""
+    judged = judge_scene(case.after, image)
+    detected = set(judged["detected"])
+    changed = case.after[case.target].key in detected
+    rest = all(o.key in detected for k, o in enumerate(case.after) if k != case.target)
+    return {"instruction": case.instruction, "before": _keys(case.before), **judged, "changed": changed,
+            "rest_unchanged": rest}
+
+
+def eval_edit(ctx: EvalContext) -> CategoryResult:
+    """Recolour one object of a held-out scene; headline: the edited image is exactly the edited scene."""
+    started = time.perf_counter()
+    cases = edit_cases(ctx)
+    images = ctx.generate_images([case.prompt(ctx.image_px[0]) for case in cases])
     samples = []
-    for i, ((before, after, target, text), image) in enumerate(zip(cases, images)):
+    for i, (case, image) in enumerate(zip(cases, images)):
         ctx.keep("edit", i, "edited", image)
-        judged = judge_scene(after, image)
-        detected = set(judged["detected"])
-        changed = after[target].key in detected
-        rest = all(o.key in detected for k, o in enumerate(after) if k != target)
-        samples.append({"instruction": text, "before": _keys(before), **judged, "changed": changed,
-                        "rest_unchanged": rest})
+        samples.append(judge_edit(case, image))
     details = {"changed": _mean([s["changed"] for s in samples]),
                "rest_unchanged": _mean([s["rest_unchanged"] for s in samples]),
                "no_image": sum(im is None for im in images)}
