@@ -51,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from anygen.api import AnyGen  # noqa: E402
 from anygen.cli_generate import default_checkpoint  # noqa: E402
-from anygen.data.shapes import COLORS, POSITIONS, SHAPES, caption, render_scene  # noqa: E402
+from anygen.data.shapes import COLORS, POSITIONS, SHAPES, caption  # noqa: E402
 from anygen.eval.harness import (  # noqa: E402
     EvalContext,
     edit_cases,
@@ -61,7 +61,7 @@ from anygen.eval.harness import (  # noqa: E402
     t2i_scenes,
 )
 from tokenizers_mm.multimodal import TokenSequence  # noqa: E402
-from tokenizers_mm.segments import Image, Understand  # noqa: E402
+from tokenizers_mm.segments import Understand  # noqa: E402
 from tokenizers_mm.vocab import Modality  # noqa: E402
 
 CATEGORIES = ("t2i_pair", "t2i_single", "edit")
@@ -149,8 +149,8 @@ def draw_and_score(engine: AnyGen, ctx: EvalContext, category: str, candidates: 
     rows, started = [], time.perf_counter()
     for i, case in enumerate(cases):
         if edits:
-            source = render_scene(case.before, ctx.image_px[0])
-            prompt, label = [Image(source), case.instruction], case.instruction
+            prompt, label = case.prompt(ctx.image_px[0]), case.instruction
+            source = prompt[0].image
         else:
             prompt = label = caption(case)
         outputs = engine.generate([prompt] * candidates, seed=ctx.seed * 100_000 + i, start_with="image",
@@ -213,9 +213,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if checkpoint is None:
         parser.error("no --checkpoint given and no default model is installed (anygen/assets/default)")
     engine = AnyGen.from_pretrained(checkpoint)
-    if engine.tokenizer.image is None or engine.tokenizer.und_tokens <= 0 or engine.model.und is None:
-        parser.error(f"{checkpoint} needs an image tokenizer and an understanding encoder (the reranker reads "
-                     "each image through it)")
+    if engine.tokenizer.image is None:
+        parser.error(f"{checkpoint} has no image tokenizer: it draws no images to rerank")
+    if args.category != "edit" and (engine.tokenizer.und_tokens <= 0 or engine.model.und is None):
+        parser.error(f"{checkpoint} needs an understanding encoder for {args.category} (the understanding reranker "
+                     "reads each image through it); --category edit does without")
     ctx = EvalContext(engine, num=args.num, seed=args.seed, sampling=eval_sampling(defaults=engine.sampling_defaults))
     rows = draw_and_score(engine, ctx, args.category, args.candidates, negatives=args.negatives)
     ks = sorted({2 ** p for p in range(args.candidates.bit_length())} | {args.candidates})  # 1, 2, 4, …, N
