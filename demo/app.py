@@ -131,6 +131,7 @@ class ChatOptions:
     image_top_k: int = DEFAULT_IMAGE.top_k
     image_guidance: float = DEFAULT_IMAGE.guidance_scale
     image_source_guidance: float = DEFAULT_IMAGE.image_guidance_scale or 0.0  # image_guidance_scale; 0: off
+    image_guidance_start: float = DEFAULT_IMAGE.guidance_start
     video_temperature: float = DEFAULT_VIDEO.temperature
     video_top_k: int = DEFAULT_VIDEO.top_k
     video_guidance: float = DEFAULT_VIDEO.guidance_scale
@@ -155,6 +156,7 @@ class ChatOptions:
                    text_temperature=d.text.temperature, text_top_k=d.text.top_k, text_top_p=d.text.top_p,
                    image_temperature=d.image.temperature, image_top_k=d.image.top_k,
                    image_guidance=d.image.guidance_scale, image_source_guidance=d.image.image_guidance_scale or 0.0,
+                   image_guidance_start=d.image.guidance_start,
                    video_temperature=d.video.temperature,
                    video_top_k=d.video.top_k, video_guidance=d.video.guidance_scale)
 
@@ -209,7 +211,7 @@ class ChatOptions:
             max_new_tokens=self.max_new_tokens,
             text=SamplingConfig(self.text_temperature, self.text_top_k, self.text_top_p),
             image=SamplingConfig(self.image_temperature, self.image_top_k, 1.0, self.image_guidance,
-                                 self.image_source_guidance or None),
+                                 self.image_source_guidance or None, self.image_guidance_start),
             video=SamplingConfig(self.video_temperature, self.video_top_k, 1.0, self.video_guidance),
             image_size=self.image_size(v.max_height, v.max_width),
             video_size=(min(self.video_frames, v.max_frames), side, side),
@@ -732,6 +734,9 @@ def build_demo(engine: AnyGen, *, notice: str | None = None, max_upload_mb: floa
                         0, 10, value=defaults.image_source_guidance, step=0.1,
                         label="image guidance of a source picture (edits; 0: off)",
                         info="InstructPix2Pix's: the weight of the pictures in the prompt against the empty context")
+                    controls["image_guidance_start"] = gr.Slider(
+                        0, 0.9, value=defaults.image_guidance_start, step=0.05,
+                        label="guidance starts after this fraction of the image (0: from the first code)")
                 with gr.Accordion("text", open=False):
                     controls["text_temperature"] = gr.Slider(0, 2, value=defaults.text_temperature, step=0.05,
                                                              label="temperature")

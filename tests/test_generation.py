@@ -876,3 +876,66 @@ def test_cli_takes_image_guidance_scale_as_a_number_and_leaves_it_to_the_checkpo
     args = build_parser().parse_args(["make it red", "--image-image-guidance-scale", "1.5"])
     assert _sampling(args, "image") == {"image_guidance_scale": 1.5}
     assert "image_guidance_scale" not in _sampling(build_parser().parse_args(["x"]), "image")
+
+
+# -- guidance_start: a span's first codes drawn from the conditional alone ------------------------------------------
+
+
+def _codes(out, kind="image"):
+    """The codes of the output's first image or clip."""
+    return next(s.codes for s in out.segments if isinstance(s, Image if kind == "image" else Video))
+
+
+@pytest.mark.parametrize("kind", ["image", "video"])
+def test_guidance_start_draws_the_first_codes_unguided_and_guides_the_rest(engine, kind):
+    """Greedy, so each code is the argmax of its logits: with ``guidance_start`` 0.5 the first half of the span's
+    codes (raster order, across frames for a clip) are the unguided draw's and the rest are guided."""
+    size = dict(image_size=(4, 4)) if kind == "image" else dict(video_size=(2, 2, 4))
+    kw = dict(start_with=kind, max_images=1, seed=0, **size)
+    prompt = "a red circle"
+
+    def draw(**sampling):
+        out = engine.generate(prompt, **kw, **{kind: {"temperature": 0.0, **sampling}})
+        return _codes(out, kind).flatten().tolist()
+
+    unguided, guided = draw(guidance_scale=1.0), draw(guidance_scale=8.0)
+    half = draw(guidance_scale=8.0, guidance_start=0.5)
+    n = len(unguided)
+    assert unguided != guided  # the test needs guidance to matter on this model
+    assert half[:n // 2] == unguided[:n // 2]
+    assert half != unguided
+    assert draw(guidance_scale=8.0, guidance_start=0.0) == guided
+
+
+def test_guidance_start_is_the_same_in_both_loops_and_speculative(engine):
+    from anygen.generation.generator import GenerationSettings, Generator
+
+    prompts = [engine.encode_prompt(p) for p in ([Image(_picture(7)), "make it red"], "a red circle")]
+    sampling = dict(temperature=0.0, guidance_scale=6.0, image_guidance_scale=1.5, guidance_start=0.4)
+    greedy = GenerationSettings(max_new_tokens=40, start_with="image", image_size=(4, 4), max_images=1,
+                                image=SamplingConfig(**sampling))
+    fast = [r.ids.tolist() for r in Generator(engine.model, engine.tokenizer).generate(prompts, greedy)]
+    plain = [r.ids.tolist() for r in Generator(engine.model, engine.tokenizer, fast=False).generate(prompts, greedy)]
+    assert fast == plain
+    raw = [[Image(_picture(7)), "make it red"], "a red circle"]
+    kw = dict(start_with="image", image_size=(4, 4), max_images=1, image=sampling)
+    spec = engine.generate(raw, speculative=3, **kw)
+    assert [o.ids.tolist() for o in spec] == [o.ids.tolist() for o in engine.generate(raw, **kw)]
+    always = engine.generate(raw, **{**kw, "image": {**sampling, "guidance_start": 0.0}})
+    assert [o.ids.tolist() for o in always] != fast  # the start changed something the loops agree on
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.0, True, "0.1"])
+def test_guidance_start_refuses_what_is_not_a_fraction(value):
+    with pytest.raises(ValueError, match="guidance_start must be a fraction in \\[0, 1\\)"):
+        SamplingConfig(guidance_start=value)
+
+
+def test_guidance_start_travels_through_the_cli_and_the_eval_sampling():
+    from anygen.cli_generate import _sampling, build_parser
+
+    args = build_parser().parse_args(["make it red", "--image-guidance-start", "0.1"])
+    assert _sampling(args, "image") == {"guidance_start": 0.1}
+    defaults = SamplingDefaults(image=SamplingConfig(guidance_scale=3.0, guidance_start=0.2))
+    assert eval_sampling(defaults=defaults)["image"]["guidance_start"] == 0.2
+    assert eval_sampling(defaults=defaults, guidance_start=0.0)["image"]["guidance_start"] == 0.0

@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-guidance-scale", type=float, default=None,
                    help="image guidance of prompts that hold an image (edits, the story's second picture): the "
                         "source's weight against the empty context, InstructPix2Pix's (default: the checkpoint's)")
+    p.add_argument("--guidance-start", type=float, default=None,
+                   help="the fraction of each image's codes drawn before guidance turns on (its top rows; default: "
+                        "the checkpoint's, the library's 0: every code guided)")
     p.add_argument("--video-guidance-scale", type=float, default=None,
                    help="video CFG scale (default: the checkpoint's; the library's 1: guidance hurts held-out motions)")
     p.add_argument("--best-of", type=int, default=1,
@@ -106,7 +109,8 @@ def _run(args: argparse.Namespace) -> int:
                       data_seed=args.data_seed,
                       sampling=eval_sampling(args.temperature, args.top_k, args.guidance_scale,
                                              args.video_guidance_scale, args.video_temperature,
-                                             engine.sampling_defaults, args.image_guidance_scale),
+                                             engine.sampling_defaults, args.image_guidance_scale,
+                                             args.guidance_start),
                       keep_images=None if args.no_images else keep, best_of=args.best_of,
                       video_negative=args.video_negative)
 

@@ -61,12 +61,13 @@ CATEGORIES: tuple[str, ...] = ("t2i_single", "t2i_pair", "caption", "video", "di
 
 def eval_sampling(temperature: float | None = None, top_k: int = 0, guidance_scale: float | None = None,
                   video_guidance_scale: float | None = None, video_temperature: float | None = None,
-                  defaults: SamplingDefaults | None = None, image_guidance_scale: float | None = None
-                  ) -> dict[str, Any]:
+                  defaults: SamplingDefaults | None = None, image_guidance_scale: float | None = None,
+                  guidance_start: float | None = None) -> dict[str, Any]:
     """``generate`` sampling arguments of an evaluation: greedy text; images and video with the same top-k, their
-    temperatures and guidance scales defaulting to the engine's own (``defaults``: the checkpoint's
+    temperatures and guidance settings defaulting to the engine's own (``defaults``: the checkpoint's
     ``generation_config.json``; None: the library's, ``DEFAULT_IMAGE`` temperature 0.5, guidance 3, image guidance
-    1.5 and ``DEFAULT_VIDEO`` temperature 0.7, guidance 1)."""
+    1.5, guidance from the first code and ``DEFAULT_VIDEO`` temperature 0.7, guidance 1); ``guidance_start`` is the
+    images'."""
     defaults = defaults or SamplingDefaults()
 
     def pick(value: float | None, default: float) -> float:
@@ -74,7 +75,8 @@ def eval_sampling(temperature: float | None = None, top_k: int = 0, guidance_sca
 
     image = {"temperature": pick(temperature, defaults.image.temperature), "top_k": top_k,
              "guidance_scale": pick(guidance_scale, defaults.image.guidance_scale),
-             "image_guidance_scale": pick(image_guidance_scale, defaults.image.image_guidance_scale)}
+             "image_guidance_scale": pick(image_guidance_scale, defaults.image.image_guidance_scale),
+             "guidance_start": pick(guidance_start, defaults.image.guidance_start)}
     video = {"temperature": pick(video_temperature, defaults.video.temperature), "top_k": top_k,
              "guidance_scale": pick(video_guidance_scale, defaults.video.guidance_scale)}
     return {"text": {"temperature": 0.0}, "image": image, "video": video}

@@ -390,6 +390,7 @@ class Generator:
             top_p=torch.tensor([c.top_p for c in cfgs], device=dev),
             scale=torch.tensor([c.guidance_scale for c in cfgs], device=dev),
             source_scale=torch.tensor([c.source_scale for c in cfgs], device=dev),
+            guidance_start=torch.tensor([float(c.guidance_start) for c in cfgs], device=dev),
         )
         return _Run(
             b=b, twins=twins, width=width, logits=logits, positions=positions, state=state,
@@ -511,6 +512,7 @@ class StepTensors:
     top_p: torch.Tensor
     scale: torch.Tensor
     source_scale: torch.Tensor  # image guidance's s_I (SamplingConfig.source_scale)
+    guidance_start: torch.Tensor  # the fraction of a span's codes drawn unguided (SamplingConfig.guidance_start)
 
 
 def guide(logits: torch.Tensor, b: int, scale: torch.Tensor | float, source_scale: torch.Tensor | float
@@ -534,6 +536,7 @@ def select_all(grammar: Grammar, logits: torch.Tensor, state: GrammarState, mcla
     if guided:
         g, gs = t.scale[setting][:, None], t.source_scale[setting][:, None]
         active = grammar.in_body(state) & ((g != 1.0) | (gs != 1.0))[:, 0]
+        active = active & (grammar.body_progress(state) >= t.guidance_start[setting])
         cond = torch.where(active[:, None], guide(logits, b, g, gs), cond)
     cond = cond.float().masked_fill(~grammar.masks[mclass], float("-inf"))
     tok = sample(cond, t.temperature[setting], t.top_k[setting], t.top_p[setting], generator, noise=noise)
@@ -585,6 +588,9 @@ class FastStep(torch.nn.Module):
             cond = logits[:b]
             if guided and cfg.guided:
                 cond = guide(logits, b, cfg.guidance_scale, cfg.source_scale)
+                if cfg.guidance_start > 0:  # the span's first codes from the conditional alone
+                    late = self.grammar.body_progress(state) >= cfg.guidance_start
+                    cond = torch.where(late[:, None], cond, logits[:b])
             if cfg.temperature == 0 or (cfg.top_k == 0 and cfg.top_p >= 1.0):  # no filter changes an argmax
                 code = sample_unfiltered(cond, cfg.temperature, noise=noise)
             else:

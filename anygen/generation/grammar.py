@@ -233,3 +233,11 @@ class Grammar:
     def in_body(self, s: GrammarState) -> torch.Tensor:
         """Rows drawing codes (where guidance applies): ``(B,)`` bool."""
         return (s.phase == IMG_BODY) | (s.phase == VID_BODY)
+
+    def body_progress(self, s: GrammarState) -> torch.Tensor:
+        """``(B,)`` float: the fraction of the open image's or clip's codes already drawn, in raster order (0 outside
+        a body); what ``SamplingConfig.guidance_start`` is compared with."""
+        per_frame = s.height * s.width
+        done = s.frame * per_frame + s.row * s.width + s.col.clamp(max=s.width - 1)
+        total = per_frame * torch.where(s.phase == VID_BODY, s.frames, torch.ones_like(s.frames))
+        return torch.where(self.in_body(s), done.float() / total.clamp(min=1).float(), 0.0)

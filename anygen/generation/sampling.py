@@ -1,7 +1,7 @@
 """Sampling settings per modality and a sampler with no host synchronisation.
 
 ``SamplingConfig`` is what a user sets (``temperature``, ``top_k``, ``top_p``, ``guidance_scale``,
-``image_guidance_scale``),
+``image_guidance_scale``, ``guidance_start``),
 once for text, once for images and once for video. ``sample`` turns a ``(B, V)`` logits tensor into
 ``(B,)`` ids with per-row settings given as tensors, so one batch can hold rows writing text next
 to rows drawing an image. It never calls ``.item()`` or branches on tensor values: the whole decode
@@ -36,6 +36,10 @@ class SamplingConfig:
             weights the source against the empty context, the second the text against the source. None (the
             default) is plain guidance, ``u + guidance_scale·(c − u)`` (the same as setting it equal to
             ``guidance_scale``); a prompt without images or clips is guided plainly either way.
+        guidance_start: the fraction of each image's or clip's codes drawn before guidance turns on (a guidance
+            interval, as diffusion samplers limit guidance to part of the schedule): ``0.1`` draws the first tenth
+            of the codes (an image's top rows) from the conditional alone and guides the rest; ``0`` (the
+            default) guides every code. Must be in ``[0, 1)``.
     """
 
     temperature: float = 1.0
@@ -43,6 +47,7 @@ class SamplingConfig:
     top_p: float = 1.0
     guidance_scale: float = 1.0
     image_guidance_scale: float | None = None
+    guidance_start: float = 0.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
@@ -58,6 +63,10 @@ class SamplingConfig:
                                                       or self.image_guidance_scale < 0):
             raise ValueError(f"image_guidance_scale must be None (off) or a number >= 0, got "
                              f"{self.image_guidance_scale!r}")
+        if (not isinstance(self.guidance_start, (int, float)) or isinstance(self.guidance_start, bool)
+                or not 0 <= self.guidance_start < 1):
+            raise ValueError(f"guidance_start must be a fraction in [0, 1) of a span's codes (0: guide every code), "
+                             f"got {self.guidance_start!r}")
 
     @property
     def source_scale(self) -> float:

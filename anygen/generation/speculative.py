@@ -161,6 +161,8 @@ def generate_speculative(generator: Generator, prompts: list[TokenSequence], set
     n_pos = len(template)
     forced = torch.tensor(template, device=dev)  # (T,) forced id or -1
     is_forced = forced >= 0
+    codes_before = torch.cumsum(~is_forced, 0) - (~is_forced).long()  # (T,) codes of the span before each position
+    unguided = codes_before.float() / max(1, int((~is_forced).sum())) < cfg.guidance_start  # guidance_start's codes
     # the draft of every position and the distribution it was drawn from (uniform until a forward redraws it)
     draft = torch.where(is_forced, forced, offset + torch.randint(k, (b, n_pos), device=dev, generator=gen))  # (B, T)
     q = torch.full((b, n_pos, k), 1.0 / k, device=dev)
@@ -182,7 +184,8 @@ def generate_speculative(generator: Generator, prompts: list[TokenSequence], set
         forwards += 1
         cond = logits[:b].float()
         if guided:
-            cond = guide(logits.float(), b, cfg.guidance_scale, cfg.source_scale)
+            cond = torch.where(unguided[idx + 1][None, :, None], cond,
+                               guide(logits.float(), b, cfg.guidance_scale, cfg.source_scale))
         if cfg.temperature == 0:
             p = torch.nn.functional.one_hot(cond.argmax(-1), k).float()
         else:
