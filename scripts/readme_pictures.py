@@ -51,8 +51,9 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     seed, log = args.seed, {}
 
-    def image(prompt) -> PIL.Image.Image:
-        out = engine.generate(prompt, start_with="image", image_size=grid, max_images=1, seed=seed)
+    def image(prompt, **sampling) -> PIL.Image.Image:
+        out = engine.generate(prompt, start_with="image", image_size=grid, max_images=1, seed=seed,
+                              image=sampling or None)
         return out.images[0]
 
     # text → image
@@ -80,8 +81,9 @@ def main() -> None:
     # editing: the image goes in as VQ context, the instruction after it
     before = render_scene([SceneObject("circle", "red", "center")], tok.image_size[0])
     edit = "make the circle yellow"
-    _strip([before, image([Image(before), edit])]).save(args.out / "edit.png")
-    log["edit"] = {"prompt": f"[image, {edit!r}]", "file": "edit.png"}
+    # the README's edit example: guidance from a tenth of the image on (docs/default_model.md, session 38)
+    _strip([before, image([Image(before), edit], guidance_start=0.1)]).save(args.out / "edit.png")
+    log["edit"] = {"prompt": f"[image, {edit!r}]", "guidance_start": 0.1, "file": "edit.png"}
     # an illustrated story: draw, add, then say what is in the picture
     steps = ["draw a red square at the top", "then add a blue circle at the bottom"]
     first = image(steps[0])
