@@ -864,18 +864,24 @@ def test_image_guidance_is_the_same_in_both_loops_and_speculative(engine):
     assert [o.ids.tolist() for o in spec] == [o.ids.tolist() for o in engine.generate(raw, **kw)]
 
 
-@pytest.mark.parametrize("value", [-1.0, True, "2"])
-def test_image_guidance_scale_refuses_what_is_not_a_scale(value):
-    with pytest.raises(ValueError, match="image_guidance_scale must be None \\(off\\) or a number >= 0"):
-        SamplingConfig(image_guidance_scale=value)
+@pytest.mark.parametrize("field, value, message", [
+    *[("image_guidance_scale", v, "image_guidance_scale must be None \\(off\\) or a number >= 0")
+      for v in (-1.0, True, "2")],
+    *[("guidance_start", v, "guidance_start must be a fraction in \\[0, 1\\)") for v in (-0.1, 1.0, True, "0.1")],
+])
+def test_guidance_settings_refuse_what_is_not_a_scale_or_a_fraction(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingConfig(**{field: value})
 
 
-def test_cli_takes_image_guidance_scale_as_a_number_and_leaves_it_to_the_checkpoint_otherwise():
+@pytest.mark.parametrize("flag, field, value", [("--image-image-guidance-scale", "image_guidance_scale", 1.5),
+                                                ("--image-guidance-start", "guidance_start", 0.1)])
+def test_cli_takes_a_guidance_setting_as_a_number_and_leaves_it_to_the_checkpoint_otherwise(flag, field, value):
     from anygen.cli_generate import _sampling, build_parser
 
-    args = build_parser().parse_args(["make it red", "--image-image-guidance-scale", "1.5"])
-    assert _sampling(args, "image") == {"image_guidance_scale": 1.5}
-    assert "image_guidance_scale" not in _sampling(build_parser().parse_args(["x"]), "image")
+    args = build_parser().parse_args(["make it red", flag, str(value)])
+    assert _sampling(args, "image") == {field: value}
+    assert field not in _sampling(build_parser().parse_args(["x"]), "image")
 
 
 # -- guidance_start: a span's first codes drawn from the conditional alone ------------------------------------------
@@ -925,17 +931,7 @@ def test_guidance_start_is_the_same_in_both_loops_and_speculative(engine):
     assert [o.ids.tolist() for o in always] != fast  # the start changed something the loops agree on
 
 
-@pytest.mark.parametrize("value", [-0.1, 1.0, True, "0.1"])
-def test_guidance_start_refuses_what_is_not_a_fraction(value):
-    with pytest.raises(ValueError, match="guidance_start must be a fraction in \\[0, 1\\)"):
-        SamplingConfig(guidance_start=value)
-
-
-def test_guidance_start_travels_through_the_cli_and_the_eval_sampling():
-    from anygen.cli_generate import _sampling, build_parser
-
-    args = build_parser().parse_args(["make it red", "--image-guidance-start", "0.1"])
-    assert _sampling(args, "image") == {"guidance_start": 0.1}
+def test_guidance_start_travels_through_the_eval_sampling():
     defaults = SamplingDefaults(image=SamplingConfig(guidance_scale=3.0, guidance_start=0.2))
     assert eval_sampling(defaults=defaults)["image"]["guidance_start"] == 0.2
     assert eval_sampling(defaults=defaults, guidance_start=0.0)["image"]["guidance_start"] == 0.0
