@@ -634,7 +634,8 @@ class AnyGenModel(nn.Module):
                         twins: int = 0) -> Tensor:
         """``logits`` (of ``head``) with the gate's bonus on the hint code where there is one (``image_copy_logit``).
 
-        ``twins``: rows ``twins .. 2·twins`` (and ``2·twins .. 3·twins``, image guidance's second twins) are the
+        ``twins``: rows ``twins .. 2·twins`` (and each later group of ``twins`` rows:
+        image guidance's second twins, region rows) are the
         guidance twins of rows ``0 .. twins`` and get their row's bonus
         on their row's hint code (``decode_step``)."""
         if self.copy_gate is None or hint is None or head in ("text", "video"):
@@ -725,7 +726,8 @@ class AnyGenModel(nn.Module):
                 on, as speculative decoding does with rejected drafts).
             head: which logits to return (``head_logits``).
             all_positions: return the logits of every position, not only the last one.
-            twins: rows ``twins .. 2·twins`` (and ``2·twins .. 3·twins``, image guidance's second twins) are the
+            twins: rows ``twins .. 2·twins`` (and each later group of ``twins`` rows:
+                image guidance's second twins, region rows) are the
                 classifier-free guidance twins of rows ``0 .. twins`` (as in
                 ``decode_step``); 0: none.
 
@@ -788,7 +790,8 @@ class AnyGenModel(nn.Module):
                 preallocated length. A caller that buckets it keeps shapes static per bucket.
             head: which logits to return (``head_logits``); None returns nothing (the step only writes
                 the cache: every row's next id is forced).
-            twins: rows ``twins .. 2·twins`` (and ``2·twins .. 3·twins``, image guidance's second twins) are the
+            twins: rows ``twins .. 2·twins`` (and each later group of ``twins`` rows:
+                image guidance's second twins, region rows) are the
                 classifier-free guidance twins of rows ``0 .. twins`` (the
                 generator's layout); 0: none. With ``image_copy_logit`` each twin gets its row's copy bonus on its
                 row's hint code, so guidance ``u + s·(c − u)`` leaves the bonus out and adds it once: the bonus
@@ -829,10 +832,10 @@ class AnyGenModel(nn.Module):
 
 
 def _check_twins(twins: int, rows: int) -> None:
-    if not isinstance(twins, int) or twins < 0 or (twins and rows not in (2 * twins, 3 * twins)):
-        raise ValueError(f"twins must be 0, half the batch or a third of it (rows twins .. 2*twins, and 2*twins .. "
-                         f"3*twins with image guidance, are the guidance twins of rows 0 .. twins), got "
-                         f"twins={twins!r} for {rows} rows")
+    if not isinstance(twins, int) or twins < 0 or (twins and (rows < 2 * twins or rows % twins)):
+        raise ValueError(f"twins must be 0 or divide the batch into two groups or more (rows twins .. 2*twins, and "
+                         f"each later group of twins rows, are the guidance twins or region rows of rows 0 .. "
+                         f"twins), got twins={twins!r} for {rows} rows")
 
 
 # -- losses ------------------------------------------------------------------------------------------

@@ -586,7 +586,7 @@ def test_best_of_a_reply_needs_exactly_one_image_in_the_prompt(engine, prompt, h
     ({"best_of": 2, "start_with": None}, "holds 0"),  # no start_with: image→text, and "a red circle" has no image
     ({"best_of": 2, "start_with": "video"}, "text→video needs negatives=\\[...\\]"),
     ({"best_of": 2, "max_new_tokens": 4, "start_with": None, "negatives": ["a blue square"]},
-     "negatives and negative_prompt go with best_of on text→image or text→video"),
+     "negatives, negative_prompt and regions go with best_of on text→image or text→video"),
     ({"negatives": ["a blue square"]}, "pass best_of > 1 with them"),
     ({"best_of": 2, "negatives": ["a red circle "]}, "negative #0 of prompt #0 is the prompt itself"),
     ({"best_of": 2, "negatives": ["a blue square", ""]}, "negative #1 of prompt #0 must be a non-empty str"),
@@ -760,7 +760,7 @@ def test_best_of_draws_every_candidate_with_its_prompts_negative_prompt(engine):
     read = lambda out: [Video(codes=out.videos[0].codes)]  # noqa: E731
     picks, _ = _contrast_pick(engine, drawn, prompts, negatives, 2, read)
     assert [o.ids.tolist() for o in best] == [drawn[k].ids.tolist() for k in picks]
-    with pytest.raises(ValueError, match="negatives and negative_prompt go with best_of on text→image or text→video"):
+    with pytest.raises(ValueError, match="negative_prompt and regions go with best_of on text→image or text→video"):
         engine.generate([Understand(_picture(1))], best_of=2, negative_prompt="x", image={"guidance_scale": 2.0})
 
 

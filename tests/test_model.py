@@ -541,7 +541,7 @@ def test_guidance_twins_get_their_rows_copy_bonus_so_guidance_leaves_it_out():
     bonus = torch.stack([torch.zeros_like(expected[20]), expected[20]])[:, image]
     torch.testing.assert_close(steps[1] - steps[0], bonus, atol=1e-5, rtol=0)
     for bad in (2, -1, 3):
-        with pytest.raises(ValueError, match="twins must be 0, half the batch or a third of it"):
+        with pytest.raises(ValueError, match="twins must be 0 or divide the batch into two groups or more"):
             model.decode_step(rows[:, 20], slot=20, positions=positions, twins=bad)
 
 

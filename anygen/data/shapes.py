@@ -352,6 +352,19 @@ _OBJECT_RE = re.compile(rf"\b(?:an?\s+)?({_COLOR_RE})\s+({_SHAPE_RE})s?\s+({_PHR
 _MOTION_RE = re.compile(rf"\b(?:an?\s+)?({_COLOR_RE})\s+({_SHAPE_RE})\s+moves\s+(?:to\s+the\s+)?(left|right|up|down)\b")
 
 
+def cell_box(position: str) -> tuple[float, float, float, float]:
+    """The grid cell ``position`` names, as ``(x0, y0, x1, y1)`` fractions of the picture (a region's box for
+    ``AnyGen.generate(regions=...)``)."""
+    row, col = divmod(POSITIONS.index(_check(position, POSITIONS, "position")), 3)
+    return col / 3, row / 3, (col + 1) / 3, (row + 1) / 3
+
+
+def layout_regions(objects: Sequence[SceneObject]) -> list[tuple[str, tuple[float, float, float, float]]]:
+    """A scene as regional prompts: each object's own caption over its cell (``anygen eval --regions layout``), the
+    layout a planner would hand the model for ``caption(objects)``."""
+    return [(caption([o]), cell_box(o.position)) for o in objects]
+
+
 def parse_caption(text: str) -> list[SceneObject]:
     """Objects named in a caption, in the order they appear (inverse of ``caption``).
 
@@ -773,7 +786,8 @@ def scene_from_meta(objects: Iterable[dict[str, Any]]) -> list[SceneObject]:
 
 __all__ = [
     "BACKGROUND", "CLIP_FORMATS", "COLORS", "DEFAULT_KINDS", "DIRECTIONS", "KINDS", "POSITIONS", "SHAPES",
-    "Motion", "SceneObject", "allocate", "caption", "cell_of", "generate_shapes", "holdout_combinations",
+    "Motion", "SceneObject", "allocate", "caption", "cell_box", "cell_of", "generate_shapes", "holdout_combinations",
+    "layout_regions",
     "motion_caption", "parse_caption", "parse_kinds", "parse_motion", "refer", "render_motion", "render_scene",
     "sample_motion", "sample_object", "sample_scene", "scene_from_meta", "write_clip",
 ]

@@ -39,6 +39,7 @@ from anygen.data.shapes import (
     SceneObject,
     caption,
     holdout_combinations,
+    layout_regions,
     motion_caption,
     parse_caption,
     refer,
@@ -55,6 +56,7 @@ from tokenizers_mm.segments import Image, Understand
 TARGETS: dict[str, float] = {"t2i_single": 0.95, "t2i_pair": 0.80, "caption": 0.90, "video": 0.85, "digits": 0.90,
                              "edit": 0.80}
 VIDEO_NEGATIVES: tuple[str, ...] = ("none", "opposite")  # EvalContext.video_negative
+REGIONS: tuple[str, ...] = ("none", "layout")  # EvalContext.regions
 OPPOSITE: dict[str, str] = {"left": "right", "right": "left", "up": "down", "down": "up"}
 CATEGORIES: tuple[str, ...] = ("t2i_single", "t2i_pair", "caption", "video", "digits", "edit", "story", "tokenizer")
 
@@ -134,6 +136,9 @@ class EvalContext:
             reading most favours its prompt over the same motion in the other three directions (``negatives``).
         video_negative: ``"opposite"``: each clip's guidance twin reads the same motion in the opposite direction
             (``negative_prompt``; acts only with video guidance on); ``"none"``: the empty context.
+        regions: ``"layout"``: text → image prompts (one object, two objects) are drawn with regional prompting,
+            each object's own caption over its grid cell (``shapes.layout_regions``: the layout a planner would
+            give, read off the prompt's grammar); ``"none"``: the prompt alone.
     """
 
     engine: Any
@@ -146,10 +151,13 @@ class EvalContext:
     keep_images: Callable[[str, int, str, PIL.Image.Image], None] | None = None
     best_of: int = 1
     video_negative: str = "none"
+    regions: str = "none"
 
     def __post_init__(self) -> None:
         if self.video_negative not in VIDEO_NEGATIVES:
             raise ValueError(f"video_negative must be one of {VIDEO_NEGATIVES}, got {self.video_negative!r}")
+        if self.regions not in REGIONS:
+            raise ValueError(f"regions must be one of {REGIONS}, got {self.regions!r}")
         self.objects, self.motions = (sorted(s) for s in holdout_combinations(self.holdout, self.data_seed))
         tok = self.engine.tokenizer
         self.image_px = tok.image_size
@@ -165,22 +173,25 @@ class EvalContext:
     def rng(self, category: str, index: int) -> random.Random:
         return random.Random(f"eval:{self.seed}:{category}:{index}")
 
-    def generate(self, prompts: list[list | str], **kwargs: Any) -> list:
-        """``engine.generate`` over ``prompts`` in batches of ``batch_size``; one output per prompt."""
+    def generate(self, prompts: list[list | str], regions: list | None = None, **kwargs: Any) -> list:
+        """``engine.generate`` over ``prompts`` in batches of ``batch_size`` (``regions``: one list a prompt);
+        one output per prompt."""
         out: list = []
         for start in range(0, len(prompts), self.batch_size):
             batch = [p if isinstance(p, str) else list(p) for p in prompts[start:start + self.batch_size]]
+            if regions is not None:
+                kwargs["regions"] = regions[start:start + self.batch_size]
             out += self.engine.generate(batch, seed=self.seed + start, **self.sampling, **kwargs)
         return out
 
-    def generate_images(self, prompts: list[list]) -> list[PIL.Image.Image | None]:
+    def generate_images(self, prompts: list[list], regions: list | None = None) -> list[PIL.Image.Image | None]:
         """One image per prompt (the first generated; ``None`` when none came); text-only prompts are reranked
-        when ``best_of`` > 1."""
+        when ``best_of`` > 1; ``regions``: one list of ``(text, box)`` a prompt (``generate(regions=...)``)."""
         h, w = self.image_tokens
         rerank: dict[str, Any] = {}
         if self.best_of > 1 and all(len(p) == 1 and isinstance(p[0], str) for p in prompts):
             prompts, rerank = [p[0] for p in prompts], {"best_of": self.best_of}
-        outputs = self.generate(prompts, start_with="image", image_size=(h, w), max_images=1,
+        outputs = self.generate(prompts, regions, start_with="image", image_size=(h, w), max_images=1,
                                 max_new_tokens=h * (w + 1) + 8, **rerank)
         return [o.images[0] if o.images else None for o in outputs]
 
@@ -227,7 +238,7 @@ def judge_scene(truth: Sequence[SceneObject], image: PIL.Image.Image | None) -> 
 
 def _scene_result(name: str, ctx: EvalContext, scenes: list[list[SceneObject]], started: float) -> CategoryResult:
     prompts = [[caption(s)] for s in scenes]
-    images = ctx.generate_images(prompts)
+    images = ctx.generate_images(prompts, [layout_regions(s) for s in scenes] if ctx.regions == "layout" else None)
     samples = []
     for i, (scene, image) in enumerate(zip(scenes, images)):
         ctx.keep(name, i, "image", image)
@@ -238,6 +249,8 @@ def _scene_result(name: str, ctx: EvalContext, scenes: list[list[SceneObject]], 
                "shape": sum(s["shape"] for s in samples) / max(1, total),
                "position": sum(s["position"] for s in samples) / max(1, total),
                "no_image": sum(im is None for im in images)}
+    if ctx.regions != "none":
+        details["regions"] = "each object's caption over its cell"
     if name == "t2i_single":
         metric, score = "attributes", _mean([details["color"], details["shape"], details["position"]])
     else:
@@ -410,6 +423,8 @@ def eval_edit(ctx: EvalContext) -> CategoryResult:
     details = {"changed": _mean([s["changed"] for s in samples]),
                "rest_unchanged": _mean([s["rest_unchanged"] for s in samples]),
                "no_image": sum(im is None for im in images)}
+    if ctx.regions != "none":
+        details["regions"] = "each object's caption over its cell"
     return CategoryResult("edit", len(cases), "exact", _mean([s["correct"] for s in samples]), details, samples,
                           time.perf_counter() - started)
 

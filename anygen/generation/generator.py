@@ -40,6 +40,12 @@ Notable:
   ``u + s_I·(c_m − u) + s·(c − c_m)``. Rows ``b..2b`` are the first twins, ``2b..3b`` the second; a row whose
   prompt has no image or clip gets its first twin's context again, so it is guided plainly. It runs only when some
   prompt holds an image or clip and some drawable medium sets it.
+- Regional prompting: ``stream(prompts, settings, regions=[[(prompt, box), ...], ...])`` adds, after the twins,
+  one group of ``b`` rows per region, each reading its region's prompt and then (like a twin) only the span being
+  drawn. A prompt's image code whose centre lies in a box takes that region row's logits as its conditional before
+  guidance (``route_regions``), so each part of the picture is drawn by the prompt that describes it, against the
+  same twins, while every row is fed the same codes (GLIGEN's boxes and diffusion's regional prompting, in token
+  space). ``docs/default_model.md`` measures it on two-object scenes.
 """
 
 from __future__ import annotations
@@ -91,6 +97,23 @@ DEFAULT_IMAGE = SamplingConfig(temperature=0.5, top_k=0, top_p=1.0, guidance_sca
 # while images need it (t2i 65 % at 3, 47 % at 1). Temperature 0.7 (session 11, same prompts, seeds 0-2): 62.5 / 70 /
 # 72.5 % against 55 / 57.5 / 65 % at 1 and 65 / 57.5 / 65 % at 0.5
 DEFAULT_VIDEO = SamplingConfig(temperature=0.7, top_k=0, top_p=1.0, guidance_scale=1.0)
+
+Box = tuple[float, float, float, float]  # x0, y0, x1, y1: fractions of the image's width and height, top left 0
+RegionPrompt = tuple[TokenSequence, Box]  # a region's encoded prompt and its box
+
+
+def check_box(box: object, name: str = "box") -> Box:
+    """``box`` as four floats ``x0, y0, x1, y1`` with ``0 <= x0 < x1 <= 1`` and ``0 <= y0 < y1 <= 1``, or a
+    ``ValueError`` naming ``name``."""
+    ok = isinstance(box, (list, tuple)) and len(box) == 4 and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) for x in box)
+    if ok:
+        x0, y0, x1, y1 = (float(x) for x in box)
+        ok = 0.0 <= x0 < x1 <= 1.0 and 0.0 <= y0 < y1 <= 1.0
+    if not ok:
+        raise ValueError(f"{name}: a box is (x0, y0, x1, y1), fractions of the image's width and height with "
+                         f"0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1 (the top left is 0, 0), got {box!r:.200}")
+    return x0, y0, x1, y1
 
 
 @dataclass(frozen=True)
@@ -214,7 +237,8 @@ class Generator:
         return 4 + t * (h * (w + 1) + 1) + 1
 
     def _check(self, prompts: list[TokenSequence], s: GenerationSettings,
-               negatives: list[TokenSequence | None] | None = None) -> int:
+               negatives: list[TokenSequence | None] | None = None,
+               regions: list[list[RegionPrompt]] | None = None) -> int:
         """Validate the request before any work; returns the number of new tokens to budget for."""
         v, ctx = self.vocab, self.model.config.max_seq_len
         if not prompts:
@@ -251,7 +275,10 @@ class Generator:
                 raise ValueError("a negative prompt steers classifier-free guidance, which is off (guidance_scale 1) "
                                  f"for every medium this call may draw ({', '.join(self._drawable(s, len(prompts)))})"
                                  ": set that medium's guidance_scale, e.g. video={'guidance_scale': 2}")
-        longest = max(len(p) for p in [*prompts, *(n for n in negatives or [] if n is not None)])
+        if regions is not None:
+            self._check_regions(regions, len(prompts), s)
+        region_prompts = [r for row in regions or [] for r, _ in row]
+        longest = max(len(p) for p in [*prompts, *(n for n in negatives or [] if n is not None), *region_prompts])
         if longest >= ctx:
             raise ValueError(f"the prompt is {longest} tokens but the model's context is {ctx} "
                              f"(AnyGenConfig.max_seq_len): shorten the prompt")
@@ -266,9 +293,32 @@ class Generator:
             if need <= budget:
                 continue
             raise ValueError(f"the requested {what} needs {need} tokens but only {budget} fit "
-                             f"(prompt{' or negative prompt' if negatives else ''} {longest} tokens, context {ctx}, "
+                             f"(prompt{' or negative or region prompt' if negatives or regions else ''} {longest} "
+                             f"tokens, context {ctx}, "
                              f"max_new_tokens {s.max_new_tokens}); ask for a smaller size or a shorter prompt")
         return budget
+
+    def _check_regions(self, regions: list[list[RegionPrompt]], b: int, s: GenerationSettings) -> None:
+        ctx = self.model.config.max_seq_len
+        if not isinstance(regions, (list, tuple)) or len(regions) != b:
+            raise ValueError(f"regions: one list of (prompt, box) per prompt, got {regions!r:.200} for {b} prompts")
+        if any(regions) and "image" not in self._drawable(s, b):
+            raise ValueError("regions route the codes of generated images, and this call draws none (start_with="
+                             f"{s.start_with!r}, max_images {s.max_images}, "
+                             f"{'no image tokenizer' if self.tokenizer.image is None else 'clips only'})")
+        for i, row in enumerate(regions):
+            for j, region in enumerate(row):
+                if not (isinstance(region, tuple) and len(region) == 2 and isinstance(region[0], TokenSequence)):
+                    raise ValueError(f"region {j} of prompt #{i} must be a (TokenSequence, box) pair, got "
+                                     f"{region!r:.200}")
+                prompt, box = region
+                check_box(box, f"region {j} of prompt #{i}")
+                if prompt.und_pixels is not None:
+                    raise ValueError(f"region {j} of prompt #{i}: a region prompt is read as text and VQ spans; an "
+                                     "image for the understanding encoder (Understand) cannot be one")
+                if len(prompt) >= ctx:
+                    raise ValueError(f"region {j} of prompt #{i} is {len(prompt)} tokens but the model's context is "
+                                     f"{ctx} (AnyGenConfig.max_seq_len): shorten it")
 
     @staticmethod
     def _starts(s: GenerationSettings, b: int) -> list[str | None]:
@@ -316,27 +366,34 @@ class Generator:
     # -- the loop ----------------------------------------------------------------------------------------
     @torch.no_grad()
     def stream(self, prompts: list[TokenSequence], settings: GenerationSettings | None = None,
-               negatives: list[TokenSequence | None] | None = None) -> Iterator[Event]:
+               negatives: list[TokenSequence | None] | None = None,
+               regions: list[list[RegionPrompt]] | None = None) -> Iterator[Event]:
         """Generate for a batch of prompts, yielding events as ids arrive; ends with one ``RowDone`` per row.
         ``negatives``: one prompt per row that its guidance twin reads instead of ``<|bos|><|null|>`` (None for a
-        row: that one)."""
+        row: that one). ``regions``: one list of ``(prompt, box)`` per row (an empty list: none for that row); an
+        image code whose centre lies in a box is drawn from the logits of a row reading that box's prompt (and the
+        span drawn so far) instead of the row's own, guided against the same twins: regional prompting. Later boxes
+        win where boxes overlap; clips are not routed."""
         s = settings or GenerationSettings()
-        budget = self._check(prompts, s, negatives)
-        run = self._start(prompts, s, budget, negatives)
+        budget = self._check(prompts, s, negatives, regions)
+        run = self._start(prompts, s, budget, negatives, regions)
         yield from (self._fast_steps if self.fast else self._plain_steps)(run, s, budget)
         for tracker in run.trackers:
             if not tracker.finished:
                 yield from tracker.finish("max_new_tokens")
 
     def generate(self, prompts: list[TokenSequence], settings: GenerationSettings | None = None,
-                 negatives: list[TokenSequence | None] | None = None) -> list[RowDone]:
+                 negatives: list[TokenSequence | None] | None = None,
+                 regions: list[list[RegionPrompt]] | None = None) -> list[RowDone]:
         """Run ``stream`` to the end; one ``RowDone`` (segments and new ids) per prompt, in order."""
-        done = [e for e in self.stream(prompts, settings, negatives) if isinstance(e, RowDone)]
+        done = [e for e in self.stream(prompts, settings, negatives, regions) if isinstance(e, RowDone)]
         return sorted(done, key=lambda e: e.row)
 
     def _start(self, prompts: list[TokenSequence], s: GenerationSettings, budget: int,
-               negatives: list[TokenSequence | None] | None = None) -> _Run:
-        """Left-pad the prompts (and their guidance twins), prefill the cache, build the sampler's tensors."""
+               negatives: list[TokenSequence | None] | None = None,
+               regions: list[list[RegionPrompt]] | None = None) -> _Run:
+        """Left-pad the prompts (their guidance twins and region rows), prefill the cache, build the sampler's
+        tensors."""
         v, dev, model = self.vocab, self.device, self.model
         b = len(prompts)
         drawable = [getattr(s, m) for m in self._drawable(s, b)]
@@ -352,6 +409,17 @@ class Generator:
             if sourced:  # a row without a source reads its first twin's context again: plain guidance
                 rows += [x if x is not None else f for x, f in zip(sources, first)]
         twins = (1 + sourced) if guided else 0
+        # region groups after the twins, b rows each (a row with fewer regions reads the empty context there, its
+        # box empty): like a twin, a region row reads its prompt and then only the spans being drawn
+        groups = max((len(row) for row in regions or []), default=0)
+        boxes = torch.zeros((groups, b, 4))
+        for j in range(groups):
+            for i, p in enumerate(prompts):
+                if j < len(regions[i]):
+                    rows.append(regions[i][j][0].ids)
+                    boxes[j, i] = torch.tensor([float(x) for x in regions[i][j][1]])
+                else:
+                    rows.append(self._empty_twin(p))
         r = len(rows)
         width = max(len(x) for x in rows)
         ids = torch.full((r, width), v.pad, dtype=torch.long)
@@ -367,7 +435,7 @@ class Generator:
             self._compiled.setup_cache(r, width + budget)
         else:
             model.setup_cache(r, width + budget, device=dev)
-        logits = model.prefill(ids, attention_mask=mask, und_pixels=und_pixels, twins=b if guided else 0)  # (R, V)
+        logits = model.prefill(ids, attention_mask=mask, und_pixels=und_pixels, twins=b if r > b else 0)  # (R, V)
         positions = mask.sum(-1)  # (R,) next RoPE position of each row
 
         def tensor(values: list[int]) -> torch.Tensor:
@@ -391,9 +459,10 @@ class Generator:
             scale=torch.tensor([c.guidance_scale for c in cfgs], device=dev),
             source_scale=torch.tensor([c.source_scale for c in cfgs], device=dev),
             guidance_start=torch.tensor([float(c.guidance_start) for c in cfgs], device=dev),
+            boxes=boxes.to(dev),
         )
         return _Run(
-            b=b, twins=twins, width=width, logits=logits, positions=positions, state=state,
+            b=b, twins=twins, regions=groups, width=width, logits=logits, positions=positions, state=state,
             first=tensor([{"image": v.boi, "video": v.bov}.get(x or "", -1) for x in self._starts(s, b)]),
             tensors=tensors, generator=generator,
             trackers=[_RowTracker(row, self.tokenizer, s.preview_every, (ih, iw)) for row in range(b)],
@@ -421,15 +490,15 @@ class Generator:
                 break
 
             feed = tok
-            k = run.twins
-            if run.guided:
-                # a twin forgets its previous span when a new one opens, and keeps only span tokens
+            k = run.twins + run.regions  # groups of b rows after the prompts'
+            if k:
+                # a twin (or region row) forgets its previous span when a new one opens, and keeps only span tokens
                 reset = torch.cat([torch.zeros_like(opens), opens.repeat(k)])[:, None]
                 model.cache_valid.copy_(torch.where(reset, t.prompt_valid, model.cache_valid))
                 positions[b:] = torch.where(opens.repeat(k), t.twin_prompt_len, positions[b:])
                 feed = tok.repeat(1 + k)
-            logits = model.decode_step(feed, slot=slot, positions=positions, twins=b if run.guided else 0)
-            if run.guided:
+            logits = model.decode_step(feed, slot=slot, positions=positions, twins=b if k else 0)
+            if k:
                 model.cache_valid[b:].index_copy_(1, slot.reshape(1), twin_valid.repeat(k)[:, None])
                 positions[b:] += twin_valid.long().repeat(k)
             positions[:b] += 1
@@ -487,6 +556,7 @@ class _Run:
 
     b: int  # prompts (rows b.. are their unconditional twins when guided)
     twins: int  # twin groups of b rows: 0, 1, or 2 (image guidance: rows 2b..3b read the prompts' media)
+    regions: int  # region groups of b rows after the twins (Generator.stream's regions)
     width: int  # prompt slots (left-padded); generated ids go to slots width, width + 1, …
     logits: torch.Tensor  # (R, V) of the prefill
     positions: torch.Tensor  # (R,) next RoPE position of each row
@@ -513,6 +583,7 @@ class StepTensors:
     scale: torch.Tensor
     source_scale: torch.Tensor  # image guidance's s_I (SamplingConfig.source_scale)
     guidance_start: torch.Tensor  # the fraction of a span's codes drawn unguided (SamplingConfig.guidance_start)
+    boxes: torch.Tensor  # (N, B, 4) each region group's box per prompt, x0 y0 x1 y1 in [0, 1] (all zero: none)
 
 
 def guide(logits: torch.Tensor, b: int, scale: torch.Tensor | float, source_scale: torch.Tensor | float
@@ -527,10 +598,28 @@ def guide(logits: torch.Tensor, b: int, scale: torch.Tensor | float, source_scal
     return unc + source_scale * (media - unc) + scale * (cond - media)
 
 
+def route_regions(grammar: Grammar, logits: torch.Tensor, state: GrammarState, boxes: torch.Tensor, b: int
+                  ) -> torch.Tensor:
+    """``logits`` ``(R, ·)`` without their region groups (the last ``N`` groups of ``b`` rows, ``boxes`` ``(N, B,
+    4)``), rows ``0..b`` taking a region row's logits where the code they draw next lies in its box (later groups
+    win): each prompt's conditional, before guidance against its twins."""
+    n = boxes.shape[0]
+    if n == 0:
+        return logits
+    kept = logits.shape[0] - n * b
+    cond = logits[:b]
+    inside = grammar.in_regions(state, boxes)  # (N, B)
+    for j in range(n):
+        cond = torch.where(inside[j][:, None], logits[kept + j * b:kept + (j + 1) * b], cond)
+    return torch.cat([cond, logits[b:kept]])
+
+
 def select_all(grammar: Grammar, logits: torch.Tensor, state: GrammarState, mclass: torch.Tensor,
                forced: torch.Tensor, t: StepTensors, b: int, guided: bool, *,
                generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
-    """Next ids from logits over the whole vocabulary: guidance in bodies, the state's mask, sampling, forcing."""
+    """Next ids from logits over the whole vocabulary: regions and guidance in bodies, the state's mask, sampling,
+    forcing."""
+    logits = route_regions(grammar, logits, state, t.boxes, b)
     setting = grammar.phase_setting[state.phase]  # (B,)
     cond = logits[:b]
     if guided:
@@ -564,16 +653,16 @@ class FastStep(torch.nn.Module):
                 cfg: SamplingConfig | None, b: int, guided: bool, opened: bool = True) -> tuple:
         model = self.model
         feed = tok
-        k = positions.shape[0] // b - 1  # twin groups (a static shape, so a compiled step specialises on it)
-        if guided:
+        k = positions.shape[0] // b - 1  # twin and region groups (a static shape: a compiled step specialises on it)
+        if k:
             if opened:  # a twin forgets its previous span when a new one opens (the host may know none did)
                 reset = torch.cat([torch.zeros_like(opens), opens.repeat(k)])[:, None]
                 model.cache_valid.copy_(torch.where(reset, t.prompt_valid, model.cache_valid))
                 positions = torch.cat([positions[:b], torch.where(opens.repeat(k), t.twin_prompt_len, positions[b:])])
             feed = tok.repeat(1 + k)
         logits = model.decode_step(feed, slot=slot, positions=positions, kv_len=kv_len, head=head,
-                                   twins=b if guided else 0)
-        if guided:
+                                   twins=b if k else 0)
+        if k:
             twin_valid = (in_media | opens).repeat(k)
             model.cache_valid[b:].index_copy_(1, slot.reshape(1), twin_valid[:, None])
             positions = positions + torch.cat([torch.ones_like(positions[:b]), twin_valid.long()])
@@ -585,6 +674,7 @@ class FastStep(torch.nn.Module):
             tok = select_all(self.grammar, logits, state, mclass, forced, t, b, guided, noise=noise)
         else:
             offset = self.vocab.image_offset if head == "image" else self.vocab.video_offset
+            logits = route_regions(self.grammar, logits, state, t.boxes, b)
             cond = logits[:b]
             if guided and cfg.guided:
                 cond = guide(logits, b, cfg.guidance_scale, cfg.source_scale)
