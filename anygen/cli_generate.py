@@ -76,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "context (needs guidance on, e.g. --video-guidance-scale 2; the default model draws the asked "
                         "motion far more often against the opposite one: \"a red circle moves down\" for \"... moves "
                         "up\"); applies to every prompt without its own (a --prompts line's \"negative_prompt\")")
+    p.add_argument("--region", action="append", default=[], type=_region, metavar="X0,Y0,X1,Y1:TEXT",
+                   help="regional prompting: draw TEXT in the box (fractions of the image, the top left 0,0), e.g. "
+                        "--region \"0,0,0.33,0.33:a red circle at the top left\"; the prompt draws the rest; "
+                        "repeatable (later boxes win where they overlap), applies to every prompt without its own (a "
+                        "--prompts line's \"regions\": [[TEXT, [X0, Y0, X1, Y1]], ...])")
     p.add_argument("--batch-size", type=int, default=4, help="prompts per batch with --prompts")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     for m in MODALITIES:
@@ -85,6 +90,19 @@ def build_parser() -> argparse.ArgumentParser:
                            dest=f"{m}_{f.name}",
                            help=f"{m} sampling: {f.name} (default: the checkpoint's generation_config.json)")
     return p
+
+
+def _region(text: str) -> tuple[str, tuple[float, ...]]:
+    """``--region "X0,Y0,X1,Y1:TEXT"`` as ``(TEXT, box)`` (the box is checked by ``generate``)."""
+    box, sep, prompt = text.partition(":")
+    try:
+        numbers = tuple(float(x) for x in box.split(","))
+    except ValueError:
+        numbers = ()
+    if not sep or len(numbers) != 4 or not prompt.strip():
+        raise argparse.ArgumentTypeError(f"expected X0,Y0,X1,Y1:TEXT (four fractions of the image, then the text), "
+                                         f"got {text!r}")
+    return prompt.strip(), numbers
 
 
 def _sampling(args: argparse.Namespace, modality: str) -> dict:
@@ -98,7 +116,7 @@ def _load_prompts(args: argparse.Namespace) -> list[dict]:
             raise ValueError("give a prompt (text, --image / --understand pictures, or both), or --prompts FILE.jsonl")
         return [{"prompt": args.prompt, "images": [str(p) for p in args.image],
                  "understand": [str(p) for p in args.understand], "negatives": args.negative,
-                 "negative_prompt": args.negative_prompt}]
+                 "negative_prompt": args.negative_prompt, "regions": args.region}]
     if not args.prompts.is_file():
         raise FileNotFoundError(f"--prompts file {args.prompts} does not exist")
     items = []
@@ -113,11 +131,16 @@ def _load_prompts(args: argparse.Namespace) -> list[dict]:
             item = {"prompt": item}
         if not isinstance(item, dict) or not isinstance(item.get("prompt", ""), str):
             raise ValueError(f'{args.prompts}:{n}: expected a string or {{"prompt": str, "images": [...], '
-                             f'"understand": [...], "negatives": [...], "negative_prompt": str}}')
-        unknown = set(item) - {"prompt", "images", "understand", "negatives", "negative_prompt"}
+                             f'"understand": [...], "negatives": [...], "negative_prompt": str, "regions": [...]}}')
+        unknown = set(item) - {"prompt", "images", "understand", "negatives", "negative_prompt", "regions"}
         if unknown:
             raise ValueError(f"{args.prompts}:{n}: unknown keys {sorted(unknown)}; accepted: prompt, images, "
-                             f"understand, negatives, negative_prompt")
+                             f"understand, negatives, negative_prompt, regions")
+        regions = item.get("regions", [])
+        if not isinstance(regions, list) or not all(
+                isinstance(r, list) and len(r) == 2 and isinstance(r[0], str) for r in regions):
+            raise ValueError(f'{args.prompts}:{n}: "regions" must be a list of [text, [x0, y0, x1, y1]] pairs, got '
+                             f'{regions!r:.100}')
         if not isinstance(item.get("negative_prompt", ""), str):
             raise ValueError(f'{args.prompts}:{n}: "negative_prompt" must be a str, got '
                              f'{item["negative_prompt"]!r:.100}')
@@ -125,7 +148,8 @@ def _load_prompts(args: argparse.Namespace) -> list[dict]:
         if not isinstance(negatives, list) or not all(isinstance(t, str) for t in negatives):
             raise ValueError(f'{args.prompts}:{n}: "negatives" must be a list of str, got {negatives!r:.100}')
         items.append({**item, "negatives": item.get("negatives") or args.negative,
-                      "negative_prompt": item.get("negative_prompt") or args.negative_prompt})
+                      "negative_prompt": item.get("negative_prompt") or args.negative_prompt,
+                      "regions": [(text, box) for text, box in regions] or args.region})
     if not items:
         raise ValueError(f"{args.prompts} holds no prompts")
     return items
@@ -172,14 +196,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         documents = [_document(item) for item in items]  # decode every image before any work
         engine = load_engine(args.checkpoint, args.random_tiny, args.device)
         return _run(engine, args, documents, [item["negatives"] for item in items],
-                    [item["negative_prompt"] for item in items])
+                    [item["negative_prompt"] for item in items], [item["regions"] for item in items])
     except (ValueError, FileNotFoundError, TypeError) as err:
         print(f"anygen generate: error: {err}", file=sys.stderr)
         return 2
 
 
 def _run(engine, args: argparse.Namespace, documents: list[list], negatives: list[list[str]],
-         negative_prompts: list[str | None]) -> int:
+         negative_prompts: list[str | None], regions: list[list]) -> int:
     from tqdm import tqdm
 
     from tokenizers_mm.video_io import write_video
@@ -197,9 +221,10 @@ def _run(engine, args: argparse.Namespace, documents: list[list], negatives: lis
         batch = documents[lo:lo + size]
         # best_of scores each image by its prompt's text, so text-only prompts go as str
         prompts = [d[0] if args.best_of != 1 and len(d) == 1 and isinstance(d[0], str) else list(d) for d in batch]
-        given, steer = negatives[lo:lo + size], negative_prompts[lo:lo + size]
+        given, steer, where = negatives[lo:lo + size], negative_prompts[lo:lo + size], regions[lo:lo + size]
         outputs = engine.generate(prompts, **kwargs, negatives=given if any(given) else None,
-                                  negative_prompt=steer if any(steer) else None)
+                                  negative_prompt=steer if any(steer) else None,
+                                  regions=where if any(where) else None)
         for out in outputs:
             folder = args.out / f"{index:04d}"
             folder.mkdir(parents=True, exist_ok=True)

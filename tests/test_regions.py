@@ -164,3 +164,37 @@ def test_eval_regions_layout_draws_each_scene_with_its_objects_over_their_cells(
     assert main(["--random-tiny", "--num", "1", "--out", str(out), "--categories", "t2i_single",
                  "--regions", "layout"]) == 0
     assert json.loads((out / "eval.json").read_text())["regions"] == "layout"
+
+
+def test_cli_generate_takes_regions_from_the_flag_or_the_prompts_file(tmp_path, capsys, monkeypatch):
+    import numpy as np
+    import PIL.Image as PILImage
+
+    from anygen.api import AnyGen
+    from anygen.cli_generate import main
+
+    calls, real = [], AnyGen.generate
+    monkeypatch.setattr(AnyGen, "generate", lambda self, prompts, **kw: calls.append(kw["regions"]) or real(
+        self, prompts, **kw))
+    base = ["--random-tiny", "--start-with", "image", "--image-size", "4x4", "--seed", "0",
+            "--image-temperature", "0"]
+    assert main(["a blue square", *base, "--region", "0,0,1,1:a red circle", "--out", str(tmp_path / "a")]) == 0
+    assert calls[-1] == [[("a red circle", (0.0, 0.0, 1.0, 1.0))]]
+    assert main(["a red circle", *base, "--out", str(tmp_path / "b")]) == 0
+    read = lambda d: np.asarray(PILImage.open(tmp_path / d / "0000" / "image_0.png"))  # noqa: E731
+    assert np.array_equal(read("a"), read("b"))  # the whole picture drawn by the region's text
+    lines = tmp_path / "prompts.jsonl"
+    lines.write_text(json.dumps({"prompt": "a blue square", "regions": [["a green triangle", [0, 0, 0.5, 1]]]})
+                     + "\n" + json.dumps("a white circle") + "\n")
+    assert main(["--prompts", str(lines), *base, "--region", "0.5,0,1,1:a red circle", "--out",
+                 str(tmp_path / "c")]) == 0
+    assert calls[-1] == [[("a green triangle", [0, 0, 0.5, 1])], [("a red circle", (0.5, 0.0, 1.0, 1.0))]]
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["a blue square", *base, "--region", "0,0,1:a red circle"])
+    assert "expected X0,Y0,X1,Y1:TEXT" in capsys.readouterr().err
+    assert main(["a blue square", *base, "--region", "0,0,2,1:a red circle", "--out", str(tmp_path / "d")]) == 2
+    assert "0 <= x0 < x1 <= 1" in capsys.readouterr().err
+    lines.write_text(json.dumps({"prompt": "a blue square", "regions": ["a red circle"]}) + "\n")
+    assert main(["--prompts", str(lines), *base, "--out", str(tmp_path / "e")]) == 2
+    assert '"regions" must be a list of [text, [x0, y0, x1, y1]] pairs' in capsys.readouterr().err
