@@ -93,16 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _region(text: str) -> tuple[str, tuple[float, ...]]:
-    """``--region "X0,Y0,X1,Y1:TEXT"`` as ``(TEXT, box)`` (the box is checked by ``generate``)."""
-    box, sep, prompt = text.partition(":")
+    """``--region "X0,Y0,X1,Y1:TEXT"`` as ``(TEXT, box)``."""
+    from anygen.generation.generator import parse_region
+
     try:
-        numbers = tuple(float(x) for x in box.split(","))
-    except ValueError:
-        numbers = ()
-    if not sep or len(numbers) != 4 or not prompt.strip():
-        raise argparse.ArgumentTypeError(f"expected X0,Y0,X1,Y1:TEXT (four fractions of the image, then the text), "
-                                         f"got {text!r}")
-    return prompt.strip(), numbers
+        return parse_region(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
 
 
 def _sampling(args: argparse.Namespace, modality: str) -> dict:

@@ -23,6 +23,8 @@ Notable:
   picture most likely (``AnyGen.score_image``) and shows it in place of the first. The chat says which.
 - Negative prompt: classifier-free guidance reads it instead of the empty context (``negative_prompt``), so a
   guided image or clip is steered away from it; with guidance off it is refused in the chat, saying so.
+- Regions (``generate(regions=...)``): one ``x0,y0,x1,y1: text`` a line; each box of every image in the reply is
+  drawn from that text (every candidate's, with best of N).
 - Streaming: text shows as it arrives; an image shows at once as a grey canvas that fills in every
   ``preview_every`` rows (``ImageRows.preview``); a video shows its frame count, then the mp4.
 - One engine, one generation at a time: the model holds a single KV cache, so the chat event runs with
@@ -65,7 +67,7 @@ from anygen.generation.events import (
     VideoFrameDone,
     VideoStarted,
 )
-from anygen.generation.generator import DEFAULT_IMAGE, DEFAULT_TEXT, DEFAULT_VIDEO, GenerationSettings
+from anygen.generation.generator import DEFAULT_IMAGE, DEFAULT_TEXT, DEFAULT_VIDEO, GenerationSettings, parse_region
 from anygen.generation.sampling import SamplingConfig
 from tokenizers_mm.multimodal import TokenSequence
 from tokenizers_mm.preprocess import load_image
@@ -113,7 +115,8 @@ class ChatOptions:
     latent frames and square side in tokens; ``seed=-1`` samples freshly each time; ``best_of`` > 1 draws that
     many candidates for a text → image reply, a text → video one (with ``negatives``), or an image → text one, and
     keeps the one the model reads back best; ``negatives`` holds texts, one per line, that a reranked text → image
-    or text → video reply must not be; ``negative_prompt`` is the text guidance steers away from (empty: none).
+    or text → video reply must not be; ``negative_prompt`` is the text guidance steers away from (empty: none);
+    ``regions`` holds ``x0,y0,x1,y1: text`` lines, what to draw in which box of a generated image (empty: none).
     """
 
     upload_mode: Literal["understand", "edit"] = "understand"
@@ -140,6 +143,7 @@ class ChatOptions:
     best_of: int = 1
     negatives: str = ""
     negative_prompt: str = ""
+    regions: str = ""
 
     @classmethod
     def for_engine(cls, engine: AnyGen) -> ChatOptions:
@@ -190,6 +194,19 @@ class ChatOptions:
         if not isinstance(self.negative_prompt, str):
             raise ValueError(f"negative prompt must be text, got {type(self.negative_prompt).__name__}")
         return self.negative_prompt.strip()
+
+    def region_list(self) -> list[tuple[str, tuple[float, float, float, float]]]:
+        """``regions`` as ``(text, box)`` pairs: one ``x0,y0,x1,y1: text`` per non-empty line."""
+        if not isinstance(self.regions, str):
+            raise ValueError(f"regions must be text, one x0,y0,x1,y1: text a line, got {type(self.regions).__name__}")
+        out = []
+        for n, line in enumerate(self.regions.splitlines(), 1):
+            if line.strip():
+                try:
+                    out.append(parse_region(line))
+                except ValueError as err:
+                    raise ValueError(f"regions, line {n}: {err}") from err
+        return out
 
     def image_size(self, max_h: int, max_w: int) -> tuple[int, int] | None:
         if self.aspect not in ASPECTS:
@@ -339,6 +356,7 @@ class ChatRunner:
             seq = tok.encode(segments, bos=False, eos=False)
             negatives = options.negative_texts()
             steer = options.negative_prompt_text()
+            regions = [(self.engine.encode_prompt(t), box) for t, box in options.region_list()]
             candidates = self._candidates(options.best_of, settings, text, negatives)
             picture = self._rerank_picture(settings, segments) if options.best_of > 1 and candidates == 1 else None
             candidates = options.best_of if picture is not None else candidates
@@ -360,7 +378,7 @@ class ChatRunner:
             conv.messages.append(_note(f"ℹ️ dropped the {dropped} oldest turn(s) from the model's context to make "
                                        f"room for this reply."))
         yield from self._stream(conv, conv.context(new, tok.vocab), new, settings, candidates, text, picture,
-                                negatives, self.engine.encode_prompt(steer) if steer else None)
+                                negatives, self.engine.encode_prompt(steer) if steer else None, regions)
 
     def _candidates(self, best_of: Any, settings: GenerationSettings, text: str, negatives: list[str]) -> int:
         """How many candidates this reply draws: ``best_of`` where it can rerank (a text → image reply of a
@@ -418,7 +436,8 @@ class ChatRunner:
 
     def _stream(self, conv: Conversation, prompt: TokenSequence, new: Turn, settings: GenerationSettings,
                 candidates: int = 1, text: str = "", picture: Image | Understand | None = None,
-                negatives: list[str] | None = None, steer: TokenSequence | None = None) -> Iterator[list[dict]]:
+                negatives: list[str] | None = None, steer: TokenSequence | None = None,
+                regions: list | None = None) -> Iterator[list[dict]]:
         """Stream one reply; with ``candidates`` > 1 the rows are candidates, row 0 is shown as it is drawn and
         the one ``_pick`` keeps replaces it at the end (its image for text → image; the whole reply for image →
         text, reranked by ``picture``)."""
@@ -435,6 +454,8 @@ class ChatRunner:
         start = last = time.perf_counter()
         timings = self.last_timings = {}
         twins = {} if steer is None else {"negatives": [steer] * candidates}  # guidance twins' negative prompt
+        if regions:
+            twins["regions"] = [regions] * candidates
         stream = self.engine.generator.stream([prompt] * candidates, settings, **twins)
         try:
             for event in stream:
@@ -737,6 +758,10 @@ def build_demo(engine: AnyGen, *, notice: str | None = None, max_upload_mb: floa
                     controls["image_guidance_start"] = gr.Slider(
                         0, 0.9, value=defaults.image_guidance_start, step=0.05,
                         label="guidance starts after this fraction of the image (0: from the first code)")
+                    controls["regions"] = gr.Textbox(
+                        defaults.regions, lines=2, label="regions, one per line: x0,y0,x1,y1: text",
+                        elem_id="regions", placeholder="0,0,0.33,0.33: a red circle at the top left",
+                        info="each box (fractions of the image, the top left 0,0) is drawn from its text")
                 with gr.Accordion("text", open=False):
                     controls["text_temperature"] = gr.Slider(0, 2, value=defaults.text_temperature, step=0.05,
                                                              label="temperature")
@@ -758,7 +783,8 @@ def build_demo(engine: AnyGen, *, notice: str | None = None, max_upload_mb: floa
                 controls["max_images"] = gr.Number(defaults.max_images, precision=0, minimum=0,
                                                    label="stop after N images + videos (0: no limit)",
                                                    elem_id="max-images")
-        plain = [1, "", "", defaults.video_guidance]  # best of N, negatives, negative prompt, video guidance
+        plain = [1, "", "", defaults.video_guidance, ""]  # best of N, negatives, negative prompt, video guidance,
+        # regions
         gr.Examples(
             label="examples (each shows one capability)",
             examples=[
@@ -768,17 +794,21 @@ def build_demo(engine: AnyGen, *, notice: str | None = None, max_upload_mb: floa
                 [{"text": "a green triangle moves to the right", "files": []}, "video", "understand", 0, *plain],
                 [{"text": "a green triangle moves to the right", "files": []}, "video", "understand", 0, 4,
                  "a green triangle moves to the left\na green triangle moves up\na green triangle moves down",
-                 "a green triangle moves to the left", 2.0],
+                 "a green triangle moves to the left", 2.0, ""],
+                [{"text": "a red circle at the top left and a blue square at the bottom right", "files": []},
+                 "image", "understand", 0, 1, "", "", defaults.video_guidance,
+                 "0,0,0.33,0.33: a red circle at the top left\n0.67,0.67,1,1: a blue square at the bottom right"],
                 [{"text": "make the circle yellow", "files": [examples["circle"]]}, "image", "edit", 0, *plain],
                 [{"text": "draw a red square, then add a blue circle below it: a short illustrated story",
                   "files": []}, "auto", "understand", 2, *plain],
             ],
             example_labels=["text → image", "image → text", "text → video",
-                            "text → video, steered from the opposite motion, best of 4", "editing",
+                            "text → video, steered from the opposite motion, best of 4",
+                            "text → image with regions", "editing",
                             "illustrated story"],
             inputs=[textbox, controls["start_with"], controls["upload_mode"], controls["max_images"],
                     controls["best_of"], controls["negatives"], controls["negative_prompt"],
-                    controls["video_guidance"]],
+                    controls["video_guidance"], controls["regions"]],
         )
 
         send = textbox.submit(

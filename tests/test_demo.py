@@ -454,3 +454,26 @@ def test_cancel_frees_the_engine_for_the_next_request(url, engine, monkeypatch):
     chat = _send(client, "a blue square")
     assert _texts(chat, "user") == ["a red circle", "a blue square"]
     assert any("stopped" in t for t in _texts(chat, "assistant"))  # cut mid-reply, not finished
+
+
+def test_regions_go_to_every_candidate_and_a_bad_line_is_said_in_the_chat(engine, tmp_path, monkeypatch):
+    assert ChatOptions(regions=" 0,0,0.5,1: a red circle \n\n0.5,0,1,1:a blue square").region_list() == [
+        ("a red circle", (0.0, 0.0, 0.5, 1.0)), ("a blue square", (0.5, 0.0, 1.0, 1.0))]
+    runner = ChatRunner(engine, tmp_path)
+    seen, stream = [], engine.generator.stream
+    monkeypatch.setattr(engine.generator, "stream", lambda seqs, s, negatives=None, regions=None: (
+        seen.append(regions), stream(seqs, s, negatives, regions))[1])
+    conv = Conversation()
+    options = ChatOptions(**{**FAST, "start_with": "image", "best_of": 2, "regions": "0,0,1,0.5: a red circle"})
+    list(runner.respond("a blue square", options, conv))
+    (rows,) = seen
+    assert len(rows) == 2 and all(
+        [(p.ids.tolist(), box) for p, box in row] == [(engine.encode_prompt("a red circle").ids.tolist(),
+                                                       (0.0, 0.0, 1.0, 0.5))] for row in rows)
+    assert len(conv.turns) == 1
+    seen.clear()
+    bad = ChatOptions(**{**FAST, "start_with": "image", "regions": "0,0,1,0.5: a red circle\n0,0,1: a blue square"})
+    chat = list(runner.respond("a blue square", bad, conv))[-1]
+    assert "regions, line 2: a region is X0,Y0,X1,Y1:TEXT" in chat[-1]["content"] and not seen
+    list(runner.respond("a blue square", ChatOptions(**{**FAST, "start_with": "image"}), conv))
+    assert seen == [None]  # no regions: the stream is called as before

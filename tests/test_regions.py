@@ -190,11 +190,11 @@ def test_cli_generate_takes_regions_from_the_flag_or_the_prompts_file(tmp_path, 
                  str(tmp_path / "c")]) == 0
     assert calls[-1] == [[("a green triangle", [0, 0, 0.5, 1])], [("a red circle", (0.5, 0.0, 1.0, 1.0))]]
     capsys.readouterr()
-    with pytest.raises(SystemExit):
-        main(["a blue square", *base, "--region", "0,0,1:a red circle"])
-    assert "expected X0,Y0,X1,Y1:TEXT" in capsys.readouterr().err
-    assert main(["a blue square", *base, "--region", "0,0,2,1:a red circle", "--out", str(tmp_path / "d")]) == 2
-    assert "0 <= x0 < x1 <= 1" in capsys.readouterr().err
+    for bad, said in (("0,0,1:a red circle", "a region is X0,Y0,X1,Y1:TEXT"), ("0,0,1,1:", "a region is"),
+                      ("0,0,2,1:a red circle", "0 <= x0 < x1 <= 1")):
+        with pytest.raises(SystemExit):
+            main(["a blue square", *base, "--region", bad])
+        assert said in capsys.readouterr().err
     lines.write_text(json.dumps({"prompt": "a blue square", "regions": ["a red circle"]}) + "\n")
     assert main(["--prompts", str(lines), *base, "--out", str(tmp_path / "e")]) == 2
     assert '"regions" must be a list of [text, [x0, y0, x1, y1]] pairs' in capsys.readouterr().err

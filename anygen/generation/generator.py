@@ -116,6 +116,20 @@ def check_box(box: object, name: str = "box") -> Box:
     return x0, y0, x1, y1
 
 
+def parse_region(spec: str) -> tuple[str, Box]:
+    """``"X0,Y0,X1,Y1:TEXT"`` (the command line's ``--region``, a line of the demo's regions) as ``(TEXT, box)``,
+    or a ``ValueError`` saying what is accepted."""
+    box, sep, text = str(spec).partition(":")
+    try:
+        numbers = tuple(float(x) for x in box.split(","))
+    except ValueError:
+        numbers = ()
+    if not sep or len(numbers) != 4 or not text.strip():
+        raise ValueError(f"a region is X0,Y0,X1,Y1:TEXT (four fractions of the image, the top left 0,0, then the "
+                         f"text), got {spec!r:.200}")
+    return text.strip(), check_box(numbers, f"region {spec!r:.100}")
+
+
 @dataclass(frozen=True)
 class SamplingDefaults:
     """The sampling a checkpoint is generated with when a call sets none: one ``SamplingConfig`` per modality.
