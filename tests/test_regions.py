@@ -147,7 +147,7 @@ def test_cell_box_holds_every_rendered_object_of_its_cell():
 def test_eval_regions_layout_draws_each_scene_with_its_objects_over_their_cells(tmp_path, monkeypatch):
     from anygen.data.shapes import parse_caption
     from anygen.eval import main
-    from anygen.eval.harness import EvalContext, eval_t2i_pair
+    from anygen.eval.harness import EvalContext, eval_story, eval_t2i_pair
 
     engine = random_engine("tiny")
     calls, real = [], engine.generate
@@ -158,6 +158,16 @@ def test_eval_regions_layout_draws_each_scene_with_its_objects_over_their_cells(
         objects = parse_caption(prompt[0])
         assert sorted((caption([o]), cell_box(o.position)) for o in objects) == sorted(regions)
     assert result.details["regions"] == "each object's caption over its cell"
+    calls.clear()
+    story = eval_story(EvalContext(engine, num=2, regions="layout"))
+    (first, kw1), (second, kw2) = calls  # the first pictures, then the second ones
+    for i, sample in enumerate(story.samples):
+        (drawn,) = parse_caption(sample["steps"][0])
+        (added,) = parse_caption(sample["steps"][1])
+        assert kw1["regions"][i] == [(caption([drawn]), cell_box(drawn.position))]
+        assert kw2["regions"][i] == [(caption([drawn]), cell_box(drawn.position)),
+                                     (caption([added]), cell_box(added.position))]
+    assert story.details["regions"] == "each picture's objects' captions over their cells"
     with pytest.raises(ValueError, match="regions must be one of"):
         EvalContext(engine, num=1, regions="everywhere")
     out = tmp_path / "eval"

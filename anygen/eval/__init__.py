@@ -73,9 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "the opposite way (\"... moves down\" for \"... moves up\"); needs --video-guidance-scale, "
                         "e.g. 2 (default none: guidance, if any, against the empty context)")
     p.add_argument("--regions", choices=("none", "layout"), default="none",
-                   help="text → image rows (t2i_single, t2i_pair) with regional prompting: 'layout' draws each "
-                        "object's own caption over its grid cell (the layout a planner would give; "
-                        "generate(regions=...)) (default none: the prompt alone)")
+                   help="text → image rows (t2i_single, t2i_pair) and the story's pictures with regional "
+                        "prompting: 'layout' draws each object's own caption over its grid cell (the layout a planner "
+                        "would give; generate(regions=...)) (default none: the prompt alone)")
     p.add_argument("--no-images", action="store_true", help="do not write the generated images")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     return p

@@ -136,9 +136,9 @@ class EvalContext:
             reading most favours its prompt over the same motion in the other three directions (``negatives``).
         video_negative: ``"opposite"``: each clip's guidance twin reads the same motion in the opposite direction
             (``negative_prompt``; acts only with video guidance on); ``"none"``: the empty context.
-        regions: ``"layout"``: text → image prompts (one object, two objects) are drawn with regional prompting,
-            each object's own caption over its grid cell (``shapes.layout_regions``: the layout a planner would
-            give, read off the prompt's grammar); ``"none"``: the prompt alone.
+        regions: ``"layout"``: text → image prompts (one object, two objects) and the story's two pictures are
+            drawn with regional prompting, each object's own caption over its grid cell (``shapes.layout_regions``:
+            the layout a planner would give, read off the prompt's grammar); ``"none"``: the prompt alone.
     """
 
     engine: Any
@@ -439,11 +439,13 @@ def eval_story(ctx: EvalContext) -> CategoryResult:
         firsts.append(first)
         seconds.append(sample_object(rng, exclude_positions=[first.position]))
     steps1 = [f"draw {o.describe()}" for o in firsts]
-    images1 = ctx.generate_images([[s] for s in steps1])
+    layout = ctx.regions == "layout"  # each picture with its objects' captions over their cells
+    images1 = ctx.generate_images([[s] for s in steps1], [layout_regions([o]) for o in firsts] if layout else None)
     steps2 = [f"then add {o.describe()}" for o in seconds]
     prompts2 = [[s1, Image(im if im is not None else render_scene([], ctx.image_px[0])), s2]
                 for s1, im, s2 in zip(steps1, images1, steps2)]
-    images2 = ctx.generate_images(prompts2)
+    images2 = ctx.generate_images(prompts2, [layout_regions([a, b]) for a, b in zip(firsts, seconds)]
+                                  if layout else None)
     samples = []
     for i in range(ctx.num):
         ctx.keep("story", i, "step1", images1[i])
@@ -454,6 +456,8 @@ def eval_story(ctx: EvalContext) -> CategoryResult:
                         "correct": j1["correct"] and j2["correct"]})
     details = {"step1": _mean([s["step1"]["correct"] for s in samples]),
                "step2": _mean([s["step2"]["correct"] for s in samples])}
+    if layout:
+        details["regions"] = "each picture's objects' captions over their cells"
     return CategoryResult("story", ctx.num, "both_steps", _mean([s["correct"] for s in samples]), details, samples,
                           time.perf_counter() - started)
 
