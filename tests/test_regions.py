@@ -81,14 +81,14 @@ def test_both_loops_agree_on_a_mixed_batch_and_a_row_without_regions_is_untouche
     assert fast[1] != unrouted[1] and fast[2] != unrouted[2]
 
 
-def test_in_regions_reads_the_code_drawn_next_and_only_inside_an_image_body():
+def test_in_regions_reads_the_code_drawn_next_and_only_inside_an_image_body(engine):
     t = lambda *x: torch.tensor(x)  # noqa: E731
     state = GrammarState.start(t(IMG_BODY, IMG_BODY, TEXT), req_h=t(0, 0, 0), req_w=t(0, 0, 0), req_t=t(0, 0, 0),
                                max_media=t(0, 0, 0))
     state.height, state.width = t(4, 4, 4), t(4, 4, 4)
     state.row, state.col = t(1, 3, 1), t(2, 4, 2)  # row 1 col 2; row 3 before its <|eol|> (col = width); text
     boxes = torch.tensor([[[0.5, 0.25, 0.75, 0.5]] * 3, [[0.75, 0.75, 1.0, 1.0]] * 3])  # (2 regions, 3 rows, 4)
-    inside = Grammar.in_regions(None, state, boxes)
+    inside = Grammar(engine.tokenizer.vocab).in_regions(state, boxes)
     assert inside.tolist() == [[True, False, False], [False, True, False]]
 
 
@@ -147,7 +147,7 @@ def test_cell_box_holds_every_rendered_object_of_its_cell():
 def test_eval_regions_layout_draws_each_scene_with_its_objects_over_their_cells(tmp_path, monkeypatch):
     from anygen.data.shapes import parse_caption
     from anygen.eval import main
-    from anygen.eval.harness import EvalContext, eval_story, eval_t2i_pair
+    from anygen.eval.harness import EvalContext, eval_edit, eval_story, eval_t2i_pair
 
     engine = random_engine("tiny")
     calls, real = [], engine.generate
@@ -168,6 +168,9 @@ def test_eval_regions_layout_draws_each_scene_with_its_objects_over_their_cells(
         assert kw2["regions"][i] == [(caption([drawn]), cell_box(drawn.position)),
                                      (caption([added]), cell_box(added.position))]
     assert story.details["regions"] == "each picture's objects' captions over their cells"
+    calls.clear()
+    edits = eval_edit(EvalContext(engine, num=2, regions="layout"))  # an edit names no layout: drawn as ever
+    assert "regions" not in edits.details and all("regions" not in kw for _, kw in calls)
     with pytest.raises(ValueError, match="regions must be one of"):
         EvalContext(engine, num=1, regions="everywhere")
     out = tmp_path / "eval"

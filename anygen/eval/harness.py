@@ -423,8 +423,6 @@ def eval_edit(ctx: EvalContext) -> CategoryResult:
     details = {"changed": _mean([s["changed"] for s in samples]),
                "rest_unchanged": _mean([s["rest_unchanged"] for s in samples]),
                "no_image": sum(im is None for im in images)}
-    if ctx.regions != "none":
-        details["regions"] = "each object's caption over its cell"
     return CategoryResult("edit", len(cases), "exact", _mean([s["correct"] for s in samples]), details, samples,
                           time.perf_counter() - started)
 

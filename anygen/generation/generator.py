@@ -568,7 +568,7 @@ class Generator:
 class _Run:
     """What ``Generator._start`` set up for one call: the batch, its guidance twins, the sampler, the trackers."""
 
-    b: int  # prompts (rows b.. are their unconditional twins when guided)
+    b: int  # prompts (rows b.. are their guidance twins, then their region rows, in groups of b)
     twins: int  # twin groups of b rows: 0, 1, or 2 (image guidance: rows 2b..3b read the prompts' media)
     regions: int  # region groups of b rows after the twins (Generator.stream's regions)
     width: int  # prompt slots (left-padded); generated ids go to slots width, width + 1, …

@@ -245,8 +245,8 @@ class Grammar:
     def in_regions(self, s: GrammarState, boxes: torch.Tensor) -> torch.Tensor:
         """``(N, B)`` bool: whether the image code each row draws next has its centre inside each of its ``N``
         boxes (``boxes`` ``(N, B, 4)``: ``x0, y0, x1, y1`` as fractions of the image, the top left at 0, each box
-        half-open); False outside an image body (a clip's codes are never inside). What
-        ``GenerationSettings.regions`` routes by."""
+        half-open); False outside an image body (a clip's codes are never inside). What ``Generator.stream``'s
+        regions are routed by."""
         h, w = s.height.clamp(min=1).float(), s.width.clamp(min=1).float()
         y = (s.row.float() + 0.5) / h
         x = (s.col.clamp(max=s.width - 1).float() + 0.5) / w  # col = width before a forced <|eol|>
