@@ -453,10 +453,12 @@ class ChatRunner:
         owner = self._owner = object()
         start = last = time.perf_counter()
         timings = self.last_timings = {}
-        twins = {} if steer is None else {"negatives": [steer] * candidates}  # guidance twins' negative prompt
+        rows: dict[str, list] = {}  # what the stream's extra rows read, per candidate: each given only when set
+        if steer is not None:
+            rows["negatives"] = [steer] * candidates  # the guidance twins' negative prompt
         if regions:
-            twins["regions"] = [regions] * candidates
-        stream = self.engine.generator.stream([prompt] * candidates, settings, **twins)
+            rows["regions"] = [regions] * candidates
+        stream = self.engine.generator.stream([prompt] * candidates, settings, **rows)
         try:
             for event in stream:
                 now = time.perf_counter()
