@@ -266,7 +266,7 @@ class AnyGen:
                video_size: tuple[int, int, int] | None = None, start_with: Literal["image", "video"] | None = None,
                max_images: int = 0, seed: int | None = None, preview_every: int = 0,
                negative_prompt: str | Sequence[str] | None = None,
-               regions: Sequence[Any] | None = None) -> Iterator[Event]:
+               regions: Sequence[Any] | None = None, inpaint: Sequence[Any] | None = None) -> Iterator[Event]:
         """Like ``generate``, but yields events (text deltas, image rows, frames, row ends) as they happen."""
         prompts, batched = self._split_batch(prompt)
         settings = self._settings(max_new_tokens, text, image, video, image_size, video_size, start_with,
@@ -274,10 +274,11 @@ class AnyGen:
         encoded = [self.encode_prompt(p) for p in prompts]
         negatives = self._negative_prompts(negative_prompt, len(prompts))
         routed = self._regions(regions, len(prompts), batched)
+        grids = self._inpaint(inpaint, encoded, batched)
         # one KV cache per engine: a second caller waits here instead of overwriting the first one's cache
         with self._lock:
             try:
-                yield from self.generator.stream(encoded, settings, negatives, routed)
+                yield from self.generator.stream(encoded, settings, negatives, routed, grids)
             finally:
                 self.model.release_cache()
 
@@ -288,7 +289,8 @@ class AnyGen:
                  max_images: int = 0, seed: int | None = None, speculative: int = 0, best_of: int = 1,
                  negatives: Sequence[str] | Sequence[Sequence[str]] | None = None,
                  negative_prompt: str | Sequence[str] | None = None,
-                 regions: Sequence[Any] | None = None) -> GenerationOutput | list[GenerationOutput]:
+                 regions: Sequence[Any] | None = None,
+                 inpaint: Sequence[Any] | None = None) -> GenerationOutput | list[GenerationOutput]:
         """Generate interleaved text, images and video.
 
         Args:
@@ -344,6 +346,13 @@ class AnyGen:
                 prompt. Costs one more row per region. Clips are not routed. The shipped model draws both objects
                 of a held-out two-object prompt for 22.5 % of 360 prompts plainly and 52.5 % with each object's
                 own caption over its cell (``anygen eval --regions layout``, ``docs/default_model.md``).
+            inpaint: redraw only part of the prompt's image (its last VQ image, ``PIL.Image`` / ``Image``): a box
+                ``(x0, y0, x1, y1)`` in fractions of the image, or a list of boxes. The first generated image is drawn
+                at that image's size in codes, and every code whose centre lies outside all the boxes is copied from
+                it, so the model draws only inside them, reading the copied codes around them (masked editing: for
+                ``[picture, "make the circle yellow"]``, a box around the circle). A batch: one entry (a box, a list
+                of boxes, or None) per prompt. The shipped model's edits are measured with the edited object's cell
+                as the box in ``docs/default_model.md`` (``anygen eval --inpaint layout``).
 
         Returns:
             One ``GenerationOutput``, or a list of them for a batch.
@@ -354,6 +363,12 @@ class AnyGen:
         if routed is not None and speculative:
             raise ValueError("regions and speculative decoding do not combine (a drafted code would be verified "
                              "against one row's logits): pass speculative=0 with regions")
+        if inpaint is not None and not batched:
+            inpaint = [inpaint]  # stream reads the prompts below as a batch
+        if inpaint is not None and (speculative or best_of != 1):
+            raise ValueError("inpaint redraws part of the prompt's own image, one draw per prompt: it combines with "
+                             f"neither speculative decoding nor best_of (got speculative={speculative!r}, "
+                             f"best_of={best_of!r})")
         if best_of != 1:
             outputs = self._best_of(prompts, best_of, dict(
                 max_new_tokens=max_new_tokens, text=text, image=image, video=video, image_size=image_size,
@@ -372,7 +387,7 @@ class AnyGen:
         done = [e for e in self.stream(prompts, max_new_tokens=max_new_tokens, text=text, image=image, video=video,
                                        image_size=image_size, video_size=video_size, start_with=start_with,
                                        max_images=max_images, seed=seed, negative_prompt=negative_prompt,
-                                       regions=routed)
+                                       regions=routed, inpaint=inpaint)
                 if isinstance(e, RowDone)]
         outputs = [GenerationOutput(e.segments, e.ids, e.reason) for e in sorted(done, key=lambda e: e.row)]
         return outputs if batched else outputs[0]
@@ -575,6 +590,49 @@ class AnyGen:
                 pairs.append((text, check_box(box, f"region {j} of prompt #{i}")))
             out.append(pairs)
         return out
+
+    def _inpaint(self, inpaint: Any, prompts: list[TokenSequence], batched: bool) -> list[torch.Tensor | None] | None:
+        """``inpaint`` as one grid of codes per prompt (``inpaint_grid``; None: none given)."""
+        if inpaint is None:
+            return None
+        rows = inpaint if batched else [inpaint]
+        if not isinstance(rows, (list, tuple)) or len(rows) != len(prompts):
+            raise ValueError(f"inpaint: for a batch, one box, list of boxes or None per prompt ({len(prompts)}), got "
+                             f"{inpaint!r:.200}")
+        return [None if row is None else self.inpaint_grid(prompt, row, f"inpaint of prompt #{i}")
+                for i, (row, prompt) in enumerate(zip(rows, prompts))]
+
+    def inpaint_grid(self, prompt: Prompt | TokenSequence, boxes: Any, name: str = "inpaint") -> torch.Tensor:
+        """What ``generate(inpaint=boxes)`` copies for ``prompt``: its last VQ image's codes ``(h, w)``, ``-1`` where a
+        code's centre lies in one of ``boxes`` (a box ``(x0, y0, x1, y1)`` in fractions of the image, or a list of
+        them); the grid ``Generator.stream(inpaint=...)`` takes.
+
+        Raises:
+            ValueError: a malformed box, a prompt without a VQ image, or boxes that hold no code (named ``name``).
+        """
+        is_box = isinstance(boxes, (list, tuple)) and len(boxes) > 0 and not isinstance(boxes[0], (list, tuple))
+        boxes = [boxes] if is_box else boxes
+        if not isinstance(boxes, (list, tuple)) or not boxes:
+            raise ValueError(f"{name} must be a box (x0, y0, x1, y1) or a non-empty list of boxes, got "
+                             f"{boxes!r:.200}")
+        boxes = [check_box(box, f"{name}, box {j}") for j, box in enumerate(boxes)]
+        ids = prompt.ids if isinstance(prompt, TokenSequence) else self.encode_prompt(prompt).ids
+        images = [seg for seg in self.tokenizer.decode(ids, pixels=False) if isinstance(seg, Image)]
+        if not images or images[-1].codes is None:
+            raise ValueError(f"{name} redraws part of the prompt's image, and the prompt holds none written as VQ "
+                             "codes: put a PIL.Image (or Image) in the prompt; an Understand(image) is read by the "
+                             "understanding encoder and cannot be copied")
+        codes = images[-1].codes
+        h, w = codes.shape
+        y = (torch.arange(h, dtype=torch.float32)[:, None] + 0.5) / h
+        x = (torch.arange(w, dtype=torch.float32)[None, :] + 0.5) / w
+        hole = torch.zeros(h, w, dtype=torch.bool)
+        for x0, y0, x1, y1 in boxes:  # the rule Grammar.in_regions routes regions by: a code's centre
+            hole |= (x >= x0) & (x < x1) & (y >= y0) & (y < y1)
+        if not bool(hole.any()):
+            raise ValueError(f"{name}: the boxes {boxes} hold no code's centre of the prompt's {h}x{w}-code image; "
+                             "make them larger")
+        return torch.where(hole, -1, codes)
 
     @staticmethod
     def _negatives(negatives: Any, prompts: list[Prompt], batched: bool) -> list[list[str]] | None:

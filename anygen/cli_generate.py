@@ -1,8 +1,8 @@
 """``anygen generate``: prompts in, text / PNG / MP4 files out.
 
-One prompt from the command line, or many from a JSONL file (``--prompts``: one JSON object a
-line, ``{"prompt": str, "images": [paths], "understand": [paths]}``, or a bare JSON string) run in
-batches with a progress bar. Each prompt gets a folder ``OUT/NNNN/`` with ``text.txt``,
+One prompt from the command line, or many from a JSONL file (``--prompts``: one JSON object a line,
+``{"prompt": str, "images": [paths], "understand": [paths], "inpaint": [[x0, y0, x1, y1]]}``, or a bare JSON
+string) run in batches with a progress bar. Each prompt gets a folder ``OUT/NNNN/`` with ``text.txt``,
 ``image_K.png`` and ``video_K.mp4``; every written path is printed.
 """
 
@@ -81,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "--region \"0,0,0.33,0.33:a red circle at the top left\"; the prompt draws the rest; "
                         "repeatable (later boxes win where they overlap), applies to every prompt without its own (a "
                         "--prompts line's \"regions\": [[TEXT, [X0, Y0, X1, Y1]], ...])")
+    p.add_argument("--inpaint", action="append", default=[], type=_box, metavar="X0,Y0,X1,Y1",
+                   help="redraw only this box of the --image picture (fractions of it, the top left 0,0) and copy "
+                        "the rest, e.g. --image scene.png --inpaint 0,0,0.33,0.33 \"make the circle yellow\" "
+                        "--start-with image; repeatable (every box redrawn), applies to every prompt without its own "
+                        "(a --prompts line's \"inpaint\": [[X0, Y0, X1, Y1], ...])")
     p.add_argument("--batch-size", type=int, default=4, help="prompts per batch with --prompts")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     for m in MODALITIES:
@@ -102,6 +107,16 @@ def _region(text: str) -> tuple[str, tuple[float, ...]]:
         raise argparse.ArgumentTypeError(str(err)) from err
 
 
+def _box(text: str) -> tuple[float, ...]:
+    """``--inpaint "X0,Y0,X1,Y1"`` as a box."""
+    from anygen.generation.generator import check_box
+
+    try:
+        return check_box(tuple(float(x) for x in text.split(",")), f"--inpaint {text!r}")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"--inpaint is X0,Y0,X1,Y1, fractions of the picture: {err}") from err
+
+
 def _sampling(args: argparse.Namespace, modality: str) -> dict:
     return {f.name: getattr(args, f"{modality}_{f.name}") for f in fields(SamplingConfig)
             if getattr(args, f"{modality}_{f.name}") is not None}
@@ -113,7 +128,7 @@ def _load_prompts(args: argparse.Namespace) -> list[dict]:
             raise ValueError("give a prompt (text, --image / --understand pictures, or both), or --prompts FILE.jsonl")
         return [{"prompt": args.prompt, "images": [str(p) for p in args.image],
                  "understand": [str(p) for p in args.understand], "negatives": args.negative,
-                 "negative_prompt": args.negative_prompt, "regions": args.region}]
+                 "negative_prompt": args.negative_prompt, "regions": args.region, "inpaint": args.inpaint}]
     if not args.prompts.is_file():
         raise FileNotFoundError(f"--prompts file {args.prompts} does not exist")
     items = []
@@ -128,11 +143,16 @@ def _load_prompts(args: argparse.Namespace) -> list[dict]:
             item = {"prompt": item}
         if not isinstance(item, dict) or not isinstance(item.get("prompt", ""), str):
             raise ValueError(f'{args.prompts}:{n}: expected a string or {{"prompt": str, "images": [...], '
-                             f'"understand": [...], "negatives": [...], "negative_prompt": str, "regions": [...]}}')
-        unknown = set(item) - {"prompt", "images", "understand", "negatives", "negative_prompt", "regions"}
+                             f'"understand": [...], "negatives": [...], "negative_prompt": str, "regions": [...], '
+                             f'"inpaint": [...]}}')
+        unknown = set(item) - {"prompt", "images", "understand", "negatives", "negative_prompt", "regions", "inpaint"}
         if unknown:
             raise ValueError(f"{args.prompts}:{n}: unknown keys {sorted(unknown)}; accepted: prompt, images, "
-                             f"understand, negatives, negative_prompt, regions")
+                             f"understand, negatives, negative_prompt, regions, inpaint")
+        inpaint = item.get("inpaint", [])
+        if not isinstance(inpaint, list) or not all(isinstance(b, list) and len(b) == 4 for b in inpaint):
+            raise ValueError(f'{args.prompts}:{n}: "inpaint" must be a list of [x0, y0, x1, y1] boxes, got '
+                             f'{inpaint!r:.100}')
         regions = item.get("regions", [])
         if not isinstance(regions, list) or not all(
                 isinstance(r, list) and len(r) == 2 and isinstance(r[0], str) for r in regions):
@@ -146,7 +166,8 @@ def _load_prompts(args: argparse.Namespace) -> list[dict]:
             raise ValueError(f'{args.prompts}:{n}: "negatives" must be a list of str, got {negatives!r:.100}')
         items.append({**item, "negatives": item.get("negatives") or args.negative,
                       "negative_prompt": item.get("negative_prompt") or args.negative_prompt,
-                      "regions": [(text, box) for text, box in regions] or args.region})
+                      "regions": [(text, box) for text, box in regions] or args.region,
+                      "inpaint": [tuple(box) for box in inpaint] or args.inpaint})
     if not items:
         raise ValueError(f"{args.prompts} holds no prompts")
     return items
@@ -193,14 +214,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         documents = [_document(item) for item in items]  # decode every image before any work
         engine = load_engine(args.checkpoint, args.random_tiny, args.device)
         return _run(engine, args, documents, [item["negatives"] for item in items],
-                    [item["negative_prompt"] for item in items], [item["regions"] for item in items])
+                    [item["negative_prompt"] for item in items], [item["regions"] for item in items],
+                    [item["inpaint"] for item in items])
     except (ValueError, FileNotFoundError, TypeError) as err:
         print(f"anygen generate: error: {err}", file=sys.stderr)
         return 2
 
 
 def _run(engine, args: argparse.Namespace, documents: list[list], negatives: list[list[str]],
-         negative_prompts: list[str | None], regions: list[list]) -> int:
+         negative_prompts: list[str | None], regions: list[list], inpaint: list[list]) -> int:
     from tqdm import tqdm
 
     from tokenizers_mm.video_io import write_video
@@ -219,9 +241,11 @@ def _run(engine, args: argparse.Namespace, documents: list[list], negatives: lis
         # best_of scores each image by its prompt's text, so text-only prompts go as str
         prompts = [d[0] if args.best_of != 1 and len(d) == 1 and isinstance(d[0], str) else list(d) for d in batch]
         given, steer, where = negatives[lo:lo + size], negative_prompts[lo:lo + size], regions[lo:lo + size]
+        holes = [boxes or None for boxes in inpaint[lo:lo + size]]
         outputs = engine.generate(prompts, **kwargs, negatives=given if any(given) else None,
                                   negative_prompt=steer if any(steer) else None,
-                                  regions=where if any(where) else None)
+                                  regions=where if any(where) else None,
+                                  inpaint=holes if any(holes) else None)
         for out in outputs:
             folder = args.out / f"{index:04d}"
             folder.mkdir(parents=True, exist_ok=True)

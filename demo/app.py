@@ -25,6 +25,9 @@ Notable:
   guided image or clip is steered away from it; with guidance off it is refused in the chat, saying so.
 - Regions (``generate(regions=...)``): one ``x0,y0,x1,y1: text`` a line; each box of every image in the reply is
   drawn from that text (every candidate's, with best of N).
+- Inpainting (``generate(inpaint=...)``): one ``x0,y0,x1,y1`` box a line; the reply's first image is drawn at the
+  size of the last picture in the context given as VQ codes (an upload in "edited" mode, or an earlier reply's
+  image) and copies it outside the boxes, so only they are redrawn.
 - Streaming: text shows as it arrives; an image shows at once as a grey canvas that fills in every
   ``preview_every`` rows (``ImageRows.preview``); a video shows its frame count, then the mp4.
 - One engine, one generation at a time: the model holds a single KV cache, so the chat event runs with
@@ -67,7 +70,14 @@ from anygen.generation.events import (
     VideoFrameDone,
     VideoStarted,
 )
-from anygen.generation.generator import DEFAULT_IMAGE, DEFAULT_TEXT, DEFAULT_VIDEO, GenerationSettings, parse_region
+from anygen.generation.generator import (
+    DEFAULT_IMAGE,
+    DEFAULT_TEXT,
+    DEFAULT_VIDEO,
+    GenerationSettings,
+    check_box,
+    parse_region,
+)
 from anygen.generation.sampling import SamplingConfig
 from tokenizers_mm.multimodal import TokenSequence
 from tokenizers_mm.preprocess import load_image
@@ -116,7 +126,8 @@ class ChatOptions:
     many candidates for a text → image reply, a text → video one (with ``negatives``), or an image → text one, and
     keeps the one the model reads back best; ``negatives`` holds texts, one per line, that a reranked text → image
     or text → video reply must not be; ``negative_prompt`` is the text guidance steers away from (empty: none);
-    ``regions`` holds ``x0,y0,x1,y1: text`` lines, what to draw in which box of a generated image (empty: none).
+    ``regions`` holds ``x0,y0,x1,y1: text`` lines, what to draw in which box of a generated image (empty: none);
+    ``inpaint`` holds ``x0,y0,x1,y1`` lines, the boxes of the context's last VQ picture to redraw (empty: all of it).
     """
 
     upload_mode: Literal["understand", "edit"] = "understand"
@@ -144,6 +155,7 @@ class ChatOptions:
     negatives: str = ""
     negative_prompt: str = ""
     regions: str = ""
+    inpaint: str = ""
 
     @classmethod
     def for_engine(cls, engine: AnyGen) -> ChatOptions:
@@ -206,6 +218,20 @@ class ChatOptions:
                     out.append(parse_region(line))
                 except ValueError as err:
                     raise ValueError(f"regions, line {n}: {err}") from err
+        return out
+
+    def inpaint_boxes(self) -> list[tuple[float, float, float, float]]:
+        """``inpaint`` as boxes: one ``x0,y0,x1,y1`` per non-empty line."""
+        if not isinstance(self.inpaint, str):
+            raise ValueError(f"inpaint must be text, one x0,y0,x1,y1 a line, got {type(self.inpaint).__name__}")
+        out = []
+        for n, line in enumerate(self.inpaint.splitlines(), 1):
+            if line.strip():
+                try:
+                    out.append(check_box(tuple(float(x) for x in line.split(",")), f"inpaint, line {n}"))
+                except ValueError as err:
+                    raise ValueError(f"inpaint, line {n}: a box is x0,y0,x1,y1 (fractions of the picture, the top "
+                                     f"left 0,0): {err}") from err
         return out
 
     def image_size(self, max_h: int, max_w: int) -> tuple[int, int] | None:
@@ -357,6 +383,7 @@ class ChatRunner:
             negatives = options.negative_texts()
             steer = options.negative_prompt_text()
             regions = [(self.engine.encode_prompt(t), box) for t, box in options.region_list()]
+            holes = options.inpaint_boxes()
             candidates = self._candidates(options.best_of, settings, text, negatives)
             picture = self._rerank_picture(settings, segments) if options.best_of > 1 and candidates == 1 else None
             candidates = options.best_of if picture is not None else candidates
@@ -377,8 +404,17 @@ class ChatRunner:
         if dropped:
             conv.messages.append(_note(f"ℹ️ dropped the {dropped} oldest turn(s) from the model's context to make "
                                        f"room for this reply."))
-        yield from self._stream(conv, conv.context(new, tok.vocab), new, settings, candidates, text, picture,
-                                negatives, self.engine.encode_prompt(steer) if steer else None, regions)
+        context, grid = conv.context(new, tok.vocab), None
+        if holes:
+            try:  # the last VQ picture the model reads: drawn at its size, copied outside the boxes
+                grid = self.engine.inpaint_grid(context, holes)
+                settings = replace(settings, image_size=tuple(grid.shape))
+            except ValueError as err:
+                conv.messages.append(_note(f"⚠️ {err}"))
+                yield conv.messages
+                return
+        yield from self._stream(conv, context, new, settings, candidates, text, picture,
+                                negatives, self.engine.encode_prompt(steer) if steer else None, regions, grid)
 
     def _candidates(self, best_of: Any, settings: GenerationSettings, text: str, negatives: list[str]) -> int:
         """How many candidates this reply draws: ``best_of`` where it can rerank (a text → image reply of a
@@ -437,7 +473,7 @@ class ChatRunner:
     def _stream(self, conv: Conversation, prompt: TokenSequence, new: Turn, settings: GenerationSettings,
                 candidates: int = 1, text: str = "", picture: Image | Understand | None = None,
                 negatives: list[str] | None = None, steer: TokenSequence | None = None,
-                regions: list | None = None) -> Iterator[list[dict]]:
+                regions: list | None = None, inpaint: torch.Tensor | None = None) -> Iterator[list[dict]]:
         """Stream one reply; with ``candidates`` > 1 the rows are candidates, row 0 is shown as it is drawn and
         the one ``_pick`` keeps replaces it at the end (its image for text → image; the whole reply for image →
         text, reranked by ``picture``)."""
@@ -458,6 +494,8 @@ class ChatRunner:
             rows["negatives"] = [steer] * candidates  # the guidance twins' negative prompt
         if regions:
             rows["regions"] = [regions] * candidates
+        if inpaint is not None:
+            rows["inpaint"] = [inpaint] * candidates
         stream = self.engine.generator.stream([prompt] * candidates, settings, **rows)
         try:
             for event in stream:
@@ -764,6 +802,11 @@ def build_demo(engine: AnyGen, *, notice: str | None = None, max_upload_mb: floa
                         defaults.regions, lines=2, label="regions, one per line: x0,y0,x1,y1: text",
                         elem_id="regions", placeholder="0,0,0.33,0.33: a red circle at the top left",
                         info="each box (fractions of the image, the top left 0,0) is drawn from its text")
+                    controls["inpaint"] = gr.Textbox(
+                        defaults.inpaint, lines=1, label="inpaint: redraw only these boxes, one per line: x0,y0,x1,y1",
+                        elem_id="inpaint", placeholder="0,0,0.5,0.5",
+                        info="of the last picture given as VQ codes (an edited upload, an earlier reply); the rest "
+                             "is copied")
                 with gr.Accordion("text", open=False):
                     controls["text_temperature"] = gr.Slider(0, 2, value=defaults.text_temperature, step=0.05,
                                                              label="temperature")
@@ -785,8 +828,8 @@ def build_demo(engine: AnyGen, *, notice: str | None = None, max_upload_mb: floa
                 controls["max_images"] = gr.Number(defaults.max_images, precision=0, minimum=0,
                                                    label="stop after N images + videos (0: no limit)",
                                                    elem_id="max-images")
-        plain = [1, "", "", defaults.video_guidance, ""]  # best of N, negatives, negative prompt, video guidance,
-        # regions
+        plain = [1, "", "", defaults.video_guidance, "", ""]  # best of N, negatives, negative prompt, video guidance,
+        # regions, inpaint
         gr.Examples(
             label="examples (each shows one capability)",
             examples=[
@@ -796,21 +839,23 @@ def build_demo(engine: AnyGen, *, notice: str | None = None, max_upload_mb: floa
                 [{"text": "a green triangle moves to the right", "files": []}, "video", "understand", 0, *plain],
                 [{"text": "a green triangle moves to the right", "files": []}, "video", "understand", 0, 4,
                  "a green triangle moves to the left\na green triangle moves up\na green triangle moves down",
-                 "a green triangle moves to the left", 2.0, ""],
+                 "a green triangle moves to the left", 2.0, "", ""],
                 [{"text": "a red circle at the top left and a blue square at the bottom right", "files": []},
                  "image", "understand", 0, 1, "", "", defaults.video_guidance,
-                 "0,0,0.33,0.33: a red circle at the top left\n0.67,0.67,1,1: a blue square at the bottom right"],
+                 "0,0,0.33,0.33: a red circle at the top left\n0.67,0.67,1,1: a blue square at the bottom right", ""],
                 [{"text": "make the circle yellow", "files": [examples["circle"]]}, "image", "edit", 0, *plain],
+                [{"text": "make the circle yellow", "files": [examples["shapes"]]}, "image", "edit", 1, 1, "", "",
+                 defaults.video_guidance, "", "0,0,0.5,0.5"],
                 [{"text": "draw a red square, then add a blue circle below it: a short illustrated story",
                   "files": []}, "auto", "understand", 2, *plain],
             ],
             example_labels=["text → image", "image → text", "text → video",
                             "text → video, steered from the opposite motion, best of 4",
-                            "text → image with regions", "editing",
+                            "text → image with regions", "editing", "editing one part (inpaint)",
                             "illustrated story"],
             inputs=[textbox, controls["start_with"], controls["upload_mode"], controls["max_images"],
                     controls["best_of"], controls["negatives"], controls["negative_prompt"],
-                    controls["video_guidance"], controls["regions"]],
+                    controls["video_guidance"], controls["regions"], controls["inpaint"]],
         )
 
         send = textbox.submit(

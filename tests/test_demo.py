@@ -23,6 +23,7 @@ from anygen.generation.sampling import SamplingConfig  # noqa: E402
 from anygen.testing import random_engine  # noqa: E402
 from demo import app  # noqa: E402
 from demo.app import RANDOM_NOTICE, ChatOptions, ChatRunner, Conversation, build_demo  # noqa: E402
+from tokenizers_mm.segments import Image  # noqa: E402
 
 UPLOAD_LIMIT_MB = 0.05
 FAST = dict(max_new_tokens=24, image_side=4, aspect="1:1", video_frames=1, video_side=2, seed=0, preview_every=1)
@@ -477,3 +478,35 @@ def test_regions_go_to_every_candidate_and_a_bad_line_is_said_in_the_chat(engine
     assert "regions, line 2: a region is X0,Y0,X1,Y1:TEXT" in chat[-1]["content"] and not seen
     list(runner.respond("a blue square", ChatOptions(**{**FAST, "start_with": "image"}), conv))
     assert seen == [None]  # no regions: the stream is called as before
+
+
+def test_inpaint_redraws_the_boxes_of_the_edited_upload_and_a_bad_line_is_said_in_the_chat(engine, tmp_path,
+                                                                                           monkeypatch):
+    assert ChatOptions(inpaint=" 0,0,0.5,1 \n\n0.5,0.5,1,1").inpaint_boxes() == [(0.0, 0.0, 0.5, 1.0),
+                                                                                 (0.5, 0.5, 1.0, 1.0)]
+    runner = ChatRunner(engine, tmp_path)
+    seen, stream = [], engine.generator.stream
+    monkeypatch.setattr(engine.generator, "stream", lambda seqs, s, **rows: (
+        seen.append((s, rows.get("inpaint"))), stream(seqs, s, **rows))[1])
+    picture = _png(tmp_path / "red.png", 64)
+    source = engine.tokenizer.image_codes(Image(PIL.Image.open(picture)))
+    conv = Conversation()
+    options = ChatOptions(**{**FAST, "start_with": "image", "upload_mode": "edit", "max_images": 1,
+                             "max_new_tokens": 400, "inpaint": "0,0,0.5,0.5"})
+    list(runner.respond({"text": "make it blue", "files": [str(picture)]}, options, conv))
+    (settings, grids), = seen
+    assert settings.image_size == tuple(source.shape)  # drawn at the picture's size, not the size control's
+    (grid,) = grids
+    h, w = source.shape
+    assert bool((grid[:h // 2, :w // 2] == -1).all()) and int((grid == -1).sum()) == (h // 2) * (w // 2)
+    assert torch.equal(grid[grid >= 0], source[grid >= 0])
+    reply = engine.tokenizer.decode(conv.turns[-1].ids, pixels=False)
+    drawn = [s for s in reply if isinstance(s, Image)][-1].codes  # the reply's image: the upload outside the box
+    assert torch.equal(drawn[grid >= 0], source[grid >= 0])
+    seen.clear()
+    fresh = Conversation()
+    chat = list(runner.respond("a blue square", options, fresh))[-1]
+    assert "holds none written as VQ codes" in chat[-1]["content"] and not seen
+    bad = ChatOptions(**{**FAST, "start_with": "image", "inpaint": "0,0,1"})
+    chat = list(runner.respond("a blue square", bad, Conversation()))[-1]
+    assert "inpaint, line 1: a box is x0,y0,x1,y1" in chat[-1]["content"] and not seen

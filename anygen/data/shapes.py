@@ -388,6 +388,27 @@ def parse_motion(text: str) -> MotionKey | None:
     return (m.group(1), m.group(2), m.group(3)) if m else None
 
 
+_RECOLOR_RE = re.compile(rf"^make\s+the\s+(?:({_COLOR_RE})\s+)?({_SHAPE_RE})(?:\s+({_PHRASE_RE}))?\s+({_COLOR_RE})$")
+_WHERE_RE = re.compile(rf"\b({_PHRASE_RE})\b")
+
+
+def parse_recolor(instruction: str) -> tuple[str, str | None, str | None, str] | None:
+    """``(shape, colour named or None, position named or None, new colour)`` of a recolouring instruction as
+    ``refer`` and the edit documents word it (``"make the red circle yellow"``, ``"make the circle at the top left
+    blue"``), or ``None`` when ``instruction`` is not one."""
+    m = _RECOLOR_RE.match(" ".join(str(instruction).lower().split()))
+    if m is None:
+        return None
+    return m.group(2), m.group(1), _PHRASES[m.group(3)] if m.group(3) else None, m.group(4)
+
+
+def parse_where(text: str) -> str | None:
+    """The grid cell the first place phrase of ``text`` names (``"at the bottom left"`` → ``"bottom left"``; the
+    answers of ``"where is …?"``), or ``None``."""
+    m = _WHERE_RE.search(" ".join(str(text).lower().split()))
+    return _PHRASES[m.group(1)] if m else None
+
+
 def refer(obj: SceneObject, objects: Sequence[SceneObject], *, use_color: bool = True,
           use_position: bool = True) -> str | None:
     """The shortest phrase that picks ``obj`` out of ``objects`` (``"the circle"``, ``"the red circle"``,
@@ -788,6 +809,7 @@ __all__ = [
     "BACKGROUND", "CLIP_FORMATS", "COLORS", "DEFAULT_KINDS", "DIRECTIONS", "KINDS", "POSITIONS", "SHAPES",
     "Motion", "SceneObject", "allocate", "caption", "cell_box", "cell_of", "generate_shapes", "holdout_combinations",
     "layout_regions",
-    "motion_caption", "parse_caption", "parse_kinds", "parse_motion", "refer", "render_motion", "render_scene",
+    "motion_caption", "parse_caption", "parse_kinds", "parse_motion", "parse_recolor", "parse_where", "refer",
+    "render_motion", "render_scene",
     "sample_motion", "sample_object", "sample_scene", "scene_from_meta", "write_clip",
 ]

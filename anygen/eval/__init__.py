@@ -32,7 +32,7 @@ DEFAULT_OUT = Path("outputs/eval")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from anygen.eval.harness import CATEGORIES
+    from anygen.eval.harness import CATEGORIES, INPAINTS, REGIONS
 
     p = argparse.ArgumentParser(prog="anygen eval", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -72,10 +72,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the video row's negative prompt: 'opposite' guides each clip away from the same object moving "
                         "the opposite way (\"... moves down\" for \"... moves up\"); needs --video-guidance-scale, "
                         "e.g. 2 (default none: guidance, if any, against the empty context)")
-    p.add_argument("--regions", choices=("none", "layout"), default="none",
+    p.add_argument("--regions", choices=REGIONS, default="none",
                    help="text → image rows (t2i_single, t2i_pair) and the story's pictures with regional "
                         "prompting: 'layout' draws each object's own caption over its grid cell (the layout a planner "
-                        "would give; generate(regions=...)) (default none: the prompt alone)")
+                        "would give; generate(regions=...)) (default none: the prompt alone); with --inpaint, an "
+                        "edit's redrawn cell gets the edited object's caption")
+    p.add_argument("--inpaint", choices=INPAINTS, default="none",
+                   help="masked editing (generate(inpaint=...)): edits redraw only the edited object's cell and copy "
+                        "the rest, the story's second picture only the added object's cell; the edit's cell is the "
+                        "source scene's ('layout', the box a user would draw) or the model's own answer to \"where is "
+                        "<the object>?\" ('asked') (default none: the whole picture drawn)")
     p.add_argument("--no-images", action="store_true", help="do not write the generated images")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     return p
@@ -116,7 +122,7 @@ def _run(args: argparse.Namespace) -> int:
                                              engine.sampling_defaults, args.image_guidance_scale,
                                              args.guidance_start),
                       keep_images=None if args.no_images else keep, best_of=args.best_of,
-                      video_negative=args.video_negative, regions=args.regions)
+                      video_negative=args.video_negative, regions=args.regions, inpaint=args.inpaint)
 
     if args.video_negative != "none" and "video" in categories and ctx.sampling["video"]["guidance_scale"] == 1.0:
         raise ValueError("--video-negative steers video guidance, which is off (scale 1): add --video-guidance-scale, "
@@ -134,7 +140,8 @@ def _run(args: argparse.Namespace) -> int:
         "checkpoint": str(args.checkpoint) if args.checkpoint else ("random-tiny" if args.random_tiny else "default"),
         "num": args.num, "seed": args.seed, "holdout": args.holdout, "data_seed": args.data_seed,
         "best_of": args.best_of, "video_negative": args.video_negative, "regions": args.regions,
-        "sampling": ctx.sampling, "image_tokens": ctx.image_tokens, "video_tokens": ctx.video_tokens,
+        "inpaint": args.inpaint, "sampling": ctx.sampling, "image_tokens": ctx.image_tokens,
+        "video_tokens": ctx.video_tokens,
         "seconds": round(time.perf_counter() - started, 2),
         "categories": {name: r.to_dict() for name, r in results.items()},
         "table": table,

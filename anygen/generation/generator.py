@@ -46,6 +46,10 @@ Notable:
   guidance (``route_regions``), so each part of the picture is drawn by the prompt that describes it, against the
   same twins, while every row is fed the same codes (GLIGEN's boxes and diffusion's regional prompting, in token
   space). ``docs/default_model.md`` measures it on two-object scenes.
+- Inpainting: ``stream(prompts, settings, inpaint=[codes, ...])`` gives a row an ``(h, w)`` grid of image codes,
+  ``-1`` where it draws: its first image is that size and every code at a place the grid fills is forced
+  (``copy_codes``, after the grammar's own forcing), so the model draws only the holes, reading the copied codes
+  before and around them as it reads any context. A step in which every row's next code is copied computes no head.
 """
 
 from __future__ import annotations
@@ -70,6 +74,7 @@ from anygen.generation.events import (
 )
 from anygen.generation.grammar import (
     DONE,
+    IMG_BODY,
     NEED_ALL,
     NEED_IMAGE,
     NEED_NONE,
@@ -252,7 +257,8 @@ class Generator:
 
     def _check(self, prompts: list[TokenSequence], s: GenerationSettings,
                negatives: list[TokenSequence | None] | None = None,
-               regions: list[list[RegionPrompt]] | None = None) -> int:
+               regions: list[list[RegionPrompt]] | None = None,
+               inpaint: list[torch.Tensor | None] | None = None) -> int:
         """Validate the request before any work; returns the number of new tokens to budget for."""
         v, ctx = self.vocab, self.model.config.max_seq_len
         if not prompts:
@@ -291,6 +297,8 @@ class Generator:
                                  ": set that medium's guidance_scale, e.g. video={'guidance_scale': 2}")
         if regions is not None:
             self._check_regions(regions, len(prompts), s)
+        if inpaint is not None:
+            self._check_inpaint(inpaint, len(prompts), s)
         region_prompts = [r for row in regions or [] for r, _ in row]
         longest = max(len(p) for p in [*prompts, *(n for n in negatives or [] if n is not None), *region_prompts])
         if longest >= ctx:
@@ -298,9 +306,10 @@ class Generator:
                              f"(AnyGenConfig.max_seq_len): shorten the prompt")
         budget = min(s.max_new_tokens, ctx - longest)
         for what in set(starts) - {None}:
-            if what == "image":
-                h, w = self._image_size(s) or (v.max_height, v.max_width)
-                need = self.image_span_len(h, w)
+            if what == "image":  # an inpainted row draws at its grid's size
+                sizes = [tuple(g.shape) if g is not None else self._image_size(s) or (v.max_height, v.max_width)
+                         for g, start in zip(inpaint or [None] * len(prompts), starts) if start == "image"]
+                need = max(self.image_span_len(h, w) for h, w in sizes)
             else:
                 t, h, w = s.video_size or (v.max_frames, v.max_height, v.max_width)
                 need = self.video_span_len(t, h, w)
@@ -333,6 +342,33 @@ class Generator:
                 if len(prompt) >= ctx:
                     raise ValueError(f"region {j} of prompt #{i} is {len(prompt)} tokens but the model's context is "
                                      f"{ctx} (AnyGenConfig.max_seq_len): shorten it")
+
+    def _check_inpaint(self, inpaint: list[torch.Tensor | None], b: int, s: GenerationSettings) -> None:
+        v = self.vocab
+        if not isinstance(inpaint, (list, tuple)) or len(inpaint) != b:
+            raise ValueError(f"inpaint: one grid of codes (or None) per prompt, got {inpaint!r:.200} for {b} prompts")
+        if any(g is not None for g in inpaint) and "image" not in self._drawable(s, b):
+            raise ValueError("inpaint copies codes into a generated image, and this call draws none (start_with="
+                             f"{s.start_with!r}, max_images {s.max_images})")
+        size = self._image_size(s)
+        for i, grid in enumerate(inpaint):
+            if grid is None:
+                continue
+            if not (isinstance(grid, torch.Tensor) and grid.dim() == 2 and not grid.is_floating_point()
+                    and not grid.is_complex()):
+                raise ValueError(f"inpaint grid of prompt #{i} must be a 2-D integer tensor of image codes (-1 where "
+                                 f"the model draws), got {grid!r:.200}")
+            h, w = grid.shape
+            if not (1 <= h <= v.max_height and 1 <= w <= v.max_width):
+                raise ValueError(f"inpaint grid of prompt #{i} is {h}x{w} codes; this tokenizer writes "
+                                 f"1..{v.max_height} rows and 1..{v.max_width} columns")
+            if size is not None and (h, w) != tuple(size):
+                raise ValueError(f"inpaint grid of prompt #{i} is {h}x{w} codes but the call draws {size[0]}x{size[1]}"
+                                 " (image_size): the image is drawn at its grid's size, so leave image_size unset or "
+                                 "equal")
+            if bool(((grid < -1) | (grid >= v.image_codebook_size)).any()):
+                raise ValueError(f"inpaint grid of prompt #{i} holds values outside -1..{v.image_codebook_size - 1} "
+                                 f"(image codes, -1 where the model draws)")
 
     @staticmethod
     def _starts(s: GenerationSettings, b: int) -> list[str | None]:
@@ -381,16 +417,19 @@ class Generator:
     @torch.no_grad()
     def stream(self, prompts: list[TokenSequence], settings: GenerationSettings | None = None,
                negatives: list[TokenSequence | None] | None = None,
-               regions: list[list[RegionPrompt]] | None = None) -> Iterator[Event]:
+               regions: list[list[RegionPrompt]] | None = None,
+               inpaint: list[torch.Tensor | None] | None = None) -> Iterator[Event]:
         """Generate for a batch of prompts, yielding events as ids arrive; ends with one ``RowDone`` per row.
         ``negatives``: one prompt per row that its guidance twin reads instead of ``<|bos|><|null|>`` (None for a
         row: that one). ``regions``: one list of ``(prompt, box)`` per row (an empty list: none for that row); an
         image code whose centre lies in a box is drawn from the logits of a row reading that box's prompt (and the
         span drawn so far) instead of the row's own, guided against the same twins: regional prompting. Later boxes
-        win where boxes overlap; clips are not routed."""
+        win where boxes overlap; clips are not routed. ``inpaint``: one ``(h, w)`` long tensor of image codes per row
+        (or None), ``-1`` where the row draws: the row's first image is ``h × w`` and copies every code the grid
+        gives."""
         s = settings or GenerationSettings()
-        budget = self._check(prompts, s, negatives, regions)
-        run = self._start(prompts, s, budget, negatives, regions)
+        budget = self._check(prompts, s, negatives, regions, inpaint)
+        run = self._start(prompts, s, budget, negatives, regions, inpaint)
         yield from (self._fast_steps if self.fast else self._plain_steps)(run, s, budget)
         for tracker in run.trackers:
             if not tracker.finished:
@@ -398,14 +437,16 @@ class Generator:
 
     def generate(self, prompts: list[TokenSequence], settings: GenerationSettings | None = None,
                  negatives: list[TokenSequence | None] | None = None,
-                 regions: list[list[RegionPrompt]] | None = None) -> list[RowDone]:
+                 regions: list[list[RegionPrompt]] | None = None,
+                 inpaint: list[torch.Tensor | None] | None = None) -> list[RowDone]:
         """Run ``stream`` to the end; one ``RowDone`` (segments and new ids) per prompt, in order."""
-        done = [e for e in self.stream(prompts, settings, negatives, regions) if isinstance(e, RowDone)]
+        done = [e for e in self.stream(prompts, settings, negatives, regions, inpaint) if isinstance(e, RowDone)]
         return sorted(done, key=lambda e: e.row)
 
     def _start(self, prompts: list[TokenSequence], s: GenerationSettings, budget: int,
                negatives: list[TokenSequence | None] | None = None,
-               regions: list[list[RegionPrompt]] | None = None) -> _Run:
+               regions: list[list[RegionPrompt]] | None = None,
+               inpaint: list[torch.Tensor | None] | None = None) -> _Run:
         """Left-pad the prompts (their guidance twins and region rows), prefill the cache, build the sampler's
         tensors."""
         v, dev, model = self.vocab, self.device, self.model
@@ -459,7 +500,15 @@ class Generator:
         if self.layout.header is not None:
             self.grammar.set_image_header(self.tokenizer.image_header(ih, iw))
         vt, vh, vw = s.video_size or (0, 0, 0)
-        state = GrammarState.start(tensor([TEXT] * b), req_h=tensor([ih] * b), req_w=tensor([iw] * b),
+        grids = list(inpaint or [None] * b)  # a row's inpaint grid sets its image's size
+        req_h = [ih if g is None else g.shape[0] for g in grids]
+        req_w = [iw if g is None else g.shape[1] for g in grids]
+        keep = torch.full((b, max(max(req_h), 1) if any(g is not None for g in grids) else 0,
+                           max(max(req_w), 1) if any(g is not None for g in grids) else 0), -1, dtype=torch.long)
+        for i, g in enumerate(grids):
+            if g is not None:
+                keep[i, :g.shape[0], :g.shape[1]] = g.long().cpu()
+        state = GrammarState.start(tensor([TEXT] * b), req_h=tensor(req_h), req_w=tensor(req_w),
                                    req_t=tensor([vt] * b), req_vh=tensor([vh] * b), req_vw=tensor([vw] * b),
                                    max_media=tensor([s.max_images] * b))
         cfgs = (s.text, s.image, s.video)  # indexed by grammar.S_TEXT / S_IMAGE / S_VIDEO
@@ -474,6 +523,7 @@ class Generator:
             source_scale=torch.tensor([c.source_scale for c in cfgs], device=dev),
             guidance_start=torch.tensor([float(c.guidance_start) for c in cfgs], device=dev),
             boxes=boxes.to(dev),
+            keep=keep.to(dev),
         )
         return _Run(
             b=b, twins=twins, regions=groups, width=width, logits=logits, positions=positions, state=state,
@@ -489,6 +539,7 @@ class Generator:
         slot = torch.tensor(run.width, device=self.device)
         for step in range(budget):
             mclass, forced = self.grammar.constraints(state)
+            forced = copy_codes(self.grammar, state, forced, t.keep)
             if step == 0:
                 forced = torch.where(run.first >= 0, run.first, forced)
             tok = select_all(self.grammar, logits, state, mclass, forced, t, b, run.guided, generator=run.generator)
@@ -536,10 +587,11 @@ class Generator:
         state, positions = run.state, run.positions
         slot = torch.tensor(run.width, device=self.device)
         mclass, forced = self.grammar.constraints(state)
+        forced = copy_codes(self.grammar, state, forced, t.keep)
         forced = torch.where(run.first >= 0, run.first, forced)
         # the prefill's logits cover the whole vocabulary: the first choice is made as in the plain loop
         tok = select_all(self.grammar, run.logits, state, mclass, forced, t, b, run.guided, generator=run.generator)
-        opens, in_media, state, mclass, forced, host = self._step.advance(state, tok)
+        opens, in_media, state, mclass, forced, host = self._step.advance(state, tok, t.keep)
         for step in range(budget):
             toks, done, needs = host.tolist()  # the one sync per step
             opened = False
@@ -598,6 +650,7 @@ class StepTensors:
     source_scale: torch.Tensor  # image guidance's s_I (SamplingConfig.source_scale)
     guidance_start: torch.Tensor  # the fraction of a span's codes drawn unguided (SamplingConfig.guidance_start)
     boxes: torch.Tensor  # (N, B, 4) each region group's box per prompt, x0 y0 x1 y1 in [0, 1] (all zero: none)
+    keep: torch.Tensor  # (B, H, W) image codes each row's first image copies, -1 where it draws ((B, 0, 0): none)
 
 
 def guide(logits: torch.Tensor, b: int, scale: torch.Tensor | float, source_scale: torch.Tensor | float
@@ -626,6 +679,20 @@ def route_regions(grammar: Grammar, logits: torch.Tensor, state: GrammarState, b
     for j in range(n):
         cond = torch.where(inside[j][:, None], logits[kept + j * b:kept + (j + 1) * b], cond)
     return torch.cat([cond, logits[b:kept]])
+
+
+def copy_codes(grammar: Grammar, state: GrammarState, forced: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``forced`` with the inpainted codes added: a row drawing a code of its first image at a place its grid ``keep``
+    ``(B, H, W)`` fills (``>= 0``) must emit that code; where the grammar already forces an id it stands."""
+    if keep.shape[1] == 0:  # no row inpaints (a static shape)
+        return forced
+    row = state.row.clamp(0, keep.shape[1] - 1)
+    col = state.col.clamp(0, keep.shape[2] - 1)
+    code = keep[torch.arange(keep.shape[0], device=keep.device), row, col]
+    inside = (state.row < state.height) & (state.col < state.width) & (state.row < keep.shape[1]) & (
+        state.col < keep.shape[2])
+    copy = (state.phase == IMG_BODY) & (state.media_done == 0) & inside & (code >= 0) & (forced < 0)
+    return torch.where(copy, code + grammar.vocab.image_offset, forced)
 
 
 def select_all(grammar: Grammar, logits: torch.Tensor, state: GrammarState, mclass: torch.Tensor,
@@ -703,9 +770,9 @@ class FastStep(torch.nn.Module):
                               torch.full((n,), cfg.top_k, dtype=torch.long, device=cond.device),
                               cond.new_full((n,), cfg.top_p, dtype=torch.float32), noise=noise)
             tok = torch.where(forced >= 0, forced, code + offset)
-        return (tok, positions, slot + 1, *self.advance(state, tok))
+        return (tok, positions, slot + 1, *self.advance(state, tok, t.keep))
 
-    def advance(self, state: GrammarState, tok: torch.Tensor) -> tuple:
+    def advance(self, state: GrammarState, tok: torch.Tensor, keep: torch.Tensor) -> tuple:
         """The grammar after ``tok``: ``(opens, in_media, state, mclass, forced, host)``.
 
         ``host`` is ``(3, B)``: the ids, whether each row is done, and which head its next step needs
@@ -716,6 +783,7 @@ class FastStep(torch.nn.Module):
         opens = (state.phase == TEXT) & ((tok == v.boi) | (tok == v.bov))
         state = grammar.advance(state, tok)
         mclass, forced = grammar.constraints(state)
+        forced = copy_codes(grammar, state, forced, keep)
         host = torch.stack([tok, (state.phase == DONE).long(), grammar.next_head(state, forced)])
         return opens, in_media, state, mclass, forced, host
 
