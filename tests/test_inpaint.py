@@ -237,3 +237,44 @@ def test_cli_generate_inpaints_the_image_from_the_flag_or_the_prompts_file(tmp_p
     lines.write_text(json.dumps({"prompt": "make it blue", "images": [str(scene)], "inpaint": [0, 0, 1, 1]}) + "\n")
     assert main(["--prompts", str(lines), *base[:-2], "--out", str(tmp_path / "d")]) == 2
     assert '"inpaint" must be a list of [x0, y0, x1, y1] boxes' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("regions, temperature", [(False, 1.0), (True, 1.0), (True, 0.0)],
+                         ids=["sampled", "sampled-with-a-region", "greedy-with-a-region"])
+def test_copied_runs_are_fed_at_once_with_the_ids_of_one_step_each(engine, picture, monkeypatch, regions,
+                                                                   temperature):
+    """The fast loop gathers forced ids and feeds them in one prefill (twins and region rows included): the same ids
+    as feeding them one step each (and, greedy, as the plain loop, whose sampler draws differently), in far fewer
+    forward passes."""
+    _, source = picture
+    prompts = [engine.encode_prompt([Image(picture[0]), "make the circle yellow"])]
+    box = (0.5, 0.5, 1.0, 1.0)
+    grid = torch.where(_holes(source.shape, box), -1, source)
+    settings = GenerationSettings(max_new_tokens=300, start_with="image", max_images=1, seed=2,
+                                  image=SamplingConfig(temperature=temperature, guidance_scale=3.0,
+                                                       image_guidance_scale=1.5))
+    area = [[(engine.encode_prompt("a yellow circle"), box)]] if regions else None
+    passes = []
+    for name in ("prefill", "decode_step"):
+        real = getattr(engine.model, name)
+        monkeypatch.setattr(engine.model, name, lambda *a, _real=real, _name=name, **kw: passes.append(_name) or _real(
+            *a, **kw))
+
+    def ids(**kw):
+        passes.clear()
+        out = Generator(engine.model, engine.tokenizer, **kw).generate(prompts, settings, regions=area,
+                                                                      inpaint=[grid])[0].ids.tolist()
+        keys = engine.model.blocks[-1].attn.kv_cache.k.clone()  # every row's cache, twins' and regions' included
+        return out, len(passes), keys, engine.model.cache_valid.clone()
+
+    holes = int((grid == -1).sum())
+    gathered, few, keys, valid = ids()
+    stepped, many, keys_stepped, valid_stepped = ids(gather_forced=False)
+    plain, *_ = ids(fast=False)
+    assert gathered == stepped
+    fed = valid[0]  # the slots the gathered run fed (a forced tail after the last drawn code is never fed)
+    assert int(fed.sum()) > len(prompts[0]) + holes
+    assert torch.equal(valid[:, fed], valid_stepped[:, fed])
+    assert torch.allclose(keys[:, :, fed], keys_stepped[:, :, fed], atol=1e-5)  # the same positions and context
+    assert temperature > 0 or gathered == plain
+    assert many >= source.numel() and few <= 2 * holes + 3  # a pass per drawn code (and a row end), not per id

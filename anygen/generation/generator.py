@@ -215,10 +215,12 @@ class Generator:
             opt-in: it pays off after a cold start of tens of seconds, and it freezes the weights
             (changing them recompiles). See ``docs/speed.md``.
         kv_bucket: the fast loop attends over the filled slots rounded up to a multiple of this.
+        gather_forced: the fast loop, uncompiled, feeds a run of forced ids (an inpainted image's copied codes) in
+            one ``prefill`` instead of one step each; False: one step each (``bench/inpaint.py``'s baseline).
     """
 
     def __init__(self, model: AnyGenModel, tokenizer: MultimodalTokenizer, *, fast: bool = True,
-                 compile: bool | None = None, kv_bucket: int = 64) -> None:
+                 compile: bool | None = None, kv_bucket: int = 64, gather_forced: bool = True) -> None:
         if model.vocab != tokenizer.vocab:
             raise ValueError(f"model vocabulary {model.vocab.to_dict()} differs from the tokenizer's "
                              f"{tokenizer.vocab.to_dict()}")
@@ -238,6 +240,7 @@ class Generator:
                                allow_video=tokenizer.video is not None, device=self.device, layout=self.layout)
         self.fast = fast
         self.kv_bucket = kv_bucket
+        self.gather_forced = gather_forced
         compile = self.device.type == "cuda" if compile is None else compile
         self._step = FastStep(model, self.grammar)
         self._compiled = CompiledStep(self._step) if fast and compile else None
@@ -580,6 +583,9 @@ class Generator:
           without top-k / top-p, sampling needs no sort (``sample_unfiltered``).
         - Everything between two syncs is one ``FastStep`` call, which ``compile`` captures whole; its
           random draws come in as a tensor (``torch.compile`` cannot trace a ``torch.Generator``).
+        - Inpainting, uncompiled: while every row's next id is forced (copied codes, ``<|eol|>``), the ids are only
+          gathered, and the run is fed in one ``prefill`` when some row next needs logits (``_feed_run``): a box
+          of a ninth of the picture costs a few dozen forward passes instead of one per code.
         """
         v, b, t = self.vocab, run.b, run.tensors
         step_fn = self._compiled if self._compiled is not None else self._step
@@ -592,6 +598,8 @@ class Generator:
         # the prefill's logits cover the whole vocabulary: the first choice is made as in the plain loop
         tok = select_all(self.grammar, run.logits, state, mclass, forced, t, b, run.guided, generator=run.generator)
         opens, in_media, state, mclass, forced, host = self._step.advance(state, tok, t.keep)
+        gather = self.gather_forced and t.keep.shape[1] > 0 and self._compiled is None  # forced runs fed at once
+        pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # gathered (id, opens, in_media)
         for step in range(budget):
             toks, done, needs = host.tolist()  # the one sync per step
             opened = False
@@ -602,6 +610,11 @@ class Generator:
             if step == budget - 1 or all(tr.finished for tr in run.trackers):
                 break
             wanted = set(needs) - {NEED_NONE}  # the heads this step must compute
+            if gather and not wanted:  # every row's next id is forced: gather it, run the model later
+                pending.append((tok, opens, in_media))
+                tok = forced
+                opens, in_media, state, mclass, forced, host = self._step.advance(state, tok, t.keep)
+                continue
             head = "all" if len(wanted) > 1 else _HEADS[wanted.pop() if wanted else NEED_NONE]
             cfg = {"image": s.image, "video": s.video}.get(head or "")
             noise = None
@@ -610,10 +623,47 @@ class Generator:
             elif cfg is not None and cfg.temperature > 0:
                 n = v.image_codebook_size if head == "image" else v.video_codebook_size
                 noise = torch.empty(b, n, device=self.device).exponential_(generator=run.generator)
+            if pending:
+                pending.append((tok, opens, in_media))
+                positions, slot, logits = self._feed_run(run, pending, positions, slot, head)
+                pending = []
+                tok = self._step.choose(logits, state, mclass, forced, noise, t, head=head, cfg=cfg, b=b,
+                                        guided=run.guided)
+                opens, in_media, state, mclass, forced, host = self._step.advance(state, tok, t.keep)
+                continue
             kv_len = min(cache_len, -(-(run.width + step + 1) // self.kv_bucket) * self.kv_bucket)
             tok, positions, slot, opens, in_media, state, mclass, forced, host = step_fn(
                 tok, opens, in_media, state, mclass, forced, positions, slot, noise, t, kv_len=kv_len, head=head,
                 cfg=cfg, b=b, guided=run.guided, opened=opened or self._compiled is not None)  # one graph for both
+
+    def _feed_run(self, run: _Run, pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                  positions: torch.Tensor, slot: torch.Tensor, head: Head) -> tuple:
+        """Feed gathered ids (each with ``opens`` / ``in_media`` as ``FastStep.advance`` gave them) in one
+        ``prefill`` at ``slot``, with the twins' bookkeeping ``FastStep`` does one id at a time: a twin forgets its
+        span when one opens (only the first id can open one: a forced id never does) and counts only span ids.
+        Returns ``(positions, slot, logits)``, the logits of ``head`` after the last id."""
+        model, b, t = self.model, run.b, run.tensors
+        ids = torch.stack([p[0] for p in pending], dim=1)  # (B, N)
+        n = ids.shape[1]
+        steps = torch.arange(n, device=ids.device)[None]
+        k = run.twins + run.regions
+        if not k:
+            logits = model.prefill(ids, positions=positions[:, None] + steps, start=int(slot), head=head)
+            return positions + n, slot + n, logits
+        opens, in_media = pending[0][1], torch.stack([p[2] for p in pending], dim=1)  # (B,), (B, N)
+        reset = torch.cat([torch.zeros_like(opens), opens.repeat(k)])[:, None]
+        model.cache_valid.copy_(torch.where(reset, t.prompt_valid, model.cache_valid))
+        positions = torch.cat([positions[:b], torch.where(opens.repeat(k), t.twin_prompt_len, positions[b:])])
+        valid = in_media.clone()
+        valid[:, 0] |= opens
+        valid = valid.repeat(k, 1)  # (k·B, N) the ids each twin counts
+        before = valid.long().cumsum(1) - valid.long()
+        chunk = torch.cat([positions[:b, None] + steps, positions[b:, None] + before])
+        mask = torch.cat([torch.ones_like(ids, dtype=torch.bool), valid])
+        logits = model.prefill(ids.repeat(1 + k, 1), positions=chunk, attention_mask=mask, start=int(slot),
+                               head=head, twins=b)
+        positions = positions + torch.cat([torch.full_like(positions[:b], n), valid.long().sum(1)])
+        return positions, slot + n, logits
 
 
 @dataclass
@@ -749,6 +799,14 @@ class FastStep(torch.nn.Module):
             positions = positions + torch.cat([torch.ones_like(positions[:b]), twin_valid.long()])
         else:
             positions = positions + 1
+        tok = self.choose(logits, state, mclass, forced, noise, t, head=head, cfg=cfg, b=b, guided=guided)
+        return (tok, positions, slot + 1, *self.advance(state, tok, t.keep))
+
+    def choose(self, logits: torch.Tensor | None, state: GrammarState, mclass: torch.Tensor, forced: torch.Tensor,
+               noise: torch.Tensor | None, t: StepTensors, *, head: Head | None, cfg: SamplingConfig | None, b: int,
+               guided: bool) -> torch.Tensor:
+        """The next ids from ``logits`` of ``head`` (None: every id is forced): regions, guidance, sampling,
+        forcing."""
         if head is None:
             tok = forced
         elif head == "all":
@@ -770,7 +828,7 @@ class FastStep(torch.nn.Module):
                               torch.full((n,), cfg.top_k, dtype=torch.long, device=cond.device),
                               cond.new_full((n,), cfg.top_p, dtype=torch.float32), noise=noise)
             tok = torch.where(forced >= 0, forced, code + offset)
-        return (tok, positions, slot + 1, *self.advance(state, tok, t.keep))
+        return tok
 
     def advance(self, state: GrammarState, tok: torch.Tensor, keep: torch.Tensor) -> tuple:
         """The grammar after ``tok``: ``(opens, in_media, state, mclass, forced, host)``.
