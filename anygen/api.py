@@ -351,8 +351,10 @@ class AnyGen:
                 at that image's size in codes, and every code whose centre lies outside all the boxes is copied from
                 it, so the model draws only inside them, reading the copied codes around them (masked editing: for
                 ``[picture, "make the circle yellow"]``, a box around the circle). A batch: one entry (a box, a list
-                of boxes, or None) per prompt. The shipped model's edits are measured with the edited object's cell
-                as the box in ``docs/default_model.md`` (``anygen eval --inpaint layout``).
+                of boxes, or None) per prompt. Refused with ``speculative`` and ``best_of``. The shipped model draws
+                41.1 % of 360 held-out edits exactly with the edited object's cell as the box (19.2 % drawn whole),
+                77.5 % with that object's new caption over it as a region too (``anygen eval --inpaint layout
+                [--regions layout]``, ``docs/default_model.md``).
 
         Returns:
             One ``GenerationOutput``, or a list of them for a batch.

@@ -20,7 +20,7 @@ import PIL.Image
 
 from anygen.api import AnyGen, Understand
 from anygen.cli_generate import default_checkpoint
-from anygen.data.shapes import SceneObject, layout_regions, render_scene
+from anygen.data.shapes import SceneObject, cell_box, layout_regions, render_scene
 from anygen.data.shapes import caption as shapes_caption
 from anygen.eval.detect import detect_objects
 from tokenizers_mm.segments import Image
@@ -97,6 +97,19 @@ def main() -> None:
     # the README's edit example: guidance from a tenth of the image on (docs/default_model.md, session 38)
     _strip([before, image([Image(before), edit], guidance_start=0.1)]).save(args.out / "edit.png")
     log["edit"] = {"prompt": f"[image, {edit!r}]", "guidance_start": 0.1, "file": "edit.png"}
+    # inpainting: the same edit of a two-object scene drawn whole, then with only the circle's cell redrawn
+    scene = [SceneObject("circle", "red", "top left"), SceneObject("square", "blue", "bottom right")]
+    before = render_scene(scene, tok.image_size[0])
+    whole = image([Image(before), edit])
+    box = cell_box("top left")
+    # the box redrawn under the edited object's caption too (anygen eval --inpaint layout --regions layout)
+    regions = [("a yellow circle at the top left", box)]
+    inpainted = engine.generate([Image(before), edit], start_with="image", max_images=1, seed=seed,
+                                inpaint=box, regions=regions).images[0]
+    _strip([before, whole, inpainted]).save(args.out / "inpaint.png")
+    log["inpaint"] = {"prompt": f"[image, {edit!r}]", "inpaint": box, "regions": regions, "file": "inpaint.png",
+                      "detected_whole": [d.key for d in detect_objects(whole)],
+                      "detected_inpainted": [d.key for d in detect_objects(inpainted)]}
     # an illustrated story: draw, add, then say what is in the picture
     steps = ["draw a red square at the top", "then add a blue circle at the bottom"]
     first = image(steps[0])
