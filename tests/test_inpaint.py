@@ -278,3 +278,39 @@ def test_copied_runs_are_fed_at_once_with_the_ids_of_one_step_each(engine, pictu
     assert torch.allclose(keys[:, :, fed], keys_stepped[:, :, fed], atol=1e-5)  # the same positions and context
     assert temperature > 0 or gathered == plain
     assert many >= source.numel() and few <= 2 * holes + 3  # a pass per drawn code (and a row end), not per id
+
+
+def test_inpainted_edits_are_reranked_against_the_planned_edited_scene(monkeypatch):
+    from anygen.eval.harness import EditCase, EvalContext, edit_cases, edited_scene, eval_edit
+
+    before = [SceneObject("circle", "red", "top left"), SceneObject("square", "blue", "bottom right")]
+    case = EditCase(before, [SceneObject("circle", "yellow", "top left"), before[1]], 0, "make the circle yellow")
+    assert caption(edited_scene(case, "top left", "layout")) == caption(case.after)
+    read = "caption: a red circle at the top left and a green triangle in the center"
+    assert caption(edited_scene(case, "top left", read)) == "a yellow circle at the top left and a green triangle " \
+                                                              "in the center"  # the model's own reading, recoloured
+    assert edited_scene(case, "top", "where is the circle? at the top") == [SceneObject("circle", "yellow", "top")]
+    assert edited_scene(case, None, None) is None
+
+    engine = random_engine("tiny")
+    drawn, scored, real = [], [], engine.generate
+    monkeypatch.setattr(engine, "generate", lambda prompts, **kw: drawn.append((prompts, kw)) or real(prompts, **kw))
+
+    def score(candidates, text):  # the third of each prompt's four draws reads back best
+        scored.append((list(candidates), text))
+        return [0.0, 1.0, 5.0, 2.0]
+
+    monkeypatch.setattr(engine, "score_candidates", score)
+    kept = []
+    ctx = EvalContext(engine, num=2, inpaint="layout", best_of=4,
+                      keep_images=lambda category, i, name, image: kept.append(image))
+    result = eval_edit(ctx)
+    (prompts, kw), = drawn
+    assert len(prompts) == 8 and kw["inpaint"][:4] == [kw["inpaint"][0]] * 4
+    cases = edit_cases(ctx)
+    assert [text for _, text in scored] == [caption(c.after) for c in cases]
+    assert [k is row[2] for k, (row, _) in zip(kept, scored)] == [True, True]
+    assert result.details["best_of"] == 4
+    drawn.clear()
+    plain = eval_edit(EvalContext(engine, num=2, best_of=4))  # drawn whole: not reranked
+    assert len(drawn[0][0]) == 2 and "best_of" not in plain.details

@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "keep the one the model's understanding path scores best; captions draw N (the greedy one and "
                         "N-1 sampled) and keep the one under which the generation path finds the image most likely; "
                         "video draws N clips and keeps the one whose reading most favours its prompt over the same "
-                        "motion in the other three directions (negatives) (default 1: no reranking)")
+                        "motion in the other three directions (negatives); inpainted edits (--inpaint) draw N and keep "
+                        "the one read back best as the planned edited scene (default 1: no reranking)")
     p.add_argument("--video-negative", choices=("none", "opposite"), default="none",
                    help="the video row's negative prompt: 'opposite' guides each clip away from the same object moving "
                         "the opposite way (\"... moves down\" for \"... moves up\"); needs --video-guidance-scale, "

@@ -140,7 +140,9 @@ class EvalContext:
             (one object, two objects, digits) draw this many images and keep the one the model's understanding path
             scores best; captions draw this many (the greedy one and the rest sampled) and keep the one under which
             the generation path finds the image most likely; video draws this many clips and keeps the one whose
-            reading most favours its prompt over the same motion in the other three directions (``negatives``).
+            reading most favours its prompt over the same motion in the other three directions (``negatives``);
+            inpainted edits (``inpaint`` on) draw this many and keep the one the understanding path reads back best as
+            the planned edited scene (``edited_scene``); edits drawn whole are not reranked.
         video_negative: ``"opposite"``: each clip's guidance twin reads the same motion in the opposite direction
             (``negative_prompt``; acts only with video guidance on); ``"none"``: the empty context.
         regions: ``"layout"``: text → image prompts (one object, two objects) and the story's two pictures are
@@ -474,6 +476,22 @@ def edit_cells(ctx: EvalContext, cases: Sequence[EditCase]) -> list[tuple[str | 
     return plans
 
 
+def edited_scene(case: EditCase, cell: str | None, read_from: str | None) -> list[SceneObject] | None:
+    """The scene an inpainted edit should show, as a planner knows it: the source layout (``read_from`` "layout") or
+    the objects of the model's own caption of the picture (``"caption: ..."``; none otherwise), with the instruction's
+    object at ``cell`` in its new colour; None without a cell or a recolouring instruction. What ``--best-of``
+    reranks inpainted edits against."""
+    parsed = parse_recolor(case.instruction)
+    if cell is None or parsed is None:
+        return None
+    scene: list[SceneObject] = []
+    if read_from == "layout":
+        scene = list(case.before)
+    elif read_from and read_from.startswith("caption: "):
+        scene = parse_caption(read_from[len("caption: "):])
+    return [o for o in scene if o.position != cell] + [SceneObject(parsed[0], parsed[3], cell)]
+
+
 def eval_edit(ctx: EvalContext) -> CategoryResult:
     """Recolour one object of a held-out scene; headline: the edited image is exactly the edited scene."""
     started = time.perf_counter()
@@ -487,8 +505,18 @@ def eval_edit(ctx: EvalContext) -> CategoryResult:
             parsed = parse_recolor(case.instruction)
             regions.append([] if cell is None or parsed is None else
                            [(caption([SceneObject(parsed[0], parsed[3], cell)]), cell_box(cell))])
-    images = ctx.generate_images([case.prompt(ctx.image_px[0]) for case in cases], regions,
-                                 boxes if ctx.inpaint != "none" else None)
+    prompts = [case.prompt(ctx.image_px[0]) for case in cases]
+    n = ctx.best_of if ctx.inpaint != "none" and ctx.best_of > 1 else 1  # inpainted edits are reranked
+    drawn = ctx.generate_images([p for p in prompts for _ in range(n)],
+                                None if regions is None else [r for r in regions for _ in range(n)],
+                                None if ctx.inpaint == "none" else [x for x in boxes for _ in range(n)])
+    images = drawn
+    if n > 1:  # keep the draw the understanding path reads back best as the planned edited scene
+        images = []
+        for i, (case, (cell, read_from)) in enumerate(zip(cases, plans)):
+            row, scene = drawn[i * n:(i + 1) * n], edited_scene(case, cell, read_from)
+            scores = ctx.engine.score_candidates(row, caption(scene)) if scene else [0.0] * n
+            images.append(row[max(range(n), key=lambda k: scores[k])])
     samples = []
     for i, (case, image) in enumerate(zip(cases, images)):
         ctx.keep("edit", i, "edited", image)
@@ -503,6 +531,7 @@ def eval_edit(ctx: EvalContext) -> CategoryResult:
         truth = [case.before[case.target].position for case in cases]
         details["inpaint"] = ctx.inpaint
         details["cell_right"] = _mean([cell == t for (cell, _), t in zip(plans, truth)])
+        details["best_of"] = n
     return CategoryResult("edit", len(cases), "exact", _mean([s["correct"] for s in samples]), details, samples,
                           time.perf_counter() - started)
 
