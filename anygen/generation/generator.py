@@ -506,8 +506,9 @@ class Generator:
         grids = list(inpaint or [None] * b)  # a row's inpaint grid sets its image's size
         req_h = [ih if g is None else g.shape[0] for g in grids]
         req_w = [iw if g is None else g.shape[1] for g in grids]
-        keep = torch.full((b, max(max(req_h), 1) if any(g is not None for g in grids) else 0,
-                           max(max(req_w), 1) if any(g is not None for g in grids) else 0), -1, dtype=torch.long)
+        sizes = [g.shape for g in grids if g is not None]
+        keep = torch.full((b, max((h for h, _ in sizes), default=0), max((w for _, w in sizes), default=0)), -1,
+                          dtype=torch.long)
         for i, g in enumerate(grids):
             if g is not None:
                 keep[i, :g.shape[0], :g.shape[1]] = g.long().cpu()
