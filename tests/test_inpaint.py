@@ -15,7 +15,8 @@ from anygen.data.shapes import (
     parse_where,
     render_scene,
 )
-from anygen.generation.generator import GenerationSettings, Generator
+from anygen.generation.generator import GenerationSettings, Generator, copy_codes
+from anygen.generation.grammar import IMG_BODY, NO_FORCE, TEXT, Grammar, GrammarState
 from anygen.generation.sampling import SamplingConfig
 from anygen.testing import random_engine
 from tokenizers_mm.segments import Image
@@ -108,17 +109,22 @@ def test_both_loops_agree_and_a_row_without_inpaint_is_untouched(engine, picture
         assert torch.equal(drawn[g >= 0], g[g >= 0])
 
 
-def test_only_the_first_image_copies(engine, picture):
-    _, source = picture
-    h, w = source.shape
-    out = engine.generate([Image(picture[0]), "make the circle yellow"], max_images=2, seed=0,
-                          start_with="image", image_size=(h, w), max_new_tokens=2 * (h * (w + 1) + 4) + 40,
-                          image=GREEDY, text={"temperature": 0.0}, inpaint=(0, 0, 0.5, 0.5))
-    images = [s for s in out.segments if isinstance(s, Image)]
-    hole = _holes(source.shape, (0, 0, 0.5, 0.5))
-    assert torch.equal(images[0].codes[~hole], source[~hole])
-    if len(images) > 1 and images[1].codes.shape == source.shape:  # a later image is the model's own
-        assert not torch.equal(images[1].codes[~hole], source[~hole])
+def test_copy_codes_forces_the_first_image_body_only_and_never_over_the_grammar(engine):
+    """Per row: a code of the first image where the grid fills the place is forced; a hole, a second image (one
+    medium done), text, and a place the grammar already forces (<|eol|> at col == width) are left alone."""
+    t = lambda *x: torch.tensor(x)  # noqa: E731
+    v = engine.tokenizer.vocab
+    grammar = Grammar(v)
+    state = GrammarState.start(t(IMG_BODY, IMG_BODY, IMG_BODY, TEXT, IMG_BODY), req_h=t(0, 0, 0, 0, 0),
+                               req_w=t(0, 0, 0, 0, 0), req_t=t(0, 0, 0, 0, 0), max_media=t(0, 0, 0, 0, 0))
+    state.height, state.width = t(2, 2, 2, 2, 2), t(2, 2, 2, 2, 2)
+    state.row, state.col = t(0, 1, 0, 0, 1), t(1, 0, 1, 0, 2)
+    state.media_done = t(0, 0, 1, 0, 0)  # row 2 draws its second image
+    keep = torch.tensor([[[5, 6], [7, 8]], [[5, 6], [-1, 8]], [[5, 6], [7, 8]], [[5, 6], [7, 8]], [[5, 6], [7, 8]]])
+    _, forced = grammar.constraints(state)
+    out = copy_codes(grammar, state, forced, keep)
+    assert out.tolist() == [v.image_offset + 6, NO_FORCE, NO_FORCE, NO_FORCE, v.eol]
+    assert torch.equal(copy_codes(grammar, state, forced, torch.zeros(5, 0, 0, dtype=torch.long)), forced)
 
 
 @pytest.mark.parametrize("prompt, kwargs, match", [
