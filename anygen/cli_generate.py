@@ -109,12 +109,12 @@ def _region(text: str) -> tuple[str, tuple[float, ...]]:
 
 def _box(text: str) -> tuple[float, ...]:
     """``--inpaint "X0,Y0,X1,Y1"`` as a box."""
-    from anygen.generation.generator import check_box
+    from anygen.generation.generator import parse_box
 
     try:
-        return check_box(tuple(float(x) for x in text.split(",")), f"--inpaint {text!r}")
+        return parse_box(text, "--inpaint")
     except ValueError as err:
-        raise argparse.ArgumentTypeError(f"--inpaint is X0,Y0,X1,Y1, fractions of the picture: {err}") from err
+        raise argparse.ArgumentTypeError(str(err)) from err
 
 
 def _sampling(args: argparse.Namespace, modality: str) -> dict:

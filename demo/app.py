@@ -75,7 +75,7 @@ from anygen.generation.generator import (
     DEFAULT_TEXT,
     DEFAULT_VIDEO,
     GenerationSettings,
-    check_box,
+    parse_box,
     parse_region,
 )
 from anygen.generation.sampling import SamplingConfig
@@ -227,11 +227,7 @@ class ChatOptions:
         out = []
         for n, line in enumerate(self.inpaint.splitlines(), 1):
             if line.strip():
-                try:
-                    out.append(check_box(tuple(float(x) for x in line.split(",")), f"inpaint, line {n}"))
-                except ValueError as err:
-                    raise ValueError(f"inpaint, line {n}: a box is x0,y0,x1,y1 (fractions of the picture, the top "
-                                     f"left 0,0): {err}") from err
+                out.append(parse_box(line, f"inpaint, line {n}"))
         return out
 
     def image_size(self, max_h: int, max_w: int) -> tuple[int, int] | None:

@@ -509,4 +509,4 @@ def test_inpaint_redraws_the_boxes_of_the_edited_upload_and_a_bad_line_is_said_i
     assert "holds none written as VQ codes" in chat[-1]["content"] and not seen
     bad = ChatOptions(**{**FAST, "start_with": "image", "inpaint": "0,0,1"})
     chat = list(runner.respond("a blue square", bad, Conversation()))[-1]
-    assert "inpaint, line 1: a box is x0,y0,x1,y1" in chat[-1]["content"] and not seen
+    assert "inpaint, line 1: a box is X0,Y0,X1,Y1" in chat[-1]["content"] and not seen

@@ -236,7 +236,7 @@ def test_cli_generate_inpaints_the_image_from_the_flag_or_the_prompts_file(tmp_p
     capsys.readouterr()
     with pytest.raises(SystemExit):
         main(["make it red", *base, "--inpaint", "0,0,1"])
-    assert "--inpaint is X0,Y0,X1,Y1" in capsys.readouterr().err
+    assert "--inpaint: a box is X0,Y0,X1,Y1" in capsys.readouterr().err
     assert main(["make it red", "--random-tiny", "--start-with", "image", "--inpaint", "0,0,1,1",
                  "--out", str(tmp_path / "c")]) == 2
     assert "the prompt holds none written as VQ codes" in capsys.readouterr().err

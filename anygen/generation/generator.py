@@ -121,6 +121,19 @@ def check_box(box: object, name: str = "box") -> Box:
     return x0, y0, x1, y1
 
 
+def parse_box(spec: str, name: str = "box") -> Box:
+    """``"X0,Y0,X1,Y1"`` (the command line's ``--inpaint``, a line of the demo's inpaint field) as a box, or a
+    ``ValueError`` naming ``name`` and saying what is accepted."""
+    try:
+        numbers = tuple(float(x) for x in str(spec).split(","))
+    except ValueError:
+        numbers = ()
+    if len(numbers) != 4:
+        raise ValueError(f"{name}: a box is X0,Y0,X1,Y1, four fractions of the image (the top left 0,0), got "
+                         f"{spec!r:.200}")
+    return check_box(numbers, name)
+
+
 def parse_region(spec: str) -> tuple[str, Box]:
     """``"X0,Y0,X1,Y1:TEXT"`` (the command line's ``--region``, a line of the demo's regions) as ``(TEXT, box)``,
     or a ``ValueError`` saying what is accepted."""
