@@ -55,6 +55,21 @@ FORMAT = "anygen"
 Prompt = str | Segment | PIL.Image.Image | Sequence[Any]
 
 
+
+def holed(codes: torch.Tensor, boxes: Sequence[tuple[float, float, float, float]], name: str) -> torch.Tensor:
+    """``codes`` ``(h, w)`` with ``-1`` at every code whose centre lies in one of ``boxes`` (fractions of the image,
+    checked): the grid ``Generator.stream(inpaint=...)`` copies from, drawing the ``-1`` cells (the rule
+    ``Grammar.in_regions`` routes regions by). A ``ValueError`` starting with ``name`` when the boxes hold no code."""
+    h, w = codes.shape
+    y = (torch.arange(h, dtype=torch.float32)[:, None] + 0.5) / h
+    x = (torch.arange(w, dtype=torch.float32)[None, :] + 0.5) / w
+    hole = torch.zeros(h, w, dtype=torch.bool)
+    for x0, y0, x1, y1 in boxes:
+        hole |= (x >= x0) & (x < x1) & (y >= y0) & (y < y1)
+    if not bool(hole.any()):
+        raise ValueError(f"{name} hold no code's centre of the {h}x{w}-code image; make them larger")
+    return torch.where(hole, -1, codes.cpu())
+
 @dataclass
 class GenerationOutput:
     """What one prompt produced.
@@ -290,7 +305,8 @@ class AnyGen:
                  negatives: Sequence[str] | Sequence[Sequence[str]] | None = None,
                  negative_prompt: str | Sequence[str] | None = None,
                  regions: Sequence[Any] | None = None,
-                 inpaint: Sequence[Any] | None = None) -> GenerationOutput | list[GenerationOutput]:
+                 inpaint: Sequence[Any] | None = None,
+                 canvas: Any = None) -> GenerationOutput | list[GenerationOutput]:
         """Generate interleaved text, images and video.
 
         Args:
@@ -355,6 +371,18 @@ class AnyGen:
                 41.1 % of 360 held-out edits exactly with the edited object's cell as the box (19.2 % drawn whole),
                 77.5 % with that object's new caption over it as a region too (``anygen eval --inpaint layout
                 [--regions layout]``, ``docs/default_model.md``).
+            canvas: compose ``regions`` one at a time onto a picture (``PIL.Image`` / ``Image``; for a batch one per
+                prompt or None, or one for all): with ``start_with="image"``, the image is drawn once per region, in
+                order, each time copying every code outside that region's box from the picture so far (the canvas
+                first, as ``inpaint`` copies) and drawing the box from the region's text, so each object is drawn
+                alone and reads the ones before it; the prompt draws nothing of it. The image is drawn at the
+                canvas's size in codes; the last pass takes ``max_images`` and what follows the image, the earlier
+                ones stop at it. Costs one generation per region (the copied codes are fed in runs). Refused with
+                ``inpaint`` and ``speculative``; with ``best_of`` each candidate is composed. The shipped model
+                draws both objects of a held-out two-object prompt for 65.6 % of 360 prompts composed onto a
+                plain picture with each object's caption over its cell grown by a quarter cell, against 52.5 % with
+                the same regions drawn in one pass (``anygen eval --regions layout --canvas blank``,
+                ``docs/default_model.md``).
 
         Returns:
             One ``GenerationOutput``, or a list of them for a batch.
@@ -371,11 +399,25 @@ class AnyGen:
             raise ValueError("inpaint redraws part of the prompt's own image, one draw per prompt: it combines with "
                              f"neither speculative decoding nor best_of (got speculative={speculative!r}, "
                              f"best_of={best_of!r})")
+        canvases = self._canvases(canvas, prompts, batched, routed)
+        if canvases is not None:
+            if inpaint is not None or speculative:
+                raise ValueError("canvas composes the regions by inpainting each in turn: it combines with neither "
+                                 f"inpaint nor speculative decoding (got inpaint={inpaint!r:.100}, "
+                                 f"speculative={speculative!r})")
+            if start_with != "image":
+                raise ValueError(f"canvas composes the image a call starts with: pass start_with='image' (got "
+                                 f"{start_with!r})")
+            size = tuple(next(c for c in canvases if c is not None).codes.shape)
+            if image_size is not None and tuple(image_size) != size:
+                raise ValueError(f"the canvas is {size[0]}x{size[1]} codes but image_size is {tuple(image_size)}: the "
+                                 "image is drawn at the canvas's size, so leave image_size unset or equal")
+            image_size = size
         if best_of != 1:
             outputs = self._best_of(prompts, best_of, dict(
                 max_new_tokens=max_new_tokens, text=text, image=image, video=video, image_size=image_size,
                 video_size=video_size, start_with=start_with, max_images=max_images, seed=seed,
-                speculative=speculative, negative_prompt=negative_prompt, regions=routed),
+                speculative=speculative, negative_prompt=negative_prompt, regions=routed, canvas=canvases),
                 self._negatives(negatives, prompts, batched))
             return outputs if batched else outputs[0]
         if negatives is not None:
@@ -386,6 +428,11 @@ class AnyGen:
                                       1, seed, 0)  # max_images 1: the one span it draws
             outputs = self._speculative(prompts, speculative, settings, max_images, negative_prompt)
             return outputs if batched else outputs[0]
+        if canvases is not None:
+            return self._compose(prompts, canvases, routed, dict(
+                max_new_tokens=max_new_tokens, text=text, image=image, video=video, image_size=image_size,
+                video_size=video_size, start_with=start_with, max_images=max_images, seed=seed,
+                negative_prompt=negative_prompt), batched)
         done = [e for e in self.stream(prompts, max_new_tokens=max_new_tokens, text=text, image=image, video=video,
                                        image_size=image_size, video_size=video_size, start_with=start_with,
                                        max_images=max_images, seed=seed, negative_prompt=negative_prompt,
@@ -604,6 +651,89 @@ class AnyGen:
         return [None if row is None else self.inpaint_grid(prompt, row, f"inpaint of prompt #{i}")
                 for i, (row, prompt) in enumerate(zip(rows, prompts))]
 
+    def _canvases(self, canvas: Any, prompts: list[Prompt], batched: bool,
+                  routed: list[list[RegionPrompt]] | None) -> list[Image | None] | None:
+        """``canvas`` as one ``Image`` holding its VQ codes (or None) per prompt (None: none given); every prompt
+        with a canvas must have regions to draw onto it, and all canvases must share one size in codes."""
+        if canvas is None:
+            return None
+        one = not isinstance(canvas, (list, tuple))
+        if batched and not one and len(canvas) != len(prompts):
+            raise ValueError(f"canvas: for a batch, one picture (for every prompt) or one picture or None per prompt "
+                             f"({len(prompts)}), got {len(canvas)}")
+        if not batched and not one:
+            raise ValueError(f"canvas must be one picture (a PIL.Image or Image), got {type(canvas).__name__}")
+        rows = [canvas] * len(prompts) if one else list(canvas)
+        out: list[Image | None] = []
+        sizes = set()
+        for i, picture in enumerate(rows):
+            if picture is None:
+                out.append(None)
+                continue
+            if not isinstance(picture, (PIL.Image.Image, Image)):
+                raise ValueError(f"canvas of prompt #{i} must be a PIL.Image or Image (the picture the regions are "
+                                 f"drawn onto), got {type(picture).__name__}")
+            if routed is None or not routed[i]:
+                raise ValueError(f"canvas of prompt #{i}: the regions are what is drawn onto a canvas, and this prompt "
+                                 "has none: pass regions=[(text, box), ...] with it")
+            codes = picture.codes if isinstance(picture, Image) and picture.codes is not None else \
+                self._last_codes([picture], f"canvas of prompt #{i}")
+            sizes.add(tuple(codes.shape))
+            out.append(Image(codes=codes.cpu()))
+        if not sizes:
+            return None
+        if len(sizes) > 1:
+            raise ValueError(f"the canvases of one call must share a size in codes, got {sorted(sizes)}: draw them "
+                             "in separate calls")
+        return out
+
+    def _compose(self, prompts: list[Prompt], canvases: list[Image | None], routed: list[list[RegionPrompt]],
+                 kwargs: dict[str, Any], batched: bool) -> GenerationOutput | list[GenerationOutput]:
+        """``generate(canvas=...)``: a prompt with ``n`` regions draws in the last ``n`` passes, pass ``k`` drawing
+        only its region's box (the region's text routed to it) and copying the rest of the picture so far; prompts
+        without a canvas draw in the last pass alone, as without one. Earlier passes stop at the image; the last one
+        takes the call's settings. Every pass but the last samples at another seed."""
+        encoded = [self.encode_prompt(p) for p in prompts]
+        counts = [len(r) if c is not None else 0 for c, r in zip(canvases, routed)]
+        passes = max(counts)
+        picture = [c.codes if c is not None else None for c in canvases]
+        negatives = kwargs.pop("negative_prompt")
+        seed = kwargs.pop("seed")
+        max_images = kwargs.pop("max_images")
+        for k in range(passes):
+            last = k == passes - 1
+            rows = list(range(len(prompts))) if last else [i for i, n in enumerate(counts) if n >= passes - k]
+            regions, grids = [], []
+            for i in rows:
+                if picture[i] is None:  # no canvas: drawn in the last pass, its regions (if any) in one go
+                    regions.append(routed[i] if routed is not None else [])
+                    grids.append(None)
+                    continue
+                text, box = routed[i][counts[i] - (passes - k)]
+                regions.append([(text, box)])
+                grids.append(holed(picture[i], [box], f"region {counts[i] - (passes - k)} of prompt #{i}: its box"))
+            settings = self._settings(max_images=max_images if last else 1, preview_every=0,
+                                      seed=None if seed is None else seed + passes - 1 - k, **kwargs)
+            with self._lock:
+                try:
+                    done = [e for e in self.generator.stream(
+                        [encoded[i] for i in rows], settings,
+                        None if negatives is None else [negatives[i] for i in rows], regions, grids)
+                        if isinstance(e, RowDone)]
+                finally:
+                    self.model.release_cache()
+            done.sort(key=lambda e: e.row)
+            if last:
+                outputs = [GenerationOutput(e.segments, e.ids, e.reason) for e in done]
+                return outputs if batched else outputs[0]
+            for i, e in zip(rows, done):
+                drawn = next((s for s in e.segments if isinstance(s, Image)), None)
+                if drawn is None or drawn.codes is None or drawn.partial:
+                    raise RuntimeError(f"composing prompt #{i}: pass {k} ended ({e.reason}) before its image was "
+                                       "complete; raise max_new_tokens")
+                picture[i] = drawn.codes.cpu()
+        raise AssertionError("unreachable: the last pass returns")
+
     def inpaint_grid(self, prompt: Prompt | TokenSequence, boxes: Any, name: str = "inpaint") -> torch.Tensor:
         """What ``generate(inpaint=boxes)`` copies for ``prompt``: its last VQ image's codes ``(h, w)``, ``-1`` where a
         code's centre lies in one of ``boxes`` (a box ``(x0, y0, x1, y1)`` in fractions of the image, or a list of
@@ -618,23 +748,18 @@ class AnyGen:
             raise ValueError(f"{name} must be a box (x0, y0, x1, y1) or a non-empty list of boxes, got "
                              f"{boxes!r:.200}")
         boxes = [check_box(box, f"{name}, box {j}") for j, box in enumerate(boxes)]
+        codes = self._last_codes(prompt, f"{name} redraws part of the prompt's image, and the prompt")
+        return holed(codes, boxes, f"{name}: the boxes {boxes}")
+
+    def _last_codes(self, prompt: Prompt | TokenSequence, what: str) -> torch.Tensor:
+        """The VQ codes ``(h, w)`` of ``prompt``'s last image written as codes; a ``ValueError`` that starts with
+        ``what`` when it holds none."""
         ids = prompt.ids if isinstance(prompt, TokenSequence) else self.encode_prompt(prompt).ids
         images = [seg for seg in self.tokenizer.decode(ids, pixels=False) if isinstance(seg, Image)]
         if not images or images[-1].codes is None:
-            raise ValueError(f"{name} redraws part of the prompt's image, and the prompt holds none written as VQ "
-                             "codes: put a PIL.Image (or Image) in the prompt; an Understand(image) is read by the "
-                             "understanding encoder and cannot be copied")
-        codes = images[-1].codes
-        h, w = codes.shape
-        y = (torch.arange(h, dtype=torch.float32)[:, None] + 0.5) / h
-        x = (torch.arange(w, dtype=torch.float32)[None, :] + 0.5) / w
-        hole = torch.zeros(h, w, dtype=torch.bool)
-        for x0, y0, x1, y1 in boxes:  # the rule Grammar.in_regions routes regions by: a code's centre
-            hole |= (x >= x0) & (x < x1) & (y >= y0) & (y < y1)
-        if not bool(hole.any()):
-            raise ValueError(f"{name}: the boxes {boxes} hold no code's centre of the prompt's {h}x{w}-code image; "
-                             "make them larger")
-        return torch.where(hole, -1, codes)
+            raise ValueError(f"{what} holds none written as VQ codes: put a PIL.Image (or Image) in the prompt; an "
+                             "Understand(image) is read by the understanding encoder and cannot be copied")
+        return images[-1].codes
 
     @staticmethod
     def _negatives(negatives: Any, prompts: list[Prompt], batched: bool) -> list[list[str]] | None:
@@ -705,7 +830,7 @@ class AnyGen:
 
         outputs = self.generate([p for p in prompts for _ in range(n)], **{
             **kwargs, "max_images": 1, "negative_prompt": repeat(kwargs["negative_prompt"]),
-            "regions": repeat(kwargs["regions"])})
+            "regions": repeat(kwargs["regions"]), "canvas": repeat(kwargs["canvas"])})
         best = []
         for i, prompt in enumerate(prompts):
             row = outputs[i * n:(i + 1) * n]

@@ -1,8 +1,8 @@
 """``anygen generate``: prompts in, text / PNG / MP4 files out.
 
 One prompt from the command line, or many from a JSONL file (``--prompts``: one JSON object a line,
-``{"prompt": str, "images": [paths], "understand": [paths], "inpaint": [[x0, y0, x1, y1]]}``, or a bare JSON
-string) run in batches with a progress bar. Each prompt gets a folder ``OUT/NNNN/`` with ``text.txt``,
+``{"prompt": str, "images": [paths], "understand": [paths], "inpaint": [[x0, y0, x1, y1]], "canvas": path}``, or a
+bare JSON string) run in batches with a progress bar. Each prompt gets a folder ``OUT/NNNN/`` with ``text.txt``,
 ``image_K.png`` and ``video_K.mp4``; every written path is printed.
 """
 
@@ -86,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "the rest, e.g. --image scene.png --inpaint 0,0,0.33,0.33 \"make the circle yellow\" "
                         "--start-with image; repeatable (every box redrawn), applies to every prompt without its own "
                         "(a --prompts line's \"inpaint\": [[X0, Y0, X1, Y1], ...])")
+    p.add_argument("--canvas", type=Path, default=None, metavar="PATH",
+                   help="compose the --region boxes one at a time onto this picture: each region drawn alone from "
+                        "its text, everything outside its box copied from the picture so far, e.g. a plain "
+                        "background with --region \"0,0,0.4,0.4:a red circle at the top left\" --region ...; needs "
+                        "--start-with image; applies to every prompt without its own (a --prompts line's "
+                        "\"canvas\": path)")
     p.add_argument("--batch-size", type=int, default=4, help="prompts per batch with --prompts")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     for m in MODALITIES:
@@ -128,7 +134,8 @@ def _load_prompts(args: argparse.Namespace) -> list[dict]:
             raise ValueError("give a prompt (text, --image / --understand pictures, or both), or --prompts FILE.jsonl")
         return [{"prompt": args.prompt, "images": [str(p) for p in args.image],
                  "understand": [str(p) for p in args.understand], "negatives": args.negative,
-                 "negative_prompt": args.negative_prompt, "regions": args.region, "inpaint": args.inpaint}]
+                 "negative_prompt": args.negative_prompt, "regions": args.region, "inpaint": args.inpaint,
+                 "canvas": args.canvas}]
     if not args.prompts.is_file():
         raise FileNotFoundError(f"--prompts file {args.prompts} does not exist")
     items = []
@@ -144,11 +151,14 @@ def _load_prompts(args: argparse.Namespace) -> list[dict]:
         if not isinstance(item, dict) or not isinstance(item.get("prompt", ""), str):
             raise ValueError(f'{args.prompts}:{n}: expected a string or {{"prompt": str, "images": [...], '
                              f'"understand": [...], "negatives": [...], "negative_prompt": str, "regions": [...], '
-                             f'"inpaint": [...]}}')
-        unknown = set(item) - {"prompt", "images", "understand", "negatives", "negative_prompt", "regions", "inpaint"}
+                             f'"inpaint": [...], "canvas": str}}')
+        unknown = set(item) - {"prompt", "images", "understand", "negatives", "negative_prompt", "regions", "inpaint",
+                               "canvas"}
         if unknown:
             raise ValueError(f"{args.prompts}:{n}: unknown keys {sorted(unknown)}; accepted: prompt, images, "
-                             f"understand, negatives, negative_prompt, regions, inpaint")
+                             f"understand, negatives, negative_prompt, regions, inpaint, canvas")
+        if not isinstance(item.get("canvas", ""), str):
+            raise ValueError(f'{args.prompts}:{n}: "canvas" must be a path (str), got {item["canvas"]!r:.100}')
         inpaint = item.get("inpaint", [])
         if not isinstance(inpaint, list) or not all(isinstance(b, list) and len(b) == 4 for b in inpaint):
             raise ValueError(f'{args.prompts}:{n}: "inpaint" must be a list of [x0, y0, x1, y1] boxes, got '
@@ -167,7 +177,8 @@ def _load_prompts(args: argparse.Namespace) -> list[dict]:
         items.append({**item, "negatives": item.get("negatives") or args.negative,
                       "negative_prompt": item.get("negative_prompt") or args.negative_prompt,
                       "regions": [(text, box) for text, box in regions] or args.region,
-                      "inpaint": [tuple(box) for box in inpaint] or args.inpaint})
+                      "inpaint": [tuple(box) for box in inpaint] or args.inpaint,
+                      "canvas": item.get("canvas") or args.canvas})
     if not items:
         raise ValueError(f"{args.prompts} holds no prompts")
     return items
@@ -182,6 +193,16 @@ def _document(item: dict) -> list:
     if item.get("prompt"):
         doc.append(item["prompt"])
     return doc
+
+
+def _canvases(items: list[dict]) -> list:
+    """Each prompt's ``canvas`` picture (None: none), every file decoded once."""
+    from tokenizers_mm.preprocess import load_image
+
+    pictures: dict[str, object] = {}
+    for path in {str(item["canvas"]) for item in items if item["canvas"] is not None}:
+        pictures[path] = load_image(path)
+    return [None if item["canvas"] is None else pictures[str(item["canvas"])] for item in items]
 
 
 def load_engine(checkpoint: Path | None, random_tiny: bool, device: str | None = None):
@@ -212,17 +233,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         items = _load_prompts(args)
         documents = [_document(item) for item in items]  # decode every image before any work
+        canvases = _canvases(items)
         engine = load_engine(args.checkpoint, args.random_tiny, args.device)
         return _run(engine, args, documents, [item["negatives"] for item in items],
                     [item["negative_prompt"] for item in items], [item["regions"] for item in items],
-                    [item["inpaint"] for item in items])
+                    [item["inpaint"] for item in items], canvases)
     except (ValueError, FileNotFoundError, TypeError) as err:
         print(f"anygen generate: error: {err}", file=sys.stderr)
         return 2
 
 
 def _run(engine, args: argparse.Namespace, documents: list[list], negatives: list[list[str]],
-         negative_prompts: list[str | None], regions: list[list], inpaint: list[list]) -> int:
+         negative_prompts: list[str | None], regions: list[list], inpaint: list[list], canvases: list) -> int:
     from tqdm import tqdm
 
     from tokenizers_mm.video_io import write_video
@@ -242,10 +264,12 @@ def _run(engine, args: argparse.Namespace, documents: list[list], negatives: lis
         prompts = [d[0] if args.best_of != 1 and len(d) == 1 and isinstance(d[0], str) else list(d) for d in batch]
         given, steer, where = negatives[lo:lo + size], negative_prompts[lo:lo + size], regions[lo:lo + size]
         holes = [boxes or None for boxes in inpaint[lo:lo + size]]
+        canvas = canvases[lo:lo + size]
         outputs = engine.generate(prompts, **kwargs, negatives=given if any(given) else None,
                                   negative_prompt=steer if any(steer) else None,
                                   regions=where if any(where) else None,
-                                  inpaint=holes if any(holes) else None)
+                                  inpaint=holes if any(holes) else None,
+                                  canvas=canvas if any(c is not None for c in canvas) else None)
         for out in outputs:
             folder = args.out / f"{index:04d}"
             folder.mkdir(parents=True, exist_ok=True)

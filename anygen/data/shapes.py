@@ -359,10 +359,17 @@ def cell_box(position: str) -> tuple[float, float, float, float]:
     return col / 3, row / 3, (col + 1) / 3, (row + 1) / 3
 
 
-def layout_regions(objects: Sequence[SceneObject]) -> list[tuple[str, tuple[float, float, float, float]]]:
+def layout_regions(objects: Sequence[SceneObject], margin: float = 0.0
+                   ) -> list[tuple[str, tuple[float, float, float, float]]]:
     """A scene as regional prompts: each object's own caption over its cell (``anygen eval --regions layout``), the
-    layout a planner would hand the model for ``caption(objects)``."""
-    return [(caption([o]), cell_box(o.position)) for o in objects]
+    layout a planner would hand the model for ``caption(objects)``; ``margin`` grows each box by that fraction of
+    the picture on every side (clipped to it): a drawn object may reach past its cell's edge."""
+    if not 0.0 <= margin < 0.5:
+        raise ValueError(f"margin is a fraction of the picture from 0 to 0.5, got {margin!r}")
+    def grown(box: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+        x0, y0, x1, y1 = box
+        return max(0.0, x0 - margin), max(0.0, y0 - margin), min(1.0, x1 + margin), min(1.0, y1 + margin)
+    return [(caption([o]), grown(cell_box(o.position))) for o in objects]
 
 
 def parse_caption(text: str) -> list[SceneObject]:

@@ -32,7 +32,7 @@ DEFAULT_OUT = Path("outputs/eval")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from anygen.eval.harness import CATEGORIES, INPAINTS, REGIONS
+    from anygen.eval.harness import CANVASES, CATEGORIES, INPAINTS, REGIONS
 
     p = argparse.ArgumentParser(prog="anygen eval", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -83,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "the rest, the story's second picture only the added object's cell; the edit's cell is the "
                         "source scene's ('layout', the box a user would draw) or the model's own answer to \"where is "
                         "<the object>?\" ('asked') (default none: the whole picture drawn)")
+    p.add_argument("--canvas", choices=CANVASES, default="none",
+                   help="with --regions layout: 'blank' composes the text → image rows and the story's first picture "
+                        "onto an empty scene, one object at a time, each object's cell grown by a quarter cell "
+                        "(generate(canvas=...)) (default none: the regions drawn in one pass)")
     p.add_argument("--no-images", action="store_true", help="do not write the generated images")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     return p
@@ -123,7 +127,8 @@ def _run(args: argparse.Namespace) -> int:
                                              engine.sampling_defaults, args.image_guidance_scale,
                                              args.guidance_start),
                       keep_images=None if args.no_images else keep, best_of=args.best_of,
-                      video_negative=args.video_negative, regions=args.regions, inpaint=args.inpaint)
+                      video_negative=args.video_negative, regions=args.regions, inpaint=args.inpaint,
+                      canvas=args.canvas)
 
     if args.video_negative != "none" and "video" in categories and ctx.sampling["video"]["guidance_scale"] == 1.0:
         raise ValueError("--video-negative steers video guidance, which is off (scale 1): add --video-guidance-scale, "
@@ -141,7 +146,7 @@ def _run(args: argparse.Namespace) -> int:
         "checkpoint": str(args.checkpoint) if args.checkpoint else ("random-tiny" if args.random_tiny else "default"),
         "num": args.num, "seed": args.seed, "holdout": args.holdout, "data_seed": args.data_seed,
         "best_of": args.best_of, "video_negative": args.video_negative, "regions": args.regions,
-        "inpaint": args.inpaint, "sampling": ctx.sampling, "image_tokens": ctx.image_tokens,
+        "inpaint": args.inpaint, "canvas": args.canvas, "sampling": ctx.sampling, "image_tokens": ctx.image_tokens,
         "video_tokens": ctx.video_tokens,
         "seconds": round(time.perf_counter() - started, 2),
         "categories": {name: r.to_dict() for name, r in results.items()},

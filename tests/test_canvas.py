@@ -1,0 +1,205 @@
+"""Composition onto a canvas (``generate(canvas=...)``): the regions drawn one at a time, each pass copying the
+picture so far outside its region's box; and ``anygen eval --canvas blank``, ``anygen generate --canvas``."""
+
+import json
+
+import pytest
+import torch
+
+from anygen.api import holed
+from anygen.data.shapes import SceneObject, caption, cell_box, layout_regions, render_scene
+from anygen.generation.generator import GenerationSettings, Generator
+from anygen.generation.sampling import SamplingConfig
+from anygen.testing import random_engine
+from tokenizers_mm.segments import Image
+
+GREEDY = {"temperature": 0.0, "guidance_scale": 3.0}
+TOP, BOTTOM = (0.0, 0.0, 1.0, 0.5), (0.0, 0.5, 1.0, 1.0)
+LEFT, RIGHT = (0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0)  # interleaved in raster order
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return random_engine("tiny", seed=0)
+
+
+@pytest.fixture(scope="module")
+def canvas(engine):
+    """An empty scene and its codes as the tiny tokenizer writes them."""
+    picture = render_scene([])
+    return picture, engine.tokenizer.image_codes(Image(picture))
+
+
+def _codes(out) -> torch.Tensor:
+    return next(s.codes for s in out.segments if isinstance(s, Image))
+
+
+def _pass(engine, prompt: str, region: tuple, grid: torch.Tensor) -> torch.Tensor:
+    """One inpainting pass through the generator: ``region`` drawn where ``grid`` is -1, the rest copied."""
+    settings = GenerationSettings(max_new_tokens=64, start_with="image", image_size=tuple(grid.shape), max_images=1,
+                                  image=SamplingConfig(**GREEDY))
+    text, box = region
+    done = Generator(engine.model, engine.tokenizer).generate([engine.encode_prompt(prompt)], settings, None,
+                                                              [[(engine.encode_prompt(text), box)]], [grid])
+    return next(s.codes for s in done[0].segments if isinstance(s, Image))
+
+
+def test_each_region_is_drawn_in_its_own_pass_onto_the_picture_so_far(engine, canvas):
+    picture, source = canvas
+    regions = [("a red circle", LEFT), ("a blue square", RIGHT)]
+    out = engine.generate("two things", start_with="image", max_images=1, image=GREEDY, regions=regions,
+                          canvas=picture)
+    first = _pass(engine, "two things", regions[0], holed(source, [LEFT], "left"))
+    second = _pass(engine, "two things", regions[1], holed(first, [RIGHT], "right"))
+    assert torch.equal(_codes(out), second)
+    left = holed(source, [LEFT], "left") == -1
+    assert torch.equal(_codes(out)[left], first[left])  # the second pass copied the first's drawing
+    assert not torch.equal(first[left], source[left])  # ... which the test needs to differ from the canvas
+    # one pass with both regions is another drawing: there the left half reads the right region's codes row by row
+    together = engine.generate("two things", start_with="image", max_images=1, image=GREEDY, regions=regions)
+    assert not torch.equal(_codes(together), _codes(out))
+
+
+def test_codes_outside_every_box_are_the_canvas(engine, canvas):
+    picture, source = canvas
+    box = (0.0, 0.0, 0.5, 0.5)
+    out = engine.generate("a red circle", start_with="image", max_images=1, seed=4,
+                          image={"temperature": 1.0, "guidance_scale": 3.0}, regions=[("a red circle", box)],
+                          canvas=Image(picture))
+    outside = holed(source, [box], "box") != -1
+    assert torch.equal(_codes(out)[outside], source[outside])
+    assert not torch.equal(_codes(out)[~outside], source[~outside])
+
+
+def test_a_batch_mixes_composed_rows_with_plain_ones(engine, canvas):
+    """Rows with fewer regions draw in the last passes only; a row without a canvas draws as it would alone."""
+    picture, source = canvas
+    prompts = ["two things", "one thing", "a green triangle"]
+    regions = [[("a red circle", TOP), ("a blue square", BOTTOM)], [("a white square", BOTTOM)], None]
+    out = engine.generate(prompts, start_with="image", max_images=1, image=GREEDY, regions=regions,
+                          canvas=[picture, picture, None])
+    alone = engine.generate(prompts[1], start_with="image", max_images=1, image=GREEDY, regions=regions[1],
+                            canvas=picture)
+    plain = engine.generate(prompts[2], start_with="image", max_images=1, image=GREEDY)
+    assert torch.equal(_codes(out[1]), _codes(alone)) and torch.equal(_codes(out[2]), _codes(plain))
+    bottom = holed(source, [BOTTOM], "bottom") == -1
+    assert torch.equal(_codes(out[1])[~bottom], source[~bottom])
+
+
+def test_the_last_pass_continues_past_the_image(engine, canvas):
+    picture, source = canvas
+    out = engine.generate("a red circle", start_with="image", max_images=0, max_new_tokens=60, seed=1,
+                          image=GREEDY, regions=[("a red circle", TOP)], canvas=picture)
+    h, w = source.shape
+    assert out.finish_reason in ("eos", "max_new_tokens") and len(out.ids) > h * (w + 1) + 2  # the image, then more
+
+
+def test_best_of_composes_every_candidate(engine, canvas, monkeypatch):
+    picture, source = canvas
+    seen, real = [], engine._compose
+    monkeypatch.setattr(engine, "_compose", lambda prompts, *a, **kw: seen.append(len(prompts)) or real(
+        prompts, *a, **kw))
+    out = engine.generate("a red circle", start_with="image", max_images=1, image=GREEDY, best_of=3,
+                          regions=[("a red circle", TOP)], canvas=picture)
+    assert seen == [3]
+    outside = holed(source, [TOP], "top") != -1
+    assert torch.equal(_codes(out)[outside], source[outside])
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(regions=None), "this prompt has none: pass regions"),
+    (dict(regions=[]), "this prompt has none: pass regions"),
+    (dict(canvas="blank.png"), "must be a PIL.Image or Image .* got str"),
+    (dict(canvas=torch.zeros(3, 8, 8)), "must be a PIL.Image or Image .* got Tensor"),
+    (dict(start_with=None), "pass start_with='image'"),
+    (dict(image_size=(2, 3)), "leave image_size unset or equal"),
+    (dict(inpaint=TOP), "neither inpaint nor speculative"),
+    (dict(speculative=2), "regions and speculative decoding do not combine"),
+])
+def test_bad_canvas_calls_are_refused_by_name(engine, canvas, kwargs, match):
+    picture, _ = canvas
+    call = {"start_with": "image", "max_images": 1, "regions": [("a red circle", TOP)], "canvas": picture, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        engine.generate("a red circle", **call)
+
+
+def test_a_batch_takes_one_canvas_per_prompt_of_one_size(engine, canvas):
+    picture, _ = canvas
+    regions = [[("a red circle", TOP)], [("a blue square", TOP)]]
+    with pytest.raises(ValueError, match="one picture or None per prompt \\(2\\), got 3"):
+        engine.generate(["a", "b"], start_with="image", regions=regions, canvas=[picture] * 3)
+    with pytest.raises(ValueError, match="canvas of prompt #1 must be a PIL.Image or Image"):
+        engine.generate(["a", "b"], start_with="image", regions=regions, canvas=[picture, 7])
+    small = Image(codes=torch.zeros(2, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="must share a size in codes"):
+        engine.generate(["a", "b"], start_with="image", regions=regions, canvas=[picture, small])
+    with pytest.raises(ValueError, match="hold no code's centre"):
+        engine.generate("a", start_with="image", regions=[("a red circle", (0, 0, 0.01, 0.01))], canvas=picture)
+
+
+def test_layout_regions_grow_each_cell_within_the_picture():
+    objects = [SceneObject("circle", "red", "top left"), SceneObject("square", "blue", "center")]
+    (t0, b0), (t1, b1) = layout_regions(objects, margin=0.1)
+    assert (t0, t1) == (caption(objects[:1]), caption(objects[1:]))
+    assert b0 == pytest.approx((0.0, 0.0, 1 / 3 + 0.1, 1 / 3 + 0.1))  # clipped at the picture's edge
+    assert b1 == pytest.approx((1 / 3 - 0.1, 1 / 3 - 0.1, 2 / 3 + 0.1, 2 / 3 + 0.1))
+    assert [b for _, b in layout_regions(objects)] == [cell_box("top left"), cell_box("center")]
+    with pytest.raises(ValueError, match="margin is a fraction"):
+        layout_regions(objects, margin=0.5)
+
+
+def test_eval_canvas_composes_the_layout_onto_an_empty_scene(tmp_path, monkeypatch):
+    from anygen.eval import main
+    from anygen.eval.harness import CANVAS_MARGIN, EvalContext, eval_story, eval_t2i_pair, t2i_scenes
+
+    engine = random_engine("tiny")
+    calls, real = [], engine.generate
+    monkeypatch.setattr(engine, "generate", lambda prompts, **kw: calls.append(kw) or real(prompts, **kw))
+    ctx = EvalContext(engine, num=2, regions="layout", canvas="blank")
+    result = eval_t2i_pair(ctx)
+    (kw,) = calls
+    empty = render_scene([], ctx.image_px[0])
+    assert all(list(c.getdata()) == list(empty.getdata()) for c in kw["canvas"])
+    assert kw["regions"] == [layout_regions(s, CANVAS_MARGIN) for s in t2i_scenes(ctx, "t2i_pair")]
+    assert "canvas" in result.details
+    calls.clear()
+    eval_story(ctx)
+    assert "canvas" in calls[0] and "canvas" not in calls[1]  # the second picture continues the first
+    with pytest.raises(ValueError, match="needs regions 'layout'"):
+        EvalContext(engine, num=1, canvas="blank")
+    with pytest.raises(ValueError, match="canvas must be one of"):
+        EvalContext(engine, num=1, regions="layout", canvas="white")
+    out = tmp_path / "eval"
+    assert main(["--random-tiny", "--num", "1", "--out", str(out), "--categories", "t2i_single", "--regions",
+                 "layout", "--canvas", "blank", "--no-images"]) == 0
+    saved = json.loads((out / "eval.json").read_text())
+    assert saved["canvas"] == "blank" and "canvas" in saved["categories"]["t2i_single"]["details"]
+
+
+def test_cli_generate_composes_onto_the_canvas_file(tmp_path, capsys, monkeypatch):
+    from anygen.api import AnyGen
+    from anygen.cli_generate import main
+
+    calls, real = [], AnyGen.generate
+    monkeypatch.setattr(AnyGen, "generate", lambda self, prompts, **kw: calls.append(kw["canvas"]) or real(
+        self, prompts, **kw))
+    blank = tmp_path / "blank.png"
+    render_scene([]).save(blank)
+    base = ["--random-tiny", "--start-with", "image", "--max-images", "1", "--seed", "0", "--image-temperature", "0"]
+    assert main(["two things", *base, "--region", "0,0,1,0.5:a red circle", "--canvas", str(blank), "--out",
+                 str(tmp_path / "a")]) == 0
+    assert len(calls[-1]) == 1 and calls[-1][0].size == render_scene([]).size
+    lines = tmp_path / "prompts.jsonl"
+    lines.write_text(json.dumps({"prompt": "a", "regions": [["a red circle", [0, 0, 1, 0.5]]], "canvas": str(blank)})
+                     + "\n" + json.dumps({"prompt": "b"}) + "\n")
+    assert main(["--prompts", str(lines), *base, "--out", str(tmp_path / "b")]) == 0
+    assert calls[-1][0] is not None and calls[-1][1] is None
+    capsys.readouterr()
+    assert main(["two things", *base, "--region", "0,0,1,0.5:a red circle", "--canvas", str(tmp_path / "nope.png"),
+                 "--out", str(tmp_path / "c")]) == 2
+    assert "nope.png" in capsys.readouterr().err
+    assert main(["two things", *base, "--canvas", str(blank), "--out", str(tmp_path / "d")]) == 2
+    assert "pass regions" in capsys.readouterr().err
+    lines.write_text(json.dumps({"prompt": "a", "canvas": 3}) + "\n")
+    assert main(["--prompts", str(lines), *base, "--out", str(tmp_path / "e")]) == 2
+    assert '"canvas" must be a path' in capsys.readouterr().err
