@@ -11,7 +11,7 @@ from anygen.data.shapes import SceneObject, caption, cell_box, layout_regions, r
 from anygen.generation.generator import GenerationSettings, Generator
 from anygen.generation.sampling import SamplingConfig
 from anygen.testing import random_engine
-from tokenizers_mm.segments import Image
+from tokenizers_mm.segments import Image, Understand
 
 GREEDY = {"temperature": 0.0, "guidance_scale": 3.0}
 TOP, BOTTOM = (0.0, 0.0, 1.0, 0.5), (0.0, 0.5, 1.0, 1.0)
@@ -94,16 +94,41 @@ def test_the_last_pass_continues_past_the_image(engine, canvas):
     assert out.finish_reason in ("eos", "max_new_tokens") and len(out.ids) > h * (w + 1) + 2  # the image, then more
 
 
-def test_best_of_composes_every_candidate(engine, canvas, monkeypatch):
+def test_best_of_reranks_each_regions_pass_by_its_own_text(engine, canvas, monkeypatch):
+    """Each pass draws 3 candidates a prompt and keeps the one the (patched) reader scores highest: here the second,
+    so the composed picture holds pass 1's second candidate in the left box and pass 2's second in the right."""
+    from anygen.generation.events import RowDone
+
     picture, source = canvas
-    seen, real = [], engine._compose
-    monkeypatch.setattr(engine, "_compose", lambda prompts, *a, **kw: seen.append(len(prompts)) or real(
-        prompts, *a, **kw))
-    out = engine.generate("a red circle", start_with="image", max_images=1, image=GREEDY, best_of=3,
-                          regions=[("a red circle", TOP)], canvas=picture)
-    assert seen == [3]
-    outside = holed(source, [TOP], "top") != -1
-    assert torch.equal(_codes(out)[outside], source[outside])
+    passes, reads, real = [], [], engine.generator.stream
+
+    def stream(prompts, settings, *args):
+        done = [e for e in real(prompts, settings, *args) if isinstance(e, RowDone)]
+        passes.append(sorted(done, key=lambda e: e.row))
+        yield from done
+
+    def score(contexts, texts):
+        reads.append((contexts, texts))
+        return [1.0 if k % 3 == 1 else 0.0 for k in range(len(texts))]
+
+    monkeypatch.setattr(engine.generator, "stream", stream)
+    monkeypatch.setattr(engine, "score", score)
+    regions = [("a red circle", LEFT), ("a blue square", RIGHT)]
+    out = engine.generate(["two things", "two more"], start_with="image", max_images=1, best_of=3, seed=2,
+                          image={"temperature": 1.0, "guidance_scale": 3.0}, regions=[regions, regions],
+                          canvas=picture)
+    assert [len(p) for p in passes] == [6, 6]  # two prompts, three candidates each, one pass per region
+    assert [texts for _, texts in reads] == [["a red circle"] * 6, ["a blue square"] * 6]
+    assert all(isinstance(c[0], Understand) for contexts, _ in reads for c in contexts)
+    candidates = [[_codes(e) for e in p] for p in passes]
+    assert len({tuple(c.flatten().tolist()) for c in candidates[0][:3]}) > 1  # the candidates differ
+    left = holed(source, [LEFT], "left") == -1
+    for row in range(2):
+        kept = _codes(out[row])
+        assert torch.equal(kept, candidates[1][row * 3 + 1])
+        assert torch.equal(kept[left], candidates[0][row * 3 + 1][left])
+    with pytest.raises(ValueError, match="some prompts of this batch have no canvas"):
+        engine.generate(["a", "b"], start_with="image", best_of=2, regions=[regions, regions], canvas=[picture, None])
 
 
 @pytest.mark.parametrize("kwargs, match", [
