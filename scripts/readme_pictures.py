@@ -23,6 +23,7 @@ from anygen.cli_generate import default_checkpoint
 from anygen.data.shapes import SceneObject, cell_box, layout_regions, render_scene
 from anygen.data.shapes import caption as shapes_caption
 from anygen.eval.detect import detect_objects
+from anygen.eval.harness import CANVAS_MARGIN
 from tokenizers_mm.segments import Image
 
 
@@ -62,17 +63,22 @@ def main() -> None:
     t2i = "a red circle at the top left and a blue square at the bottom right"
     _big(image(t2i)).save(args.out / "text_to_image.png")
     log["text_to_image"] = {"prompt": t2i, "file": "text_to_image.png"}
-    # the same prompt with regions: each object's own caption over its cell (the plain draw beside it)
+    # the same prompt with regions: each object's own caption over its cell (the plain draw beside it), then the
+    # regions composed one at a time onto an empty scene, each cell grown by a quarter cell (anygen eval --canvas)
     pair = [SceneObject("circle", "red", "top left"), SceneObject("square", "blue", "bottom right")]
     assert shapes_caption(pair) == t2i
     regions = layout_regions(pair)
     plain = image(t2i)
     routed = engine.generate(t2i, start_with="image", image_size=grid, max_images=1, seed=seed,
                              regions=regions).images[0]
-    _strip([plain, routed]).save(args.out / "regions.png")
-    log["regions"] = {"prompt": t2i, "regions": regions, "file": "regions.png",
+    grown = layout_regions(pair, CANVAS_MARGIN)
+    composed = engine.generate(t2i, start_with="image", image_size=grid, max_images=1, seed=seed, regions=grown,
+                               canvas=render_scene([], tok.image_size[0])).images[0]
+    _strip([plain, routed, composed]).save(args.out / "regions.png")
+    log["regions"] = {"prompt": t2i, "regions": regions, "file": "regions.png", "canvas_regions": grown,
                       "detected_plain": [d.key for d in detect_objects(plain)],
-                      "detected_regions": [d.key for d in detect_objects(routed)]}
+                      "detected_regions": [d.key for d in detect_objects(routed)],
+                      "detected_composed": [d.key for d in detect_objects(composed)]}
     # image → text, through the understanding encoder
     scene = render_scene([SceneObject("triangle", "green", "top right"), SceneObject("circle", "yellow", "bottom")],
                          tok.image_size[0])
