@@ -55,7 +55,6 @@ FORMAT = "anygen"
 Prompt = str | Segment | PIL.Image.Image | Sequence[Any]
 
 
-
 def holed(codes: torch.Tensor, boxes: Sequence[tuple[float, float, float, float]], name: str) -> torch.Tensor:
     """``codes`` ``(h, w)`` with ``-1`` at every code whose centre lies in one of ``boxes`` (fractions of the image,
     checked): the grid ``Generator.stream(inpaint=...)`` copies from, drawing the ``-1`` cells (the rule
@@ -69,6 +68,7 @@ def holed(codes: torch.Tensor, boxes: Sequence[tuple[float, float, float, float]
     if not bool(hole.any()):
         raise ValueError(f"{name} hold no code's centre of the {h}x{w}-code image; make them larger")
     return torch.where(hole, -1, codes.cpu())
+
 
 @dataclass
 class GenerationOutput:
@@ -413,12 +413,11 @@ class AnyGen:
             if image_size is not None and tuple(image_size) != size:
                 raise ValueError(f"the canvas is {size[0]}x{size[1]} codes but image_size is {tuple(image_size)}: the "
                                  "image is drawn at the canvas's size, so leave image_size unset or equal")
-            image_size = size
-        if best_of != 1 and canvases is not None:
+            n = self._region_best_of(best_of, canvases, negatives)
             return self._compose(prompts, canvases, routed, dict(
-                max_new_tokens=max_new_tokens, text=text, image=image, video=video, image_size=image_size,
-                video_size=video_size, start_with=start_with, max_images=1, seed=seed,
-                negative_prompt=negative_prompt), batched, self._region_best_of(best_of, canvases, negatives))
+                max_new_tokens=max_new_tokens, text=text, image=image, video=video, image_size=size,
+                video_size=video_size, start_with=start_with, max_images=max_images if n == 1 else 1, seed=seed,
+                negative_prompt=negative_prompt), batched, n)
         if best_of != 1:
             outputs = self._best_of(prompts, best_of, dict(
                 max_new_tokens=max_new_tokens, text=text, image=image, video=video, image_size=image_size,
@@ -434,11 +433,6 @@ class AnyGen:
                                       1, seed, 0)  # max_images 1: the one span it draws
             outputs = self._speculative(prompts, speculative, settings, max_images, negative_prompt)
             return outputs if batched else outputs[0]
-        if canvases is not None:
-            return self._compose(prompts, canvases, routed, dict(
-                max_new_tokens=max_new_tokens, text=text, image=image, video=video, image_size=image_size,
-                video_size=video_size, start_with=start_with, max_images=max_images, seed=seed,
-                negative_prompt=negative_prompt), batched)
         done = [e for e in self.stream(prompts, max_new_tokens=max_new_tokens, text=text, image=image, video=video,
                                        image_size=image_size, video_size=video_size, start_with=start_with,
                                        max_images=max_images, seed=seed, negative_prompt=negative_prompt,
@@ -694,10 +688,14 @@ class AnyGen:
         return out
 
     def _region_best_of(self, n: Any, canvases: list[Image | None], negatives: Any) -> int:
-        """``best_of`` for a composed call: each region's pass reranked (``_compose``), which every prompt needs a
-        canvas for, read by the understanding encoder."""
+        """``best_of`` for a composed call (1: off): each region's pass reranked (``_compose``), which every prompt
+        needs a canvas for, read by the understanding encoder."""
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"best_of must be an int >= 1 (candidates drawn per prompt; 1: off), got {n!r}")
+        if n == 1 and negatives is not None:
+            raise ValueError("negatives rank the candidates that best_of draws: pass best_of > 1 with them")
+        if n == 1:
+            return n
         if any(c is None for c in canvases):
             raise ValueError("best_of with canvas reranks each region's pass, and some prompts of this batch have no "
                              "canvas: give every prompt one, or draw those in another call")
@@ -751,14 +749,13 @@ class AnyGen:
                 finally:
                     self.model.release_cache()
             done.sort(key=lambda e: e.row)
-            if n > 1:
-                drawn = [next((s.image for s in e.segments if isinstance(s, Image)), None) for e in done]
-                read = [c for c, image in enumerate(drawn) if image is not None]
-                scores = [float("-inf")] * len(drawn)
-                for c, value in zip(read, self.score([[Understand(drawn[c])] for c in read],
-                                                     [texts[c // n] for c in read]) if read else []):
-                    scores[c] = value
-                done = [done[r * n + max(range(n), key=lambda c: scores[r * n + c])] for r in range(len(rows))]
+            if n > 1:  # each row's n candidates read back as its region's text
+                drawn = [next((s for s in e.segments if isinstance(s, Image)), None) for e in done]
+                kept = []
+                for r, text in enumerate(texts):
+                    scores = self.score_candidates(drawn[r * n:(r + 1) * n], text)
+                    kept.append(done[r * n + max(range(n), key=lambda c: scores[c])])
+                done = kept
             if last:
                 outputs = [GenerationOutput(e.segments, e.ids, e.reason) for e in done]
                 return outputs if batched else outputs[0]

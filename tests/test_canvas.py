@@ -118,7 +118,8 @@ def test_best_of_reranks_each_regions_pass_by_its_own_text(engine, canvas, monke
                           image={"temperature": 1.0, "guidance_scale": 3.0}, regions=[regions, regions],
                           canvas=picture)
     assert [len(p) for p in passes] == [6, 6]  # two prompts, three candidates each, one pass per region
-    assert [texts for _, texts in reads] == [["a red circle"] * 6, ["a blue square"] * 6]
+    # each prompt's three candidates read as its region's text, one pass after the other
+    assert [texts for _, texts in reads] == [["a red circle"] * 3] * 2 + [["a blue square"] * 3] * 2
     assert all(isinstance(c[0], Understand) for contexts, _ in reads for c in contexts)
     candidates = [[_codes(e) for e in p] for p in passes]
     assert len({tuple(c.flatten().tolist()) for c in candidates[0][:3]}) > 1  # the candidates differ
@@ -140,6 +141,8 @@ def test_best_of_reranks_each_regions_pass_by_its_own_text(engine, canvas, monke
     (dict(image_size=(2, 3)), "leave image_size unset or equal"),
     (dict(inpaint=TOP), "neither inpaint nor speculative"),
     (dict(speculative=2), "regions and speculative decoding do not combine"),
+    (dict(negatives=["a blue square"]), "negatives rank the candidates that best_of draws"),
+    (dict(negatives=["a blue square"], best_of=2), "negatives are not used there"),
 ])
 def test_bad_canvas_calls_are_refused_by_name(engine, canvas, kwargs, match):
     picture, _ = canvas
