@@ -67,6 +67,28 @@ def test_default_model_steered_from_the_opposite_motion_draws_the_asked_one():
     assert sum(d == m.direction for d, m in zip(drawn, asked)) >= 12, drawn
 
 
+def test_default_model_composes_two_held_out_objects_onto_an_empty_scene():
+    """A quality floor, not the eval: 8 held-out pairs (one batch, seeded) composed onto an empty scene, one object's
+    caption a pass over its cell grown by a quarter cell (``generate(canvas=...)``), judged exactly by the detector;
+    the eval reads 66.4 % over 360 such prompts (these 8: 7 composed, 5 with the same regions in one pass), the
+    floor is 6 of 8, above what one pass draws."""
+    import random
+
+    from anygen.api import AnyGen
+    from anygen.data.shapes import caption, holdout_combinations, layout_regions, render_scene, sample_scene
+    from anygen.eval.detect import detect_objects
+    from anygen.eval.harness import CANVAS_MARGIN
+
+    engine = AnyGen.from_pretrained(default_checkpoint())
+    keys = sorted(holdout_combinations(0.1, 0)[0])
+    scenes = [sample_scene(random.Random(i), 2, first=keys[i]) for i in range(8)]
+    outs = engine.generate([caption(s) for s in scenes], start_with="image", max_images=1, seed=0,
+                           regions=[layout_regions(s, CANVAS_MARGIN) for s in scenes],
+                           canvas=render_scene([], engine.tokenizer.image_size[0]))
+    drawn = [sorted(d.key for d in detect_objects(o.images[0])) for o in outs]
+    assert sum(d == sorted(o.key for o in s) for d, s in zip(drawn, scenes)) >= 6, drawn
+
+
 def test_load_engine_falls_back_to_the_default_model():
     from anygen.cli_generate import load_engine
 
