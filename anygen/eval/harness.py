@@ -206,6 +206,11 @@ class EvalContext:
     def rng(self, category: str, index: int) -> random.Random:
         return random.Random(f"eval:{self.seed}:{category}:{index}")
 
+    def layout(self, objects: Sequence[SceneObject]) -> list[tuple[str, tuple[float, float, float, float]]]:
+        """``objects`` as this run's regions: each object's caption over its cell, grown by ``CANVAS_MARGIN`` when
+        the regions are composed onto a canvas."""
+        return layout_regions(objects, CANVAS_MARGIN if self.canvas != "none" else 0.0)
+
     def generate(self, prompts: list[list | str], regions: list | None = None, inpaint: list | None = None,
                  canvas: list | None = None, **kwargs: Any) -> list:
         """``engine.generate`` over ``prompts`` in batches of ``batch_size`` (``regions``: one list a prompt;
@@ -223,18 +228,18 @@ class EvalContext:
         return out
 
     def generate_images(self, prompts: list[list], regions: list | None = None, inpaint: list | None = None,
-                        canvas: bool = False) -> list[PIL.Image.Image | None]:
+                        onto_blank: bool = False) -> list[PIL.Image.Image | None]:
         """One image per prompt (the first generated; ``None`` when none came); text-only prompts are reranked
         when ``best_of`` > 1; ``regions``: one list of ``(text, box)`` a prompt (``generate(regions=...)``);
-        ``inpaint``: one box (or None) a prompt (``generate(inpaint=...)``); ``canvas``: the regions composed onto an
-        empty scene (``generate(canvas=...)``)."""
+        ``inpaint``: one box (or None) a prompt (``generate(inpaint=...)``); ``onto_blank``: the regions composed
+        onto an empty scene (``generate(canvas=...)``)."""
         h, w = self.image_tokens
         rerank: dict[str, Any] = {}
         if self.best_of > 1 and all(len(p) == 1 and isinstance(p[0], str) for p in prompts):
             prompts, rerank = [p[0] for p in prompts], {"best_of": self.best_of}
         if inpaint is not None and not any(box is not None for box in inpaint):
             inpaint = None
-        blank = [render_scene([], self.image_px[0])] * len(prompts) if canvas else None
+        blank = [render_scene([], self.image_px[0])] * len(prompts) if onto_blank else None
         outputs = self.generate(prompts, regions, inpaint, blank, start_with="image", image_size=(h, w), max_images=1,
                                 max_new_tokens=h * (w + 1) + 8, **rerank)
         return [o.images[0] if o.images else None for o in outputs]
@@ -282,9 +287,8 @@ def judge_scene(truth: Sequence[SceneObject], image: PIL.Image.Image | None) -> 
 
 def _scene_result(name: str, ctx: EvalContext, scenes: list[list[SceneObject]], started: float) -> CategoryResult:
     prompts = [[caption(s)] for s in scenes]
-    margin = CANVAS_MARGIN if ctx.canvas != "none" else 0.0
-    images = ctx.generate_images(prompts, [layout_regions(s, margin) for s in scenes] if ctx.regions == "layout"
-                                 else None, canvas=ctx.canvas != "none")
+    images = ctx.generate_images(prompts, [ctx.layout(s) for s in scenes] if ctx.regions == "layout" else None,
+                                 onto_blank=ctx.canvas != "none")
     samples = []
     for i, (scene, image) in enumerate(zip(scenes, images)):
         ctx.keep(name, i, "image", image)
@@ -568,12 +572,12 @@ def eval_story(ctx: EvalContext) -> CategoryResult:
         seconds.append(sample_object(rng, exclude_positions=[first.position]))
     steps1 = [f"draw {o.describe()}" for o in firsts]
     layout = ctx.regions == "layout"  # each picture with its objects' captions over their cells
-    margin = CANVAS_MARGIN if ctx.canvas != "none" else 0.0
-    images1 = ctx.generate_images([[s] for s in steps1], [layout_regions([o], margin) for o in firsts] if layout
-                                  else None, canvas=ctx.canvas != "none")
+    images1 = ctx.generate_images([[s] for s in steps1], [ctx.layout([o]) for o in firsts] if layout else None,
+                                  onto_blank=ctx.canvas != "none")
     steps2 = [f"then add {o.describe()}" for o in seconds]
     prompts2 = [[s1, Image(im if im is not None else render_scene([], ctx.image_px[0])), s2]
                 for s1, im, s2 in zip(steps1, images1, steps2)]
+    # the second picture continues the first (not composed): its regions are the cells as they are
     images2 = ctx.generate_images(prompts2, [layout_regions([a, b]) for a, b in zip(firsts, seconds)]
                                   if layout else None,
                                   [cell_box(o.position) for o in seconds] if ctx.inpaint != "none" else None)
