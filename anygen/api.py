@@ -371,19 +371,19 @@ class AnyGen:
                 41.1 % of 360 held-out edits exactly with the edited object's cell as the box (19.2 % drawn whole),
                 77.5 % with that object's new caption over it as a region too (``anygen eval --inpaint layout
                 [--regions layout]``, ``docs/default_model.md``).
-            canvas: compose ``regions`` one at a time onto a picture (``PIL.Image`` / ``Image``; for a batch one per
-                prompt or None, or one for all): with ``start_with="image"``, the image is drawn once per region, in
-                order, each time copying every code outside that region's box from the picture so far (the canvas
-                first, as ``inpaint`` copies) and drawing the box from the region's text, so each object is drawn
-                alone and reads the ones before it; the prompt draws nothing of it. The image is drawn at the
-                canvas's size in codes; the last pass takes ``max_images`` and what follows the image, the earlier
-                ones stop at it. Costs one generation per region (the copied codes are fed in runs). Refused with
-                ``inpaint`` and ``speculative``; with ``best_of`` each pass draws that many candidates and keeps the
-                one under which the understanding path finds the region's text most likely. The shipped model
-                draws both objects of a held-out two-object prompt for 66.4 % of 360 prompts composed onto an
-                empty scene with each object's caption over its cell grown by a quarter cell (70.6 % with
-                ``best_of=4``), against 52.5 % with the same regions drawn in one pass (``anygen eval --regions
-                layout --canvas blank``, ``docs/default_model.md``).
+            canvas: compose ``regions`` onto a picture (``PIL.Image`` / ``Image``; for a batch one per prompt or
+                None, or one for all): with ``start_with="image"``, each region is drawn alone onto the canvas (its
+                box drawn from the region's text, every other code copied from the canvas, as ``inpaint`` copies),
+                so no object reads another's drawing; the drawings are laid onto the canvas in order (a later
+                region wins a code two of them change), and a last pass copies that picture and goes on past it
+                (``max_images``, what follows the image); the prompt draws nothing of it. The image is drawn at the
+                canvas's size in codes. Costs two generations, whatever the number of regions: the regions of a
+                call drawn as one batch, then the copy (its codes fed in runs). Refused with ``inpaint`` and
+                ``speculative``; with ``best_of`` each region is drawn that many times and keeps the drawing under
+                which the understanding path finds the region's text most likely. The shipped model draws both
+                objects of a held-out two-object prompt for FIGURE of 360 prompts composed onto an empty scene with
+                each object's caption over its cell grown by a quarter cell, against 52.5 % with the same regions
+                drawn in one pass (``anygen eval --regions layout --canvas blank``, ``docs/default_model.md``).
 
         Returns:
             One ``GenerationOutput``, or a list of them for a batch.
@@ -403,7 +403,7 @@ class AnyGen:
         canvases = self._canvases(canvas, prompts, batched, routed)
         if canvases is not None:
             if inpaint is not None or speculative:
-                raise ValueError("canvas composes the regions by inpainting each in turn: it combines with neither "
+                raise ValueError("canvas composes the regions by inpainting each one: it combines with neither "
                                  f"inpaint nor speculative decoding (got inpaint={inpaint!r:.100}, "
                                  f"speculative={speculative!r})")
             if start_with != "image":
@@ -688,8 +688,8 @@ class AnyGen:
         return out
 
     def _region_best_of(self, n: Any, canvases: list[Image | None], negatives: Any) -> int:
-        """``best_of`` for a composed call (1: off): each region's pass reranked (``_compose``), which every prompt
-        needs a canvas for, read by the understanding encoder."""
+        """``best_of`` for a composed call (1: off): each region's drawings reranked (``_compose``), which every
+        prompt needs a canvas for, read by the understanding encoder."""
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"best_of must be an int >= 1 (candidates drawn per prompt; 1: off), got {n!r}")
         if n == 1 and negatives is not None:
@@ -697,7 +697,7 @@ class AnyGen:
         if n == 1:
             return n
         if any(c is None for c in canvases):
-            raise ValueError("best_of with canvas reranks each region's pass, and some prompts of this batch have no "
+            raise ValueError("best_of with canvas reranks each region's drawings, and some prompts of this batch have no "
                              "canvas: give every prompt one, or draw those in another call")
         if negatives is not None:
             raise ValueError("best_of with canvas reads each region back as its own text; negatives are not used "
@@ -709,63 +709,58 @@ class AnyGen:
     def _compose(self, prompts: list[Prompt], canvases: list[Image | None], routed: list[list[RegionPrompt]],
                  kwargs: dict[str, Any], batched: bool, best_of: int = 1
                  ) -> GenerationOutput | list[GenerationOutput]:
-        """``generate(canvas=...)``: a prompt with ``n`` regions draws in the last ``n`` passes, pass ``k`` drawing
-        only its region's box (the region's text routed to it) and copying the rest of the picture so far; prompts
-        without a canvas draw in the last pass alone, as without one. Earlier passes stop at the image; the last one
-        takes the call's settings. Every pass but the last samples at another seed. With ``best_of`` > 1 (every
-        prompt has a canvas) each pass draws that many candidates a prompt and keeps the one under which the
+        """``generate(canvas=...)`` in two passes. The first draws every region of every prompt with a canvas alone
+        onto that canvas, all in one batch: the region's box drawn (its text routed to it), the rest copied, so no
+        region sees another's drawing; it stops at the image and samples at another seed. The drawings are then
+        laid onto the canvas in order (a region's codes that differ from the canvas inside its box; a later region
+        wins a code two of them change). The last pass, under the call's settings, copies that picture whole and
+        goes on past it; prompts without a canvas draw there alone, as without one. With ``best_of`` > 1 (every
+        prompt has a canvas) each region is drawn that many times and keeps the candidate under which the
         understanding path finds the region's text most likely (ties keep the earlier)."""
         encoded = [self.encode_prompt(p) for p in prompts]
-        counts = [len(r) if c is not None else 0 for c, r in zip(canvases, routed)]
-        passes = max(counts)
-        picture = [c.codes if c is not None else None for c in canvases]
         negatives = kwargs.pop("negative_prompt")
         seed = kwargs.pop("seed")
         max_images = kwargs.pop("max_images")
-        for k in range(passes):
-            last = k == passes - 1
-            rows = list(range(len(prompts))) if last else [i for i, n in enumerate(counts) if n >= passes - k]
-            regions, grids, texts = [], [], []
-            for i in rows:
-                if picture[i] is None:  # no canvas: drawn in the last pass, its regions (if any) in one go
-                    regions.append(routed[i] if routed is not None else [])
-                    grids.append(None)
-                    continue
-                j = counts[i] - (passes - k)
-                text, box = routed[i][j]
-                regions.append([(text, box)])
-                grids.append(holed(picture[i], [box], f"region {j} of prompt #{i}: its box"))
-                texts.append(self._plain_text(text))
-            settings = self._settings(max_images=max_images if last else 1, preview_every=0,
-                                      seed=None if seed is None else seed + passes - 1 - k, **kwargs)
-            n = best_of  # each row drawn n times in a row
-            with self._lock:
-                try:
-                    done = [e for e in self.generator.stream(
-                        [encoded[i] for i in rows for _ in range(n)], settings,
-                        None if negatives is None else [negatives[i] for i in rows for _ in range(n)],
-                        [r for r in regions for _ in range(n)], [g for g in grids for _ in range(n)])
+        jobs = [(i, j) for i, c in enumerate(canvases) if c is not None for j in range(len(routed[i]))]
+        holes = {(i, j): holed(canvases[i].codes, [routed[i][j][1]], f"region {j} of prompt #{i}: its box")
+                 for i, j in jobs}
+        n = best_of  # each region drawn n times in a row
+        done = self._run_rows(
+            [encoded[i] for i, _ in jobs for _ in range(n)],
+            self._settings(max_images=1, preview_every=0, seed=None if seed is None else seed + 1, **kwargs),
+            None if negatives is None else [negatives[i] for i, _ in jobs for _ in range(n)],
+            [[routed[i][j]] for i, j in jobs for _ in range(n)], [holes[job] for job in jobs for _ in range(n)])
+        if n > 1:  # each region's n candidates read back as its text
+            drawn = [next((s for s in e.segments if isinstance(s, Image)), None) for e in done]
+            kept = []
+            for r, (i, j) in enumerate(jobs):
+                scores = self.score_candidates(drawn[r * n:(r + 1) * n], self._plain_text(routed[i][j][0]))
+                kept.append(done[r * n + max(range(n), key=lambda c: scores[c])])
+            done = kept
+        picture = [c.codes if c is not None else None for c in canvases]
+        for (i, j), e in zip(jobs, done):
+            image = next((s for s in e.segments if isinstance(s, Image)), None)
+            if image is None or image.codes is None or image.partial:
+                raise RuntimeError(f"composing prompt #{i}: region {j} ended ({e.reason}) before its image was "
+                                   "complete; raise max_new_tokens")
+            codes = image.codes.cpu()
+            changed = (holes[i, j] < 0) & (codes != canvases[i].codes)
+            picture[i] = torch.where(changed, codes, picture[i])
+        done = self._run_rows(encoded, self._settings(max_images=max_images, preview_every=0, seed=seed, **kwargs),
+                              negatives, [r if c is None else [] for c, r in zip(canvases, routed)], picture)
+        outputs = [GenerationOutput(e.segments, e.ids, e.reason) for e in done]
+        return outputs if batched else outputs[0]
+
+    def _run_rows(self, rows: list[TokenSequence], settings: GenerationSettings, negatives: list | None,
+                  regions: list[list[RegionPrompt]], grids: list[torch.Tensor | None]) -> list[RowDone]:
+        """``rows`` through the generator in one batch: their ``RowDone`` events in row order."""
+        with self._lock:
+            try:
+                done = [e for e in self.generator.stream(rows, settings, negatives, regions, grids)
                         if isinstance(e, RowDone)]
-                finally:
-                    self.model.release_cache()
-            done.sort(key=lambda e: e.row)
-            if n > 1:  # each row's n candidates read back as its region's text
-                drawn = [next((s for s in e.segments if isinstance(s, Image)), None) for e in done]
-                kept = []
-                for r, text in enumerate(texts):
-                    scores = self.score_candidates(drawn[r * n:(r + 1) * n], text)
-                    kept.append(done[r * n + max(range(n), key=lambda c: scores[c])])
-                done = kept
-            if last:
-                outputs = [GenerationOutput(e.segments, e.ids, e.reason) for e in done]
-                return outputs if batched else outputs[0]
-            for i, e in zip(rows, done):
-                image = next((s for s in e.segments if isinstance(s, Image)), None)
-                if image is None or image.codes is None or image.partial:
-                    raise RuntimeError(f"composing prompt #{i}: pass {k} ended ({e.reason}) before its image was "
-                                       "complete; raise max_new_tokens")
-                picture[i] = image.codes.cpu()
-        raise AssertionError("unreachable: the last pass returns")
+            finally:
+                self.model.release_cache()
+        return sorted(done, key=lambda e: e.row)
 
     def _plain_text(self, text: TokenSequence) -> str:
         """An encoded region text back as the str it was (its text segments joined)."""

@@ -87,8 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "--start-with image; repeatable (every box redrawn), applies to every prompt without its own "
                         "(a --prompts line's \"inpaint\": [[X0, Y0, X1, Y1], ...])")
     p.add_argument("--canvas", type=Path, default=None, metavar="PATH",
-                   help="compose the --region boxes one at a time onto this picture: each region drawn alone from "
-                        "its text, everything outside its box copied from the picture so far, e.g. a plain "
+                   help="compose the --region boxes onto this picture: each region drawn alone onto it from its "
+                        "text, everything outside its box copied, then the drawings laid on it, e.g. a plain "
                         "background with --region \"0,0,0.4,0.4:a red circle at the top left\" --region ...; needs "
                         "--start-with image; applies to every prompt without its own (a --prompts line's "
                         "\"canvas\": path)")

@@ -1,5 +1,6 @@
-"""Composition onto a canvas (``generate(canvas=...)``): the regions drawn one at a time, each pass copying the
-picture so far outside its region's box; and ``anygen eval --canvas blank``, ``anygen generate --canvas``."""
+"""Composition onto a canvas (``generate(canvas=...)``): each region drawn alone onto the canvas, copying it outside
+the region's box, the drawings laid on in order and copied by a last pass; and ``anygen eval --canvas blank``,
+``anygen generate --canvas``."""
 
 import json
 
@@ -44,18 +45,33 @@ def _pass(engine, prompt: str, region: tuple, grid: torch.Tensor) -> torch.Tenso
     return next(s.codes for s in done[0].segments if isinstance(s, Image))
 
 
-def test_each_region_is_drawn_in_its_own_pass_onto_the_picture_so_far(engine, canvas):
+def _laid(source: torch.Tensor, drawn: list[tuple[tuple, torch.Tensor]]) -> torch.Tensor:
+    """``source`` with each ``(box, codes)`` laid on in order: the codes inside the box that differ from it."""
+    out = source.clone()
+    for box, codes in drawn:
+        changed = (holed(source, [box], "box") == -1) & (codes != source)
+        out = torch.where(changed, codes, out)
+    return out
+
+
+@pytest.mark.parametrize("boxes", [(LEFT, RIGHT), (TOP, LEFT)], ids=["apart", "overlapping"])
+def test_each_region_is_drawn_alone_onto_the_canvas_then_laid_on_in_order(engine, canvas, boxes):
     picture, source = canvas
-    regions = [("a red circle", LEFT), ("a blue square", RIGHT)]
+    regions = [("a red circle", boxes[0]), ("a blue square", boxes[1])]
     out = engine.generate("two things", start_with="image", max_images=1, image=GREEDY, regions=regions,
                           canvas=picture)
-    first = _pass(engine, "two things", regions[0], holed(source, [LEFT], "left"))
-    second = _pass(engine, "two things", regions[1], holed(first, [RIGHT], "right"))
-    assert torch.equal(_codes(out), second)
-    left = holed(source, [LEFT], "left") == -1
-    assert torch.equal(_codes(out)[left], first[left])  # the second pass copied the first's drawing
-    assert not torch.equal(first[left], source[left])  # ... which the test needs to differ from the canvas
-    # one pass with both regions is another drawing: there the left half reads the right region's codes row by row
+    first = _pass(engine, "two things", regions[0], holed(source, [boxes[0]], "first"))
+    second = _pass(engine, "two things", regions[1], holed(source, [boxes[1]], "second"))
+    assert torch.equal(_codes(out), _laid(source, [(boxes[0], first), (boxes[1], second)]))
+    inside = holed(source, [boxes[1]], "second") == -1
+    assert not torch.equal(first[~inside], source[~inside])  # the first drawing shows outside the second box ...
+    # ... and the second region, drawn alone, did not read it: drawn onto the first it comes out otherwise
+    after = _pass(engine, "two things", regions[1], holed(first, [boxes[1]], "second"))
+    assert not torch.equal(after[inside], second[inside])
+    if boxes[0] == TOP:  # where both boxes hold a code each drawing changed, the later region's stands
+        both = (holed(source, [boxes[0]], "first") == -1) & inside & (first != source) & (second != source)
+        assert bool(both.any()) and torch.equal(_codes(out)[both], second[both])
+    # one pass with both regions is another drawing: there each half reads the other region's codes row by row
     together = engine.generate("two things", start_with="image", max_images=1, image=GREEDY, regions=regions)
     assert not torch.equal(_codes(together), _codes(out))
 
@@ -72,7 +88,7 @@ def test_codes_outside_every_box_are_the_canvas(engine, canvas):
 
 
 def test_a_batch_mixes_composed_rows_with_plain_ones(engine, canvas):
-    """Rows with fewer regions draw in the last passes only; a row without a canvas draws as it would alone."""
+    """A row composes as it would alone, whatever the other rows' regions; a row without a canvas draws plainly."""
     picture, source = canvas
     prompts = ["two things", "one thing", "a green triangle"]
     regions = [[("a red circle", TOP), ("a blue square", BOTTOM)], [("a white square", BOTTOM)], None]
@@ -94,9 +110,9 @@ def test_the_last_pass_continues_past_the_image(engine, canvas):
     assert out.finish_reason in ("eos", "max_new_tokens") and len(out.ids) > h * (w + 1) + 2  # the image, then more
 
 
-def test_best_of_reranks_each_regions_pass_by_its_own_text(engine, canvas, monkeypatch):
-    """Each pass draws 3 candidates a prompt and keeps the one the (patched) reader scores highest: here the second,
-    so the composed picture holds pass 1's second candidate in the left box and pass 2's second in the right."""
+def test_best_of_reranks_each_regions_drawings_by_its_own_text(engine, canvas, monkeypatch):
+    """Each region is drawn 3 times and keeps the drawing the (patched) reader scores highest: here the second, so
+    the composed picture holds each region's second drawing in its box."""
     from anygen.generation.events import RowDone
 
     picture, source = canvas
@@ -117,17 +133,16 @@ def test_best_of_reranks_each_regions_pass_by_its_own_text(engine, canvas, monke
     out = engine.generate(["two things", "two more"], start_with="image", max_images=1, best_of=3, seed=2,
                           image={"temperature": 1.0, "guidance_scale": 3.0}, regions=[regions, regions],
                           canvas=picture)
-    assert [len(p) for p in passes] == [6, 6]  # two prompts, three candidates each, one pass per region
-    # each prompt's three candidates read as its region's text, one pass after the other
-    assert [texts for _, texts in reads] == [["a red circle"] * 3] * 2 + [["a blue square"] * 3] * 2
+    # the draw: two prompts, two regions each, three drawings each, in one batch; then the copy, a row a prompt
+    assert [len(p) for p in passes] == [12, 2]
+    assert [texts for _, texts in reads] == [["a red circle"] * 3, ["a blue square"] * 3] * 2
     assert all(isinstance(c[0], Understand) for contexts, _ in reads for c in contexts)
-    candidates = [[_codes(e) for e in p] for p in passes]
-    assert len({tuple(c.flatten().tolist()) for c in candidates[0][:3]}) > 1  # the candidates differ
-    left = holed(source, [LEFT], "left") == -1
+    drawn = [_codes(e) for e in passes[0]]
+    assert len({tuple(c.flatten().tolist()) for c in drawn[:3]}) > 1  # the drawings differ
     for row in range(2):
-        kept = _codes(out[row])
-        assert torch.equal(kept, candidates[1][row * 3 + 1])
-        assert torch.equal(kept[left], candidates[0][row * 3 + 1][left])
+        kept = [drawn[row * 6 + 1], drawn[row * 6 + 4]]
+        assert torch.equal(_codes(out[row]), _laid(source, [(LEFT, kept[0]), (RIGHT, kept[1])]))
+        assert torch.equal(_codes(passes[1][row]), _codes(out[row]))
     with pytest.raises(ValueError, match="some prompts of this batch have no canvas"):
         engine.generate(["a", "b"], start_with="image", best_of=2, regions=[regions, regions], canvas=[picture, None])
 

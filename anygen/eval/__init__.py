@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "<the object>?\" ('asked') (default none: the whole picture drawn)")
     p.add_argument("--canvas", choices=CANVASES, default="none",
                    help="with --regions layout: 'blank' composes the text → image rows and the story's first picture "
-                        "onto an empty scene, one object at a time, each object's cell grown by a quarter cell "
+                        "onto an empty scene, each object drawn alone, its cell grown by a quarter cell "
                         "(generate(canvas=...)) (default none: the regions drawn in one pass)")
     p.add_argument("--no-images", action="store_true", help="do not write the generated images")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")

@@ -162,7 +162,7 @@ class EvalContext:
             (``"asked"``: nothing given but the picture and the instruction; see ``edit_cells``); ``"none"``: the
             whole picture drawn.
         canvas: ``"blank"`` (with ``regions`` "layout"): text → image prompts and the story's first picture are
-            composed onto an empty scene (``generate(canvas=...)``), one object at a time, each object's box its cell
+            composed onto an empty scene (``generate(canvas=...)``), each object drawn alone, its box its cell
             grown by ``CANVAS_MARGIN``; ``"none"``: the regions drawn in one pass.
     """
 
@@ -190,7 +190,7 @@ class EvalContext:
         if self.canvas not in CANVASES:
             raise ValueError(f"canvas must be one of {CANVASES}, got {self.canvas!r}")
         if self.canvas != "none" and self.regions == "none":
-            raise ValueError("canvas composes the layout's regions one at a time: it needs regions 'layout'")
+            raise ValueError("canvas composes the layout's regions: it needs regions 'layout'")
         self.objects, self.motions = (sorted(s) for s in holdout_combinations(self.holdout, self.data_seed))
         tok = self.engine.tokenizer
         self.image_px = tok.image_size
@@ -302,7 +302,7 @@ def _scene_result(name: str, ctx: EvalContext, scenes: list[list[SceneObject]], 
     if ctx.regions != "none":
         details["regions"] = "each object's caption over its cell"
     if ctx.canvas != "none":
-        details["canvas"] = "composed onto an empty scene, one object at a time, each cell grown by a quarter cell"
+        details["canvas"] = "composed onto an empty scene, each object drawn alone, each cell grown by a quarter cell"
     if name == "t2i_single":
         metric, score = "attributes", _mean([details["color"], details["shape"], details["position"]])
     else:
