@@ -381,8 +381,8 @@ class AnyGen:
                 call drawn as one batch, then the copy (its codes fed in runs). Refused with ``inpaint`` and
                 ``speculative``; with ``best_of`` each region is drawn that many times and keeps the drawing under
                 which the understanding path finds the region's text most likely. The shipped model draws both
-                objects of a held-out two-object prompt for FIGURE of 360 prompts composed onto an empty scene with
-                each object's caption over its cell grown by a quarter cell, against 52.5 % with the same regions
+                objects of a held-out two-object prompt for 81.7 % of 720 prompts composed onto an empty scene with
+                each object's caption over its cell grown by a quarter cell, against 52.6 % with the same regions
                 drawn in one pass (``anygen eval --regions layout --canvas blank``, ``docs/default_model.md``).
 
         Returns:
@@ -416,7 +416,7 @@ class AnyGen:
             n = self._region_best_of(best_of, canvases, negatives)
             return self._compose(prompts, canvases, routed, dict(
                 max_new_tokens=max_new_tokens, text=text, image=image, video=video, image_size=size,
-                video_size=video_size, start_with=start_with, max_images=max_images if n == 1 else 1, seed=seed,
+                video_size=video_size, start_with=start_with, max_images=max_images, seed=seed,
                 negative_prompt=negative_prompt), batched, n)
         if best_of != 1:
             outputs = self._best_of(prompts, best_of, dict(
@@ -677,7 +677,7 @@ class AnyGen:
                 raise ValueError(f"canvas of prompt #{i}: the regions are what is drawn onto a canvas, and this prompt "
                                  "has none: pass regions=[(text, box), ...] with it")
             codes = picture.codes if isinstance(picture, Image) and picture.codes is not None else \
-                self._last_codes([picture], f"canvas of prompt #{i}")
+                self.last_codes([picture], f"canvas of prompt #{i}")
             sizes.add(tuple(codes.shape))
             out.append(Image(codes=codes.cpu()))
         if not sizes:
@@ -697,8 +697,8 @@ class AnyGen:
         if n == 1:
             return n
         if any(c is None for c in canvases):
-            raise ValueError("best_of with canvas reranks each region's drawings, and some prompts of this batch have no "
-                             "canvas: give every prompt one, or draw those in another call")
+            raise ValueError("best_of with canvas reranks each region's drawings, and some prompts of this batch "
+                             "have no canvas: give every prompt one, or draw those in another call")
         if negatives is not None:
             raise ValueError("best_of with canvas reads each region back as its own text; negatives are not used "
                              "there: leave them out")
@@ -709,47 +709,61 @@ class AnyGen:
     def _compose(self, prompts: list[Prompt], canvases: list[Image | None], routed: list[list[RegionPrompt]],
                  kwargs: dict[str, Any], batched: bool, best_of: int = 1
                  ) -> GenerationOutput | list[GenerationOutput]:
-        """``generate(canvas=...)`` in two passes. The first draws every region of every prompt with a canvas alone
-        onto that canvas, all in one batch: the region's box drawn (its text routed to it), the rest copied, so no
-        region sees another's drawing; it stops at the image and samples at another seed. The drawings are then
-        laid onto the canvas in order (a region's codes that differ from the canvas inside its box; a later region
-        wins a code two of them change). The last pass, under the call's settings, copies that picture whole and
-        goes on past it; prompts without a canvas draw there alone, as without one. With ``best_of`` > 1 (every
-        prompt has a canvas) each region is drawn that many times and keeps the candidate under which the
-        understanding path finds the region's text most likely (ties keep the earlier)."""
+        """``generate(canvas=...)`` in two passes: ``compose_codes`` draws every region alone onto its canvas and
+        lays the drawings on; the last pass, under the call's settings, copies that picture whole and goes on past
+        it, and prompts without a canvas draw there alone, as without one."""
         encoded = [self.encode_prompt(p) for p in prompts]
         negatives = kwargs.pop("negative_prompt")
-        seed = kwargs.pop("seed")
-        max_images = kwargs.pop("max_images")
-        jobs = [(i, j) for i, c in enumerate(canvases) if c is not None for j in range(len(routed[i]))]
-        holes = {(i, j): holed(canvases[i].codes, [routed[i][j][1]], f"region {j} of prompt #{i}: its box")
+        settings = self._settings(preview_every=0, **kwargs)
+        picture = self.compose_codes(encoded, [c.codes if c is not None else None for c in canvases], routed,
+                                     settings, negatives, best_of)
+        done = self._run_rows(encoded, settings, negatives, [r if c is None else [] for c, r in zip(canvases, routed)],
+                              picture)
+        outputs = [GenerationOutput(e.segments, e.ids, e.reason) for e in done]
+        return outputs if batched else outputs[0]
+
+    def compose_codes(self, prompts: Sequence[TokenSequence], canvases: Sequence[torch.Tensor | None],
+                      regions: Sequence[Sequence[RegionPrompt]], settings: GenerationSettings,
+                      negatives: Sequence[TokenSequence | None] | None = None, best_of: int = 1
+                      ) -> list[torch.Tensor | None]:
+        """The pictures ``generate(canvas=...)`` copies in its last pass (the demo streams that pass itself): for
+        each prompt with a canvas (VQ codes ``(h, w)``; None: no canvas, None back), every region drawn alone onto
+        it, all in one batch: the region's box drawn (its text routed to it), every other code copied, so no
+        region reads another's drawing; then the drawings laid onto the canvas in order (a region's codes that
+        differ from the canvas inside its box; a later region wins a code two of them change). The draws take
+        ``settings`` (``start_with="image"``) as one image each, at the seed after its own. With ``best_of`` > 1
+        each region is drawn that many times and keeps the drawing under which the understanding path finds the
+        region's text most likely (ties keep the earlier). Arguments are as ``generate`` checks them.
+
+        Raises:
+            RuntimeError: a draw ended before its image was complete (``max_new_tokens`` too small).
+        """
+        jobs = [(i, j) for i, c in enumerate(canvases) if c is not None for j in range(len(regions[i]))]
+        holes = {(i, j): holed(canvases[i], [regions[i][j][1]], f"region {j} of prompt #{i}: its box")
                  for i, j in jobs}
         n = best_of  # each region drawn n times in a row
         done = self._run_rows(
-            [encoded[i] for i, _ in jobs for _ in range(n)],
-            self._settings(max_images=1, preview_every=0, seed=None if seed is None else seed + 1, **kwargs),
+            [prompts[i] for i, _ in jobs for _ in range(n)],
+            replace(settings, max_images=1, preview_every=0, seed=None if settings.seed is None else settings.seed + 1),
             None if negatives is None else [negatives[i] for i, _ in jobs for _ in range(n)],
-            [[routed[i][j]] for i, j in jobs for _ in range(n)], [holes[job] for job in jobs for _ in range(n)])
-        if n > 1:  # each region's n candidates read back as its text
+            [[regions[i][j]] for i, j in jobs for _ in range(n)], [holes[job] for job in jobs for _ in range(n)])
+        if n > 1:  # each region's n drawings read back as its text
             drawn = [next((s for s in e.segments if isinstance(s, Image)), None) for e in done]
             kept = []
             for r, (i, j) in enumerate(jobs):
-                scores = self.score_candidates(drawn[r * n:(r + 1) * n], self._plain_text(routed[i][j][0]))
+                scores = self.score_candidates(drawn[r * n:(r + 1) * n], self._plain_text(regions[i][j][0]))
                 kept.append(done[r * n + max(range(n), key=lambda c: scores[c])])
             done = kept
-        picture = [c.codes if c is not None else None for c in canvases]
+        picture = [None if c is None else c.cpu() for c in canvases]
         for (i, j), e in zip(jobs, done):
             image = next((s for s in e.segments if isinstance(s, Image)), None)
             if image is None or image.codes is None or image.partial:
                 raise RuntimeError(f"composing prompt #{i}: region {j} ended ({e.reason}) before its image was "
                                    "complete; raise max_new_tokens")
             codes = image.codes.cpu()
-            changed = (holes[i, j] < 0) & (codes != canvases[i].codes)
+            changed = (holes[i, j] < 0) & (codes != picture[i])
             picture[i] = torch.where(changed, codes, picture[i])
-        done = self._run_rows(encoded, self._settings(max_images=max_images, preview_every=0, seed=seed, **kwargs),
-                              negatives, [r if c is None else [] for c, r in zip(canvases, routed)], picture)
-        outputs = [GenerationOutput(e.segments, e.ids, e.reason) for e in done]
-        return outputs if batched else outputs[0]
+        return picture
 
     def _run_rows(self, rows: list[TokenSequence], settings: GenerationSettings, negatives: list | None,
                   regions: list[list[RegionPrompt]], grids: list[torch.Tensor | None]) -> list[RowDone]:
@@ -780,10 +794,10 @@ class AnyGen:
             raise ValueError(f"{name} must be a box (x0, y0, x1, y1) or a non-empty list of boxes, got "
                              f"{boxes!r:.200}")
         boxes = [check_box(box, f"{name}, box {j}") for j, box in enumerate(boxes)]
-        codes = self._last_codes(prompt, f"{name} redraws part of the prompt's image, and the prompt")
+        codes = self.last_codes(prompt, f"{name} redraws part of the prompt's image, and the prompt")
         return holed(codes, boxes, f"{name}: the boxes {boxes}")
 
-    def _last_codes(self, prompt: Prompt | TokenSequence, what: str) -> torch.Tensor:
+    def last_codes(self, prompt: Prompt | TokenSequence, what: str = "the prompt") -> torch.Tensor:
         """The VQ codes ``(h, w)`` of ``prompt``'s last image written as codes; a ``ValueError`` that starts with
         ``what`` when it holds none."""
         ids = prompt.ids if isinstance(prompt, TokenSequence) else self.encode_prompt(prompt).ids
