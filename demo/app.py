@@ -28,6 +28,10 @@ Notable:
 - Inpainting (``generate(inpaint=...)``): one ``x0,y0,x1,y1`` box a line; the reply's first image is drawn at the
   size of the last picture in the context given as VQ codes (an upload in "edited" mode, or an earlier reply's
   image) and copies it outside the boxes, so only they are redrawn.
+- Composition (``generate(canvas=...)``): with regions, "compose onto" the last VQ picture in the context or an
+  empty picture (the shapes scenes' plain background) draws each region alone onto it first
+  (``AnyGen.compose_codes``, the chat saying so; best of N reranks each region's drawings there), and the reply
+  then copies the composed picture as its first image, streamed as any image is.
 - Streaming: text shows as it arrives; an image shows at once as a grey canvas that fills in every
   ``preview_every`` rows (``ImageRows.preview``); a video shows its frame count, then the mp4.
 - One engine, one generation at a time: the model holds a single KV cache, so the chat event runs with
@@ -60,6 +64,7 @@ import PIL.ImageDraw
 import torch
 
 from anygen.api import AnyGen
+from anygen.data.shapes import BACKGROUND
 from anygen.generation.events import (
     ImageDone,
     ImageRows,
@@ -127,7 +132,9 @@ class ChatOptions:
     keeps the one the model reads back best; ``negatives`` holds texts, one per line, that a reranked text → image
     or text → video reply must not be; ``negative_prompt`` is the text guidance steers away from (empty: none);
     ``regions`` holds ``x0,y0,x1,y1: text`` lines, what to draw in which box of a generated image (empty: none);
-    ``inpaint`` holds ``x0,y0,x1,y1`` lines, the boxes of the context's last VQ picture to redraw (empty: all of it).
+    ``inpaint`` holds ``x0,y0,x1,y1`` lines, the boxes of the context's last VQ picture to redraw (empty: all of it);
+    ``canvas`` composes the regions onto a picture instead of drawing them in the reply's one pass: ``"last"`` the
+    context's last VQ picture, ``"empty"`` a picture of the shapes scenes' plain background (``"none"``: off).
     """
 
     upload_mode: Literal["understand", "edit"] = "understand"
@@ -156,6 +163,7 @@ class ChatOptions:
     negative_prompt: str = ""
     regions: str = ""
     inpaint: str = ""
+    canvas: Literal["none", "last", "empty"] = "none"
 
     @classmethod
     def for_engine(cls, engine: AnyGen) -> ChatOptions:
@@ -381,13 +389,15 @@ class ChatRunner:
             regions = [(self.engine.encode_prompt(t), box) for t, box in options.region_list()]
             holes = options.inpaint_boxes()
             candidates = self._candidates(options.best_of, settings, text, negatives)
+            composing = options.canvas != "none"
+            candidates = 1 if composing else candidates  # best of N then reranks each region (_compose)
             picture = self._rerank_picture(settings, segments) if options.best_of > 1 and candidates == 1 else None
             candidates = options.best_of if picture is not None else candidates
         except (ValueError, TypeError) as err:
             conv.messages.append(_note(f"⚠️ {err}"))
             yield conv.messages
             return
-        if options.best_of > 1 and candidates == 1:
+        if options.best_of > 1 and candidates == 1 and not composing:
             conv.messages.append(_note(f"ℹ️ best of {options.best_of} reranks text → image replies (start the reply "
                                        "with an image, with text in the message; a model with an understanding "
                                        "encoder), text → video replies (start with a video, with text in the "
@@ -401,6 +411,20 @@ class ChatRunner:
             conv.messages.append(_note(f"ℹ️ dropped the {dropped} oldest turn(s) from the model's context to make "
                                        f"room for this reply."))
         context, grid = conv.context(new, tok.vocab), None
+        if composing:
+            try:
+                canvas = self._canvas(context, options, settings, regions, holes)
+                conv.messages.append(_note(f"ℹ️ composing {len(regions)} region(s) onto "
+                                           f"{'the last picture' if options.canvas == 'last' else 'an empty picture'}"
+                                           ", each drawn alone; the reply then copies the composed picture."))
+                yield conv.messages
+                grid = self._compose(context, canvas, options.best_of, settings, regions, steer)
+            except (ValueError, RuntimeError) as err:
+                conv.messages.append(_note(f"⚠️ {err}"))
+                yield conv.messages
+                return
+            settings = replace(settings, image_size=tuple(grid.shape))
+            regions, holes = [], []  # the draw is done: the reply copies it
         if holes:
             try:  # the last VQ picture the model reads: drawn at its size, copied outside the boxes
                 grid = self.engine.inpaint_grid(context, holes)
@@ -411,6 +435,39 @@ class ChatRunner:
                 return
         yield from self._stream(conv, context, new, settings, candidates, text, picture,
                                 negatives, self.engine.encode_prompt(steer) if steer else None, regions, grid)
+
+    def _canvas(self, context: TokenSequence, options: ChatOptions, settings: GenerationSettings, regions: list,
+                holes: list) -> torch.Tensor:
+        """The VQ codes ``(h, w)`` a composed reply's regions are drawn onto (``options.canvas``: the context's
+        last VQ picture, or an empty picture at the reply's image size); a ``ValueError`` for a reply that cannot
+        compose."""
+        tok = self.engine.tokenizer
+        if options.canvas not in ("last", "empty"):
+            raise ValueError(f"compose onto must be 'none', 'last' or 'empty', got {options.canvas!r}")
+        if not regions:
+            raise ValueError("compose onto draws the regions onto a picture, and there are none: give regions "
+                             "(x0,y0,x1,y1: text a line), or set compose onto to none")
+        if holes:
+            raise ValueError("compose onto and inpaint do not combine: clear one of them")
+        if settings.start_with != "image":
+            raise ValueError("compose onto draws the reply's first image: set start to image")
+        if options.canvas == "last":
+            return self.engine.last_codes(context, "compose onto the last picture: the chat")
+        h, w = settings.image_size or tok.image_grid
+        down = tok.image.downsample
+        empty = PIL.Image.new("RGB", (w * down, h * down), BACKGROUND)
+        return tok.image_codes(Image(empty, size=(h * down, w * down)))
+
+    def _compose(self, context: TokenSequence, canvas: torch.Tensor, best_of: int, settings: GenerationSettings,
+                 regions: list, steer: str) -> torch.Tensor:
+        """The picture a composed reply copies (``AnyGen.compose_codes``): each region drawn alone onto ``canvas``,
+        best of N reranking each region's drawings where the model can read them back."""
+        tok = self.engine.tokenizer
+        n = best_of if self.engine.model.und is not None and tok.und_tokens > 0 else 1
+        steered = [self.engine.encode_prompt(steer)] if steer else None
+        (codes,) = self.engine.compose_codes([context], [canvas], [regions], replace(
+            settings, image_size=tuple(canvas.shape)), steered, n)
+        return codes
 
     def _candidates(self, best_of: Any, settings: GenerationSettings, text: str, negatives: list[str]) -> int:
         """How many candidates this reply draws: ``best_of`` where it can rerank (a text → image reply of a
@@ -803,6 +860,11 @@ def build_demo(engine: AnyGen, *, notice: str | None = None, max_upload_mb: floa
                         elem_id="inpaint", placeholder="0,0,0.5,0.5",
                         info="of the last picture given as VQ codes (an edited upload, an earlier reply); the rest "
                              "is copied")
+                    controls["canvas"] = gr.Radio(
+                        [("no: the regions in the reply's one pass", "none"), ("the last picture", "last"),
+                         ("an empty picture", "empty")], value=defaults.canvas, label="compose the regions onto",
+                        elem_id="canvas",
+                        info="each region drawn alone onto it, then laid on in order (best of N per region)")
                 with gr.Accordion("text", open=False):
                     controls["text_temperature"] = gr.Slider(0, 2, value=defaults.text_temperature, step=0.05,
                                                              label="temperature")
@@ -824,8 +886,8 @@ def build_demo(engine: AnyGen, *, notice: str | None = None, max_upload_mb: floa
                 controls["max_images"] = gr.Number(defaults.max_images, precision=0, minimum=0,
                                                    label="stop after N images + videos (0: no limit)",
                                                    elem_id="max-images")
-        plain = [1, "", "", defaults.video_guidance, "", ""]  # best of N, negatives, negative prompt, video guidance,
-        # regions, inpaint
+        plain = [1, "", "", defaults.video_guidance, "", "", "none"]  # best of N, negatives, negative prompt,
+        # video guidance, regions, inpaint, compose onto
         gr.Examples(
             label="examples (each shows one capability)",
             examples=[
@@ -835,23 +897,29 @@ def build_demo(engine: AnyGen, *, notice: str | None = None, max_upload_mb: floa
                 [{"text": "a green triangle moves to the right", "files": []}, "video", "understand", 0, *plain],
                 [{"text": "a green triangle moves to the right", "files": []}, "video", "understand", 0, 4,
                  "a green triangle moves to the left\na green triangle moves up\na green triangle moves down",
-                 "a green triangle moves to the left", 2.0, "", ""],
+                 "a green triangle moves to the left", 2.0, "", "", "none"],
                 [{"text": "a red circle at the top left and a blue square at the bottom right", "files": []},
                  "image", "understand", 0, 1, "", "", defaults.video_guidance,
-                 "0,0,0.33,0.33: a red circle at the top left\n0.67,0.67,1,1: a blue square at the bottom right", ""],
+                 "0,0,0.33,0.33: a red circle at the top left\n0.67,0.67,1,1: a blue square at the bottom right", "",
+                 "none"],
+                [{"text": "a red circle at the top left and a blue square at the bottom right", "files": []},
+                 "image", "understand", 0, 1, "", "", defaults.video_guidance,
+                 "0,0,0.42,0.42: a red circle at the top left\n0.58,0.58,1,1: a blue square at the bottom right", "",
+                 "empty"],
                 [{"text": "make the circle yellow", "files": [examples["circle"]]}, "image", "edit", 0, *plain],
                 [{"text": "make the circle yellow", "files": [examples["shapes"]]}, "image", "edit", 1, 1, "", "",
-                 defaults.video_guidance, "", "0,0,0.5,0.5"],
+                 defaults.video_guidance, "", "0,0,0.5,0.5", "none"],
                 [{"text": "draw a red square, then add a blue circle below it: a short illustrated story",
                   "files": []}, "auto", "understand", 2, *plain],
             ],
             example_labels=["text → image", "image → text", "text → video",
                             "text → video, steered from the opposite motion, best of 4",
-                            "text → image with regions", "editing", "editing one part (inpaint)",
+                            "text → image with regions", "text → image, regions composed onto an empty picture",
+                            "editing", "editing one part (inpaint)",
                             "illustrated story"],
             inputs=[textbox, controls["start_with"], controls["upload_mode"], controls["max_images"],
                     controls["best_of"], controls["negatives"], controls["negative_prompt"],
-                    controls["video_guidance"], controls["regions"], controls["inpaint"]],
+                    controls["video_guidance"], controls["regions"], controls["inpaint"], controls["canvas"]],
         )
 
         send = textbox.submit(

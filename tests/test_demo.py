@@ -17,7 +17,7 @@ import torch
 gr = pytest.importorskip("gradio")
 gradio_client = pytest.importorskip("gradio_client")
 
-from anygen.api import AnyGen  # noqa: E402
+from anygen.api import AnyGen, holed  # noqa: E402
 from anygen.generation.generator import SamplingDefaults  # noqa: E402
 from anygen.generation.sampling import SamplingConfig  # noqa: E402
 from anygen.testing import random_engine  # noqa: E402
@@ -510,3 +510,62 @@ def test_inpaint_redraws_the_boxes_of_the_edited_upload_and_a_bad_line_is_said_i
     bad = ChatOptions(**{**FAST, "start_with": "image", "inpaint": "0,0,1"})
     chat = list(runner.respond("a blue square", bad, Conversation()))[-1]
     assert "inpaint, line 1: a box is X0,Y0,X1,Y1" in chat[-1]["content"] and not seen
+
+
+@pytest.mark.parametrize("onto", ["empty", "last"])
+def test_compose_draws_each_region_alone_onto_the_canvas_then_the_reply_copies_it(engine, tmp_path, monkeypatch,
+                                                                                   onto):
+    """The regions are drawn by ``compose_codes`` onto an empty picture (the shapes scenes' background) or the
+    edited upload, best of N reranking each region there; the reply is one row that copies the composed picture."""
+    from anygen.data.shapes import BACKGROUND
+
+    runner = ChatRunner(engine, tmp_path)
+    composed, streamed = [], []
+    compose, stream = engine.compose_codes, engine.generator.stream
+    monkeypatch.setattr(engine, "compose_codes", lambda *args: composed.append(args) or compose(*args))
+    monkeypatch.setattr(engine.generator, "stream", lambda seqs, s, *args, **rows: (
+        streamed.append((len(seqs), args, rows)), stream(seqs, s, *args, **rows))[1])
+    monkeypatch.setattr(engine, "score_candidates", lambda drawn, text, negatives=None: [0.0] * len(drawn))
+    side = 4 * engine.tokenizer.image.downsample  # the reply's 4x4 codes (FAST)
+    upload = _png(tmp_path / "red.png", side)
+    regions = "0,0,0.5,0.5: a red circle\n0.5,0.5,1,1: a blue square"
+    options = ChatOptions(**{**FAST, "start_with": "image", "max_images": 1, "max_new_tokens": 400,
+                             "upload_mode": "edit" if onto == "last" else "understand", "regions": regions,
+                             "canvas": onto, "best_of": 2})
+    message = {"text": "two things", "files": [str(upload)] if onto == "last" else []}
+    conv = Conversation()
+    chat = list(runner.respond(message, options, conv))[-1]
+
+    (context, canvases, routed, settings, negatives, n), = composed
+    picture = PIL.Image.open(upload) if onto == "last" else PIL.Image.new("RGB", (side, side), BACKGROUND)
+    assert torch.equal(canvases[0], engine.tokenizer.image_codes(Image(picture)))
+    assert [[(p.ids.tolist(), box) for p, box in row] for row in routed] == [[
+        (engine.encode_prompt("a red circle").ids.tolist(), (0.0, 0.0, 0.5, 0.5)),
+        (engine.encode_prompt("a blue square").ids.tolist(), (0.5, 0.5, 1.0, 1.0))]]
+    assert n == 2 and negatives is None
+    draw, reply = streamed  # the regions drawn (2 regions x best of 2) by compose_codes, then the reply
+    assert draw[0] == 4 and reply[0] == 1 and "regions" not in reply[2]
+    (grid,) = reply[2]["inpaint"]
+    assert bool((grid >= 0).all())  # nothing left to draw: the reply copies the composed picture
+    drawn = [s for s in engine.tokenizer.decode(conv.turns[-1].ids, pixels=False) if isinstance(s, Image)][-1]
+    assert torch.equal(drawn.codes, grid)
+    outside = holed(canvases[0], [(0, 0, 0.5, 0.5), (0.5, 0.5, 1, 1)], "boxes") >= 0
+    assert torch.equal(grid[outside], canvases[0][outside])
+    assert any("composing 2 region(s)" in m["content"] for m in chat if isinstance(m["content"], str))
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(regions=""), "there are none: give regions"),
+    (dict(inpaint="0,0,0.5,0.5"), "compose onto and inpaint do not combine"),
+    (dict(start_with="auto"), "set start to image"),
+    (dict(canvas="white"), "compose onto must be 'none', 'last' or 'empty'"),
+    (dict(canvas="last"), "holds none written as VQ codes"),
+])
+def test_a_reply_that_cannot_compose_says_why_in_the_chat(engine, tmp_path, monkeypatch, change, match):
+    runner = ChatRunner(engine, tmp_path)
+    streamed, stream = [], engine.generator.stream
+    monkeypatch.setattr(engine.generator, "stream", lambda *args, **rows: streamed.append(1) or stream(*args, **rows))
+    options = ChatOptions(**{**FAST, "start_with": "image", "regions": "0,0,0.5,0.5: a red circle", "canvas": "empty",
+                             **change})
+    chat = list(runner.respond("a red circle", options, Conversation()))[-1]
+    assert match in chat[-1]["content"] and not streamed
