@@ -64,7 +64,7 @@ def main() -> None:
     _big(image(t2i)).save(args.out / "text_to_image.png")
     log["text_to_image"] = {"prompt": t2i, "file": "text_to_image.png"}
     # the same prompt with regions: each object's own caption over its cell (the plain draw beside it), then the
-    # regions composed one at a time onto an empty scene, each cell grown by a quarter cell (anygen eval --canvas)
+    # regions each drawn alone onto an empty scene, each cell grown by a quarter cell (anygen eval --canvas)
     pair = [SceneObject("circle", "red", "top left"), SceneObject("square", "blue", "bottom right")]
     assert shapes_caption(pair) == t2i
     regions = layout_regions(pair)
