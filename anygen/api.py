@@ -396,16 +396,15 @@ class AnyGen:
                              "against one row's logits): pass speculative=0 with regions")
         if inpaint is not None and not batched:
             inpaint = [inpaint]  # stream reads the prompts below as a batch
-        if inpaint is not None and (speculative or best_of != 1):
+        if inpaint is not None and (speculative or (best_of != 1 and canvas is None)):
             raise ValueError("inpaint redraws part of the prompt's own image, one draw per prompt: it combines with "
                              f"neither speculative decoding nor best_of (got speculative={speculative!r}, "
                              f"best_of={best_of!r})")
         canvases = self._canvases(canvas, prompts, batched, routed)
         if canvases is not None:
-            if inpaint is not None or speculative:
-                raise ValueError("canvas composes the regions by inpainting each one: it combines with neither "
-                                 f"inpaint nor speculative decoding (got inpaint={inpaint!r:.100}, "
-                                 f"speculative={speculative!r})")
+            if speculative:
+                raise ValueError("canvas composes the regions by inpainting each one: it does not combine with "
+                                 f"speculative decoding (got speculative={speculative!r})")
             if start_with != "image":
                 raise ValueError(f"canvas composes the image a call starts with: pass start_with='image' (got "
                                  f"{start_with!r})")
@@ -413,11 +412,17 @@ class AnyGen:
             if image_size is not None and tuple(image_size) != size:
                 raise ValueError(f"the canvas is {size[0]}x{size[1]} codes but image_size is {tuple(image_size)}: the "
                                  "image is drawn at the canvas's size, so leave image_size unset or equal")
+            grids = self._inpaint(inpaint, prompts, True)
+            for i, (c, g) in enumerate(zip(canvases, grids or [])):
+                if g is not None and tuple(g.shape) != size:
+                    raise ValueError(f"prompt #{i}: its picture is {g.shape[0]}x{g.shape[1]} codes and the canvas "
+                                     f"{size[0]}x{size[1]}: with inpaint the composed picture goes into the "
+                                     "picture's boxes, so give a canvas of its size")
             n = self._region_best_of(best_of, canvases, negatives)
             return self._compose(prompts, canvases, routed, dict(
                 max_new_tokens=max_new_tokens, text=text, image=image, video=video, image_size=size,
                 video_size=video_size, start_with=start_with, max_images=max_images, seed=seed,
-                negative_prompt=negative_prompt), batched, n)
+                negative_prompt=negative_prompt), batched, n, grids)
         if best_of != 1:
             outputs = self._best_of(prompts, best_of, dict(
                 max_new_tokens=max_new_tokens, text=text, image=image, video=video, image_size=image_size,
@@ -707,16 +712,19 @@ class AnyGen:
         return n
 
     def _compose(self, prompts: list[Prompt], canvases: list[Image | None], routed: list[list[RegionPrompt]],
-                 kwargs: dict[str, Any], batched: bool, best_of: int = 1
-                 ) -> GenerationOutput | list[GenerationOutput]:
+                 kwargs: dict[str, Any], batched: bool, best_of: int = 1,
+                 grids: list[torch.Tensor | None] | None = None) -> GenerationOutput | list[GenerationOutput]:
         """``generate(canvas=...)`` in two passes: ``compose_codes`` draws every region alone onto its canvas and
-        lays the drawings on; the last pass, under the call's settings, copies that picture whole and goes on past
-        it, and prompts without a canvas draw there alone, as without one."""
+        lays the drawings on (a prompt with an inpaint grid takes them inside its boxes only, its own picture
+        elsewhere); the last pass, under the call's settings, copies that picture whole and goes on past it, and
+        prompts without a canvas draw there alone, as without one (inpainting their grid, if any)."""
         encoded = [self.encode_prompt(p) for p in prompts]
         negatives = kwargs.pop("negative_prompt")
         settings = self._settings(preview_every=0, **kwargs)
         picture = self.compose_codes(encoded, [c.codes if c is not None else None for c in canvases], routed,
                                      settings, negatives, best_of)
+        grids = grids or [None] * len(prompts)
+        picture = [g if p is None else p if g is None else torch.where(g < 0, p, g) for p, g in zip(picture, grids)]
         done = self._run_rows(encoded, settings, negatives, [r if c is None else [] for c, r in zip(canvases, routed)],
                               picture)
         outputs = [GenerationOutput(e.segments, e.ids, e.reason) for e in done]

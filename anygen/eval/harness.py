@@ -163,7 +163,9 @@ class EvalContext:
             whole picture drawn.
         canvas: ``"blank"`` (with ``regions`` "layout"): text → image prompts and the story's first picture are
             composed onto an empty scene (``generate(canvas=...)``), each object drawn alone, its box its cell
-            grown by ``CANVAS_MARGIN``; ``"none"``: the regions drawn in one pass.
+            grown by ``CANVAS_MARGIN``; with ``inpaint`` as well, an edit's object and the story's added one are
+            drawn alone onto an empty scene and put into their cell (``generate(canvas=..., inpaint=...)``, the
+            cell as it is); ``"none"``: the regions drawn in one pass.
     """
 
     engine: Any
@@ -239,7 +241,8 @@ class EvalContext:
             prompts, rerank = [p[0] for p in prompts], {"best_of": self.best_of}
         if inpaint is not None and not any(box is not None for box in inpaint):
             inpaint = None
-        blank = [render_scene([], self.image_px[0])] * len(prompts) if onto_blank else None
+        empty = render_scene([], self.image_px[0])  # a canvas for each prompt with regions to compose
+        blank = [empty if regions is None or regions[i] else None for i in range(len(prompts))] if onto_blank else None
         outputs = self.generate(prompts, regions, inpaint, blank, start_with="image", image_size=(h, w), max_images=1,
                                 max_new_tokens=h * (w + 1) + 8, **rerank)
         return [o.images[0] if o.images else None for o in outputs]
@@ -534,7 +537,8 @@ def eval_edit(ctx: EvalContext) -> CategoryResult:
     n = ctx.best_of if ctx.inpaint != "none" and ctx.best_of > 1 else 1  # inpainted edits are reranked
     drawn = ctx.generate_images([p for p in prompts for _ in range(n)],
                                 None if regions is None else [r for r in regions for _ in range(n)],
-                                None if ctx.inpaint == "none" else [x for x in boxes for _ in range(n)])
+                                None if ctx.inpaint == "none" else [x for x in boxes for _ in range(n)],
+                                onto_blank=regions is not None and ctx.canvas != "none")
     images = drawn
     if n > 1:  # keep the draw the understanding path reads back best as the planned edited scene
         images = []
@@ -557,6 +561,8 @@ def eval_edit(ctx: EvalContext) -> CategoryResult:
         details["inpaint"] = ctx.inpaint
         details["cell_right"] = _mean([cell == t for (cell, _), t in zip(plans, truth)])
         details["best_of"] = n
+        if regions is not None and ctx.canvas != "none":
+            details["canvas"] = "the edited object drawn alone onto an empty scene, then put into its cell"
     return CategoryResult("edit", len(cases), "exact", _mean([s["correct"] for s in samples]), details, samples,
                           time.perf_counter() - started)
 
@@ -577,10 +583,13 @@ def eval_story(ctx: EvalContext) -> CategoryResult:
     steps2 = [f"then add {o.describe()}" for o in seconds]
     prompts2 = [[s1, Image(im if im is not None else render_scene([], ctx.image_px[0])), s2]
                 for s1, im, s2 in zip(steps1, images1, steps2)]
-    # the second picture continues the first (not composed): its regions are the cells as they are
-    images2 = ctx.generate_images(prompts2, [layout_regions([a, b]) for a, b in zip(firsts, seconds)]
-                                  if layout else None,
-                                  [cell_box(o.position) for o in seconds] if ctx.inpaint != "none" else None)
+    # the second picture continues the first: its regions are the cells as they are; inpainted onto a canvas, the
+    # added object is drawn alone onto an empty scene and put into its cell of the first picture
+    alone = layout and ctx.inpaint != "none" and ctx.canvas != "none"
+    regions2 = [layout_regions([b] if alone else [a, b]) for a, b in zip(firsts, seconds)] if layout else None
+    images2 = ctx.generate_images(prompts2, regions2,
+                                  [cell_box(o.position) for o in seconds] if ctx.inpaint != "none" else None,
+                                  onto_blank=alone)
     samples = []
     for i in range(ctx.num):
         ctx.keep("story", i, "step1", images1[i])
@@ -596,7 +605,8 @@ def eval_story(ctx: EvalContext) -> CategoryResult:
     if ctx.inpaint != "none":
         details["inpaint"] = "the second picture redraws the added object's cell only"
     if ctx.canvas != "none":
-        details["canvas"] = "the first picture composed onto an empty scene"
+        details["canvas"] = "the first picture composed onto an empty scene" + (
+            "; the added object drawn alone onto one and put into its cell" if alone else "")
     return CategoryResult("story", ctx.num, "both_steps", _mean([s["correct"] for s in samples]), details, samples,
                           time.perf_counter() - started)
 
