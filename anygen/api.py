@@ -367,7 +367,8 @@ class AnyGen:
                 at that image's size in codes, and every code whose centre lies outside all the boxes is copied from
                 it, so the model draws only inside them, reading the copied codes around them (masked editing: for
                 ``[picture, "make the circle yellow"]``, a box around the circle). A batch: one entry (a box, a list
-                of boxes, or None) per prompt. Refused with ``speculative`` and ``best_of``. The shipped model draws
+                of boxes, or None) per prompt. Refused with ``speculative``, and with ``best_of`` unless composed
+                (``canvas``). The shipped model draws
                 41.1 % of 360 held-out edits exactly with the edited object's cell as the box (19.2 % drawn whole),
                 77.5 % with that object's new caption over it as a region too (``anygen eval --inpaint layout
                 [--regions layout]``, ``docs/default_model.md``).
@@ -378,12 +379,15 @@ class AnyGen:
                 region wins a code two of them change), and a last pass copies that picture and goes on past it
                 (``max_images``, what follows the image); the prompt draws nothing of it. The image is drawn at the
                 canvas's size in codes. Costs two generations, whatever the number of regions: the regions of a
-                call drawn as one batch, then the copy (its codes fed in runs). Refused with ``inpaint`` and
-                ``speculative``; with ``best_of`` each region is drawn that many times and keeps the drawing under
-                which the understanding path finds the region's text most likely. The shipped model draws both
-                objects of a held-out two-object prompt for 81.7 % of 720 prompts composed onto an empty scene with
-                each object's caption over its cell grown by a quarter cell, against 52.6 % with the same regions
-                drawn in one pass (``anygen eval --regions layout --canvas blank``, ``docs/default_model.md``).
+                call drawn as one batch, then the copy (its codes fed in runs). With ``inpaint`` as well, the composed
+                picture goes into the prompt's picture inside the inpaint boxes only, the rest copied from it (an
+                edit's object drawn alone onto an empty scene, then put in place; the canvas must be the picture's
+                size). Refused with ``speculative``; with ``best_of`` each region is drawn that many times and keeps
+                the drawing under which the understanding path finds the region's text most likely. The shipped
+                model draws both objects of a held-out two-object prompt for 81.7 % of 720 prompts composed onto an
+                empty scene with each object's caption over its cell grown by a quarter cell, against 52.6 % with
+                the same regions drawn in one pass (``anygen eval --regions layout --canvas blank``,
+                ``docs/default_model.md``).
 
         Returns:
             One ``GenerationOutput``, or a list of them for a batch.
@@ -402,9 +406,6 @@ class AnyGen:
                              f"best_of={best_of!r})")
         canvases = self._canvases(canvas, prompts, batched, routed)
         if canvases is not None:
-            if speculative:
-                raise ValueError("canvas composes the regions by inpainting each one: it does not combine with "
-                                 f"speculative decoding (got speculative={speculative!r})")
             if start_with != "image":
                 raise ValueError(f"canvas composes the image a call starts with: pass start_with='image' (got "
                                  f"{start_with!r})")

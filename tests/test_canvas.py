@@ -35,10 +35,10 @@ def _codes(out) -> torch.Tensor:
     return next(s.codes for s in out.segments if isinstance(s, Image))
 
 
-def _pass(engine, prompt: str, region: tuple, grid: torch.Tensor) -> torch.Tensor:
+def _pass(engine, prompt, region: tuple, grid: torch.Tensor, image: dict = GREEDY) -> torch.Tensor:
     """One inpainting pass through the generator: ``region`` drawn where ``grid`` is -1, the rest copied."""
     settings = GenerationSettings(max_new_tokens=64, start_with="image", image_size=tuple(grid.shape), max_images=1,
-                                  image=SamplingConfig(**GREEDY))
+                                  image=SamplingConfig(**image))
     text, box = region
     done = Generator(engine.model, engine.tokenizer).generate([engine.encode_prompt(prompt)], settings, None,
                                                               [[(engine.encode_prompt(text), box)]], [grid])
@@ -74,6 +74,26 @@ def test_each_region_is_drawn_alone_onto_the_canvas_then_laid_on_in_order(engine
     # one pass with both regions is another drawing: there each half reads the other region's codes row by row
     together = engine.generate("two things", start_with="image", max_images=1, image=GREEDY, regions=regions)
     assert not torch.equal(_codes(together), _codes(out))
+
+
+def test_with_inpaint_the_composed_picture_goes_into_the_prompts_picture_inside_the_boxes_only(engine, canvas):
+    """An edit's object drawn alone onto an empty scene, then put into its box of the prompt's picture."""
+    picture, source = canvas
+    scene = render_scene([SceneObject("circle", "red", "top left"), SceneObject("square", "blue", "bottom right")])
+    codes = engine.tokenizer.image_codes(Image(scene))
+    prompt, region, guided = [scene, "make the circle yellow"], ("a yellow circle", LEFT), {**GREEDY,
+                                                                                          "image_guidance_scale": 1.5}
+    out = engine.generate(prompt, start_with="image", max_images=1, image=guided, regions=[region], canvas=picture,
+                          inpaint=LEFT)
+    drawn = _pass(engine, prompt, region, holed(source, [LEFT], "left"), guided)  # alone, onto the empty scene
+    left = holed(source, [LEFT], "left") == -1
+    assert torch.equal(_codes(out), torch.where(left, _laid(source, [(LEFT, drawn)]), codes))
+    assert not torch.equal(_codes(out)[left], codes[left])  # the box holds the drawing, not the prompt's picture
+    with pytest.raises(ValueError, match="give a canvas of its size"):
+        engine.generate(prompt, start_with="image", regions=[region], inpaint=LEFT,
+                        canvas=Image(codes=torch.zeros(2, 2, dtype=torch.long)))
+    with pytest.raises(ValueError, match="holds none written as VQ codes"):
+        engine.generate("a yellow circle", start_with="image", regions=[region], canvas=picture, inpaint=LEFT)
 
 
 def test_codes_outside_every_box_are_the_canvas(engine, canvas):
@@ -154,7 +174,6 @@ def test_best_of_reranks_each_regions_drawings_by_its_own_text(engine, canvas, m
     (dict(canvas=torch.zeros(3, 8, 8)), "must be a PIL.Image or Image .* got Tensor"),
     (dict(start_with=None), "pass start_with='image'"),
     (dict(image_size=(2, 3)), "leave image_size unset or equal"),
-    (dict(inpaint=TOP), "neither inpaint nor speculative"),
     (dict(speculative=2), "regions and speculative decoding do not combine"),
     (dict(negatives=["a blue square"]), "negatives rank the candidates that best_of draws"),
     (dict(negatives=["a blue square"], best_of=2), "negatives are not used there"),
