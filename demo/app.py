@@ -31,7 +31,8 @@ Notable:
 - Composition (``generate(canvas=...)``): with regions, "compose onto" the last VQ picture in the context or an
   empty picture (the shapes scenes' plain background) draws each region alone onto it first
   (``AnyGen.compose_codes``, the chat saying so; best of N reranks each region's drawings there), and the reply
-  then copies the composed picture as its first image, streamed as any image is.
+  then copies the composed picture as its first image, streamed as any image is; with inpaint boxes as well, only
+  inside them (the rest from the last picture), so an edit's object can be drawn alone and put in place.
 - Streaming: text shows as it arrives; an image shows at once as a grey canvas that fills in every
   ``preview_every`` rows (``ImageRows.preview``); a video shows its frame count, then the mp4.
 - One engine, one generation at a time: the model holds a single KV cache, so the chat event runs with
@@ -412,13 +413,20 @@ class ChatRunner:
                                        f"room for this reply."))
         context, grid = conv.context(new, tok.vocab), None
         if composing:
-            try:
-                canvas = self._canvas(context, options, settings, regions, holes)
+            try:  # with inpaint boxes, the composed picture goes into the last picture's boxes only
+                source = self.engine.inpaint_grid(context, holes) if holes else None
+                canvas = self._canvas(context, options, settings, regions, None if source is None else source.shape)
                 conv.messages.append(_note(f"ℹ️ composing {len(regions)} region(s) onto "
                                            f"{'the last picture' if options.canvas == 'last' else 'an empty picture'}"
-                                           ", each drawn alone; the reply then copies the composed picture."))
+                                           ", each drawn alone; the reply then copies the composed picture"
+                                           f"{' inside the inpaint boxes' if holes else ''}."))
                 yield conv.messages
                 grid = self._compose(context, canvas, options.best_of, settings, regions, steer)
+                if source is not None:
+                    if source.shape != grid.shape:
+                        raise ValueError(f"the last picture is {source.shape[0]}x{source.shape[1]} codes and the "
+                                         f"canvas {grid.shape[0]}x{grid.shape[1]}: compose onto an empty picture")
+                    grid = torch.where(source < 0, grid, source)
             except (ValueError, RuntimeError) as err:
                 conv.messages.append(_note(f"⚠️ {err}"))
                 yield conv.messages
@@ -437,23 +445,21 @@ class ChatRunner:
                                 negatives, self.engine.encode_prompt(steer) if steer else None, regions, grid)
 
     def _canvas(self, context: TokenSequence, options: ChatOptions, settings: GenerationSettings, regions: list,
-                holes: list) -> torch.Tensor:
+                size: tuple[int, int] | None = None) -> torch.Tensor:
         """The VQ codes ``(h, w)`` a composed reply's regions are drawn onto (``options.canvas``: the context's
-        last VQ picture, or an empty picture at the reply's image size); a ``ValueError`` for a reply that cannot
-        compose."""
+        last VQ picture, or an empty picture at ``size`` in codes, else the reply's image size); a ``ValueError``
+        for a reply that cannot compose."""
         tok = self.engine.tokenizer
         if options.canvas not in ("last", "empty"):
             raise ValueError(f"compose onto must be 'none', 'last' or 'empty', got {options.canvas!r}")
         if not regions:
             raise ValueError("compose onto draws the regions onto a picture, and there are none: give regions "
                              "(x0,y0,x1,y1: text a line), or set compose onto to none")
-        if holes:
-            raise ValueError("compose onto and inpaint do not combine: clear one of them")
         if settings.start_with != "image":
             raise ValueError("compose onto draws the reply's first image: set start to image")
         if options.canvas == "last":
             return self.engine.last_codes(context, "compose onto the last picture: the chat")
-        h, w = settings.image_size or tok.image_grid
+        h, w = size or settings.image_size or tok.image_grid
         down = tok.image.downsample
         empty = PIL.Image.new("RGB", (w * down, h * down), BACKGROUND)
         return tok.image_codes(Image(empty, size=(h * down, w * down)))

@@ -554,9 +554,25 @@ def test_compose_draws_each_region_alone_onto_the_canvas_then_the_reply_copies_i
     assert any("composing 2 region(s)" in m["content"] for m in chat if isinstance(m["content"], str))
 
 
+def test_compose_with_inpaint_puts_the_drawing_into_the_edited_uploads_boxes(engine, tmp_path):
+    """An edit's object drawn alone onto an empty picture, then put into the inpaint box of the upload."""
+    runner = ChatRunner(engine, tmp_path)
+    upload = _png(tmp_path / "red.png", 4 * engine.tokenizer.image.downsample)
+    source = engine.tokenizer.image_codes(Image(PIL.Image.open(upload)))
+    options = ChatOptions(**{**FAST, "start_with": "image", "max_images": 1, "max_new_tokens": 400,
+                             "upload_mode": "edit", "regions": "0,0,0.5,0.5: a yellow circle", "canvas": "empty",
+                             "inpaint": "0,0,0.5,0.5", "seed": 3, "image_temperature": 1.0})
+    conv = Conversation()
+    chat = list(runner.respond({"text": "make it yellow", "files": [str(upload)]}, options, conv))[-1]
+    drawn = [s for s in engine.tokenizer.decode(conv.turns[-1].ids, pixels=False) if isinstance(s, Image)][-1].codes
+    box = holed(source, [(0, 0, 0.5, 0.5)], "box") == -1
+    assert torch.equal(drawn[~box], source[~box]) and not torch.equal(drawn[box], source[box])
+    assert any("inside the inpaint boxes" in m["content"] for m in chat if isinstance(m["content"], str))
+
+
 @pytest.mark.parametrize("change, match", [
     (dict(regions=""), "there are none: give regions"),
-    (dict(inpaint="0,0,0.5,0.5"), "compose onto and inpaint do not combine"),
+    (dict(inpaint="0,0,0.5,0.5"), "holds none written as VQ codes"),  # no picture to put the drawing into
     (dict(start_with="auto"), "set start to image"),
     (dict(canvas="white"), "compose onto must be 'none', 'last' or 'empty'"),
     (dict(canvas="last"), "holds none written as VQ codes"),
