@@ -400,11 +400,11 @@ class AnyGen:
                              "against one row's logits): pass speculative=0 with regions")
         if inpaint is not None and not batched:
             inpaint = [inpaint]  # stream reads the prompts below as a batch
-        if inpaint is not None and (speculative or (best_of != 1 and canvas is None)):
-            raise ValueError("inpaint redraws part of the prompt's own image, one draw per prompt: it combines with "
-                             f"neither speculative decoding nor best_of (got speculative={speculative!r}, "
-                             f"best_of={best_of!r})")
         canvases = self._canvases(canvas, prompts, batched, routed)
+        if inpaint is not None and (speculative or (best_of != 1 and canvases is None)):
+            raise ValueError("inpaint redraws part of the prompt's own image, one draw per prompt: it combines with "
+                             "neither speculative decoding nor best_of (best_of only with canvas=..., where it "
+                             f"reranks each region) (got speculative={speculative!r}, best_of={best_of!r})")
         if canvases is not None:
             if start_with != "image":
                 raise ValueError(f"canvas composes the image a call starts with: pass start_with='image' (got "
@@ -415,7 +415,7 @@ class AnyGen:
                                  "image is drawn at the canvas's size, so leave image_size unset or equal")
             grids = self._inpaint(inpaint, prompts, True)
             for i, (c, g) in enumerate(zip(canvases, grids or [])):
-                if g is not None and tuple(g.shape) != size:
+                if c is not None and g is not None and tuple(g.shape) != size:
                     raise ValueError(f"prompt #{i}: its picture is {g.shape[0]}x{g.shape[1]} codes and the canvas "
                                      f"{size[0]}x{size[1]}: with inpaint the composed picture goes into the "
                                      "picture's boxes, so give a canvas of its size")
@@ -723,9 +723,9 @@ class AnyGen:
         negatives = kwargs.pop("negative_prompt")
         settings = self._settings(preview_every=0, **kwargs)
         picture = self.compose_codes(encoded, [c.codes if c is not None else None for c in canvases], routed,
-                                     settings, negatives, best_of)
-        grids = grids or [None] * len(prompts)
-        picture = [g if p is None else p if g is None else torch.where(g < 0, p, g) for p, g in zip(picture, grids)]
+                                     settings, negatives, best_of, grids)
+        grids = grids or [None] * len(prompts)  # rows without a canvas inpaint their own grid, if any
+        picture = [g if c is None else p for c, p, g in zip(canvases, picture, grids)]
         done = self._run_rows(encoded, settings, negatives, [r if c is None else [] for c, r in zip(canvases, routed)],
                               picture)
         outputs = [GenerationOutput(e.segments, e.ids, e.reason) for e in done]
@@ -733,8 +733,8 @@ class AnyGen:
 
     def compose_codes(self, prompts: Sequence[TokenSequence], canvases: Sequence[torch.Tensor | None],
                       regions: Sequence[Sequence[RegionPrompt]], settings: GenerationSettings,
-                      negatives: Sequence[TokenSequence | None] | None = None, best_of: int = 1
-                      ) -> list[torch.Tensor | None]:
+                      negatives: Sequence[TokenSequence | None] | None = None, best_of: int = 1,
+                      grids: Sequence[torch.Tensor | None] | None = None) -> list[torch.Tensor | None]:
         """The pictures ``generate(canvas=...)`` copies in its last pass (the demo streams that pass itself): for
         each prompt with a canvas (VQ codes ``(h, w)``; None: no canvas, None back), every region drawn alone onto
         it, all in one batch: the region's box drawn (its text routed to it), every other code copied, so no
@@ -742,12 +742,17 @@ class AnyGen:
         differ from the canvas inside its box; a later region wins a code two of them change). The draws take
         ``settings`` (``start_with="image"``) as one image each, at the seed after its own. With ``best_of`` > 1
         each region is drawn that many times and keeps the drawing under which the understanding path finds the
-        region's text most likely (ties keep the earlier). Arguments are as ``generate`` checks them.
+        region's text most likely (ties keep the earlier). With ``grids`` (one inpaint grid or None per prompt, the
+        prompt's own picture with ``-1`` in its boxes, ``inpaint_grid``), a composed picture goes into its grid's
+        picture inside the holes only. Arguments are as ``generate`` checks them.
 
         Raises:
             RuntimeError: a draw ended before its image was complete (``max_new_tokens`` too small).
         """
         jobs = [(i, j) for i, c in enumerate(canvases) if c is not None for j in range(len(regions[i]))]
+        picture = [None if c is None else c.cpu() for c in canvases]
+        if not jobs:
+            return picture
         holes = {(i, j): holed(canvases[i], [regions[i][j][1]], f"region {j} of prompt #{i}: its box")
                  for i, j in jobs}
         n = best_of  # each region drawn n times in a row
@@ -763,15 +768,17 @@ class AnyGen:
                 scores = self.score_candidates(drawn[r * n:(r + 1) * n], self._plain_text(regions[i][j][0]))
                 kept.append(done[r * n + max(range(n), key=lambda c: scores[c])])
             done = kept
-        picture = [None if c is None else c.cpu() for c in canvases]
         for (i, j), e in zip(jobs, done):
             image = next((s for s in e.segments if isinstance(s, Image)), None)
             if image is None or image.codes is None or image.partial:
                 raise RuntimeError(f"composing prompt #{i}: region {j} ended ({e.reason}) before its image was "
                                    "complete; raise max_new_tokens")
             codes = image.codes.cpu()
-            changed = (holes[i, j] < 0) & (codes != picture[i])
+            changed = (holes[i, j] < 0) & (codes != canvases[i].cpu())  # what this region drew, not the canvas
             picture[i] = torch.where(changed, codes, picture[i])
+        for i, grid in enumerate(grids or []):
+            if grid is not None and picture[i] is not None:
+                picture[i] = torch.where(grid.cpu() < 0, picture[i], grid.cpu())
         return picture
 
     def _run_rows(self, rows: list[TokenSequence], settings: GenerationSettings, negatives: list | None,

@@ -404,6 +404,12 @@ class ChatRunner:
                                        "encoder), text → video replies (start with a video, with text in the "
                                        "message and negatives) and image → text replies (one uploaded picture, "
                                        "start: auto, text temperature above 0): this reply draws once."))
+        if composing and options.best_of > 1 and (self.engine.model.und is None or tok.und_tokens <= 0):
+            conv.messages.append(_note(f"ℹ️ best of {options.best_of} reranks each composed region through the "
+                                       "understanding encoder, which this model lacks: each region is drawn once."))
+        if composing and negatives:
+            conv.messages.append(_note("ℹ️ negatives are not used when composing: each region is read back as its "
+                                       "own text."))
         if candidates > 1 and picture is None:
             settings = replace(settings, max_images=1)  # each candidate is one image, as generate(best_of=N)
         new = Turn(seq.ids, list(seq.und_pixels) if seq.und_pixels is not None else [])
@@ -421,12 +427,7 @@ class ChatRunner:
                                            ", each drawn alone; the reply then copies the composed picture"
                                            f"{' inside the inpaint boxes' if holes else ''}."))
                 yield conv.messages
-                grid = self._compose(context, canvas, options.best_of, settings, regions, steer)
-                if source is not None:
-                    if source.shape != grid.shape:
-                        raise ValueError(f"the last picture is {source.shape[0]}x{source.shape[1]} codes and the "
-                                         f"canvas {grid.shape[0]}x{grid.shape[1]}: compose onto an empty picture")
-                    grid = torch.where(source < 0, grid, source)
+                grid = self._compose(context, canvas, options.best_of, settings, regions, steer, source)
             except (ValueError, RuntimeError) as err:
                 conv.messages.append(_note(f"⚠️ {err}"))
                 yield conv.messages
@@ -465,14 +466,15 @@ class ChatRunner:
         return tok.image_codes(Image(empty, size=(h * down, w * down)))
 
     def _compose(self, context: TokenSequence, canvas: torch.Tensor, best_of: int, settings: GenerationSettings,
-                 regions: list, steer: str) -> torch.Tensor:
+                 regions: list, steer: str, source: torch.Tensor | None = None) -> torch.Tensor:
         """The picture a composed reply copies (``AnyGen.compose_codes``): each region drawn alone onto ``canvas``,
-        best of N reranking each region's drawings where the model can read them back."""
+        best of N reranking each region's drawings where the model can read them back; with ``source`` (the last
+        picture's inpaint grid) put into its boxes only."""
         tok = self.engine.tokenizer
         n = best_of if self.engine.model.und is not None and tok.und_tokens > 0 else 1
         steered = [self.engine.encode_prompt(steer)] if steer else None
         (codes,) = self.engine.compose_codes([context], [canvas], [regions], replace(
-            settings, image_size=tuple(canvas.shape)), steered, n)
+            settings, image_size=tuple(canvas.shape)), steered, n, None if source is None else [source])
         return codes
 
     def _candidates(self, best_of: Any, settings: GenerationSettings, text: str, negatives: list[str]) -> int:

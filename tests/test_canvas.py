@@ -76,6 +76,32 @@ def test_each_region_is_drawn_alone_onto_the_canvas_then_laid_on_in_order(engine
     assert not torch.equal(_codes(together), _codes(out))
 
 
+def test_a_later_region_wins_only_the_codes_it_changed(engine, monkeypatch):
+    """Laying on, with drawings made up: where the later region leaves the canvas as it was, the earlier region's
+    change stands; where both change a code, the later one's; outside every box, the canvas."""
+    from anygen.generation.events import RowDone
+
+    source = torch.zeros(4, 4, dtype=torch.long)
+    first, second = torch.full((4, 4), 1), torch.zeros(4, 4, dtype=torch.long)
+    second[0, 0] = 2  # the later region changes one code of the overlap and leaves the rest of it as the canvas
+    drawn = [first, second]
+    monkeypatch.setattr(engine, "_run_rows", lambda rows, *args: [
+        RowDone(k, "max_images", [Image(codes=drawn[k])]) for k in range(len(rows))])
+    top, left = (0.0, 0.0, 1.0, 0.5), (0.0, 0.0, 0.5, 1.0)  # overlapping in the top-left quarter
+    regions = [[(engine.encode_prompt("a"), top), (engine.encode_prompt("b"), left)]]
+    (out,) = engine.compose_codes([engine.encode_prompt("two")], [source], regions, GenerationSettings(
+        start_with="image", image_size=(4, 4)))
+    expected = torch.tensor([[2, 1, 1, 1], [1, 1, 1, 1], [0, 0, 0, 0], [0, 0, 0, 0]])
+    assert torch.equal(out, expected)
+    # with an inpaint grid, the composed picture only inside its holes (the top-right code), the grid elsewhere
+    grid = torch.full((4, 4), 3)
+    grid[0, 3] = -1
+    (put,) = engine.compose_codes([engine.encode_prompt("two")], [source], regions, GenerationSettings(
+        start_with="image", image_size=(4, 4)), grids=[grid])
+    assert int(put[0, 3]) == 1 and bool((put.flatten()[:3] == 3).all()) and bool((put[1:] == 3).all())
+    assert engine.compose_codes([engine.encode_prompt("x")], [None], [[]], GenerationSettings()) == [None]
+
+
 def test_with_inpaint_the_composed_picture_goes_into_the_prompts_picture_inside_the_boxes_only(engine, canvas):
     """An edit's object drawn alone onto an empty scene, then put into its box of the prompt's picture."""
     picture, source = canvas
@@ -83,12 +109,15 @@ def test_with_inpaint_the_composed_picture_goes_into_the_prompts_picture_inside_
     codes = engine.tokenizer.image_codes(Image(scene))
     prompt, region, guided = [scene, "make the circle yellow"], ("a yellow circle", LEFT), {**GREEDY,
                                                                                           "image_guidance_scale": 1.5}
+    corner = (0.0, 0.0, 0.5, 0.5)  # the inpaint box, inside the region's: the drawing goes there only
     out = engine.generate(prompt, start_with="image", max_images=1, image=guided, regions=[region], canvas=picture,
-                          inpaint=LEFT)
+                          inpaint=corner)
     drawn = _pass(engine, prompt, region, holed(source, [LEFT], "left"), guided)  # alone, onto the empty scene
-    left = holed(source, [LEFT], "left") == -1
-    assert torch.equal(_codes(out), torch.where(left, _laid(source, [(LEFT, drawn)]), codes))
-    assert not torch.equal(_codes(out)[left], codes[left])  # the box holds the drawing, not the prompt's picture
+    box = holed(source, [corner], "corner") == -1
+    assert torch.equal(_codes(out), torch.where(box, _laid(source, [(LEFT, drawn)]), codes))
+    assert not torch.equal(_codes(out)[box], codes[box])  # the box holds the drawing, not the prompt's picture
+    rest = (holed(source, [LEFT], "left") == -1) & ~box  # drawn in the region, outside the inpaint box
+    assert not torch.equal(drawn[rest], codes[rest])  # ... which the test needs to differ from the picture
     with pytest.raises(ValueError, match="give a canvas of its size"):
         engine.generate(prompt, start_with="image", regions=[region], inpaint=LEFT,
                         canvas=Image(codes=torch.zeros(2, 2, dtype=torch.long)))
@@ -108,7 +137,8 @@ def test_codes_outside_every_box_are_the_canvas(engine, canvas):
 
 
 def test_a_batch_mixes_composed_rows_with_plain_ones(engine, canvas):
-    """A row composes as it would alone, whatever the other rows' regions; a row without a canvas draws plainly."""
+    """A row composes (greedily) as it would alone, whatever the other rows' regions; a row without a canvas draws
+    plainly."""
     picture, source = canvas
     prompts = ["two things", "one thing", "a green triangle"]
     regions = [[("a red circle", TOP), ("a blue square", BOTTOM)], [("a white square", BOTTOM)], None]

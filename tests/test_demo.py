@@ -536,13 +536,13 @@ def test_compose_draws_each_region_alone_onto_the_canvas_then_the_reply_copies_i
     conv = Conversation()
     chat = list(runner.respond(message, options, conv))[-1]
 
-    (context, canvases, routed, settings, negatives, n), = composed
+    (context, canvases, routed, settings, negatives, n, grids), = composed
     picture = PIL.Image.open(upload) if onto == "last" else PIL.Image.new("RGB", (side, side), BACKGROUND)
     assert torch.equal(canvases[0], engine.tokenizer.image_codes(Image(picture)))
     assert [[(p.ids.tolist(), box) for p, box in row] for row in routed] == [[
         (engine.encode_prompt("a red circle").ids.tolist(), (0.0, 0.0, 0.5, 0.5)),
         (engine.encode_prompt("a blue square").ids.tolist(), (0.5, 0.5, 1.0, 1.0))]]
-    assert n == 2 and negatives is None
+    assert n == 2 and negatives is None and grids is None
     draw, reply = streamed  # the regions drawn (2 regions x best of 2) by compose_codes, then the reply
     assert draw[0] == 4 and reply[0] == 1 and "regions" not in reply[2]
     (grid,) = reply[2]["inpaint"]

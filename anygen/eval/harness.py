@@ -242,7 +242,8 @@ class EvalContext:
         if inpaint is not None and not any(box is not None for box in inpaint):
             inpaint = None
         empty = render_scene([], self.image_px[0])  # a canvas for each prompt with regions to compose
-        blank = [empty if regions is None or regions[i] else None for i in range(len(prompts))] if onto_blank else None
+        blank = [empty if regions is not None and regions[i] else None for i in range(len(prompts))] \
+            if onto_blank else None
         outputs = self.generate(prompts, regions, inpaint, blank, start_with="image", image_size=(h, w), max_images=1,
                                 max_new_tokens=h * (w + 1) + 8, **rerank)
         return [o.images[0] if o.images else None for o in outputs]
