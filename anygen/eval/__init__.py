@@ -86,7 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--canvas", choices=CANVASES, default="none",
                    help="with --regions layout: 'blank' composes the text → image rows and the story's first picture "
                         "onto an empty scene, each object drawn alone, its cell grown by a quarter cell "
-                        "(generate(canvas=...)) (default none: the regions drawn in one pass)")
+                        "(generate(canvas=...)); with --inpaint as well, an edit's object and the story's added one "
+                        "are drawn alone onto an empty scene and put into their cell (default none: the regions drawn "
+                        "in one pass)")
     p.add_argument("--no-images", action="store_true", help="do not write the generated images")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     return p
