@@ -460,8 +460,11 @@ class ChatRunner:
             raise ValueError("compose onto draws the reply's first image: set start to image")
         if options.canvas == "last":
             return self.engine.last_codes(context, "compose onto the last picture: the chat")
-        h, w = size or settings.image_size or tok.image_grid
-        down = tok.image.downsample
+        size = size or settings.image_size or tok.image_grid
+        if tok.image is None or size is None:
+            raise ValueError("compose onto an empty picture needs the reply's image size in codes and an image "
+                             "tokenizer: pick an aspect other than auto, or compose onto the last picture")
+        (h, w), down = size, tok.image.downsample
         empty = PIL.Image.new("RGB", (w * down, h * down), BACKGROUND)
         return tok.image_codes(Image(empty, size=(h * down, w * down)))
 

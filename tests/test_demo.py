@@ -576,8 +576,13 @@ def test_compose_with_inpaint_puts_the_drawing_into_the_edited_uploads_boxes(eng
     (dict(start_with="auto"), "set start to image"),
     (dict(canvas="white"), "compose onto must be 'none', 'last' or 'empty'"),
     (dict(canvas="last"), "holds none written as VQ codes"),
+    (dict(aspect="auto", grid=None), "needs the reply's image size"),  # a tokenizer that records no size
 ])
 def test_a_reply_that_cannot_compose_says_why_in_the_chat(engine, tmp_path, monkeypatch, change, match):
+    change = dict(change)
+    if "grid" in change:  # the size the tokenizer records for its pictures
+        grid = change.pop("grid")
+        monkeypatch.setattr(type(engine.tokenizer), "image_grid", property(lambda self: grid))
     runner = ChatRunner(engine, tmp_path)
     streamed, stream = [], engine.generator.stream
     monkeypatch.setattr(engine.generator, "stream", lambda *args, **rows: streamed.append(1) or stream(*args, **rows))
