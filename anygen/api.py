@@ -49,6 +49,9 @@ from tokenizers_mm.vocab import Vocab
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 SAVE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # save_pretrained(dtype=)
+# how generate(best_of=N) reads a drawn image back (``rerank``): the understanding path's likelihood of the prompt
+# after the image, or the generation path's likelihood of the image's codes after the prompt
+RERANKERS: tuple[str, ...] = ("understanding", "likelihood")
 GENERATION_CONFIG_FILE = "generation_config.json"
 FORMAT = "anygen"
 
@@ -306,7 +309,7 @@ class AnyGen:
                  negative_prompt: str | Sequence[str] | None = None,
                  regions: Sequence[Any] | None = None,
                  inpaint: Sequence[Any] | None = None,
-                 canvas: Any = None) -> GenerationOutput | list[GenerationOutput]:
+                 canvas: Any = None, rerank: str = "understanding") -> GenerationOutput | list[GenerationOutput]:
         """Generate interleaved text, images and video.
 
         Args:
@@ -347,6 +350,12 @@ class AnyGen:
                 minus the log-sum-exp over the prompt and each negative), not by the prompt's score alone. One
                 prompt: a list of str (or one str); a batch: one list of str per prompt. Required for text→video,
                 where the reading alone ranks clips no better than one draw (``docs/default_model.md``).
+            rerank: how ``best_of`` reads a drawn image back (text→image, and each region with ``canvas``):
+                ``"understanding"`` (the default), the prompt's likelihood after ``Understand(image)``;
+                ``"likelihood"``, the generation path's own log-probability of the image's VQ codes after the prompt
+                (``score_image``; needs no understanding encoder). On the shipped model ``"likelihood"`` keeps a
+                right one-object image more often (``docs/default_model.md``). Clips and replies have one reader
+                each, so anything but the default needs ``best_of`` > 1 and ``start_with="image"``.
             negative_prompt: what to steer away from while drawing: the text each prompt's classifier-free guidance
                 twin reads instead of the empty context, so guided logits ``u + s·(c − u)`` push from it towards the
                 prompt (diffusion pipelines' ``negative_prompt``). A str (for every prompt) or one str (None:
@@ -393,6 +402,13 @@ class AnyGen:
             One ``GenerationOutput``, or a list of them for a batch.
         """
         prompts, batched = self._split_batch(prompt)
+        if rerank not in RERANKERS:
+            raise ValueError(f"rerank must be one of {RERANKERS} (how best_of reads a drawn image back), got "
+                             f"{rerank!r}")
+        if rerank != RERANKERS[0] and (best_of == 1 or start_with != "image"):
+            raise ValueError(f"rerank={rerank!r} chooses how best_of reads the images it draws: pass best_of > 1 "
+                             f"and start_with='image' with it (got best_of={best_of!r}, start_with={start_with!r}; "
+                             "clips and replies have one reader each)")
         negative_prompt = self._negative_prompts(negative_prompt, len(prompts))
         routed = self._regions(regions, len(prompts), batched)
         if routed is not None and speculative:
@@ -419,17 +435,17 @@ class AnyGen:
                     raise ValueError(f"prompt #{i}: its picture is {g.shape[0]}x{g.shape[1]} codes and the canvas "
                                      f"{size[0]}x{size[1]}: with inpaint the composed picture goes into the "
                                      "picture's boxes, so give a canvas of its size")
-            n = self._region_best_of(best_of, canvases, negatives)
+            n = self._region_best_of(best_of, canvases, negatives, rerank)
             return self._compose(prompts, canvases, routed, dict(
                 max_new_tokens=max_new_tokens, text=text, image=image, video=video, image_size=size,
                 video_size=video_size, start_with=start_with, max_images=max_images, seed=seed,
-                negative_prompt=negative_prompt), batched, n, grids)
+                negative_prompt=negative_prompt), batched, n, grids, rerank)
         if best_of != 1:
             outputs = self._best_of(prompts, best_of, dict(
                 max_new_tokens=max_new_tokens, text=text, image=image, video=video, image_size=image_size,
                 video_size=video_size, start_with=start_with, max_images=max_images, seed=seed,
                 speculative=speculative, negative_prompt=negative_prompt, regions=routed),
-                self._negatives(negatives, prompts, batched))
+                self._negatives(negatives, prompts, batched), rerank)
             return outputs if batched else outputs[0]
         if negatives is not None:
             raise ValueError("negatives rank the candidates that best_of draws: pass best_of > 1 with them (to steer "
@@ -693,9 +709,10 @@ class AnyGen:
                              "in separate calls")
         return out
 
-    def _region_best_of(self, n: Any, canvases: list[Image | None], negatives: Any) -> int:
+    def _region_best_of(self, n: Any, canvases: list[Image | None], negatives: Any, rerank: str = "understanding"
+                        ) -> int:
         """``best_of`` for a composed call (1: off): each region's drawings reranked (``_compose``), which every
-        prompt needs a canvas for, read by the understanding encoder."""
+        prompt needs a canvas for, read by the understanding encoder (or the generation path: ``rerank``)."""
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"best_of must be an int >= 1 (candidates drawn per prompt; 1: off), got {n!r}")
         if n == 1 and negatives is not None:
@@ -708,13 +725,15 @@ class AnyGen:
         if negatives is not None:
             raise ValueError("best_of with canvas reads each region back as its own text; negatives are not used "
                              "there: leave them out")
-        if self.tokenizer.und_tokens <= 0 or self.model.und is None:
-            raise ValueError("best_of reads each drawn region with the understanding encoder, and this model has none")
+        if rerank == "understanding" and (self.tokenizer.und_tokens <= 0 or self.model.und is None):
+            raise ValueError("best_of reads each drawn region with the understanding encoder, and this model has none "
+                             "(rerank='likelihood' reads them with the generation path instead)")
         return n
 
     def _compose(self, prompts: list[Prompt], canvases: list[Image | None], routed: list[list[RegionPrompt]],
                  kwargs: dict[str, Any], batched: bool, best_of: int = 1,
-                 grids: list[torch.Tensor | None] | None = None) -> GenerationOutput | list[GenerationOutput]:
+                 grids: list[torch.Tensor | None] | None = None, rerank: str = "understanding"
+                 ) -> GenerationOutput | list[GenerationOutput]:
         """``generate(canvas=...)`` in two passes: ``compose_codes`` draws every region alone onto its canvas and
         lays the drawings on (a prompt with an inpaint grid takes them inside its boxes only, its own picture
         elsewhere); the last pass, under the call's settings, copies that picture whole and goes on past it, and
@@ -723,7 +742,7 @@ class AnyGen:
         negatives = kwargs.pop("negative_prompt")
         settings = self._settings(preview_every=0, **kwargs)
         picture = self.compose_codes(encoded, [c.codes if c is not None else None for c in canvases], routed,
-                                     settings, negatives, best_of, grids)
+                                     settings, negatives, best_of, grids, rerank)
         grids = grids or [None] * len(prompts)  # rows without a canvas inpaint their own grid, if any
         picture = [g if c is None else p for c, p, g in zip(canvases, picture, grids)]
         done = self._run_rows(encoded, settings, negatives, [r if c is None else [] for c, r in zip(canvases, routed)],
@@ -734,7 +753,8 @@ class AnyGen:
     def compose_codes(self, prompts: Sequence[TokenSequence], canvases: Sequence[torch.Tensor | None],
                       regions: Sequence[Sequence[RegionPrompt]], settings: GenerationSettings,
                       negatives: Sequence[TokenSequence | None] | None = None, best_of: int = 1,
-                      grids: Sequence[torch.Tensor | None] | None = None) -> list[torch.Tensor | None]:
+                      grids: Sequence[torch.Tensor | None] | None = None, rerank: str = "understanding"
+                      ) -> list[torch.Tensor | None]:
         """The pictures ``generate(canvas=...)`` copies in its last pass (the demo streams that pass itself): for
         each prompt with a canvas (VQ codes ``(h, w)``; None: no canvas, None back), every region drawn alone onto
         it, all in one batch: the region's box drawn (its text routed to it), every other code copied, so no
@@ -742,7 +762,8 @@ class AnyGen:
         differ from the canvas inside its box; a later region wins a code two of them change). The draws take
         ``settings`` (``start_with="image"``) as one image each, at the seed after its own. With ``best_of`` > 1
         each region is drawn that many times and keeps the drawing under which the understanding path finds the
-        region's text most likely (ties keep the earlier). With ``grids`` (one inpaint grid or None per prompt, the
+        region's text most likely, or (``rerank="likelihood"``) whose codes the generation path finds most likely
+        after that text (ties keep the earlier). With ``grids`` (one inpaint grid or None per prompt, the
         prompt's own picture with ``-1`` in its boxes, ``inpaint_grid``), a composed picture goes into its grid's
         picture inside the holes only. Arguments are as ``generate`` checks them.
 
@@ -765,7 +786,8 @@ class AnyGen:
             drawn = [next((s for s in e.segments if isinstance(s, Image)), None) for e in done]
             kept = []
             for r, (i, j) in enumerate(jobs):
-                scores = self.score_candidates(drawn[r * n:(r + 1) * n], self._plain_text(regions[i][j][0]))
+                scores = self.score_candidates(drawn[r * n:(r + 1) * n], self._plain_text(regions[i][j][0]),
+                                               rerank=rerank)
                 kept.append(done[r * n + max(range(n), key=lambda c: scores[c])])
             done = kept
         for (i, j), e in zip(jobs, done):
@@ -849,14 +871,15 @@ class AnyGen:
         return rows
 
     def _best_of(self, prompts: list[Prompt], n: Any, kwargs: dict[str, Any],
-                 negatives: list[list[str]] | None = None) -> list[GenerationOutput]:
+                 negatives: list[list[str]] | None = None, rerank: str = "understanding") -> list[GenerationOutput]:
         """``generate(best_of=n)``: n candidates a prompt, each path of the model reranking the other's output.
 
         text → image (``start_with="image"``): the image under which the understanding path finds the prompt most
-        likely (``score`` after ``Understand(image)``). text → video (``start_with="video"``): the clip whose reading
-        (``score`` after the clip's VQ codes) most favours the prompt over its negatives. image → text (no
-        ``start_with``): the reply under which the generation path finds the prompt's image most likely
-        (``score_image``). With ``negatives`` a text → image / video candidate's score is the contrast
+        likely (``score`` after ``Understand(image)``), or with ``rerank="likelihood"`` the image whose VQ codes the
+        generation path finds most likely after the prompt (``score_image``). text → video (``start_with="video"``):
+        the clip whose reading (``score`` after the clip's VQ codes) most favours the prompt over its negatives.
+        image → text (no ``start_with``): the reply under which the generation path finds the prompt's image most
+        likely (``score_image``). With ``negatives`` a text → image / video candidate's score is the contrast
         ``s(prompt) - logsumexp(s(prompt), s(negative), ...)`` instead of ``s(prompt)``. Ties keep the earlier
         candidate; a prompt whose candidates drew no image / clip keeps its first.
         """
@@ -876,8 +899,9 @@ class AnyGen:
         if not all(isinstance(p, str) for p in prompts):
             raise ValueError(f"best_of scores each {kind} by the likelihood of its prompt's text: every prompt must "
                              "be a str")
-        if kind == "image" and (self.tokenizer.und_tokens <= 0 or self.model.und is None):
-            raise ValueError("best_of reads each image with the understanding encoder, and this model has none")
+        if kind == "image" and rerank == "understanding" and (self.tokenizer.und_tokens <= 0 or self.model.und is None):
+            raise ValueError("best_of reads each image with the understanding encoder, and this model has none "
+                             "(rerank='likelihood' reads them with the generation path instead)")
         if kind == "video":
             if self.tokenizer.video is None:
                 raise ValueError("best_of with start_with='video' draws clips, and this model has no video tokenizer")
@@ -896,25 +920,31 @@ class AnyGen:
         best = []
         for i, prompt in enumerate(prompts):
             row = outputs[i * n:(i + 1) * n]
-            drawn = [(out.images or [None])[0] if kind == "image" else (out.videos or [None])[0] for out in row]
-            scores = self.score_candidates(drawn, prompt, negatives[i] if negatives is not None else None)
+            drawn = [next((s for s in out.segments if isinstance(s, Image) and s.image is not None), None)
+                     if kind == "image" else (out.videos or [None])[0] for out in row]  # an Image keeps its codes
+            scores = self.score_candidates(drawn, prompt, negatives[i] if negatives is not None else None, rerank)
             best.append(row[max(range(n), key=lambda k: scores[k])])  # ties (and all -inf) keep the earlier one
         return best
 
-    def score_candidates(self, candidates: Sequence[Any], prompt: str, negatives: Sequence[str] | None = None
-                         ) -> list[float]:
+    def score_candidates(self, candidates: Sequence[Any], prompt: str, negatives: Sequence[str] | None = None,
+                         rerank: str = "understanding") -> list[float]:
         """How well each drawn image or clip reads back as ``prompt``: what ``generate(best_of=N)`` keeps the best
         of, and the demo's best of N.
 
         An image (``PIL.Image`` or ``Image``) is read by the understanding encoder (``score`` of the prompt after
-        ``Understand(image)``); a clip (``Video``) by the decoder as its VQ codes (``score`` after the clip). With
-        ``negatives`` (texts the candidate must not be) the score is the contrast ``s(prompt) - logsumexp(s(prompt),
-        s(negative), ...)``, else ``s(prompt)``. A ``None`` candidate (nothing drawn) scores ``-inf``.
+        ``Understand(image)``), or with ``rerank="likelihood"`` by the generation path (``score_image``: the
+        log-probability of the image's VQ codes after the text; an ``Image`` with codes is scored as drawn, a
+        ``PIL.Image`` is tokenized first; a partial ``Image``, cut off before its end, scores ``-inf``); a clip
+        (``Video``) by the decoder as its VQ codes (``score`` after the clip). With ``negatives`` (texts the
+        candidate must not be) the score is the contrast ``s(prompt) - logsumexp(s(prompt), s(negative), ...)``,
+        else ``s(prompt)``. A ``None`` candidate (nothing drawn) scores ``-inf``.
 
         Raises:
             ValueError: a candidate is not an image, a clip or None, an image needs an understanding encoder the
-                model lacks, or a negative is not a non-empty str.
+                model lacks, ``rerank`` is not one of ``RERANKERS``, or a negative is not a non-empty str.
         """
+        if rerank not in RERANKERS:
+            raise ValueError(f"rerank must be one of {RERANKERS}, got {rerank!r}")
         others = [negatives] if isinstance(negatives, str) else list(negatives or [])
         texts = [prompt, *dict.fromkeys(others)]  # a negative given twice counts once
         if not all(isinstance(t, str) and t.strip() for t in texts):
@@ -923,11 +953,15 @@ class AnyGen:
             raise ValueError(f"a negative is the prompt itself ({prompt!r:.200}); a negative is what the candidate "
                              "must not be")
         reads: dict[int, list] = {}  # candidate -> the context its texts are scored after
+        pictures: dict[int, Any] = {}  # candidate -> the image scored after its texts (rerank "likelihood")
         for k, drawn in enumerate(candidates):
             if drawn is None:
                 continue
             if isinstance(drawn, Video):
                 reads[k] = [Video(codes=drawn.codes) if drawn.codes is not None else drawn]
+            elif isinstance(drawn, (PIL.Image.Image, Image)) and rerank == "likelihood":
+                if not (isinstance(drawn, Image) and drawn.partial):  # a cut-off image's fewer codes would score higher
+                    pictures[k] = drawn
             elif isinstance(drawn, (PIL.Image.Image, Image)):
                 if self.tokenizer.und_tokens <= 0 or self.model.und is None:
                     raise ValueError("an image is read back with the understanding encoder, and this model has none")
@@ -936,10 +970,11 @@ class AnyGen:
                 raise ValueError(f"candidate #{k} is a {type(drawn).__name__}; accepted: PIL.Image, Image, Video, "
                                  "None")
         scores = [float("-inf")] * len(candidates)
-        if not reads:
-            return scores
-        flat = self.score([reads[k] for k in reads for _ in texts], [t for _ in reads for t in texts])
-        for j, k in enumerate(reads):
+        flat = self.score([reads[k] for k in reads for _ in texts], [t for _ in reads for t in texts]) if reads else []
+        if pictures:
+            flat += self.score_image([t for _ in pictures for t in texts],
+                                     [pictures[k] for k in pictures for _ in texts])
+        for j, k in enumerate([*reads, *pictures]):
             row = torch.tensor(flat[j * len(texts):(j + 1) * len(texts)])
             scores[k] = float(row[0] - torch.logsumexp(row, 0)) if len(texts) > 1 else float(row[0])
         return scores

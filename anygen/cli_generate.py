@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
 
+from anygen.api import RERANKERS
 from anygen.generation.generator import MODALITIES
 from anygen.generation.sampling import SamplingConfig
 
@@ -66,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "--understand or --image picture): draw N replies and keep the one under which the generation "
                         "path finds the picture most likely; text→video (--start-with video) needs --negative "
                         "(default 1: off)")
+    p.add_argument("--rerank", choices=RERANKERS, default=RERANKERS[0],
+                   help="with --best-of for text→image: how each drawn image is read back: 'understanding' (the "
+                        "default), the prompt's likelihood after the image read by the understanding encoder; "
+                        "'likelihood', the generation path's log-probability of the image's VQ codes after the prompt "
+                        "(on the default model it keeps a right one-object picture more often)")
     p.add_argument("--negative", action="append", default=[], metavar="TEXT",
                    help="with --best-of for text→image / text→video: what the output must not be, read like the "
                         "prompt (\"a red circle moves down\" for \"a red circle moves up\"); candidates are ranked "
@@ -254,7 +260,8 @@ def _run(engine, args: argparse.Namespace, documents: list[list], negatives: lis
     kwargs = dict(max_new_tokens=args.max_new_tokens, text=_sampling(args, "text") or None,
                   image=_sampling(args, "image") or None, video=_sampling(args, "video") or None,
                   image_size=image_size, video_size=args.video_size, start_with=args.start_with,
-                  max_images=args.max_images, seed=args.seed, speculative=args.speculative, best_of=args.best_of)
+                  max_images=args.max_images, seed=args.seed, speculative=args.speculative, best_of=args.best_of,
+                  rerank=args.rerank)
     size = max(1, args.batch_size)
     starts = range(0, len(documents), size)
     index = 0

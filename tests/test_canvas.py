@@ -197,6 +197,36 @@ def test_best_of_reranks_each_regions_drawings_by_its_own_text(engine, canvas, m
         engine.generate(["a", "b"], start_with="image", best_of=2, regions=[regions, regions], canvas=[picture, None])
 
 
+def test_best_of_with_rerank_likelihood_keeps_the_drawing_whose_codes_its_text_makes_most_likely(engine, canvas,
+                                                                                                    monkeypatch):
+    """rerank="likelihood": each region's 3 drawings are scored by ``score_image`` of the drawn codes after the
+    region's text (patched: the third wins), and the understanding path is not asked."""
+    from anygen.generation.events import RowDone
+
+    picture, source = canvas
+    passes, reads, real = [], [], engine.generator.stream
+
+    def stream(prompts, settings, *args):
+        done = [e for e in real(prompts, settings, *args) if isinstance(e, RowDone)]
+        passes.append(sorted(done, key=lambda e: e.row))
+        yield from done
+
+    def score_image(texts, images):
+        reads.append((texts, images))
+        return [1.0 if k % 3 == 2 else 0.0 for k in range(len(texts))]
+
+    monkeypatch.setattr(engine.generator, "stream", stream)
+    monkeypatch.setattr(engine, "score_image", score_image)
+    monkeypatch.setattr(engine, "score", lambda *a, **k: pytest.fail("the understanding path was asked"))
+    regions = [("a red circle", LEFT), ("a blue square", RIGHT)]
+    out = engine.generate("two things", start_with="image", max_images=1, best_of=3, seed=2, rerank="likelihood",
+                          image={"temperature": 1.0, "guidance_scale": 3.0}, regions=regions, canvas=picture)
+    assert [texts for texts, _ in reads] == [["a red circle"] * 3, ["a blue square"] * 3]
+    drawn = [_codes(e) for e in passes[0]]
+    assert all(torch.equal(im.codes, drawn[r * 3 + k]) for r, (_, ims) in enumerate(reads) for k, im in enumerate(ims))
+    assert torch.equal(_codes(out), _laid(source, [(LEFT, drawn[2]), (RIGHT, drawn[5])]))
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(regions=None), "this prompt has none: pass regions"),
     (dict(regions=[]), "this prompt has none: pass regions"),

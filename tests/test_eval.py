@@ -179,6 +179,27 @@ def test_best_of_reranks_text_to_image_and_captions_not_edits(tmp_path, monkeypa
     assert main(["--random-tiny", "--num", "1", "--out", str(out), "--best-of", "0"]) == 2
 
 
+def test_rerank_likelihood_reaches_generate_and_the_report(tmp_path, monkeypatch, capsys):
+    from anygen.eval import main
+    from anygen.eval.harness import EvalContext
+    from anygen.testing import random_engine
+
+    engine = random_engine("tiny")
+    calls, real = [], engine.generate
+    monkeypatch.setattr(engine, "generate", lambda prompts, **kw: calls.append(kw.get("rerank")) or real(prompts, **kw))
+    EvalContext(engine, num=2, best_of=2, rerank="likelihood").generate_images([["a red circle"]])
+    EvalContext(engine, num=2, best_of=2).generate_images([["a red circle"]])
+    assert calls[0::2] == ["likelihood", "understanding"]  # between them, best_of's own call drawing the candidates
+    with pytest.raises(ValueError, match="rerank must be one of"):
+        EvalContext(engine, rerank="pixels")
+    out = tmp_path / "eval"
+    assert main(["--random-tiny", "--num", "2", "--out", str(out), "--categories", "t2i_single", "--best-of", "2",
+                 "--rerank", "likelihood"]) == 0
+    assert json.loads((out / "eval.json").read_text())["rerank"] == "likelihood"
+    assert main(["--random-tiny", "--num", "1", "--out", str(out), "--rerank", "likelihood"]) == 2
+    assert "--rerank likelihood chooses how --best-of reads its candidates back" in capsys.readouterr().err
+
+
 def test_best_of_reranks_clips_against_the_same_motion_in_its_other_directions(monkeypatch):
     from anygen.data.shapes import parse_motion
     from anygen.eval.harness import EvalContext, eval_video

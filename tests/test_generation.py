@@ -335,6 +335,12 @@ def test_cli_generate_best_of(tmp_path, capsys):
     assert (tmp_path / "0000" / "image_0.png").is_file()
     assert main(["a red circle", "--random-tiny", "--best-of", "3", "--out", str(tmp_path)]) == 2  # no image at all
     assert "pass start_with='image'" in capsys.readouterr().err
+    assert main(["a red circle", "--random-tiny", "--start-with", "image", "--best-of", "3", "--rerank", "likelihood",
+                 "--out", str(tmp_path / "likely")]) == 0
+    assert (tmp_path / "likely" / "0000" / "image_0.png").is_file()
+    assert main(["a red circle", "--random-tiny", "--start-with", "image", "--rerank", "likelihood",
+                 "--out", str(tmp_path)]) == 2  # reaches generate, which needs best_of for it
+    assert "pass best_of > 1 and start_with='image' with it" in capsys.readouterr().err
     picture = tmp_path / "in.png"
     _picture(4, (32, 32)).save(picture)
     assert main(["--random-tiny", "--understand", str(picture), "--best-of", "2", "--seed", "0",
@@ -489,6 +495,53 @@ def test_best_of_keeps_the_image_the_understanding_path_scores_best(engine):
         assert torch.equal(out.ids, drawn[pick].ids), i
     assert torch.equal(engine.generate(prompts[0], best_of=1, **kwargs).ids,
                        engine.generate(prompts[0], **kwargs).ids)  # 1: off
+
+
+def test_best_of_with_rerank_likelihood_keeps_the_image_whose_codes_the_prompt_makes_most_likely(engine):
+    prompts = ["a red circle", "a blue square at the top", "a green triangle", "a cyan circle on the left"]
+    kwargs = dict(start_with="image", image_size=(2, 2), seed=5, image={"temperature": 1.0})
+    best = engine.generate(prompts, best_of=3, rerank="likelihood", **kwargs)
+    drawn = engine.generate([p for p in prompts for _ in range(3)], max_images=1, **kwargs)  # what best_of draws
+    codes = [next(s for s in out.segments if isinstance(s, Image)) for out in drawn]
+    likely = engine.score_image([p for p in prompts for _ in range(3)], codes)  # the drawn codes, not re-tokenized
+    read = engine.score([[Understand(out.images[0])] for out in drawn], [p for p in prompts for _ in range(3)])
+    picks = [max(range(3 * i, 3 * i + 3), key=lambda k: likely[k]) for i in range(len(prompts))]
+    assert picks != [max(range(3 * i, 3 * i + 3), key=lambda k: read[k]) for i in range(len(prompts))]  # it matters
+    for i, out in enumerate(best):
+        assert torch.equal(out.ids, drawn[picks[i]].ids), i
+    plain = random_engine("tiny", und_encoder=None)  # the generation path reads without an understanding encoder
+    assert plain.generate("a red circle", best_of=2, rerank="likelihood", **kwargs).images
+    with pytest.raises(ValueError, match="rerank='likelihood' reads them with the generation path instead"):
+        plain.generate("a red circle", best_of=2, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"best_of": 2, "rerank": "clip"}, "rerank must be one of \\('understanding', 'likelihood'\\)"),
+    ({"rerank": "likelihood"}, "pass best_of > 1 and start_with='image' with it .*best_of=1"),
+    ({"best_of": 2, "rerank": "likelihood", "start_with": "video", "negatives": ["x"]}, "start_with='video'"),
+    ({"best_of": 2, "rerank": "likelihood", "start_with": None}, "clips and replies have one reader each"),
+])
+def test_rerank_refuses_what_it_does_not_choose(engine, kwargs, match):
+    kwargs = {"start_with": "image", "image_size": (2, 2), **kwargs}
+    with pytest.raises(ValueError, match=match):
+        engine.generate("a red circle", **kwargs)
+
+
+def test_score_candidates_by_likelihood_is_score_image_and_a_cut_off_image_scores_minus_infinity(engine):
+    picture = _picture(12, (32, 32))
+    drawn = next(s for s in engine.generate("a red circle", start_with="image", image_size=(2, 2), seed=1).segments
+                 if isinstance(s, Image))
+    prompt, negatives = "a red circle", ["a blue square", "a red square"]
+    cut = Image(drawn.image, codes=drawn.codes[:1], partial=True)
+    scores = engine.score_candidates([picture, drawn, None, cut], prompt, rerank="likelihood")
+    assert scores[2] == scores[3] == float("-inf")
+    assert scores[:2] == pytest.approx(engine.score_image([prompt, prompt], [picture, drawn]), abs=1e-4)
+    assert scores[0] != pytest.approx(engine.score_candidates([picture], prompt)[0], abs=1e-3)  # not the reader's
+    read = torch.tensor(engine.score_image([prompt, *negatives], drawn))
+    (contrast,) = engine.score_candidates([drawn], prompt, negatives, rerank="likelihood")
+    assert contrast == pytest.approx(float(read[0] - read.logsumexp(0)), abs=1e-4)
+    with pytest.raises(ValueError, match="rerank must be one of"):
+        engine.score_candidates([drawn], prompt, rerank="pixels")
 
 
 def _reference_image_score(engine, context, picture):

@@ -302,8 +302,8 @@ def test_inpainted_edits_are_reranked_against_the_planned_edited_scene(monkeypat
     drawn, scored, real = [], [], engine.generate
     monkeypatch.setattr(engine, "generate", lambda prompts, **kw: drawn.append((prompts, kw)) or real(prompts, **kw))
 
-    def score(candidates, text):  # the third of each prompt's four draws reads back best
-        scored.append((list(candidates), text))
+    def score(candidates, text, rerank="understanding"):  # the third of each prompt's four draws reads back best
+        scored.append((list(candidates), text, rerank))
         return [0.0, 1.0, 5.0, 2.0]
 
     monkeypatch.setattr(engine, "score_candidates", score)
@@ -314,9 +314,12 @@ def test_inpainted_edits_are_reranked_against_the_planned_edited_scene(monkeypat
     (prompts, kw), = drawn
     assert len(prompts) == 8 and kw["inpaint"][:4] == [kw["inpaint"][0]] * 4
     cases = edit_cases(ctx)
-    assert [text for _, text in scored] == [caption(c.after) for c in cases]
-    assert [k is row[2] for k, (row, _) in zip(kept, scored)] == [True, True]
-    assert result.details["best_of"] == 4
+    assert [text for _, text, _ in scored] == [caption(c.after) for c in cases]
+    assert [k is row[2] for k, (row, _, _) in zip(kept, scored)] == [True, True]
+    assert result.details["best_of"] == 4 and {by for *_, by in scored} == {"understanding"}
+    scored.clear()
+    eval_edit(EvalContext(engine, num=2, inpaint="layout", best_of=4, rerank="likelihood"))
+    assert [by for *_, by in scored] == ["likelihood"] * 2  # read back as ctx.rerank says
     drawn.clear()
     plain = eval_edit(EvalContext(engine, num=2, best_of=4))  # drawn whole: not reranked
     assert len(drawn[0][0]) == 2 and "best_of" not in plain.details

@@ -32,7 +32,7 @@ DEFAULT_OUT = Path("outputs/eval")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from anygen.eval.harness import CANVASES, CATEGORIES, INPAINTS, REGIONS
+    from anygen.eval.harness import CANVASES, CATEGORIES, INPAINTS, REGIONS, RERANKERS
 
     p = argparse.ArgumentParser(prog="anygen eval", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -69,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "video draws N clips and keeps the one whose reading most favours its prompt over the same "
                         "motion in the other three directions (negatives); inpainted edits (--inpaint) draw N and keep "
                         "the one read back best as the planned edited scene (default 1: no reranking)")
+    p.add_argument("--rerank", choices=RERANKERS, default=RERANKERS[0],
+                   help="with --best-of: how text → image prompts and inpainted edits read each drawn image back: "
+                        "'understanding' (the default), the prompt's likelihood after the image read by the "
+                        "understanding encoder; 'likelihood', the generation path's log-probability of the image's VQ "
+                        "codes after the prompt (generate(rerank=...)); captions and clips keep their one reader")
     p.add_argument("--video-negative", choices=("none", "opposite"), default="none",
                    help="the video row's negative prompt: 'opposite' guides each clip away from the same object moving "
                         "the opposite way (\"... moves down\" for \"... moves up\"); needs --video-guidance-scale, "
@@ -112,6 +117,9 @@ def _run(args: argparse.Namespace) -> int:
         raise ValueError(f"--num must be >= 1, got {args.num}")
     if args.best_of < 1:
         raise ValueError(f"--best-of must be >= 1 (1: no reranking), got {args.best_of}")
+    if args.rerank != "understanding" and args.best_of == 1:
+        raise ValueError(f"--rerank {args.rerank} chooses how --best-of reads its candidates back: add --best-of N "
+                         "(N > 1)")
     categories = [c.strip() for c in args.categories.split(",") if c.strip()]
     started = time.perf_counter()
     engine = load_engine(args.checkpoint, args.random_tiny, args.device)
@@ -130,7 +138,7 @@ def _run(args: argparse.Namespace) -> int:
                                              args.guidance_start),
                       keep_images=None if args.no_images else keep, best_of=args.best_of,
                       video_negative=args.video_negative, regions=args.regions, inpaint=args.inpaint,
-                      canvas=args.canvas)
+                      canvas=args.canvas, rerank=args.rerank)
 
     if args.video_negative != "none" and "video" in categories and ctx.sampling["video"]["guidance_scale"] == 1.0:
         raise ValueError("--video-negative steers video guidance, which is off (scale 1): add --video-guidance-scale, "
@@ -148,7 +156,8 @@ def _run(args: argparse.Namespace) -> int:
         "checkpoint": str(args.checkpoint) if args.checkpoint else ("random-tiny" if args.random_tiny else "default"),
         "num": args.num, "seed": args.seed, "holdout": args.holdout, "data_seed": args.data_seed,
         "best_of": args.best_of, "video_negative": args.video_negative, "regions": args.regions,
-        "inpaint": args.inpaint, "canvas": args.canvas, "sampling": ctx.sampling, "image_tokens": ctx.image_tokens,
+        "inpaint": args.inpaint, "canvas": args.canvas, "rerank": args.rerank, "sampling": ctx.sampling,
+        "image_tokens": ctx.image_tokens,
         "video_tokens": ctx.video_tokens,
         "seconds": round(time.perf_counter() - started, 2),
         "categories": {name: r.to_dict() for name, r in results.items()},

@@ -32,6 +32,7 @@ from typing import Any
 import PIL.Image
 import torch
 
+from anygen.api import RERANKERS
 from anygen.data.digits import digit_caption
 from anygen.data.shapes import (
     COLORS,
@@ -148,6 +149,10 @@ class EvalContext:
             reading most favours its prompt over the same motion in the other three directions (``negatives``);
             inpainted edits (``inpaint`` on) draw this many and keep the one the understanding path reads back best as
             the planned edited scene (``edited_scene``); edits drawn whole are not reranked.
+        rerank: how the text → image prompts and inpainted edits read their drawn images back (``generate``'s
+            ``rerank``, ``RERANKERS``): ``"understanding"``, the prompt's likelihood after the image read by the
+            understanding encoder; ``"likelihood"``, the generation path's log-probability of the image's VQ codes
+            after the prompt. Captions and clips keep their one reader.
         video_negative: ``"opposite"``: each clip's guidance twin reads the same motion in the opposite direction
             (``negative_prompt``; acts only with video guidance on); ``"none"``: the empty context.
         regions: ``"layout"``: text → image prompts (one object, two objects) and the story's two pictures are
@@ -181,6 +186,7 @@ class EvalContext:
     regions: str = "none"
     inpaint: str = "none"
     canvas: str = "none"
+    rerank: str = "understanding"
 
     def __post_init__(self) -> None:
         if self.video_negative not in VIDEO_NEGATIVES:
@@ -191,6 +197,8 @@ class EvalContext:
             raise ValueError(f"inpaint must be one of {INPAINTS}, got {self.inpaint!r}")
         if self.canvas not in CANVASES:
             raise ValueError(f"canvas must be one of {CANVASES}, got {self.canvas!r}")
+        if self.rerank not in RERANKERS:
+            raise ValueError(f"rerank must be one of {RERANKERS}, got {self.rerank!r}")
         if self.canvas != "none" and self.regions == "none":
             raise ValueError("canvas composes the layout's regions: it needs regions 'layout'")
         self.objects, self.motions = (sorted(s) for s in holdout_combinations(self.holdout, self.data_seed))
@@ -238,7 +246,7 @@ class EvalContext:
         h, w = self.image_tokens
         rerank: dict[str, Any] = {}
         if self.best_of > 1 and all(len(p) == 1 and isinstance(p[0], str) for p in prompts):
-            prompts, rerank = [p[0] for p in prompts], {"best_of": self.best_of}
+            prompts, rerank = [p[0] for p in prompts], {"best_of": self.best_of, "rerank": self.rerank}
         if inpaint is not None and not any(box is not None for box in inpaint):
             inpaint = None
         empty = render_scene([], self.image_px[0])  # a canvas for each prompt with regions to compose
@@ -541,11 +549,11 @@ def eval_edit(ctx: EvalContext) -> CategoryResult:
                                 None if ctx.inpaint == "none" else [x for x in boxes for _ in range(n)],
                                 onto_blank=regions is not None and ctx.canvas != "none")
     images = drawn
-    if n > 1:  # keep the draw the understanding path reads back best as the planned edited scene
+    if n > 1:  # keep the draw read back best (ctx.rerank) as the planned edited scene
         images = []
         for i, (case, (cell, read_from)) in enumerate(zip(cases, plans)):
             row, scene = drawn[i * n:(i + 1) * n], edited_scene(case, cell, read_from)
-            scores = ctx.engine.score_candidates(row, caption(scene)) if scene else [0.0] * n
+            scores = ctx.engine.score_candidates(row, caption(scene), rerank=ctx.rerank) if scene else [0.0] * n
             images.append(row[max(range(n), key=lambda k: scores[k])])
     samples = []
     for i, (case, image) in enumerate(zip(cases, images)):
