@@ -64,7 +64,7 @@ import PIL.Image
 import PIL.ImageDraw
 import torch
 
-from anygen.api import AnyGen
+from anygen.api import RERANKERS, AnyGen
 from anygen.data.shapes import BACKGROUND
 from anygen.generation.events import (
     ImageDone,
@@ -111,11 +111,12 @@ CSS = """
 """
 
 
-def _first_media(done: RowDone) -> PIL.Image.Image | Video | None:
-    """A candidate reply's first drawn image (its pixels) or clip (with codes), what best of N ranks it by."""
+def _first_media(done: RowDone) -> Image | Video | None:
+    """A candidate reply's first drawn image (its pixels and codes) or clip (with codes), what best of N ranks it
+    by."""
     for seg in done.segments:
         if isinstance(seg, Image) and seg.image is not None:
-            return seg.image
+            return seg
         if isinstance(seg, Video) and seg.codes is not None:
             return seg
     return None
@@ -135,7 +136,10 @@ class ChatOptions:
     ``regions`` holds ``x0,y0,x1,y1: text`` lines, what to draw in which box of a generated image (empty: none);
     ``inpaint`` holds ``x0,y0,x1,y1`` lines, the boxes of the context's last VQ picture to redraw (empty: all of it);
     ``canvas`` composes the regions onto a picture instead of drawing them in the reply's one pass: ``"last"`` the
-    context's last VQ picture, ``"empty"`` a picture of the shapes scenes' plain background (``"none"``: off).
+    context's last VQ picture, ``"empty"`` a picture of the shapes scenes' plain background (``"none"``: off);
+    ``rerank`` is how best of N reads a drawn image back (``generate``'s ``rerank``): ``"understanding"``, the
+    message's likelihood after the image read by the understanding encoder, or ``"likelihood"``, the generation
+    path's log-probability of the image's codes after the message.
     """
 
     upload_mode: Literal["understand", "edit"] = "understand"
@@ -165,6 +169,7 @@ class ChatOptions:
     regions: str = ""
     inpaint: str = ""
     canvas: Literal["none", "last", "empty"] = "none"
+    rerank: Literal["understanding", "likelihood"] = "understanding"
 
     @classmethod
     def for_engine(cls, engine: AnyGen) -> ChatOptions:
@@ -389,7 +394,7 @@ class ChatRunner:
             steer = options.negative_prompt_text()
             regions = [(self.engine.encode_prompt(t), box) for t, box in options.region_list()]
             holes = options.inpaint_boxes()
-            candidates = self._candidates(options.best_of, settings, text, negatives)
+            candidates = self._candidates(options.best_of, settings, text, negatives, options.rerank)
             composing = options.canvas != "none"
             candidates = 1 if composing else candidates  # best of N then reranks each region (_compose)
             picture = self._rerank_picture(settings, segments) if options.best_of > 1 and candidates == 1 else None
@@ -404,9 +409,11 @@ class ChatRunner:
                                        "encoder), text → video replies (start with a video, with text in the "
                                        "message and negatives) and image → text replies (one uploaded picture, "
                                        "start: auto, text temperature above 0): this reply draws once."))
-        if composing and options.best_of > 1 and (self.engine.model.und is None or tok.und_tokens <= 0):
+        if composing and options.best_of > 1 and options.rerank == "understanding" and (
+                self.engine.model.und is None or tok.und_tokens <= 0):
             conv.messages.append(_note(f"ℹ️ best of {options.best_of} reranks each composed region through the "
-                                       "understanding encoder, which this model lacks: each region is drawn once."))
+                                       "understanding encoder, which this model lacks: each region is drawn once "
+                                       "(read images by the generation path's likelihood instead)."))
         if composing and negatives:
             conv.messages.append(_note("ℹ️ negatives are not used when composing: each region is read back as its "
                                        "own text."))
@@ -427,7 +434,8 @@ class ChatRunner:
                                            ", each drawn alone; the reply then copies the composed picture"
                                            f"{' inside the inpaint boxes' if holes else ''}."))
                 yield conv.messages
-                grid = self._compose(context, canvas, options.best_of, settings, regions, steer, source)
+                grid = self._compose(context, canvas, options.best_of, settings, regions, steer, source,
+                                     options.rerank)
             except (ValueError, RuntimeError) as err:
                 conv.messages.append(_note(f"⚠️ {err}"))
                 yield conv.messages
@@ -443,7 +451,8 @@ class ChatRunner:
                 yield conv.messages
                 return
         yield from self._stream(conv, context, new, settings, candidates, text, picture,
-                                negatives, self.engine.encode_prompt(steer) if steer else None, regions, grid)
+                                negatives, self.engine.encode_prompt(steer) if steer else None, regions, grid,
+                                options.rerank)
 
     def _canvas(self, context: TokenSequence, options: ChatOptions, settings: GenerationSettings, regions: list,
                 size: tuple[int, int] | None = None) -> torch.Tensor:
@@ -469,26 +478,32 @@ class ChatRunner:
         return tok.image_codes(Image(empty, size=(h * down, w * down)))
 
     def _compose(self, context: TokenSequence, canvas: torch.Tensor, best_of: int, settings: GenerationSettings,
-                 regions: list, steer: str, source: torch.Tensor | None = None) -> torch.Tensor:
+                 regions: list, steer: str, source: torch.Tensor | None = None, rerank: str = "understanding"
+                 ) -> torch.Tensor:
         """The picture a composed reply copies (``AnyGen.compose_codes``): each region drawn alone onto ``canvas``,
-        best of N reranking each region's drawings where the model can read them back; with ``source`` (the last
-        picture's inpaint grid) put into its boxes only."""
+        best of N reranking each region's drawings (``rerank``) where the model can read them back; with ``source``
+        (the last picture's inpaint grid) put into its boxes only."""
         tok = self.engine.tokenizer
-        n = best_of if self.engine.model.und is not None and tok.und_tokens > 0 else 1
+        reads = rerank == "likelihood" or (self.engine.model.und is not None and tok.und_tokens > 0)
         steered = [self.engine.encode_prompt(steer)] if steer else None
         (codes,) = self.engine.compose_codes([context], [canvas], [regions], replace(
-            settings, image_size=tuple(canvas.shape)), steered, n, None if source is None else [source])
+            settings, image_size=tuple(canvas.shape)), steered, best_of if reads else 1,
+            None if source is None else [source], rerank)
         return codes
 
-    def _candidates(self, best_of: Any, settings: GenerationSettings, text: str, negatives: list[str]) -> int:
-        """How many candidates this reply draws: ``best_of`` where it can rerank (a text → image reply of a
-        model with an understanding encoder; a text → video reply with negatives), else 1; ``ValueError`` for a
-        value out of range."""
+    def _candidates(self, best_of: Any, settings: GenerationSettings, text: str, negatives: list[str],
+                    rerank: Any = "understanding") -> int:
+        """How many candidates this reply draws: ``best_of`` where it can rerank (a text → image reply, read back
+        by the understanding encoder of a model that has one or by the generation path's likelihood; a text →
+        video reply with negatives), else 1; ``ValueError`` for a value out of range."""
         if not isinstance(best_of, int) or isinstance(best_of, bool) or not 1 <= best_of <= MAX_BEST_OF:
             raise ValueError(f"best of must be an int from 1 (off) to {MAX_BEST_OF}, got {best_of!r}")
+        if rerank not in RERANKERS:
+            raise ValueError(f"best of N reads images by one of {RERANKERS}, got {rerank!r}")
         tok = self.engine.tokenizer
+        readable = rerank == "likelihood" or (self.engine.model.und is not None and tok.und_tokens > 0)
         reranks = bool(text) and (
-            (settings.start_with == "image" and self.engine.model.und is not None and tok.und_tokens > 0)
+            (settings.start_with == "image" and readable)
             or (settings.start_with == "video" and bool(negatives) and tok.video is not None))
         return best_of if reranks else 1
 
@@ -503,9 +518,10 @@ class ChatRunner:
         return pictures[0]
 
     def _pick(self, dones: dict[int, RowDone], text: str, picture: Image | Understand | None = None,
-              negatives: list[str] | None = None) -> int:
+              negatives: list[str] | None = None, rerank: str = "understanding") -> int:
         """The candidate whose first image or video reads back best as ``text`` (``score_candidates``: an image
-        through the understanding path, a clip as its codes; with ``negatives``, against them); with a ``picture``
+        through the understanding path or, ``rerank="likelihood"``, as its codes' likelihood under the generation
+        path, a clip as its codes; with ``negatives``, against them); with a ``picture``
         (image → text), the one whose reply text makes the picture most likely under the generation path
         (``score_image``; a reply without text, or too long to precede the picture, is never kept over one that
         can be scored)."""
@@ -515,7 +531,8 @@ class ChatRunner:
                 ["".join(s.text for s in dones[r].segments if isinstance(s, Text)) for r in rows], picture)
             return rows[max(range(len(rows)), key=lambda i: scores[i])]  # all -inf: the first
         rows = sorted(dones)
-        scores = self.engine.score_candidates([_first_media(dones[r]) for r in rows], text, negatives or None)
+        scores = self.engine.score_candidates([_first_media(dones[r]) for r in rows], text, negatives or None,
+                                              rerank)
         return rows[max(range(len(rows)), key=lambda i: scores[i])]  # nothing drawn (all -inf): the first
 
     def _make_room(self, conv: Conversation, new: Turn, settings: GenerationSettings) -> int:
@@ -537,10 +554,11 @@ class ChatRunner:
     def _stream(self, conv: Conversation, prompt: TokenSequence, new: Turn, settings: GenerationSettings,
                 candidates: int = 1, text: str = "", picture: Image | Understand | None = None,
                 negatives: list[str] | None = None, steer: TokenSequence | None = None,
-                regions: list | None = None, inpaint: torch.Tensor | None = None) -> Iterator[list[dict]]:
+                regions: list | None = None, inpaint: torch.Tensor | None = None, rerank: str = "understanding"
+                ) -> Iterator[list[dict]]:
         """Stream one reply; with ``candidates`` > 1 the rows are candidates, row 0 is shown as it is drawn and
-        the one ``_pick`` keeps replaces it at the end (its image for text → image; the whole reply for image →
-        text, reranked by ``picture``)."""
+        the one ``_pick`` keeps (reading images by ``rerank``) replaces it at the end (its image for text → image;
+        the whole reply for image → text, reranked by ``picture``)."""
         reply: list[dict] = []
         text_item: dict | None = None  # the reply's open run of text
         media_item: dict | None = None  # the reply's open image / video
@@ -614,7 +632,7 @@ class ChatRunner:
                 last = now
                 yield conv.messages + reply
             if len(dones) == candidates:
-                kept = self._pick(dones, text, picture, negatives) if candidates > 1 else 0
+                kept = self._pick(dones, text, picture, negatives, rerank) if candidates > 1 else 0
                 done = dones[kept]
                 if candidates > 1 and picture is not None:
                     if kept != 0:  # the shown reply is candidate 1's: show the kept one's in its place
@@ -633,8 +651,11 @@ class ChatRunner:
                     if first_image is not None and image is not None:
                         first_image["content"] = self._save_image(conv, image, f"best of {candidates}")
                     against = ", against the negatives" if negatives else ""
-                    reply.append(_note(f"ℹ️ best of {candidates}: kept candidate {kept + 1}, the one whose prompt the "
-                                       f"model's understanding path finds most likely{against}."))
+                    reader = ("whose codes the model's generation path finds most likely after the prompt"
+                              if rerank == "likelihood" else
+                              "whose prompt the model's understanding path finds most likely")
+                    reply.append(_note(f"ℹ️ best of {candidates}: kept candidate {kept + 1}, the one {reader}"
+                                       f"{against}."))
         except (ValueError, TypeError) as err:  # refused before any work (too long, bad size, ...)
             failed = True
             reply.append(_note(f"⚠️ {err}"))
@@ -834,6 +855,13 @@ def build_demo(engine: AnyGen, *, notice: str | None = None, max_upload_mb: floa
                     1, MAX_BEST_OF, value=defaults.best_of, step=1, label="best of N", elem_id="best-of",
                     info="draw N, keep the one the model reads back best: text → image (with an understanding "
                          "encoder), text → video (with negatives), image → text (sampled text)")
+                controls["rerank"] = gr.Radio(
+                    [("understanding path", "understanding"), ("generation path's likelihood", "likelihood")],
+                    value=defaults.rerank if has_und else "likelihood", label="best of N reads images by",
+                    elem_id="rerank",
+                    info="likelihood: how likely the model finds the image's codes after the message (keeps a right "
+                         "one-object picture more often on the default model)" if has_und else
+                         "this model has no understanding encoder")
                 controls["negatives"] = gr.Textbox(
                     defaults.negatives, lines=2, label="negatives, one per line (best of N)", elem_id="negatives",
                     placeholder="a red circle moves down\na red circle moves to the left",

@@ -245,6 +245,37 @@ def test_best_of_keeps_the_candidate_the_model_reads_best(engine, tmp_path, monk
     assert "kept candidate 2" in chat[-1]["content"]
 
 
+def test_best_of_reads_images_by_the_generation_paths_likelihood_when_asked(engine, tmp_path, monkeypatch):
+    """rerank "likelihood": the candidates' codes are scored after the message by ``score_image`` (the third wins),
+    the understanding path is not asked, and the chat says which reader kept it; a model without an understanding
+    encoder reranks this way too."""
+    runner = ChatRunner(engine, tmp_path)
+    rows, scored = _record_rows(engine, monkeypatch), []
+
+    def fake_score_image(contexts, images):
+        scored.append((list(contexts), list(images)))
+        return [0.0, 1.0, 2.0][:len(contexts)]
+
+    monkeypatch.setattr(engine, "score_image", fake_score_image)
+    monkeypatch.setattr(engine, "score", lambda *a, **k: pytest.fail("the understanding path was asked"))
+    conv = Conversation()
+    options = ChatOptions(**{**FAST, "start_with": "image", "best_of": 3, "rerank": "likelihood"})
+    chat = list(runner.respond("a red circle", options, conv))[-1]
+    (contexts, images), = scored
+    drawn = {e.row: next(s for s in e.segments if isinstance(s, app.Image)) for e in rows}
+    assert contexts == ["a red circle"] * 3 and [im.codes for im in images] == [drawn[r].codes for r in range(3)]
+    kept = sorted(rows, key=lambda e: e.row)[2]
+    assert torch.equal(conv.turns[0].ids[-len(runner._reply_ids(kept.ids)):], runner._reply_ids(kept.ids))
+    assert "kept candidate 3, the one whose codes the model's generation path finds most likely" in chat[-1]["content"]
+    bad = ChatOptions(**{**FAST, "start_with": "image", "best_of": 3, "rerank": "pixels"})
+    assert "best of N reads images by one of" in list(runner.respond("a red circle", bad, conv))[-1][-1]["content"]
+    rows.clear()
+    plain = ChatRunner(random_engine("tiny", und_encoder=None), tmp_path)
+    rows = _record_rows(plain.engine, monkeypatch)
+    list(plain.respond("a red circle", options, Conversation()))
+    assert len(rows) == 3  # no understanding encoder: the likelihood still reranks
+
+
 def test_best_of_reranks_an_image_to_text_reply_by_the_picture(engine, tmp_path, monkeypatch):
     """One uploaded picture, sampled text: N replies, scored by how likely the generation path finds the picture
     after each (``score_image``); the kept one replaces the first in the chat and in the model's context."""
@@ -288,7 +319,7 @@ def test_best_of_keeps_the_clip_that_reads_as_the_message_against_the_negatives(
     runner = ChatRunner(engine, tmp_path)
     rows, scored = _record_rows(engine, monkeypatch), []
 
-    def fake_score_candidates(candidates, prompt, negatives=None):
+    def fake_score_candidates(candidates, prompt, negatives=None, rerank="understanding"):
         scored.append((list(candidates), prompt, negatives))
         return [0.0, -1.0, 3.0][:len(candidates)]  # the third clip reads best
 
@@ -525,7 +556,8 @@ def test_compose_draws_each_region_alone_onto_the_canvas_then_the_reply_copies_i
     monkeypatch.setattr(engine, "compose_codes", lambda *args: composed.append(args) or compose(*args))
     monkeypatch.setattr(engine.generator, "stream", lambda seqs, s, *args, **rows: (
         streamed.append((len(seqs), args, rows)), stream(seqs, s, *args, **rows))[1])
-    monkeypatch.setattr(engine, "score_candidates", lambda drawn, text, negatives=None: [0.0] * len(drawn))
+    monkeypatch.setattr(engine, "score_candidates", lambda drawn, text, negatives=None, rerank="understanding":
+                        [0.0] * len(drawn))
     side = 4 * engine.tokenizer.image.downsample  # the reply's 4x4 codes (FAST)
     upload = _png(tmp_path / "red.png", side)
     regions = "0,0,0.5,0.5: a red circle\n0.5,0.5,1,1: a blue square"
@@ -536,13 +568,13 @@ def test_compose_draws_each_region_alone_onto_the_canvas_then_the_reply_copies_i
     conv = Conversation()
     chat = list(runner.respond(message, options, conv))[-1]
 
-    (context, canvases, routed, settings, negatives, n, grids), = composed
+    (context, canvases, routed, settings, negatives, n, grids, rerank), = composed
     picture = PIL.Image.open(upload) if onto == "last" else PIL.Image.new("RGB", (side, side), BACKGROUND)
     assert torch.equal(canvases[0], engine.tokenizer.image_codes(Image(picture)))
     assert [[(p.ids.tolist(), box) for p, box in row] for row in routed] == [[
         (engine.encode_prompt("a red circle").ids.tolist(), (0.0, 0.0, 0.5, 0.5)),
         (engine.encode_prompt("a blue square").ids.tolist(), (0.5, 0.5, 1.0, 1.0))]]
-    assert n == 2 and negatives is None and grids is None
+    assert n == 2 and negatives is None and grids is None and rerank == "understanding"
     draw, reply = streamed  # the regions drawn (2 regions x best of 2) by compose_codes, then the reply
     assert draw[0] == 4 and reply[0] == 1 and "regions" not in reply[2]
     (grid,) = reply[2]["inpaint"]
