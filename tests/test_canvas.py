@@ -160,24 +160,31 @@ def test_the_last_pass_continues_past_the_image(engine, canvas):
     assert out.finish_reason in ("eos", "max_new_tokens") and len(out.ids) > h * (w + 1) + 2  # the image, then more
 
 
-def test_best_of_reranks_each_regions_drawings_by_its_own_text(engine, canvas, monkeypatch):
-    """Each region is drawn 3 times and keeps the drawing the (patched) reader scores highest: here the second, so
-    the composed picture holds each region's second drawing in its box."""
+def _record_passes(engine, monkeypatch) -> list:
+    """Each pass through the generator from now on, as its ``RowDone`` events in row order (one list a pass)."""
     from anygen.generation.events import RowDone
 
-    picture, source = canvas
-    passes, reads, real = [], [], engine.generator.stream
+    passes, real = [], engine.generator.stream
 
     def stream(prompts, settings, *args):
         done = [e for e in real(prompts, settings, *args) if isinstance(e, RowDone)]
         passes.append(sorted(done, key=lambda e: e.row))
         yield from done
 
+    monkeypatch.setattr(engine.generator, "stream", stream)
+    return passes
+
+
+def test_best_of_reranks_each_regions_drawings_by_its_own_text(engine, canvas, monkeypatch):
+    """Each region is drawn 3 times and keeps the drawing the (patched) reader scores highest: here the second, so
+    the composed picture holds each region's second drawing in its box."""
+    picture, source = canvas
+    passes, reads = _record_passes(engine, monkeypatch), []
+
     def score(contexts, texts):
         reads.append((contexts, texts))
         return [1.0 if k % 3 == 1 else 0.0 for k in range(len(texts))]
 
-    monkeypatch.setattr(engine.generator, "stream", stream)
     monkeypatch.setattr(engine, "score", score)
     regions = [("a red circle", LEFT), ("a blue square", RIGHT)]
     out = engine.generate(["two things", "two more"], start_with="image", max_images=1, best_of=3, seed=2,
@@ -201,21 +208,13 @@ def test_best_of_with_rerank_likelihood_keeps_the_drawing_whose_codes_its_text_m
                                                                                                     monkeypatch):
     """rerank="likelihood": each region's 3 drawings are scored by ``score_image`` of the drawn codes after the
     region's text (patched: the third wins), and the understanding path is not asked."""
-    from anygen.generation.events import RowDone
-
     picture, source = canvas
-    passes, reads, real = [], [], engine.generator.stream
-
-    def stream(prompts, settings, *args):
-        done = [e for e in real(prompts, settings, *args) if isinstance(e, RowDone)]
-        passes.append(sorted(done, key=lambda e: e.row))
-        yield from done
+    passes, reads = _record_passes(engine, monkeypatch), []
 
     def score_image(texts, images):
         reads.append((texts, images))
         return [1.0 if k % 3 == 2 else 0.0 for k in range(len(texts))]
 
-    monkeypatch.setattr(engine.generator, "stream", stream)
     monkeypatch.setattr(engine, "score_image", score_image)
     monkeypatch.setattr(engine, "score", lambda *a, **k: pytest.fail("the understanding path was asked"))
     regions = [("a red circle", LEFT), ("a blue square", RIGHT)]
