@@ -334,13 +334,14 @@ class AnyGen:
                 exactly one image or video: it needs ``start_with``, ``max_images`` 0 or 1, a known size
                 (``image_size`` / the trained grid, ``video_size``) and the modality's ``top_k=0``, ``top_p=1``.
             best_of: self-reranking, each path of the model judging the other's output; 1 (the default): off.
-                text→image (``start_with="image"``, ``max_images`` 0 or 1, text prompts best read like a caption,
-                an understanding encoder): draw this many images per prompt and keep the one under which the
-                understanding path finds the prompt most likely (``score`` of the prompt after
-                ``Understand(image)``), as DALL-E reranked with CLIP. image→text (no ``start_with``, exactly one
-                image in each prompt): draw this many replies and keep the one under which the generation path
-                finds the image most likely (``score_image``: the reply read as a caption); with greedy text the
-                greedy reply is one of them and the rest are sampled at temperature 1. text→video
+                text→image (``start_with="image"``, ``max_images`` 0 or 1, text prompts best read like a caption):
+                draw this many images per prompt and keep the one under which the understanding path finds the
+                prompt most likely (``score`` of the prompt after ``Understand(image)``; needs an understanding
+                encoder), as DALL-E reranked with CLIP, or the one ``rerank`` names. image→text (no
+                ``start_with``, exactly one image in each prompt): draw this many replies and keep the one under
+                which the generation path finds the image most likely (``score_image``: the reply read as a
+                caption); with greedy text the greedy reply is one of them and the rest are sampled at temperature
+                1. text→video
                 (``start_with="video"``, ``max_images`` 0 or 1) needs ``negatives``: draw this many clips and keep
                 the one whose reading (``score`` of the prompt after the clip's VQ codes) most favours the prompt
                 over its negatives. Costs ``best_of`` generations per prompt.
@@ -405,10 +406,12 @@ class AnyGen:
         if rerank not in RERANKERS:
             raise ValueError(f"rerank must be one of {RERANKERS} (how best_of reads a drawn image back), got "
                              f"{rerank!r}")
-        if rerank != RERANKERS[0] and (best_of == 1 or start_with != "image"):
+        if rerank != RERANKERS[0] and best_of == 1:
             raise ValueError(f"rerank={rerank!r} chooses how best_of reads the images it draws: pass best_of > 1 "
-                             f"and start_with='image' with it (got best_of={best_of!r}, start_with={start_with!r}; "
-                             "clips and replies have one reader each)")
+                             "with it")
+        if rerank != RERANKERS[0] and start_with != "image":
+            raise ValueError(f"rerank={rerank!r} reads drawn images: pass start_with='image' with it (got "
+                             f"start_with={start_with!r}; clips and replies have one reader each)")
         negative_prompt = self._negative_prompts(negative_prompt, len(prompts))
         routed = self._regions(regions, len(prompts), batched)
         if routed is not None and speculative:
@@ -770,6 +773,8 @@ class AnyGen:
         Raises:
             RuntimeError: a draw ended before its image was complete (``max_new_tokens`` too small).
         """
+        if rerank not in RERANKERS:
+            raise ValueError(f"rerank must be one of {RERANKERS}, got {rerank!r}")
         jobs = [(i, j) for i, c in enumerate(canvases) if c is not None for j in range(len(regions[i]))]
         picture = [None if c is None else c.cpu() for c in canvases]
         if not jobs:
@@ -935,9 +940,10 @@ class AnyGen:
         ``Understand(image)``), or with ``rerank="likelihood"`` by the generation path (``score_image``: the
         log-probability of the image's VQ codes after the text; an ``Image`` with codes is scored as drawn, a
         ``PIL.Image`` is tokenized first; a partial ``Image``, cut off before its end, scores ``-inf``); a clip
-        (``Video``) by the decoder as its VQ codes (``score`` after the clip). With ``negatives`` (texts the
-        candidate must not be) the score is the contrast ``s(prompt) - logsumexp(s(prompt), s(negative), ...)``,
-        else ``s(prompt)``. A ``None`` candidate (nothing drawn) scores ``-inf``.
+        (``Video``) by the decoder as its VQ codes (``score`` after the clip), whatever ``rerank`` says. With
+        ``negatives`` (texts the candidate must not be) the score is the contrast ``s(prompt) -
+        logsumexp(s(prompt), s(negative), ...)``, else ``s(prompt)``. A ``None`` candidate (nothing drawn) scores
+        ``-inf``.
 
         Raises:
             ValueError: a candidate is not an image, a clip or None, an image needs an understanding encoder the
@@ -974,7 +980,7 @@ class AnyGen:
         if pictures:
             flat += self.score_image([t for _ in pictures for t in texts],
                                      [pictures[k] for k in pictures for _ in texts])
-        for j, k in enumerate([*reads, *pictures]):
+        for j, k in enumerate([*reads, *pictures]):  # flat: the reads' rows, then the pictures', in this order
             row = torch.tensor(flat[j * len(texts):(j + 1) * len(texts)])
             scores[k] = float(row[0] - torch.logsumexp(row, 0)) if len(texts) > 1 else float(row[0])
         return scores

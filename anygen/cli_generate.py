@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(same distribution, fewer passes; top-k and top-p stay off; default 0: off)")
     p.add_argument("--best-of", type=int, default=1, metavar="N",
                    help="self-reranking. text→image (--start-with image, text prompts): draw N images per prompt and "
-                        "keep the one the model's understanding path scores best; image→text (no --start-with, one "
+                        "keep the one the model's understanding path scores best (or, --rerank likelihood, its "
+                        "drawing path); image→text (no --start-with, one "
                         "--understand or --image picture): draw N replies and keep the one under which the generation "
                         "path finds the picture most likely; text→video (--start-with video) needs --negative "
                         "(default 1: off)")

@@ -17,7 +17,7 @@ prompt):
 - ``understanding``: the candidate with the highest ``AnyGen.score([Understand(image)], prompt)``, what
   ``generate(best_of=k)`` keeps;
 - ``likelihood``: the highest ``score_image(prompt, image)``, the generation path's own log-probability of the
-  image's codes;
+  image's codes as drawn, what ``generate(best_of=k, rerank="likelihood")`` keeps;
 - ``pmi``: the highest ``score_image(prompt, image) - score_image(<|bos|><|null|>, image)``, the likelihood
   against the unconditional context classifier-free guidance draws with (the implicit classifier);
 - ``contrast`` (with ``--negatives``): the highest understanding score of the prompt against its negatives, every
@@ -61,7 +61,7 @@ from anygen.eval.harness import (  # noqa: E402
     t2i_scenes,
 )
 from tokenizers_mm.multimodal import TokenSequence  # noqa: E402
-from tokenizers_mm.segments import Understand  # noqa: E402
+from tokenizers_mm.segments import Image, Understand  # noqa: E402
 from tokenizers_mm.vocab import Modality  # noqa: E402
 
 CATEGORIES = ("t2i_pair", "t2i_single", "edit")
@@ -155,14 +155,16 @@ def draw_and_score(engine: AnyGen, ctx: EvalContext, category: str, candidates: 
             prompt = label = caption(case)
         outputs = engine.generate([prompt] * candidates, seed=ctx.seed * 100_000 + i, start_with="image",
                                   image_size=(h, w), max_images=1, max_new_tokens=h * (w + 1) + 8, **ctx.sampling)
-        images = [o.images[0] for o in outputs if o.images]
+        drawn = [next(s for s in o.segments if isinstance(s, Image) and s.image is not None)
+                 for o in outputs if o.images]
+        images = [seg.image for seg in drawn]
         if edits:
             near = pixel_agreement([source, *images])[0, 1:].tolist() if images else []
             row = [{"correct": judge_edit(case, im)["correct"], "src": s} for im, s in zip(images, near)]
         else:
             und = engine.score([[Understand(im)] for im in images], [prompt] * len(images)) if images else []
-            gen = engine.score_image([prompt] * len(images), images) if images else []
-            unc = engine.score_image([unconditional] * len(images), images) if images else []
+            gen = engine.score_image([prompt] * len(drawn), drawn) if drawn else []  # the codes as drawn, as
+            unc = engine.score_image([unconditional] * len(drawn), drawn) if drawn else []  # rerank="likelihood"
             row = [{"correct": judge_scene(case, im)["correct"], "und": a, "gen": b, "unc": c}
                    for im, a, b, c in zip(images, und, gen, unc)]
             if negatives and images:  # the ranking generate(best_of, negatives=...) keeps

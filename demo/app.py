@@ -16,7 +16,9 @@ Notable:
   VQ context (``Image``, to edit them), as the user picks; uploaded video is VQ context.
 - Best of N (``best_of``), each path of the model judging the other's output as ``generate(best_of=N)`` does:
   N candidates are drawn as one batch and the first one previewed. A text → image reply keeps the image whose
-  prompt the understanding path finds most likely (``AnyGen.score_candidates``); a text → video reply, given
+  prompt the understanding path finds most likely (``AnyGen.score_candidates``), or with "best of N reads images
+  by" the generation path's likelihood, the one whose codes it finds most likely after the message (``rerank``);
+  a text → video reply, given
   negatives (texts it must not be, one per line), keeps the clip whose reading most favours the message over them
   (with negatives an image is ranked by the same contrast); an image → text reply (one uploaded
   picture, text sampled at a temperature above 0) keeps the reply under which the generation path finds the
@@ -405,12 +407,12 @@ class ChatRunner:
             return
         if options.best_of > 1 and candidates == 1 and not composing:
             conv.messages.append(_note(f"ℹ️ best of {options.best_of} reranks text → image replies (start the reply "
-                                       "with an image, with text in the message; a model with an understanding "
-                                       "encoder), text → video replies (start with a video, with text in the "
-                                       "message and negatives) and image → text replies (one uploaded picture, "
-                                       "start: auto, text temperature above 0): this reply draws once."))
-        if composing and options.best_of > 1 and options.rerank == "understanding" and (
-                self.engine.model.und is None or tok.und_tokens <= 0):
+                                       "with an image, with text in the message; read by the likelihood, or by "
+                                       "the understanding path of a model that has one), text → video replies "
+                                       "(start with a video, with text in the message and negatives) and image → "
+                                       "text replies (one uploaded picture, start: auto, text temperature above "
+                                       "0): this reply draws once."))
+        if composing and options.best_of > 1 and not self._reads_images(options.rerank):
             conv.messages.append(_note(f"ℹ️ best of {options.best_of} reranks each composed region through the "
                                        "understanding encoder, which this model lacks: each region is drawn once "
                                        "(read images by the generation path's likelihood instead)."))
@@ -483,11 +485,9 @@ class ChatRunner:
         """The picture a composed reply copies (``AnyGen.compose_codes``): each region drawn alone onto ``canvas``,
         best of N reranking each region's drawings (``rerank``) where the model can read them back; with ``source``
         (the last picture's inpaint grid) put into its boxes only."""
-        tok = self.engine.tokenizer
-        reads = rerank == "likelihood" or (self.engine.model.und is not None and tok.und_tokens > 0)
         steered = [self.engine.encode_prompt(steer)] if steer else None
         (codes,) = self.engine.compose_codes([context], [canvas], [regions], replace(
-            settings, image_size=tuple(canvas.shape)), steered, best_of if reads else 1,
+            settings, image_size=tuple(canvas.shape)), steered, best_of if self._reads_images(rerank) else 1,
             None if source is None else [source], rerank)
         return codes
 
@@ -501,11 +501,16 @@ class ChatRunner:
         if rerank not in RERANKERS:
             raise ValueError(f"best of N reads images by one of {RERANKERS}, got {rerank!r}")
         tok = self.engine.tokenizer
-        readable = rerank == "likelihood" or (self.engine.model.und is not None and tok.und_tokens > 0)
         reranks = bool(text) and (
-            (settings.start_with == "image" and readable)
+            (settings.start_with == "image" and self._reads_images(rerank))
             or (settings.start_with == "video" and bool(negatives) and tok.video is not None))
         return best_of if reranks else 1
+
+    def _reads_images(self, rerank: str) -> bool:
+        """Whether best of N can read drawn images back by ``rerank``: by likelihood always, by the understanding
+        path where the model has an understanding encoder."""
+        tok = self.engine.tokenizer
+        return rerank == "likelihood" or (self.engine.model.und is not None and tok.und_tokens > 0)
 
     def _rerank_picture(self, settings: GenerationSettings, segments: list[Segment]) -> Image | Understand | None:
         """The picture an image → text reply is reranked by (``_pick``), or None where it cannot be: the reply must
@@ -853,12 +858,12 @@ def build_demo(engine: AnyGen, *, notice: str | None = None, max_upload_mb: floa
                 controls["seed"] = gr.Number(defaults.seed, precision=0, label="seed (-1: random)", elem_id="seed")
                 controls["best_of"] = gr.Slider(
                     1, MAX_BEST_OF, value=defaults.best_of, step=1, label="best of N", elem_id="best-of",
-                    info="draw N, keep the one the model reads back best: text → image (with an understanding "
-                         "encoder), text → video (with negatives), image → text (sampled text)")
+                    info="draw N, keep the one the model reads back best: text → image (read as below), text → "
+                         "video (with negatives), image → text (sampled text)")
                 controls["rerank"] = gr.Radio(
                     [("understanding path", "understanding"), ("generation path's likelihood", "likelihood")],
                     value=defaults.rerank if has_und else "likelihood", label="best of N reads images by",
-                    elem_id="rerank",
+                    elem_id="rerank", interactive=has_und,
                     info="likelihood: how likely the model finds the image's codes after the message (keeps a right "
                          "one-object picture more often on the default model)" if has_und else
                          "this model has no understanding encoder")

@@ -263,17 +263,19 @@ def test_best_of_reads_images_by_the_generation_paths_likelihood_when_asked(engi
     chat = list(runner.respond("a red circle", options, conv))[-1]
     (contexts, images), = scored
     drawn = {e.row: next(s for s in e.segments if isinstance(s, app.Image)) for e in rows}
-    assert contexts == ["a red circle"] * 3 and [im.codes for im in images] == [drawn[r].codes for r in range(3)]
+    assert contexts == ["a red circle"] * 3
+    assert all(torch.equal(im.codes, drawn[r].codes) for r, im in enumerate(images))  # the codes as drawn
     kept = sorted(rows, key=lambda e: e.row)[2]
     assert torch.equal(conv.turns[0].ids[-len(runner._reply_ids(kept.ids)):], runner._reply_ids(kept.ids))
     assert "kept candidate 3, the one whose codes the model's generation path finds most likely" in chat[-1]["content"]
     bad = ChatOptions(**{**FAST, "start_with": "image", "best_of": 3, "rerank": "pixels"})
     assert "best of N reads images by one of" in list(runner.respond("a red circle", bad, conv))[-1][-1]["content"]
-    rows.clear()
     plain = ChatRunner(random_engine("tiny", und_encoder=None), tmp_path)
     rows = _record_rows(plain.engine, monkeypatch)
-    list(plain.respond("a red circle", options, Conversation()))
+    chat = list(plain.respond("a red circle", options, Conversation()))[-1]  # its own score_image, not patched
     assert len(rows) == 3  # no understanding encoder: the likelihood still reranks
+    notes = [m["content"] for m in chat if isinstance(m["content"], str)]
+    assert not any("⚠️" in n for n in notes) and any("generation path finds most likely" in n for n in notes)
 
 
 def test_best_of_reranks_an_image_to_text_reply_by_the_picture(engine, tmp_path, monkeypatch):

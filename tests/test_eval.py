@@ -197,7 +197,10 @@ def test_rerank_likelihood_reaches_generate_and_the_report(tmp_path, monkeypatch
                  "--rerank", "likelihood"]) == 0
     assert json.loads((out / "eval.json").read_text())["rerank"] == "likelihood"
     assert main(["--random-tiny", "--num", "1", "--out", str(out), "--rerank", "likelihood"]) == 2
-    assert "--rerank likelihood chooses how --best-of reads its candidates back" in capsys.readouterr().err
+    assert "rerank 'likelihood' chooses how best_of reads its candidates back: set best_of > 1 (--best-of N)" in \
+        capsys.readouterr().err
+    with pytest.raises(ValueError, match="set best_of > 1"):
+        EvalContext(engine, rerank="likelihood")
 
 
 def test_best_of_reranks_clips_against_the_same_motion_in_its_other_directions(monkeypatch):

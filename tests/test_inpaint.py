@@ -315,7 +315,8 @@ def test_inpainted_edits_are_reranked_against_the_planned_edited_scene(monkeypat
     assert len(prompts) == 8 and kw["inpaint"][:4] == [kw["inpaint"][0]] * 4
     cases = edit_cases(ctx)
     assert [text for _, text, _ in scored] == [caption(c.after) for c in cases]
-    assert [k is row[2] for k, (row, _, _) in zip(kept, scored)] == [True, True]
+    assert [k is row[2].image for k, (row, _, _) in zip(kept, scored)] == [True, True]
+    assert all(isinstance(c, Image) and c.codes is not None for row, _, _ in scored for c in row)  # scored as drawn
     assert result.details["best_of"] == 4 and {by for *_, by in scored} == {"understanding"}
     scored.clear()
     eval_edit(EvalContext(engine, num=2, inpaint="layout", best_of=4, rerank="likelihood"))

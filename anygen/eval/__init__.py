@@ -117,9 +117,6 @@ def _run(args: argparse.Namespace) -> int:
         raise ValueError(f"--num must be >= 1, got {args.num}")
     if args.best_of < 1:
         raise ValueError(f"--best-of must be >= 1 (1: no reranking), got {args.best_of}")
-    if args.rerank != "understanding" and args.best_of == 1:
-        raise ValueError(f"--rerank {args.rerank} chooses how --best-of reads its candidates back: add --best-of N "
-                         "(N > 1)")
     categories = [c.strip() for c in args.categories.split(",") if c.strip()]
     started = time.perf_counter()
     engine = load_engine(args.checkpoint, args.random_tiny, args.device)

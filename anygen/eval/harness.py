@@ -199,6 +199,9 @@ class EvalContext:
             raise ValueError(f"canvas must be one of {CANVASES}, got {self.canvas!r}")
         if self.rerank not in RERANKERS:
             raise ValueError(f"rerank must be one of {RERANKERS}, got {self.rerank!r}")
+        if self.rerank != RERANKERS[0] and self.best_of == 1:
+            raise ValueError(f"rerank {self.rerank!r} chooses how best_of reads its candidates back: set best_of > 1 "
+                             "(--best-of N)")
         if self.canvas != "none" and self.regions == "none":
             raise ValueError("canvas composes the layout's regions: it needs regions 'layout'")
         self.objects, self.motions = (sorted(s) for s in holdout_combinations(self.holdout, self.data_seed))
@@ -239,10 +242,17 @@ class EvalContext:
 
     def generate_images(self, prompts: list[list], regions: list | None = None, inpaint: list | None = None,
                         onto_blank: bool = False) -> list[PIL.Image.Image | None]:
-        """One image per prompt (the first generated; ``None`` when none came); text-only prompts are reranked
-        when ``best_of`` > 1; ``regions``: one list of ``(text, box)`` a prompt (``generate(regions=...)``);
-        ``inpaint``: one box (or None) a prompt (``generate(inpaint=...)``); ``onto_blank``: the regions composed
-        onto an empty scene (``generate(canvas=...)``)."""
+        """One image per prompt, as pixels (``generate_segments``' images)."""
+        return [None if seg is None else seg.image for seg in self.generate_segments(prompts, regions, inpaint,
+                                                                                     onto_blank)]
+
+    def generate_segments(self, prompts: list[list], regions: list | None = None, inpaint: list | None = None,
+                          onto_blank: bool = False) -> list[Image | None]:
+        """One image per prompt, as the ``Image`` segment drawn (pixels and codes; the first generated, ``None``
+        when none came); text-only prompts are reranked when ``best_of`` > 1; ``regions``: one list of ``(text,
+        box)`` a prompt (``generate(regions=...)``); ``inpaint``: one box (or None) a prompt
+        (``generate(inpaint=...)``); ``onto_blank``: the regions composed onto an empty scene
+        (``generate(canvas=...)``)."""
         h, w = self.image_tokens
         rerank: dict[str, Any] = {}
         if self.best_of > 1 and all(len(p) == 1 and isinstance(p[0], str) for p in prompts):
@@ -254,7 +264,7 @@ class EvalContext:
             if onto_blank else None
         outputs = self.generate(prompts, regions, inpaint, blank, start_with="image", image_size=(h, w), max_images=1,
                                 max_new_tokens=h * (w + 1) + 8, **rerank)
-        return [o.images[0] if o.images else None for o in outputs]
+        return [next((s for s in o.segments if isinstance(s, Image) and s.image is not None), None) for o in outputs]
 
     def keep(self, category: str, index: int, name: str, image: PIL.Image.Image | None) -> None:
         if self.keep_images is not None and image is not None:
@@ -544,17 +554,18 @@ def eval_edit(ctx: EvalContext) -> CategoryResult:
                            [(caption([SceneObject(parsed[0], parsed[3], cell)]), cell_box(cell))])
     prompts = [case.prompt(ctx.image_px[0]) for case in cases]
     n = ctx.best_of if ctx.inpaint != "none" and ctx.best_of > 1 else 1  # inpainted edits are reranked
-    drawn = ctx.generate_images([p for p in prompts for _ in range(n)],
+    drawn = ctx.generate_segments([p for p in prompts for _ in range(n)],
                                 None if regions is None else [r for r in regions for _ in range(n)],
                                 None if ctx.inpaint == "none" else [x for x in boxes for _ in range(n)],
                                 onto_blank=regions is not None and ctx.canvas != "none")
-    images = drawn
-    if n > 1:  # keep the draw read back best (ctx.rerank) as the planned edited scene
-        images = []
+    kept = drawn
+    if n > 1:  # keep the draw read back best (ctx.rerank; by likelihood, its codes as drawn) as the edited scene
+        kept = []
         for i, (case, (cell, read_from)) in enumerate(zip(cases, plans)):
             row, scene = drawn[i * n:(i + 1) * n], edited_scene(case, cell, read_from)
             scores = ctx.engine.score_candidates(row, caption(scene), rerank=ctx.rerank) if scene else [0.0] * n
-            images.append(row[max(range(n), key=lambda k: scores[k])])
+            kept.append(row[max(range(n), key=lambda k: scores[k])])
+    images = [None if seg is None else seg.image for seg in kept]
     samples = []
     for i, (case, image) in enumerate(zip(cases, images)):
         ctx.keep("edit", i, "edited", image)
