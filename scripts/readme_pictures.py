@@ -23,7 +23,7 @@ from anygen.cli_generate import default_checkpoint
 from anygen.data.shapes import SceneObject, cell_box, layout_regions, render_scene
 from anygen.data.shapes import caption as shapes_caption
 from anygen.eval.detect import detect_objects
-from anygen.eval.harness import CANVAS_MARGIN
+from anygen.plan import PLAN_MARGIN
 from tokenizers_mm.segments import Image
 
 
@@ -71,7 +71,7 @@ def main() -> None:
     plain = image(t2i)
     routed = engine.generate(t2i, start_with="image", image_size=grid, max_images=1, seed=seed,
                              regions=regions).images[0]
-    grown = layout_regions(pair, CANVAS_MARGIN)
+    grown = layout_regions(pair, PLAN_MARGIN)
     composed = engine.generate(t2i, start_with="image", image_size=grid, max_images=1, seed=seed, regions=grown,
                                canvas=render_scene([], tok.image_size[0])).images[0]
     _strip([plain, routed, composed]).save(args.out / "regions.png")

@@ -270,8 +270,10 @@ def test_layout_regions_grow_each_cell_within_the_picture():
 
 
 def test_eval_canvas_composes_the_layout_onto_an_empty_scene(tmp_path, monkeypatch):
+    from anygen.data.shapes import POSITIONS
     from anygen.eval import main
-    from anygen.eval.harness import CANVAS_MARGIN, EvalContext, eval_story, eval_t2i_pair, t2i_scenes
+    from anygen.eval.harness import EvalContext, eval_story, eval_t2i_pair, t2i_scenes
+    from anygen.plan import PLAN_MARGIN
 
     engine = random_engine("tiny")
     calls, real = [], engine.generate
@@ -281,7 +283,9 @@ def test_eval_canvas_composes_the_layout_onto_an_empty_scene(tmp_path, monkeypat
     (kw,) = calls
     empty = render_scene([], ctx.image_px[0])
     assert all(list(c.getdata()) == list(empty.getdata()) for c in kw["canvas"])
-    assert kw["regions"] == [layout_regions(s, CANVAS_MARGIN) for s in t2i_scenes(ctx, "t2i_pair")]
+    # the planner's layout of each prompt: the caption's reading order, each cell grown by PLAN_MARGIN
+    assert kw["regions"] == [layout_regions(sorted(s, key=lambda o: POSITIONS.index(o.position)), PLAN_MARGIN)
+                             for s in t2i_scenes(ctx, "t2i_pair")]
     assert "canvas" in result.details
     calls.clear()
     eval_story(ctx)

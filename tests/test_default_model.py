@@ -77,13 +77,13 @@ def test_default_model_composes_two_held_out_objects_onto_an_empty_scene():
     from anygen.api import AnyGen
     from anygen.data.shapes import caption, holdout_combinations, layout_regions, render_scene, sample_scene
     from anygen.eval.detect import detect_objects
-    from anygen.eval.harness import CANVAS_MARGIN
+    from anygen.plan import PLAN_MARGIN
 
     engine = AnyGen.from_pretrained(default_checkpoint())
     keys = sorted(holdout_combinations(0.1, 0)[0])
     scenes = [sample_scene(random.Random(i), 2, first=keys[i]) for i in range(8)]
     outs = engine.generate([caption(s) for s in scenes], start_with="image", max_images=1, seed=0,
-                           regions=[layout_regions(s, CANVAS_MARGIN) for s in scenes],
+                           regions=[layout_regions(s, PLAN_MARGIN) for s in scenes],
                            canvas=render_scene([], engine.tokenizer.image_size[0]))
     drawn = [sorted(d.key for d in detect_objects(o.images[0])) for o in outs]
     assert sum(d == sorted(o.key for o in s) for d, s in zip(drawn, scenes)) >= 6, drawn

@@ -379,9 +379,19 @@ def parse_caption(text: str) -> list[SceneObject]:
     rest of the text is ignored. Text with no such phrase gives ``[]``, so a malformed caption from a
     model scores as wrong instead of raising.
     """
+    return split_caption(text)[0]
+
+
+def split_caption(text: str) -> tuple[list[SceneObject], list[str]]:
+    """``parse_caption``'s objects and the text around them: ``len(objects) + 1`` pieces of the lower-cased,
+    whitespace-collapsed ``text``, the one before the first object phrase, those between, and the one after."""
     normal = " ".join(str(text).lower().split())
-    return [SceneObject(shape=m.group(2), color=m.group(1), position=_PHRASES[m.group(3)])
-            for m in _OBJECT_RE.finditer(normal)]
+    objects, pieces, end = [], [], 0
+    for m in _OBJECT_RE.finditer(normal):
+        pieces.append(normal[end:m.start()])
+        objects.append(SceneObject(shape=m.group(2), color=m.group(1), position=_PHRASES[m.group(3)]))
+        end = m.end()
+    return objects, [*pieces, normal[end:]]
 
 
 def motion_caption(motion: Motion) -> str:

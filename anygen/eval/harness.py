@@ -54,6 +54,7 @@ from anygen.data.shapes import (
 )
 from anygen.eval.detect import detect_objects, motion_direction
 from anygen.generation.generator import SamplingDefaults
+from anygen.plan import PLAN_MARGIN, plan_objects
 from tokenizers_mm.segments import Image, Understand
 
 # the issue's targets (fraction correct, on the category's headline metric)
@@ -63,10 +64,6 @@ VIDEO_NEGATIVES: tuple[str, ...] = ("none", "opposite")  # EvalContext.video_neg
 REGIONS: tuple[str, ...] = ("none", "layout")  # EvalContext.regions
 INPAINTS: tuple[str, ...] = ("none", "layout", "asked")  # EvalContext.inpaint
 CANVASES: tuple[str, ...] = ("none", "blank")  # EvalContext.canvas
-# how far a composed region's box reaches past its cell, as a fraction of the picture (a quarter of a cell): drawn
-# alone on a blank canvas an object is cut off, or left out, where it would reach past its cell (seed 1, 120 pairs:
-# 59.2 % exact with the cells as they are, 64.2 % grown by this)
-CANVAS_MARGIN = 1 / 12
 # captions drawn (and reranked) to find an edit's object with inpaint "asked": on 240 held-out edits (seeds 0-1) the
 # caption then the "where is" answer found the right cell for 90.0 % at 8 and 92.1 % at 16, the answer alone 71.3 %
 ASK_BEST_OF = 8
@@ -168,7 +165,7 @@ class EvalContext:
             whole picture drawn.
         canvas: ``"blank"`` (with ``regions`` "layout"): text → image prompts and the story's first picture are
             composed onto an empty scene (``generate(canvas=...)``), each object drawn alone, its box its cell
-            grown by ``CANVAS_MARGIN``; with ``inpaint`` as well, an edit's object and the story's added one are
+            grown by ``PLAN_MARGIN``; with ``inpaint`` as well, an edit's object and the story's added one are
             drawn alone onto an empty scene and put into their cell (``generate(canvas=..., inpaint=...)``, the
             cell as it is); ``"none"``: the regions drawn in one pass.
     """
@@ -220,9 +217,9 @@ class EvalContext:
         return random.Random(f"eval:{self.seed}:{category}:{index}")
 
     def layout(self, objects: Sequence[SceneObject]) -> list[tuple[str, tuple[float, float, float, float]]]:
-        """``objects`` as this run's regions: each object's caption over its cell, grown by ``CANVAS_MARGIN`` when
+        """``objects`` as this run's regions: each object's caption over its cell, grown by ``PLAN_MARGIN`` when
         the regions are composed onto a canvas."""
-        return layout_regions(objects, CANVAS_MARGIN if self.canvas != "none" else 0.0)
+        return layout_regions(objects, PLAN_MARGIN if self.canvas != "none" else 0.0)
 
     def generate(self, prompts: list[list | str], regions: list | None = None, inpaint: list | None = None,
                  canvas: list | None = None, **kwargs: Any) -> list:
@@ -309,7 +306,9 @@ def judge_scene(truth: Sequence[SceneObject], image: PIL.Image.Image | None) -> 
 
 def _scene_result(name: str, ctx: EvalContext, scenes: list[list[SceneObject]], started: float) -> CategoryResult:
     prompts = [[caption(s)] for s in scenes]
-    images = ctx.generate_images(prompts, [ctx.layout(s) for s in scenes] if ctx.regions == "layout" else None,
+    # the layout read off each prompt by the planner, as anygen generate --plan reads it (the caption's order)
+    images = ctx.generate_images(prompts, [ctx.layout(plan_objects(p[0])) for p in prompts]
+                                 if ctx.regions == "layout" else None,
                                  onto_blank=ctx.canvas != "none")
     samples = []
     for i, (scene, image) in enumerate(zip(scenes, images)):
