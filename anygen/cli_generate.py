@@ -99,6 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "background with --region \"0,0,0.4,0.4:a red circle at the top left\" --region ...; needs "
                         "--start-with image; applies to every prompt without its own (a --prompts line's "
                         "\"canvas\": path)")
+    p.add_argument("--plan", action="store_true",
+                   help="plan each prompt's layout before drawing it (anygen.plan): a scene prompt such as \"a red "
+                        "circle at the top left and a blue square at the bottom right\" becomes each object's caption "
+                        "over its cell, each drawn alone onto an empty scene (the default model draws both objects "
+                        "of held-out pairs 81.7 %% of the time so, 22.5 %% from the text alone); implies --start-with "
+                        "image; every prompt must be such a scene, with no --image, --understand, --region, "
+                        "--inpaint or --canvas")
     p.add_argument("--batch-size", type=int, default=4, help="prompts per batch with --prompts")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     for m in MODALITIES:
@@ -191,6 +198,26 @@ def _load_prompts(args: argparse.Namespace) -> list[dict]:
     return items
 
 
+def _check_plannable(args: argparse.Namespace, items: list[dict]) -> None:
+    """``--plan``'s prompts: text → image scenes the planner reads, nothing else given to place them."""
+    from anygen.plan import plan_objects
+
+    if args.start_with == "video":
+        raise ValueError("--plan lays out a picture: it draws with --start-with image, not video")
+    for n, item in enumerate(items):
+        given = [name for name in ("images", "understand", "regions", "inpaint") if item.get(name)]
+        given += ["canvas"] if item.get("canvas") is not None else []
+        if given:
+            raise ValueError(f"prompt #{n}: --plan draws the scene from the prompt's text alone, onto an empty "
+                             f"picture; it takes no {', '.join(given)} (leave --plan out to give them yourself)")
+        if not item.get("prompt"):
+            raise ValueError(f"prompt #{n}: --plan reads the layout from the prompt's text, and it has none")
+        try:
+            plan_objects(item["prompt"])
+        except ValueError as err:
+            raise ValueError(f"prompt #{n}: {err}") from err
+
+
 def _document(item: dict) -> list:
     from tokenizers_mm.preprocess import load_image
     from tokenizers_mm.segments import Image, Understand
@@ -239,11 +266,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         items = _load_prompts(args)
+        if args.plan:
+            _check_plannable(args, items)
         documents = [_document(item) for item in items]  # decode every image before any work
         canvases = _canvases(items)
         engine = load_engine(args.checkpoint, args.random_tiny, args.device)
+        regions = [item["regions"] for item in items]
+        if args.plan:
+            from anygen.plan import plan_layout
+
+            if engine.tokenizer.image is None:
+                raise ValueError("--plan composes pictures, and this model has no image tokenizer")
+            layouts = [plan_layout(item["prompt"], engine.tokenizer.image_size[0]) for item in items]
+            regions, canvases = [lay.regions for lay in layouts], [lay.canvas for lay in layouts]
+            args.start_with = "image"
         return _run(engine, args, documents, [item["negatives"] for item in items],
-                    [item["negative_prompt"] for item in items], [item["regions"] for item in items],
+                    [item["negative_prompt"] for item in items], regions,
                     [item["inpaint"] for item in items], canvases)
     except (ValueError, FileNotFoundError, TypeError) as err:
         print(f"anygen generate: error: {err}", file=sys.stderr)

@@ -2,8 +2,9 @@
 
 With the shipped default model (``anygen/assets/default``, trained by ``scripts/train_default.sh``)
 it generates from prompts on the CPU in well under a minute and writes what came out: text → image
-(``image.png``), text → video (``video.mp4``), the generated image captioned back through the
-understanding path (``caption.txt``), a handwritten digit (``digit.png``), and ``summary.json``.
+(``image.png``; a scene prompt's layout is planned first, ``anygen.plan``), text → video
+(``video.mp4``), the generated image captioned back through the understanding path
+(``caption.txt``), a handwritten digit (``digit.png``), and ``summary.json``.
 ``--prompt`` changes the image prompt.
 
 Without a default model (or with ``--tokenizers``) it pushes real data through the whole tokenizer
@@ -102,6 +103,7 @@ DIGIT_PROMPT = "a handwritten 7"
 def generate_with_default(directory: Path, out: Path, prompt: str, seed: int) -> dict:
     """Generate an image, a video, a caption and a digit with the model in ``directory``; write them to ``out``."""
     from anygen.api import AnyGen, Understand
+    from anygen.plan import plan_layout
 
     t0 = time.perf_counter()
     engine = AnyGen.from_pretrained(directory)
@@ -118,7 +120,16 @@ def generate_with_default(directory: Path, out: Path, prompt: str, seed: int) ->
         timings[name] = round(time.perf_counter() - start, 2)
         return result
 
-    picture = timed("text_to_image", prompt=prompt, start_with="image", image_size=image_grid, max_images=1)
+    # a scene prompt is planned first (anygen.plan: each object's caption over its cell, drawn alone onto an empty
+    # scene; the shipped model draws both objects of held-out pairs 81.7 % of the time so, 22.5 % from the text
+    # alone); any other prompt is drawn from its text
+    try:
+        layout = plan_layout(prompt, tok.image_size[0]).kwargs()
+    except ValueError as err:
+        layout = {}
+        print(f"quickstart: drawing {prompt!r} from its text alone, unplanned: {err}")
+    picture = timed("text_to_image", prompt=prompt, start_with="image", max_images=1,
+                    **(layout or {"image_size": image_grid}))
     if picture.images:
         picture.images[0].save(out / "image.png")
         written["image"] = str(out / "image.png")
@@ -137,8 +148,9 @@ def generate_with_default(directory: Path, out: Path, prompt: str, seed: int) ->
         digit.images[0].save(out / "digit.png")
         written["digit"] = str(out / "digit.png")
     (out / "prompts.txt").write_text("\n".join([prompt, VIDEO_PROMPT, "[the image] -> caption", DIGIT_PROMPT]) + "\n")
-    summary = {"model": str(directory), "prompts": {"image": prompt, "video": VIDEO_PROMPT,
-                                                    "video_negative_prompt": VIDEO_NEGATIVE, "digit": DIGIT_PROMPT},
+    summary = {"model": str(directory), "prompts": {"image": prompt, "image_planned": bool(layout),
+                                                    "video": VIDEO_PROMPT, "video_negative_prompt": VIDEO_NEGATIVE,
+                                                    "digit": DIGIT_PROMPT},
                "caption": caption, "seconds": timings, "total_seconds": round(time.perf_counter() - t0, 1),
                "written": written}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -23,6 +23,12 @@ prompt):
 - ``contrast`` (with ``--negatives``): the highest understanding score of the prompt against its negatives, every
   caption one attribute of one object away (``scene_negatives``): ``s(prompt) - logsumexp(s(prompt), s(negative),
   ...)``, what ``generate(best_of=k, negatives=...)`` keeps;
+- ``shape contrast`` (with ``--shape-negatives``): the highest ``score_image(prompt, image) - logsumexp`` over the
+  prompt and every caption with one object's shape swapped (the generation path as a classifier of the shapes it
+  could have drawn), what ``generate(best_of=k, rerank="likelihood", negatives=...)`` keeps with those negatives;
+- ``shape-checked likelihood`` (with ``--shape-negatives``): the highest ``score_image(prompt, image)`` among the
+  candidates whose codes the prompt explains better than any shape-swapped caption (all of them when none does):
+  typicality, after the classifier;
 - ``consensus``: minimum-Bayes-risk selection, the candidate whose pixels agree most with the other k − 1 (the
   sum of ``-mean |a − b|`` over RGB in [0, 1]): the mode of the draws, with no reader at all;
 - ``nearest source`` (edits only): the candidate whose pixels are closest to the picture it edits (the least
@@ -79,15 +85,31 @@ def consensus_pick(head: Sequence[dict[str, Any]]) -> int:
     return max(range(len(head)), key=lambda i: sum(head[i]["sim"][j] for j in range(len(head)) if j != i))
 
 
+def checked_pick(head: Sequence[dict[str, Any]]) -> int:
+    """The highest ``gen`` among the candidates of ``head`` whose ``gen`` beats each of their ``gneg`` (the
+    prompt's shapes read as more likely than any swapped one); the highest ``gen`` overall when none does."""
+    kept = [i for i, c in enumerate(head) if all(c["gen"] > g for g in c["gneg"])] or list(range(len(head)))
+    return max(kept, key=lambda i: head[i]["gen"])
+
+
 # name -> (the candidate key it reads: its column appears when some candidate carries it, the index it keeps)
 RERANKERS: dict[str, tuple[str, Pick]] = {
     "understanding": ("und", best(lambda c: c["und"])),
     "likelihood": ("gen", best(lambda c: c["gen"])),
     "pmi": ("unc", best(lambda c: c["gen"] - c["unc"])),
     "contrast": ("con", best(lambda c: c["con"])),  # only with --negatives
+    "shape contrast": ("gneg", best(lambda c: c["gen"] - float(torch.tensor([c["gen"], *c["gneg"]]).logsumexp(0)))),
+    "shape-checked likelihood": ("gneg", checked_pick),
     "consensus": ("sim", consensus_pick),
     "nearest source": ("src", best(lambda c: c["src"])),  # edits
 }
+
+
+def shape_negatives(scene: Sequence[Any]) -> list[str]:
+    """The captions of ``scene`` with one object's shape swapped for each other shape: the confusion (a square
+    drawn round) the model's one-object misses are nearly all of."""
+    return [caption([*scene[:i], replace(obj, shape=s), *scene[i + 1:]])
+            for i, obj in enumerate(scene) for s in SHAPES if s != obj.shape]
 
 
 def pixel_agreement(images: Sequence[Any]) -> torch.Tensor:
@@ -137,9 +159,10 @@ def summarize(rows: Sequence[Sequence[dict[str, Any]]], ks: Sequence[int]) -> li
 
 @torch.no_grad()
 def draw_and_score(engine: AnyGen, ctx: EvalContext, category: str, candidates: int, progress: bool = True,
-                   negatives: bool = False) -> list[list[dict[str, Any]]]:
+                   negatives: bool = False, shapes: bool = False) -> list[list[dict[str, Any]]]:
     """``candidates`` images for each of ``category``'s held-out prompts (eval sampling, a seed per prompt), each
-    judged and scored; with ``negatives`` (text → image) also contrasted with the scene's ``scene_negatives``."""
+    judged and scored; with ``negatives`` (text → image) also contrasted with the scene's ``scene_negatives``, with
+    ``shapes`` also scored by the drawing path after each of its ``shape_negatives``."""
     h, w = ctx.image_tokens
     v = engine.tokenizer.vocab
     unconditional = TokenSequence(ids=torch.tensor([v.bos, v.null]),
@@ -167,6 +190,11 @@ def draw_and_score(engine: AnyGen, ctx: EvalContext, category: str, candidates: 
             unc = engine.score_image([unconditional] * len(drawn), drawn) if drawn else []  # rerank="likelihood"
             row = [{"correct": judge_scene(case, im)["correct"], "und": a, "gen": b, "unc": c}
                    for im, a, b, c in zip(images, und, gen, unc)]
+            if shapes and drawn:
+                swapped = shape_negatives(case)
+                flat = engine.score_image([t for _ in drawn for t in swapped], [d for d in drawn for _ in swapped])
+                for j, cand in enumerate(row):
+                    cand["gneg"] = flat[j * len(swapped):(j + 1) * len(swapped)]
             if negatives and images:  # the ranking generate(best_of, negatives=...) keeps
                 for cand, value in zip(row, engine.score_candidates(images, prompt, scene_negatives(case))):
                     cand["con"] = value
@@ -204,13 +232,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--negatives", action="store_true",
                         help="add the contrast reranker: the prompt against every caption one attribute away "
                              "(slower: each candidate is read once per negative; text → image categories only)")
+    parser.add_argument("--shape-negatives", action="store_true",
+                        help="add the shape contrast and shape-checked likelihood rerankers: each candidate's codes "
+                             "also scored by the drawing path after every caption with one shape swapped")
     parser.add_argument("--json", default=None, help="also write the table and every candidate's scores here")
     args = parser.parse_args(argv)
     if args.num < 1 or args.candidates < 1:
         parser.error(f"--num and --candidates must be >= 1, got {args.num} and {args.candidates}")
-    if args.negatives and args.category == "edit":
-        parser.error("--negatives contrasts a caption with its neighbours; an edit's prompt has no caption of its "
-                     "scene (use it with t2i_pair or t2i_single)")
+    if (args.negatives or args.shape_negatives) and args.category == "edit":
+        parser.error("--negatives and --shape-negatives contrast a caption with its neighbours; an edit's prompt has "
+                     "no caption of its scene (use them with t2i_pair or t2i_single)")
     checkpoint = Path(args.checkpoint) if args.checkpoint else default_checkpoint()
     if checkpoint is None:
         parser.error("no --checkpoint given and no default model is installed (anygen/assets/default)")
@@ -221,7 +252,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"{checkpoint} needs an understanding encoder for {args.category} (the understanding reranker "
                      "reads each image through it); --category edit does without")
     ctx = EvalContext(engine, num=args.num, seed=args.seed, sampling=eval_sampling(defaults=engine.sampling_defaults))
-    rows = draw_and_score(engine, ctx, args.category, args.candidates, negatives=args.negatives)
+    rows = draw_and_score(engine, ctx, args.category, args.candidates, negatives=args.negatives,
+                          shapes=args.shape_negatives)
     ks = sorted({2 ** p for p in range(args.candidates.bit_length())} | {args.candidates})  # 1, 2, 4, …, N
     lines = summarize(rows, ks)
     print(f"{args.category}, {args.num} held-out prompts (seed {args.seed}), {args.candidates} candidates each, "

@@ -35,6 +35,9 @@ Notable:
   (``AnyGen.compose_codes``, the chat saying so; best of N reranks each region's drawings there), and the reply
   then copies the composed picture as its first image, streamed as any image is; with inpaint boxes as well, only
   inside them (the rest from the last picture), so an edit's object can be drawn alone and put in place.
+- Planning (``anygen.plan``): "plan the regions from the prompt" reads a scene prompt ("a red circle at the top
+  left and a blue square at the bottom right") into one region per object over its grown cell, composed onto an
+  empty picture, and starts the reply with an image; the regions stay editable before the prompt is sent.
 - Streaming: text shows as it arrives; an image shows at once as a grey canvas that fills in every
   ``preview_every`` rows (``ImageRows.preview``); a video shows its frame count, then the mp4.
 - One engine, one generation at a time: the model holds a single KV cache, so the chat event runs with
@@ -67,7 +70,7 @@ import PIL.ImageDraw
 import torch
 
 from anygen.api import RERANKERS, AnyGen
-from anygen.data.shapes import BACKGROUND
+from anygen.data.shapes import BACKGROUND, layout_regions
 from anygen.generation.events import (
     ImageDone,
     ImageRows,
@@ -87,6 +90,7 @@ from anygen.generation.generator import (
     parse_region,
 )
 from anygen.generation.sampling import SamplingConfig
+from anygen.plan import PLAN_MARGIN, plan_objects
 from tokenizers_mm.multimodal import TokenSequence
 from tokenizers_mm.preprocess import load_image
 from tokenizers_mm.segments import Image, Segment, Text, Understand, Video
@@ -751,6 +755,24 @@ def _split_message(message: dict | str | None) -> tuple[str, list[str]]:
     return (message.get("text") or "").strip(), files
 
 
+def plan_controls(message: dict | str | None) -> tuple[str, str, str]:
+    """The "plan the layout" button: the message's scene read by ``anygen.plan`` into the regions box (one
+    ``x0,y0,x1,y1: text`` line per object, its cell grown by ``PLAN_MARGIN``), "compose the regions onto" an empty
+    picture, and the reply started with an image; returns ``(regions, canvas, start_with)``.
+
+    Raises:
+        gr.Error: the message is not a scene the planner reads (its reason, saying what it reads).
+    """
+    text, _ = _split_message(message)
+    try:
+        objects = plan_objects(text)
+    except ValueError as err:
+        raise gr.Error(f"cannot plan a layout: {err}") from err
+    lines = [f"{x0:.4g},{y0:.4g},{x1:.4g},{y1:.4g}: {caption}"
+             for caption, (x0, y0, x1, y1) in layout_regions(objects, PLAN_MARGIN)]
+    return "\n".join(lines), "empty", "image"
+
+
 def _user(content: str | dict) -> dict:
     return {"role": "user", "content": content}
 
@@ -899,6 +921,7 @@ def build_demo(engine: AnyGen, *, notice: str | None = None, max_upload_mb: floa
                         defaults.regions, lines=2, label="regions, one per line: x0,y0,x1,y1: text",
                         elem_id="regions", placeholder="0,0,0.33,0.33: a red circle at the top left",
                         info="each box (fractions of the image, the top left 0,0) is drawn from its text")
+                    plan = gr.Button("plan the regions from the prompt", elem_id="plan", size="sm")
                     controls["inpaint"] = gr.Textbox(
                         defaults.inpaint, lines=1, label="inpaint: redraw only these boxes, one per line: x0,y0,x1,y1",
                         elem_id="inpaint", placeholder="0,0,0.5,0.5",
@@ -966,6 +989,8 @@ def build_demo(engine: AnyGen, *, notice: str | None = None, max_upload_mb: floa
                     controls["video_guidance"], controls["regions"], controls["inpaint"], controls["canvas"]],
         )
 
+        plan.click(plan_controls, inputs=[textbox],
+                   outputs=[controls["regions"], controls["canvas"], controls["start_with"]], api_name="plan")
         send = textbox.submit(
             chat, inputs=[textbox, conversation], inputs_kwargs=controls, outputs=[chatbot, textbox, conversation],
             api_name="chat", concurrency_limit=1, concurrency_id="engine",  # one model, one KV cache

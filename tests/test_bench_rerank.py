@@ -113,3 +113,26 @@ def test_pixel_agreement_is_minus_the_mean_absolute_difference():
     assert sim.shape == (3, 3) and torch.allclose(sim.diagonal(), torch.zeros(3))
     assert sim[0, 1].item() == pytest.approx(-1.0) and sim[0, 2].item() == pytest.approx(-0.5)
     assert torch.allclose(sim, sim.T)
+
+
+def test_shape_rerankers_read_the_swapped_captions():
+    # the first: likeliest, but a swapped shape explains it better; the second: the prompt's shape wins its
+    # contrast by the most; the third: likely and its shape checked
+    rows = [[{**cand(False, 0, -10, 0), "gneg": [-9.0, -30.0]},
+             {**cand(False, 0, -40, 0), "gneg": [-80.0, -90.0]},
+             {**cand(True, 0, -20, 0), "gneg": [-25.0, -26.0]}]]
+    (line,) = rerank.summarize(rows, [3])
+    assert line["likelihood"] == 0.0 and line["shape contrast"] == 0.0 and line["shape-checked likelihood"] == 1.0
+    unchecked = [[{**cand(False, 0, -10, 0), "gneg": [-9.0]}, {**cand(True, 0, -20, 0), "gneg": [-5.0]}]]
+    assert rerank.summarize(unchecked, [2])[0]["shape-checked likelihood"] == 0.0  # none checked: the likeliest
+
+
+def test_shape_negatives_swap_one_shape_at_a_time():
+    from anygen.data.shapes import SceneObject
+
+    pair = [SceneObject("circle", "red", "top left"), SceneObject("square", "blue", "bottom right")]
+    assert rerank.shape_negatives(pair) == [
+        "a red square at the top left and a blue square at the bottom right",
+        "a red triangle at the top left and a blue square at the bottom right",
+        "a red circle at the top left and a blue circle at the bottom right",
+        "a red circle at the top left and a blue triangle at the bottom right"]

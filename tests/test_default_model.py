@@ -104,6 +104,7 @@ def test_quickstart_uses_the_default_model(tmp_path):
     assert main(["--out", str(tmp_path)]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert {"image", "video", "caption", "digit"} <= set(summary["written"])
+    assert summary["prompts"]["image_planned"] is True  # the scene prompt was laid out by anygen.plan
     assert summary["prompts"]["video_negative_prompt"] == "a green triangle moves to the left"  # the clip is steered
     assert (tmp_path / "image.png").is_file() and (tmp_path / "video.mp4").is_file()
 

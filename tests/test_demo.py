@@ -624,3 +624,24 @@ def test_a_reply_that_cannot_compose_says_why_in_the_chat(engine, tmp_path, monk
                              **change})
     chat = list(runner.respond("a red circle", options, Conversation()))[-1]
     assert match in chat[-1]["content"] and not streamed
+
+
+def test_plan_button_fills_the_regions_the_chat_then_composes(url):
+    """"plan the regions from the prompt": the scene read into one region per object (its grown cell), composed
+    onto an empty picture, the reply started with an image; the regions it writes parse back to the plan's."""
+    from anygen.plan import plan_layout
+
+    prompt = "a red circle at the top left and a blue square at the bottom right"
+    regions, canvas, start = _client(url).predict({"text": prompt, "files": []}, api_name="/plan")
+    assert (canvas, start) == ("empty", "image")
+    parsed = ChatOptions(regions=regions).region_list()
+    planned = plan_layout(prompt, 16).regions
+    assert [t for t, _ in parsed] == [t for t, _ in planned]
+    assert all(b == pytest.approx(p, abs=1e-3) for (_, b), (_, p) in zip(parsed, planned))
+    chat = _send(_client(url), prompt, regions=regions, canvas=canvas, start_with=start, max_images=1)
+    assert any("composing 2 region(s) onto an empty picture" in t for t in _texts(chat, "assistant")), chat
+
+
+def test_plan_button_says_why_a_prompt_cannot_be_planned():
+    with pytest.raises(gr.Error, match="cannot plan a layout: .*'<colour> <shape> <where>'"):
+        app.plan_controls({"text": "a photo of a dog", "files": []})

@@ -1,0 +1,80 @@
+"""anygen.plan: a scene prompt read into a layout (regions over grown cells, an empty canvas), and the refusals."""
+
+import pytest
+
+from anygen.data.shapes import BACKGROUND, SceneObject, cell_box
+from anygen.plan import PLAN_MARGIN, plan_layout, plan_objects
+
+
+def test_plan_reads_each_object_into_its_grown_cell():
+    layout = plan_layout("A red circle at the top left and a blue square at the bottom right.", 32)
+    assert layout.objects == (SceneObject("circle", "red", "top left"), SceneObject("square", "blue", "bottom right"))
+    (t0, b0), (t1, b1) = layout.regions
+    assert (t0, t1) == ("a red circle at the top left", "a blue square at the bottom right")
+    m = PLAN_MARGIN
+    assert b0 == pytest.approx((0.0, 0.0, 1 / 3 + m, 1 / 3 + m))  # clipped at the picture's edges
+    assert b1 == pytest.approx((2 / 3 - m, 2 / 3 - m, 1.0, 1.0))
+    assert layout.canvas.size == (32, 32)
+    assert set(layout.canvas.convert("RGB").getdata()) == {BACKGROUND}  # an empty scene
+    assert layout.kwargs() == {"regions": layout.regions, "canvas": layout.canvas}
+
+
+def test_plan_keeps_the_prompt_order_and_accepts_commas():
+    objects = plan_objects("a green triangle in the center, a yellow circle on the left; and an orange square at "
+                           "the top")
+    assert [(o.shape, o.position) for o in objects] == [("triangle", "center"), ("circle", "left"), ("square", "top")]
+    (_, box), = plan_layout("a cyan square at the bottom", 16, margin=0.0).regions
+    assert box == pytest.approx(cell_box("bottom"))
+
+
+@pytest.mark.parametrize("prompt, match", [
+    ("a photo of a dog", "no object to plan"),
+    ("a red circle at the top left and a dog", "cannot place 'and a dog'"),
+    ("draw a red circle at the top left", "cannot place 'draw'"),
+    ("a red circle at the top left and a blue square at the top left", "two objects at the top left"),
+    ("", "no object to plan"),
+])
+def test_plan_refuses_what_it_cannot_place(prompt, match):
+    with pytest.raises(ValueError, match=match) as err:
+        plan_objects(prompt)
+    if "two objects" not in match:
+        assert "'<colour> <shape> <where>'" in str(err.value)  # says what it reads
+
+
+def test_plan_checks_its_arguments():
+    with pytest.raises(ValueError, match="text prompt"):
+        plan_objects(["a red circle at the top left"])
+    with pytest.raises(ValueError, match="positive int"):
+        plan_layout("a red circle at the top left", 0)
+    with pytest.raises(ValueError, match="margin is a fraction"):
+        plan_layout("a red circle at the top left", 16, margin=0.6)
+
+
+def test_cli_generate_plan_composes_the_planned_layout(tmp_path, monkeypatch, capsys):
+    from anygen import cli_generate
+    from anygen.testing import random_engine
+
+    engine = random_engine("tiny")
+    calls, real = [], engine.generate
+    monkeypatch.setattr(engine, "generate", lambda prompts, **kw: calls.append(kw) or real(prompts, **kw))
+    monkeypatch.setattr(cli_generate, "load_engine", lambda *a, **k: engine)
+    prompt = "a red circle at the top left and a blue square at the bottom right"
+    assert cli_generate.main([prompt, "--plan", "--max-images", "1", "--seed", "0", "--out", str(tmp_path)]) == 0
+    (kw,) = calls
+    size = engine.tokenizer.image_size[0]
+    assert kw["start_with"] == "image" and kw["regions"] == [plan_layout(prompt, size).regions]
+    assert [c.size for c in kw["canvas"]] == [(size, size)]
+    assert (tmp_path / "0000" / "image_0.png").is_file()
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["a dog on a mat"], "no object to plan"),
+    (["a red circle at the top left", "--region", "0,0,0.5,0.5:a red circle"], "takes no regions"),
+    (["a red circle at the top left", "--start-with", "video"], "not video"),
+])
+def test_cli_generate_plan_refuses_before_loading_a_model(extra, match, monkeypatch, capsys):
+    from anygen import cli_generate
+
+    monkeypatch.setattr(cli_generate, "load_engine", lambda *a, **k: pytest.fail("loaded a model for a bad plan"))
+    assert cli_generate.main([*extra, "--plan"]) == 2
+    assert match in capsys.readouterr().err
