@@ -2,7 +2,7 @@
 
 With the shipped default model (``anygen/assets/default``, trained by ``scripts/train_default.sh``)
 it generates from prompts on the CPU in well under a minute and writes what came out: text → image
-(``image.png``; a scene prompt's layout is planned first, ``anygen.plan``), text → video
+(``image.png``; a scene prompt of several objects is laid out first, ``anygen.plan``), text → video
 (``video.mp4``), the generated image captioned back through the understanding path
 (``caption.txt``), a handwritten digit (``digit.png``), and ``summary.json``.
 ``--prompt`` changes the image prompt.
@@ -120,11 +120,12 @@ def generate_with_default(directory: Path, out: Path, prompt: str, seed: int) ->
         timings[name] = round(time.perf_counter() - start, 2)
         return result
 
-    # a scene prompt is planned first (anygen.plan: each object's caption over its cell, drawn alone onto an empty
-    # scene; the shipped model draws both objects of held-out pairs 81.7 % of the time so, 22.5 % from the text
-    # alone); any other prompt is drawn from its text
+    # a scene prompt of several objects is planned first (anygen.plan: each object's caption over its cell, drawn
+    # alone onto an empty scene; the shipped model draws both objects of held-out pairs 81.7 % of the time so, 22.5 %
+    # from the text alone); one object gains nothing by it (92.2 % composed, 93.9 % drawn), nor can any other prompt
     try:
-        layout = plan_layout(prompt, tok.image_size[0]).kwargs()
+        plan = plan_layout(prompt, tok.image_size[0])
+        layout = plan.kwargs() if len(plan.objects) > 1 else {}
     except ValueError as err:
         layout = {}
         print(f"quickstart: drawing {prompt!r} from its text alone, unplanned: {err}")
