@@ -103,9 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="plan each prompt's layout before drawing it (anygen.plan): a scene prompt such as \"a red "
                         "circle at the top left and a blue square at the bottom right\" becomes each object's caption "
                         "over its cell, each drawn alone onto an empty scene (the default model draws both objects "
-                        "of held-out pairs 81.7 %% of the time so, 22.5 %% from the text alone); implies --start-with "
-                        "image; every prompt must be such a scene, with no --image, --understand, --region, "
-                        "--inpaint or --canvas")
+                        "of held-out pairs 80.8 %% of the time so, 22.5 %% from the text alone); with one --image, a "
+                        "recolouring (\"make the circle yellow\") redraws only the object's cell, found by the model "
+                        "reading the picture, under its new caption; implies --start-with image; takes no "
+                        "--understand, --region, --inpaint or --canvas")
     p.add_argument("--batch-size", type=int, default=4, help="prompts per batch with --prompts")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     for m in MODALITIES:
@@ -199,23 +200,62 @@ def _load_prompts(args: argparse.Namespace) -> list[dict]:
 
 
 def _check_plannable(args: argparse.Namespace, items: list[dict]) -> None:
-    """``--plan``'s prompts: text → image scenes the planner reads, nothing else given to place them."""
+    """``--plan``'s prompts: text → image scenes the planner reads, or recolourings of one ``--image`` picture,
+    nothing else given to place them."""
+    from anygen.data.shapes import parse_recolor
     from anygen.plan import plan_objects
 
     if args.start_with == "video":
         raise ValueError("--plan lays out a picture: it draws with --start-with image, not video")
     for n, item in enumerate(items):
-        given = [name for name in ("images", "understand", "regions", "inpaint") if item.get(name)]
+        edit = len(item.get("images") or []) == 1
+        given = [name for name in ("understand", "regions", "inpaint") if item.get(name)]
         given += ["canvas"] if item.get("canvas") is not None else []
+        given += ["images"] if len(item.get("images") or []) > 1 else []
         if given:
-            raise ValueError(f"prompt #{n}: --plan draws the scene from the prompt's text alone, onto an empty "
-                             f"picture; it takes no {', '.join(given)} (leave --plan out to give them yourself)")
+            raise ValueError(f"prompt #{n}: --plan places what is drawn itself, from the prompt's text (and one "
+                             f"--image to edit); it takes no {', '.join(given)} (leave --plan out to give them "
+                             "yourself)")
         if not item.get("prompt"):
             raise ValueError(f"prompt #{n}: --plan reads the layout from the prompt's text, and it has none")
-        try:
-            plan_objects(item["prompt"])
-        except ValueError as err:
-            raise ValueError(f"prompt #{n}: {err}") from err
+        if edit and parse_recolor(item["prompt"]) is None:
+            raise ValueError(f"prompt #{n}: --plan with --image plans a recolouring, worded 'make the [<colour>] "
+                             f"<shape> [<where>] <new colour>' (e.g. 'make the circle yellow'), got "
+                             f"{item['prompt']!r:.200}")
+        if not edit:
+            try:
+                plan_objects(item["prompt"])
+            except ValueError as err:
+                raise ValueError(f"prompt #{n}: {err}") from err
+
+
+def _plan(engine, args: argparse.Namespace, items: list[dict], documents: list[list], canvases: list
+          ) -> tuple[list, list, list]:
+    """``--plan``: each prompt's ``(regions, inpaint boxes, canvas)``: a scene's layout composed onto an empty
+    picture (``plan_layout``), an edit's cell redrawn under the edited object's caption (``plan_edits``, the model
+    reading the picture where the instruction names no place)."""
+    from anygen.plan import plan_edits, plan_layout
+
+    if engine.tokenizer.image is None:
+        raise ValueError("--plan plans pictures, and this model has no image tokenizer")
+    regions, inpaint = [item["regions"] for item in items], [item["inpaint"] for item in items]
+    edits = [i for i, item in enumerate(items) if item.get("images")]
+    for i, item in enumerate(items):
+        if i not in edits:
+            layout = plan_layout(item["prompt"], engine.tokenizer.image_size[0])
+            regions[i], canvases[i] = layout.regions, layout.canvas
+    if edits:
+        plans = plan_edits(engine, [documents[i][0].image for i in edits], [items[i]["prompt"] for i in edits],
+                           seed=args.seed)
+        for i, plan in zip(edits, plans):
+            if plan is None:
+                print(f"[{i}] --plan: the model did not find what {items[i]['prompt']!r} edits in the picture; the "
+                      "whole picture is drawn (give --inpaint X0,Y0,X1,Y1 to place it)", file=sys.stderr)
+            else:
+                print(f"[{i}] --plan: redrawing the {plan.cell} cell as {plan.regions[0][0]!r} (read from "
+                      f"{plan.read_from!r:.120})", file=sys.stderr)
+                regions[i], inpaint[i] = plan.regions, [plan.box]
+    return regions, inpaint, canvases
 
 
 def _document(item: dict) -> list:
@@ -271,18 +311,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         documents = [_document(item) for item in items]  # decode every image before any work
         canvases = _canvases(items)
         engine = load_engine(args.checkpoint, args.random_tiny, args.device)
-        regions = [item["regions"] for item in items]
+        regions, inpaint = [item["regions"] for item in items], [item["inpaint"] for item in items]
         if args.plan:
-            from anygen.plan import plan_layout
-
-            if engine.tokenizer.image is None:
-                raise ValueError("--plan composes pictures, and this model has no image tokenizer")
-            layouts = [plan_layout(item["prompt"], engine.tokenizer.image_size[0]) for item in items]
-            regions, canvases = [lay.regions for lay in layouts], [lay.canvas for lay in layouts]
+            regions, inpaint, canvases = _plan(engine, args, items, documents, canvases)
             args.start_with = "image"
         return _run(engine, args, documents, [item["negatives"] for item in items],
-                    [item["negative_prompt"] for item in items], regions,
-                    [item["inpaint"] for item in items], canvases)
+                    [item["negative_prompt"] for item in items], regions, inpaint, canvases)
     except (ValueError, FileNotFoundError, TypeError) as err:
         print(f"anygen generate: error: {err}", file=sys.stderr)
         return 2

@@ -198,7 +198,7 @@ def test_eval_inpaint_redraws_the_edited_cell_and_the_added_object_cell(tmp_path
     drawn = calls[-1][1]
     assert "regions" not in drawn
     for sample, box in zip(asked.samples, drawn.get("inpaint") or [None] * 3):  # the random model's own reading
-        assert sample["read_from"] is not None
+        assert (sample["read_from"] is None) == (sample["redrawn_cell"] is None)  # a cell found says from what
         assert box == (cell_box(sample["redrawn_cell"]) if sample["redrawn_cell"] else None)
     calls.clear()
     story = eval_story(EvalContext(engine, num=2, inpaint="layout"))
@@ -287,16 +287,21 @@ def test_copied_runs_are_fed_at_once_with_the_ids_of_one_step_each(engine, pictu
 
 
 def test_inpainted_edits_are_reranked_against_the_planned_edited_scene(monkeypatch):
-    from anygen.eval.harness import EditCase, EvalContext, edit_cases, edited_scene, eval_edit
+    from anygen.eval.harness import EditCase, EvalContext, edit_cases, eval_edit
+    from anygen.plan import edit_plan
 
     before = [SceneObject("circle", "red", "top left"), SceneObject("square", "blue", "bottom right")]
     case = EditCase(before, [SceneObject("circle", "yellow", "top left"), before[1]], 0, "make the circle yellow")
-    assert caption(edited_scene(case, "top left", "layout")) == caption(case.after)
-    read = "caption: a red circle at the top left and a green triangle in the center"
-    assert caption(edited_scene(case, "top left", read)) == "a yellow circle at the top left and a green triangle " \
-                                                              "in the center"  # the model's own reading, recoloured
-    assert edited_scene(case, "top", "where is the circle? at the top") == [SceneObject("circle", "yellow", "top")]
-    assert edited_scene(case, None, None) is None
+    assert caption(edit_plan(case.instruction, "top left", "layout", before).scene) == caption(case.after)
+    seen = [SceneObject("circle", "red", "top left"), SceneObject("triangle", "green", "center")]
+    assert caption(edit_plan(case.instruction, "top left", "caption: ...", seen).scene) == \
+        "a yellow circle at the top left and a green triangle in the center"  # the model's own reading, recoloured
+    asked = edit_plan(case.instruction, "top", "where is the circle? at the top")
+    assert asked.scene == [SceneObject("circle", "yellow", "top")]
+    assert asked.regions == [("a yellow circle at the top", cell_box("top"))] and asked.box == cell_box("top")
+    assert asked.kwargs() == {"inpaint": cell_box("top"), "regions": asked.regions}
+    assert edit_plan(case.instruction, None, None) is None
+    assert edit_plan("add a red circle", "top", "layout") is None  # not a recolouring
 
     engine = random_engine("tiny")
     drawn, scored, real = [], [], engine.generate

@@ -78,3 +78,80 @@ def test_cli_generate_plan_refuses_before_loading_a_model(extra, match, monkeypa
     monkeypatch.setattr(cli_generate, "load_engine", lambda *a, **k: pytest.fail("loaded a model for a bad plan"))
     assert cli_generate.main([*extra, "--plan"]) == 2
     assert match in capsys.readouterr().err
+
+
+def _fake_generate(captions, answers):
+    """A ``generate`` for ``plan_edits`` giving these captions, then these answers, recording each call."""
+    from types import SimpleNamespace
+
+    calls = []
+
+    def generate(prompts, **kw):
+        calls.append((prompts, kw))
+        texts = captions if "best_of" in kw else answers
+        return [SimpleNamespace(text=texts[i]) for i in range(len(prompts))]
+
+    return generate, calls
+
+
+def test_plan_edits_finds_the_cell_from_the_instruction_the_caption_or_the_answer():
+    from anygen.data.shapes import render_scene
+    from anygen.plan import ASK_BEST_OF, plan_edits
+    from anygen.testing import random_engine
+
+    engine = random_engine("tiny")
+    picture = render_scene([SceneObject("circle", "red", "top left")], 32)
+    generate, calls = _fake_generate(
+        ["a blue square in the center and a red circle at the top left", "a green triangle on the right", "nothing"],
+        ["it is at the bottom", "i do not know"])
+    plans = plan_edits(engine, [picture] * 4, ["make the square at the top right green", "make the circle yellow",
+                                               "make the blue circle red", "make the square cyan"],
+                       generate=generate)
+    named, caption_read, answered, lost = plans
+    assert (named.cell, named.read_from) == ("top right", "instruction")  # no model call for it
+    assert caption_read.cell == "top left" and caption_read.read_from.startswith("caption: a blue square")
+    assert caption_read.regions == [("a yellow circle at the top left", cell_box("top left"))]
+    assert [o.key for o in caption_read.scene] == [("blue", "square", "center"), ("yellow", "circle", "top left")]
+    assert answered.cell == "bottom" and answered.read_from == "where is the blue circle? it is at the bottom"
+    assert lost is None  # the answer names no place
+    (captions, ckw), (questions, qkw) = calls
+    assert len(captions) == 3 and ckw["best_of"] == ASK_BEST_OF and all(len(p) == 1 for p in captions)
+    assert [q[1] for q in questions] == ["where is the blue circle?", "where is the square?"]
+    assert qkw["max_images"] == 0
+
+
+def test_plan_edits_refuses_what_it_cannot_plan():
+    from anygen.data.shapes import render_scene
+    from anygen.plan import plan_edits
+    from anygen.testing import random_engine
+
+    engine, picture = random_engine("tiny"), render_scene([], 32)
+    with pytest.raises(ValueError, match="edit #0: the planner reads recolourings"):
+        plan_edits(engine, [picture], ["add a red circle"])
+    with pytest.raises(ValueError, match="one instruction per picture"):
+        plan_edits(engine, [picture, picture], ["make the circle red"])
+    engine.model.und = None  # no understanding encoder: only an instruction naming its place can be planned
+    assert plan_edits(engine, [picture], ["make the circle at the top red"])[0].cell == "top"
+    with pytest.raises(ValueError, match="no understanding encoder|has none"):
+        plan_edits(engine, [picture], ["make the circle red"])
+
+
+def test_cli_generate_plan_redraws_the_cell_of_an_edit(tmp_path, monkeypatch, capsys):
+    from anygen import cli_generate
+    from anygen.data.shapes import render_scene
+    from anygen.testing import random_engine
+
+    engine = random_engine("tiny")
+    calls, real = [], engine.generate
+    monkeypatch.setattr(engine, "generate", lambda prompts, **kw: calls.append(kw) or real(prompts, **kw))
+    monkeypatch.setattr(cli_generate, "load_engine", lambda *a, **k: engine)
+    scene = tmp_path / "scene.png"
+    render_scene([SceneObject("circle", "red", "top left")], engine.tokenizer.image_size[0]).save(scene)
+    assert cli_generate.main(["make the circle at the top left yellow", "--image", str(scene), "--plan",
+                              "--max-images", "1", "--seed", "0", "--out", str(tmp_path / "out")]) == 0
+    (kw,) = calls  # the place is named: the model is not asked, the edit is drawn once
+    assert kw["inpaint"] == [[cell_box("top left")]] and kw["start_with"] == "image"
+    assert kw["regions"] == [[("a yellow circle at the top left", cell_box("top left"))]]
+    assert "redrawing the top left cell" in capsys.readouterr().err
+    assert cli_generate.main(["draw it", "--image", str(scene), "--plan"]) == 2
+    assert "plans a recolouring" in capsys.readouterr().err

@@ -44,8 +44,6 @@ from anygen.data.shapes import (
     layout_regions,
     motion_caption,
     parse_caption,
-    parse_recolor,
-    parse_where,
     refer,
     render_scene,
     sample_motion,
@@ -54,7 +52,7 @@ from anygen.data.shapes import (
 )
 from anygen.eval.detect import detect_objects, motion_direction
 from anygen.generation.generator import SamplingDefaults
-from anygen.plan import PLAN_MARGIN, plan_objects
+from anygen.plan import PLAN_MARGIN, EditPlan, edit_plan, plan_edits, plan_objects
 from tokenizers_mm.segments import Image, Understand
 
 # the issue's targets (fraction correct, on the category's headline metric)
@@ -64,9 +62,6 @@ VIDEO_NEGATIVES: tuple[str, ...] = ("none", "opposite")  # EvalContext.video_neg
 REGIONS: tuple[str, ...] = ("none", "layout")  # EvalContext.regions
 INPAINTS: tuple[str, ...] = ("none", "layout", "asked")  # EvalContext.inpaint
 CANVASES: tuple[str, ...] = ("none", "blank")  # EvalContext.canvas
-# captions drawn (and reranked) to find an edit's object with inpaint "asked": on 240 held-out edits (seeds 0-1) the
-# caption then the "where is" answer found the right cell for 90.0 % at 8 and 92.1 % at 16, the answer alone 71.3 %
-ASK_BEST_OF = 8
 OPPOSITE: dict[str, str] = {"left": "right", "right": "left", "up": "down", "down": "up"}
 CATEGORIES: tuple[str, ...] = ("t2i_single", "t2i_pair", "caption", "video", "digits", "edit", "story", "tokenizer")
 
@@ -145,7 +140,7 @@ class EvalContext:
             the generation path finds the image most likely; video draws this many clips and keeps the one whose
             reading most favours its prompt over the same motion in the other three directions (``negatives``);
             inpainted edits (``inpaint`` on) draw this many and keep the one the understanding path reads back best as
-            the planned edited scene (``edited_scene``); edits drawn whole are not reranked.
+            the planned edited scene (``EditPlan.scene``); edits drawn whole are not reranked.
         rerank: how the text → image prompts and inpainted edits read their drawn images back (``generate``'s
             ``rerank``, ``RERANKERS``): ``"understanding"``, the prompt's likelihood after the image read by the
             understanding encoder; ``"likelihood"``, the generation path's log-probability of the image's VQ codes
@@ -161,7 +156,7 @@ class EvalContext:
             the rest of the picture, and the story's second picture only the added object's cell (the cell its step
             names), copying the first. For an edit the cell is the object's in the source scene (``"layout"``: the
             box a user would draw) or the one the model's understanding path answers to ``"where is <the object>?"``
-            (``"asked"``: nothing given but the picture and the instruction; see ``edit_cells``); ``"none"``: the
+            (``"asked"``: nothing given but the picture and the instruction; ``plan.plan_edits``); ``"none"``: the
             whole picture drawn.
         canvas: ``"blank"`` (with ``regions`` "layout"): text → image prompts and the story's first picture are
             composed onto an empty scene (``generate(canvas=...)``), each object drawn alone, its box its cell
@@ -484,73 +479,28 @@ def judge_edit(case: EditCase, image: PIL.Image.Image | None) -> dict[str, Any]:
             "rest_unchanged": rest}
 
 
-def edit_cells(ctx: EvalContext, cases: Sequence[EditCase]) -> list[tuple[str | None, str | None]]:
-    """``(cell, reading)`` per edit for ``ctx.inpaint``: the cell an edit redraws (None: the whole picture) and what
-    it was read from. ``"layout"``: the edited object's cell in the source scene (the box a user would draw).
-    ``"asked"``: the model finds it, given only the picture and the instruction: the cell the instruction names, else
-    that of the first object of the object's shape (and colour, where named) in the model's own caption of the
-    picture (``best_of`` ``ASK_BEST_OF``, reranked by the generation path), else the cell its understanding path
-    answers to ``"where is the <colour> <shape>?"``."""
+def edit_plans(ctx: EvalContext, cases: Sequence[EditCase]) -> list[EditPlan | None]:
+    """The plan of each edit for ``ctx.inpaint`` (None: the whole picture drawn). ``"layout"``: the edited object's
+    cell in the source scene (the box a user would draw), the scene known. ``"asked"``: the model finds it, given
+    only the picture and the instruction (``plan.plan_edits``, its captions and answers drawn by this run)."""
     if ctx.inpaint == "none":
-        return [(None, None)] * len(cases)
+        return [None] * len(cases)
     if ctx.inpaint == "layout":
-        return [(case.before[case.target].position, "layout") for case in cases]
-    plans: list[tuple[str | None, str | None]] = [(None, None)] * len(cases)
-    asks = []
-    for i, case in enumerate(cases):
-        parsed = parse_recolor(case.instruction)
-        if parsed is not None and parsed[2] is not None:
-            plans[i] = (parsed[2], "instruction")
-        elif parsed is not None:
-            asks.append(i)
-    if not asks:
-        return plans
-    pictures = [Understand(render_scene(cases[i].before, ctx.image_px[0])) for i in asks]
-    captions = ctx.generate([[p] for p in pictures], max_new_tokens=48, best_of=ASK_BEST_OF)
-    questions = []
-    for i, out in zip(asks, captions):
-        shape, color, _, _ = parse_recolor(cases[i].instruction)
-        named = [o for o in parse_caption(out.text) if o.shape == shape and color in (None, o.color)]
-        if named:
-            plans[i] = (named[0].position, f"caption: {out.text.strip()}")
-        else:
-            questions.append((i, f"where is the {color + ' ' if color else ''}{shape}?"))
-    if questions:
-        answers = ctx.generate([[pictures[asks.index(i)], q] for i, q in questions], max_new_tokens=16, max_images=0)
-        for (i, q), out in zip(questions, answers):
-            plans[i] = (parse_where(out.text), f"{q} {out.text.strip()}")
-    return plans
-
-
-def edited_scene(case: EditCase, cell: str | None, read_from: str | None) -> list[SceneObject] | None:
-    """The scene an inpainted edit should show, as a planner knows it: the source layout (``read_from`` "layout") or
-    the objects of the model's own caption of the picture (``"caption: ..."``; none otherwise), with the instruction's
-    object at ``cell`` in its new colour; None without a cell or a recolouring instruction. What ``--best-of``
-    reranks inpainted edits against."""
-    parsed = parse_recolor(case.instruction)
-    if cell is None or parsed is None:
-        return None
-    scene: list[SceneObject] = []
-    if read_from == "layout":
-        scene = list(case.before)
-    elif read_from and read_from.startswith("caption: "):
-        scene = parse_caption(read_from[len("caption: "):])
-    return [o for o in scene if o.position != cell] + [SceneObject(parsed[0], parsed[3], cell)]
+        return [edit_plan(case.instruction, case.before[case.target].position, "layout", case.before)
+                for case in cases]
+    return plan_edits(ctx.engine, [render_scene(case.before, ctx.image_px[0]) for case in cases],
+                      [case.instruction for case in cases], generate=ctx.generate)
 
 
 def eval_edit(ctx: EvalContext) -> CategoryResult:
     """Recolour one object of a held-out scene; headline: the edited image is exactly the edited scene."""
     started = time.perf_counter()
     cases = edit_cases(ctx)
-    plans = edit_cells(ctx, cases)
-    boxes = [cell_box(cell) if cell is not None else None for cell, _ in plans]
+    plans = edit_plans(ctx, cases)
+    boxes = [None if plan is None else plan.box for plan in plans]
     regions = None
     if ctx.inpaint != "none" and ctx.regions == "layout":  # the redrawn cell's own caption: the edited object
-        regions = []
-        for case, (cell, _) in zip(cases, plans):
-            parsed = parse_recolor(case.instruction)
-            regions.append([] if cell is None or parsed is None else
-                           [(caption([SceneObject(parsed[0], parsed[3], cell)]), cell_box(cell))])
+        regions = [[] if plan is None else plan.regions for plan in plans]
     prompts = [case.prompt(ctx.image_px[0]) for case in cases]
     n = ctx.best_of if ctx.inpaint != "none" and ctx.best_of > 1 else 1  # inpainted edits are reranked
     drawn = ctx.generate_segments([p for p in prompts for _ in range(n)],
@@ -560,9 +510,9 @@ def eval_edit(ctx: EvalContext) -> CategoryResult:
     kept = drawn
     if n > 1:  # keep the draw read back best (ctx.rerank; by likelihood, its codes as drawn) as the edited scene
         kept = []
-        for i, (case, (cell, read_from)) in enumerate(zip(cases, plans)):
-            row, scene = drawn[i * n:(i + 1) * n], edited_scene(case, cell, read_from)
-            scores = ctx.engine.score_candidates(row, caption(scene), rerank=ctx.rerank) if scene else [0.0] * n
+        for i, plan in enumerate(plans):
+            row = drawn[i * n:(i + 1) * n]
+            scores = ctx.engine.score_candidates(row, caption(plan.scene), rerank=ctx.rerank) if plan else [0.0] * n
             kept.append(row[max(range(n), key=lambda k: scores[k])])
     images = [None if seg is None else seg.image for seg in kept]
     samples = []
@@ -570,7 +520,8 @@ def eval_edit(ctx: EvalContext) -> CategoryResult:
         ctx.keep("edit", i, "edited", image)
         sample = judge_edit(case, image)
         if ctx.inpaint != "none":
-            sample["redrawn_cell"], sample["read_from"] = plans[i]
+            plan = plans[i]
+            sample["redrawn_cell"], sample["read_from"] = (None, None) if plan is None else (plan.cell, plan.read_from)
         samples.append(sample)
     details = {"changed": _mean([s["changed"] for s in samples]),
                "rest_unchanged": _mean([s["rest_unchanged"] for s in samples]),
@@ -578,7 +529,7 @@ def eval_edit(ctx: EvalContext) -> CategoryResult:
     if ctx.inpaint != "none":
         truth = [case.before[case.target].position for case in cases]
         details["inpaint"] = ctx.inpaint
-        details["cell_right"] = _mean([cell == t for (cell, _), t in zip(plans, truth)])
+        details["cell_right"] = _mean([plan is not None and plan.cell == t for plan, t in zip(plans, truth)])
         details["best_of"] = n
         if regions is not None and ctx.canvas != "none":
             details["canvas"] = "the edited object drawn alone onto an empty scene, then put into its cell"
