@@ -35,9 +35,11 @@ Notable:
   (``AnyGen.compose_codes``, the chat saying so; best of N reranks each region's drawings there), and the reply
   then copies the composed picture as its first image, streamed as any image is; with inpaint boxes as well, only
   inside them (the rest from the last picture), so an edit's object can be drawn alone and put in place.
-- Planning (``anygen.plan``): "plan the regions from the prompt" reads a scene prompt ("a red circle at the top
-  left and a blue square at the bottom right") into one region per object over its grown cell, composed onto an
-  empty picture, and starts the reply with an image; the regions stay editable before the prompt is sent.
+- Planning (``anygen.plan``): "plan the regions (and an edit's box) from the prompt" reads a scene prompt ("a red
+  circle at the top left and a blue square at the bottom right") into one region per object over its grown cell,
+  composed onto an empty picture, and starts the reply with an image; with one attached picture and a recolouring
+  ("make the circle yellow") it finds the object's cell (``plan_edits``: the model reads the picture) and sets it as
+  the inpaint box under the edited object's caption. The controls it fills stay editable before the prompt is sent.
 - Streaming: text shows as it arrives; an image shows at once as a grey canvas that fills in every
   ``preview_every`` rows (``ImageRows.preview``); a video shows its frame count, then the mp4.
 - One engine, one generation at a time: the model holds a single KV cache, so the chat event runs with
@@ -90,7 +92,7 @@ from anygen.generation.generator import (
     parse_region,
 )
 from anygen.generation.sampling import SamplingConfig
-from anygen.plan import PLAN_MARGIN, plan_objects
+from anygen.plan import PLAN_MARGIN, plan_edits, plan_objects
 from tokenizers_mm.multimodal import TokenSequence
 from tokenizers_mm.preprocess import load_image
 from tokenizers_mm.segments import Image, Segment, Text, Understand, Video
@@ -356,6 +358,36 @@ class ChatRunner:
         except Exception as err:  # e.g. PIL's DecompressionBombError, a decoder crash: still the file's fault
             raise ValueError(f"{name} could not be read ({type(err).__name__}: {str(err).replace(str(path), name)})"
                              ) from None
+
+    # -- planning -----------------------------------------------------------------------------------------
+    def plan(self, message: dict | str | None) -> tuple[Any, ...]:
+        """The "plan" button: ``(regions, inpaint, canvas, start_with, upload_mode)`` for the controls. A text
+        message is laid out (``plan_controls``); a recolouring with one attached picture ("make the circle
+        yellow") gets the cell the model finds (``plan_edits``: the instruction's place, else its reading of the
+        picture) as the inpaint box, under the edited object's caption, the picture given as VQ codes.
+
+        Raises:
+            gr.Error: what cannot be planned, and why.
+        """
+        text, files = _split_message(message)
+        if not files:
+            regions, canvas, start = plan_controls(message)
+            return regions, "", canvas, start, gr.skip()
+        if len(files) != 1:
+            raise gr.Error(f"cannot plan an edit of {len(files)} attachments: attach the one picture to edit")
+        try:
+            picture = self.load_upload(files[0], "edit")
+            if not isinstance(picture, Image):
+                raise ValueError(f"{Path(files[0]).name} is not a picture: an edit plan redraws part of one")
+            (plan,) = plan_edits(self.engine, [picture.image], [text], seed=0)
+        except ValueError as err:
+            raise gr.Error(f"cannot plan the edit: {err}") from err
+        if plan is None:
+            raise gr.Error(f"the model did not find what {text!r} edits in the picture; give the inpaint box "
+                           "yourself")
+        (caption, box), = plan.regions
+        gr.Info(f"redrawing the {plan.cell} cell (read from {plan.read_from!r:.160})")
+        return f"{_box_text(box)}: {caption}", _box_text(plan.box), "none", "image", "edit"
 
     # -- one reply ----------------------------------------------------------------------------------------
     def respond(self, message: dict | str | None, options: ChatOptions, conv: Conversation) -> Iterator[list[dict]]:
@@ -755,8 +787,12 @@ def _split_message(message: dict | str | None) -> tuple[str, list[str]]:
     return (message.get("text") or "").strip(), files
 
 
+def _box_text(box: Sequence[float]) -> str:
+    return ",".join(f"{v:.4g}" for v in box)
+
+
 def plan_controls(message: dict | str | None) -> tuple[str, str, str]:
-    """The "plan the layout" button: the message's scene read by ``anygen.plan`` into the regions box (one
+    """The "plan" button for a text message: its scene read by ``anygen.plan`` into the regions box (one
     ``x0,y0,x1,y1: text`` line per object, its cell grown by ``PLAN_MARGIN``), "compose the regions onto" an empty
     picture, and the reply started with an image; returns ``(regions, canvas, start_with)``.
 
@@ -768,8 +804,7 @@ def plan_controls(message: dict | str | None) -> tuple[str, str, str]:
         objects = plan_objects(text)
     except ValueError as err:
         raise gr.Error(f"cannot plan a layout: {err}") from err
-    lines = [f"{x0:.4g},{y0:.4g},{x1:.4g},{y1:.4g}: {caption}"
-             for caption, (x0, y0, x1, y1) in layout_regions(objects, PLAN_MARGIN)]
+    lines = [f"{_box_text(box)}: {caption}" for caption, box in layout_regions(objects, PLAN_MARGIN)]
     return "\n".join(lines), "empty", "image"
 
 
@@ -921,7 +956,8 @@ def build_demo(engine: AnyGen, *, notice: str | None = None, max_upload_mb: floa
                         defaults.regions, lines=2, label="regions, one per line: x0,y0,x1,y1: text",
                         elem_id="regions", placeholder="0,0,0.33,0.33: a red circle at the top left",
                         info="each box (fractions of the image, the top left 0,0) is drawn from its text")
-                    plan = gr.Button("plan the regions from the prompt", elem_id="plan", size="sm")
+                    plan = gr.Button("plan the regions (and an edit's box) from the prompt", elem_id="plan",
+                                     size="sm")
                     controls["inpaint"] = gr.Textbox(
                         defaults.inpaint, lines=1, label="inpaint: redraw only these boxes, one per line: x0,y0,x1,y1",
                         elem_id="inpaint", placeholder="0,0,0.5,0.5",
@@ -989,8 +1025,10 @@ def build_demo(engine: AnyGen, *, notice: str | None = None, max_upload_mb: floa
                     controls["video_guidance"], controls["regions"], controls["inpaint"], controls["canvas"]],
         )
 
-        plan.click(plan_controls, inputs=[textbox],
-                   outputs=[controls["regions"], controls["canvas"], controls["start_with"]], api_name="plan")
+        plan.click(runner.plan, inputs=[textbox],
+                   outputs=[controls["regions"], controls["inpaint"], controls["canvas"], controls["start_with"],
+                            controls["upload_mode"]],
+                   api_name="plan", concurrency_limit=1, concurrency_id="engine")  # an edit's plan reads the picture
         send = textbox.submit(
             chat, inputs=[textbox, conversation], inputs_kwargs=controls, outputs=[chatbot, textbox, conversation],
             api_name="chat", concurrency_limit=1, concurrency_id="engine",  # one model, one KV cache

@@ -632,8 +632,8 @@ def test_plan_button_fills_the_regions_the_chat_then_composes(url):
     from anygen.plan import plan_layout
 
     prompt = "a red circle at the top left and a blue square at the bottom right"
-    regions, canvas, start = _client(url).predict({"text": prompt, "files": []}, api_name="/plan")
-    assert (canvas, start) == ("empty", "image")
+    regions, inpaint, canvas, start, _ = _client(url).predict({"text": prompt, "files": []}, api_name="/plan")
+    assert (inpaint, canvas, start) == ("", "empty", "image")
     parsed = ChatOptions(regions=regions).region_list()
     planned = plan_layout(prompt, 16).regions
     assert [t for t, _ in parsed] == [t for t, _ in planned]
@@ -645,3 +645,35 @@ def test_plan_button_fills_the_regions_the_chat_then_composes(url):
 def test_plan_button_says_why_a_prompt_cannot_be_planned():
     with pytest.raises(gr.Error, match="cannot plan a layout: .*'<colour> <shape> <where>'"):
         app.plan_controls({"text": "a photo of a dog", "files": []})
+
+
+def test_plan_button_finds_an_edits_cell_and_the_chat_redraws_it(url, tmp_path):
+    """With a picture attached, a recolouring is planned as an inpaint box over the object's cell under its new
+    caption (here the instruction names the place, so the random model is not asked), the picture as VQ codes."""
+    from anygen.data.shapes import SceneObject, cell_box, render_scene
+
+    scene = tmp_path / "scene.png"
+    render_scene([SceneObject("circle", "red", "top left")], 32).save(scene)
+    message = {"text": "make the circle at the top left yellow", "files": [gradio_client.handle_file(str(scene))]}
+    regions, inpaint, canvas, start, mode = _client(url).predict(message, api_name="/plan")
+    assert (canvas, start, mode) == ("none", "image", "edit")
+    (text, box), = ChatOptions(regions=regions).region_list()
+    assert text == "a yellow circle at the top left" and box == pytest.approx(cell_box("top left"), abs=1e-3)
+    assert ChatOptions(inpaint=inpaint).inpaint_boxes() == [pytest.approx(cell_box("top left"), abs=1e-3)]
+    chat = _send(_client(url), message["text"], [scene], regions=regions, inpaint=inpaint, canvas=canvas,
+                 start_with=start, upload_mode=mode, max_images=1)
+    assert _files(chat), chat  # the edited picture came back
+
+
+def test_plan_button_refuses_what_it_cannot_plan(engine, tmp_path):
+    from anygen.data.shapes import render_scene
+
+    runner = ChatRunner(engine, tmp_path)
+    scene = tmp_path / "scene.png"
+    render_scene([], 32).save(scene)
+    with pytest.raises(gr.Error, match="the planner reads recolourings"):
+        runner.plan({"text": "draw a dog", "files": [str(scene)]})
+    with pytest.raises(gr.Error, match="2 attachments"):
+        runner.plan({"text": "make the circle red", "files": [str(scene), str(scene)]})
+    with pytest.raises(gr.Error, match="cannot plan a layout"):
+        runner.plan({"text": "a photo of a dog", "files": []})
