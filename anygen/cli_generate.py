@@ -105,8 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "over its cell, each drawn alone onto an empty scene (the default model draws both objects "
                         "of held-out pairs 80.8 %% of the time so, 22.5 %% from the text alone); with one --image, a "
                         "recolouring (\"make the circle yellow\") redraws only the object's cell, found by the model "
-                        "reading the picture, under its new caption; implies --start-with image; takes no "
-                        "--understand, --region, --inpaint or --canvas")
+                        "reading the picture, the object drawn alone under its new caption and put in place; "
+                        "implies --start-with image; takes no --understand, --region, --inpaint or --canvas")
     p.add_argument("--batch-size", type=int, default=4, help="prompts per batch with --prompts")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     for m in MODALITIES:
@@ -232,9 +232,9 @@ def _check_plannable(args: argparse.Namespace, items: list[dict]) -> None:
 def _plan(engine, args: argparse.Namespace, items: list[dict], documents: list[list], canvases: list
           ) -> tuple[list, list, list]:
     """``--plan``: each prompt's ``(regions, inpaint boxes, canvas)``: a scene's layout composed onto an empty
-    picture (``plan_layout``), an edit's cell redrawn under the edited object's caption (``plan_edits``, the model
-    reading the picture where the instruction names no place)."""
-    from anygen.plan import plan_edits, plan_layout
+    picture (``plan_layout``), an edit's object drawn alone under its new caption onto an empty picture and put into
+    its cell (``plan_edits``, the model reading the picture where the instruction names no place)."""
+    from anygen.plan import empty_like, plan_edits, plan_layout
 
     if engine.tokenizer.image is None:
         raise ValueError("--plan plans pictures, and this model has no image tokenizer")
@@ -255,6 +255,7 @@ def _plan(engine, args: argparse.Namespace, items: list[dict], documents: list[l
                 print(f"[{i}] --plan: redrawing the {plan.cell} cell as {plan.regions[0][0]!r} (read from "
                       f"{plan.read_from!r:.120})", file=sys.stderr)
                 regions[i], inpaint[i] = plan.regions, [plan.box]
+                canvases[i] = empty_like(documents[i][0].image)  # drawn alone, then put into its cell
     return regions, inpaint, canvases
 
 

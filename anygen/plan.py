@@ -24,6 +24,7 @@ from typing import Any
 import PIL.Image
 
 from anygen.data.shapes import (
+    BACKGROUND,
     POSITIONS,
     SceneObject,
     caption,
@@ -119,10 +120,21 @@ class EditPlan:
     read_from: str
     scene: list[SceneObject]
 
-    def kwargs(self) -> dict[str, Any]:
+    def kwargs(self, canvas: PIL.Image.Image | None = None) -> dict[str, Any]:
         """``generate``'s arguments for this edit: ``engine.generate([picture, instruction], start_with="image",
-        **plan.kwargs())``."""
-        return {"inpaint": self.box, "regions": self.regions}
+        **plan.kwargs(empty_like(picture)))``. With ``canvas`` (an empty picture of the edited one's size) the
+        edited object is drawn alone onto it, then put into its cell (``generate(canvas=..., inpaint=...)``; the
+        shipped model's edits planned so: 74.4 % of 360 held-out edits against 70.6 % drawn in place,
+        ``docs/default_model.md``); without, the cell is redrawn in place, reading the picture around it."""
+        return {"inpaint": self.box, "regions": self.regions, **({} if canvas is None else {"canvas": canvas})}
+
+
+def empty_like(picture: PIL.Image.Image) -> PIL.Image.Image:
+    """An empty scene (the shapes world's plain background) of ``picture``'s size: the canvas an edit's object is
+    drawn alone onto (``EditPlan.kwargs``)."""
+    if not isinstance(picture, PIL.Image.Image):
+        raise ValueError(f"empty_like takes the picture being edited (a PIL.Image), got {type(picture).__name__}")
+    return PIL.Image.new("RGB", picture.size, BACKGROUND)
 
 
 def edit_plan(instruction: str, cell: str | None, read_from: str | None,

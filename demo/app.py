@@ -39,7 +39,8 @@ Notable:
   circle at the top left and a blue square at the bottom right") into one region per object over its grown cell,
   composed onto an empty picture, and starts the reply with an image; with one attached picture and a recolouring
   ("make the circle yellow") it finds the object's cell (``plan_edits``: the model reads the picture) and sets it as
-  the inpaint box under the edited object's caption. The controls it fills stay editable before the prompt is sent.
+  the inpaint box under the edited object's caption, composed onto an empty picture (the object drawn alone, then
+  put into its cell). The controls it fills stay editable before the prompt is sent.
 - Streaming: text shows as it arrives; an image shows at once as a grey canvas that fills in every
   ``preview_every`` rows (``ImageRows.preview``); a video shows its frame count, then the mp4.
 - One engine, one generation at a time: the model holds a single KV cache, so the chat event runs with
@@ -364,7 +365,8 @@ class ChatRunner:
         """The "plan" button: ``(regions, inpaint, canvas, start_with, upload_mode)`` for the controls. A text
         message is laid out (``plan_controls``); a recolouring with one attached picture ("make the circle
         yellow") gets the cell the model finds (``plan_edits``: the instruction's place, else its reading of the
-        picture) as the inpaint box, under the edited object's caption, the picture given as VQ codes.
+        picture) as the inpaint box, under the edited object's caption drawn alone onto an empty picture, the
+        picture given as VQ codes.
 
         Raises:
             gr.Error: what cannot be planned, and why.
@@ -387,7 +389,7 @@ class ChatRunner:
                            "yourself")
         (caption, box), = plan.regions
         gr.Info(f"redrawing the {plan.cell} cell (read from {plan.read_from!r:.160})")
-        return f"{_box_text(box)}: {caption}", _box_text(plan.box), "none", "image", "edit"
+        return f"{_box_text(box)}: {caption}", _box_text(plan.box), "empty", "image", "edit"  # drawn alone, put in
 
     # -- one reply ----------------------------------------------------------------------------------------
     def respond(self, message: dict | str | None, options: ChatOptions, conv: Conversation) -> Iterator[list[dict]]:

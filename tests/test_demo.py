@@ -656,7 +656,7 @@ def test_plan_button_finds_an_edits_cell_and_the_chat_redraws_it(url, tmp_path):
     render_scene([SceneObject("circle", "red", "top left")], 32).save(scene)
     message = {"text": "make the circle at the top left yellow", "files": [gradio_client.handle_file(str(scene))]}
     regions, inpaint, canvas, start, mode = _client(url).predict(message, api_name="/plan")
-    assert (canvas, start, mode) == ("none", "image", "edit")
+    assert (canvas, start, mode) == ("empty", "image", "edit")
     (text, box), = ChatOptions(regions=regions).region_list()
     assert text == "a yellow circle at the top left" and box == pytest.approx(cell_box("top left"), abs=1e-3)
     assert ChatOptions(inpaint=inpaint).inpaint_boxes() == [pytest.approx(cell_box("top left"), abs=1e-3)]

@@ -1,5 +1,6 @@
 """anygen.plan: a scene prompt read into a layout (regions over grown cells, an empty canvas), and the refusals."""
 
+import PIL.Image
 import pytest
 
 from anygen.data.shapes import BACKGROUND, SceneObject, cell_box
@@ -111,6 +112,9 @@ def test_plan_edits_finds_the_cell_from_the_instruction_the_caption_or_the_answe
     assert (named.cell, named.read_from) == ("top right", "instruction")  # no model call for it
     assert caption_read.cell == "top left" and caption_read.read_from.startswith("caption: a blue square")
     assert caption_read.regions == [("a yellow circle at the top left", cell_box("top left"))]
+    canvas = PIL.Image.new("RGB", (32, 32))
+    assert caption_read.kwargs(canvas) == {"inpaint": cell_box("top left"), "regions": caption_read.regions,
+                                           "canvas": canvas}
     assert [o.key for o in caption_read.scene] == [("blue", "square", "center"), ("yellow", "circle", "top left")]
     assert answered.cell == "bottom" and answered.read_from == "where is the blue circle? it is at the bottom"
     assert lost is None  # the answer names no place
@@ -151,7 +155,13 @@ def test_cli_generate_plan_redraws_the_cell_of_an_edit(tmp_path, monkeypatch, ca
                               "--max-images", "1", "--seed", "0", "--out", str(tmp_path / "out")]) == 0
     (kw,) = calls  # the place is named: the model is not asked, the edit is drawn once
     assert kw["inpaint"] == [[cell_box("top left")]] and kw["start_with"] == "image"
+    side = engine.tokenizer.image_size[0]  # the object drawn alone onto an empty picture of the scene's size
+    assert [c.size for c in kw["canvas"]] == [(side, side)] and set(kw["canvas"][0].getdata()) == {BACKGROUND}
     assert kw["regions"] == [[("a yellow circle at the top left", cell_box("top left"))]]
+    from anygen.plan import empty_like
+
+    with pytest.raises(ValueError, match="empty_like takes the picture"):
+        empty_like(str(scene))
     assert "redrawing the top left cell" in capsys.readouterr().err
     assert cli_generate.main(["draw it", "--image", str(scene), "--plan"]) == 2
     assert "plans a recolouring" in capsys.readouterr().err
