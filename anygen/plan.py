@@ -1,17 +1,24 @@
-"""Layout planning: a text → image prompt turned into regions and a canvas before anything is drawn.
+"""Planning: a prompt turned into what to draw where, before anything is drawn.
 
-What it owns: ``plan_layout``, the planner step of LLM-grounded diffusion and RPG (a layout of boxes, each under
-the text of what goes there, handed to the image model), for the world the default model was trained on: scenes
-of coloured shapes in a 3×3 grid, captioned as ``anygen data shapes`` writes them ("a red circle at the top left
-and a blue square at the bottom right"). The plan is what ``AnyGen.generate`` composes (``regions=`` and
-``canvas=``): each object drawn alone under its own caption, over its cell grown by ``PLAN_MARGIN``, onto an
-empty scene. The shipped model draws both objects of a held-out two-object prompt for 22.5 % of 360 prompts from
-the text alone and 81.7 % of 720 so composed (``anygen eval --regions layout --canvas blank``,
-``docs/default_model.md``).
+What it owns: the planner step of LLM-grounded diffusion and RPG (a layout of boxes, each under the text of what
+goes there, handed to the image model), for the world the default model was trained on: scenes of coloured
+shapes in a 3×3 grid, captioned as ``anygen data shapes`` writes them ("a red circle at the top left and a blue
+square at the bottom right").
 
-``anygen generate --plan``, the demo's "plan the layout from the prompt" and the quick start's text → image
-picture use it. A model trained on other pictures needs another planner (an LLM writing the boxes); the
-regions and canvas it hands ``generate`` are the same.
+- ``plan_objects`` / ``plan_regions`` / ``plan_layout``: a scene prompt read into each object's caption over its
+  cell grown by ``PLAN_MARGIN``, and (``Layout``) an empty scene to compose them onto: what ``AnyGen.generate``
+  composes (``regions=`` and ``canvas=``), each object drawn alone. The shipped model draws both objects of a
+  held-out two-object prompt for 22.5 % of 360 prompts from the text alone and 80.8 % of 720 planned so (``anygen
+  eval --regions layout --canvas blank``, ``docs/default_model.md``).
+- ``plan_edits`` / ``EditPlan`` / ``empty_like``: the same step for an edit ("make the circle yellow" given a
+  picture): the cell to redraw, from the instruction where it names one, else from the model's own reading of the
+  picture (its reranked caption, else its answer to "where is the circle?"), redrawn under the edited object's
+  caption (``generate(inpaint=..., regions=..., canvas=...)``).
+
+``anygen generate --plan``, the demo's "plan the regions (and an edit's box) from the prompt" button, the quick
+start's text → image picture and ``anygen eval`` (``--regions layout`` on the text → image rows, ``--inpaint
+asked``) use it. A model trained on other pictures needs another planner (an LLM writing the boxes); the regions,
+boxes and canvas it hands ``generate`` are the same.
 """
 
 from __future__ import annotations
@@ -92,40 +99,65 @@ def plan_objects(prompt: str) -> list[SceneObject]:
     return objects
 
 
+def plan_regions(prompt: str, margin: float = PLAN_MARGIN) -> list[tuple[str, tuple[float, float, float, float]]]:
+    """A scene prompt's regions (``plan_objects``): each object's caption over its cell grown by ``margin`` (a
+    fraction of the picture), in the prompt's order.
+
+    Raises:
+        ValueError: the prompt cannot be planned (``plan_objects``), or ``margin`` is not a number in [0, 0.5).
+    """
+    if not isinstance(margin, (int, float)) or isinstance(margin, bool):
+        raise ValueError(f"margin is a fraction of the picture from 0 to 0.5, got {margin!r}")
+    return layout_regions(plan_objects(prompt), margin)
+
+
 def plan_layout(prompt: str, size: int, margin: float = PLAN_MARGIN) -> Layout:
-    """The layout of a scene prompt (``plan_objects``): each object's caption over its cell grown by ``margin``
-    (a fraction of the picture), and an empty ``size``×``size`` scene to compose them onto.
+    """The layout of a scene prompt: its regions (``plan_regions``) and an empty ``size``×``size`` scene to
+    compose them onto.
 
     Raises:
         ValueError: the prompt cannot be planned (``plan_objects``), ``size`` is not a positive int, or ``margin``
-            is outside [0, 0.5).
+            is not a number in [0, 0.5).
     """
     if not isinstance(size, int) or isinstance(size, bool) or size < 1:
         raise ValueError(f"size is the canvas's side in pixels, a positive int, got {size!r}")
-    objects = plan_objects(prompt)
-    return Layout(tuple(objects), layout_regions(objects, margin), render_scene([], size))
+    regions = plan_regions(prompt, margin)
+    return Layout(tuple(plan_objects(prompt)), regions, render_scene([], size))
 
 
 @dataclass(frozen=True)
 class EditPlan:
-    """A planned recolouring: the ``cell`` to redraw (``box``, ``generate(inpaint=...)``) under the edited object's
-    caption (``regions``), what the cell was read from (``read_from``: ``"instruction"``, ``"caption: <the model's
-    caption>"`` or ``"where is ...? <its answer>"``), and ``scene``, the edited picture as the plan knows it (the
-    caption's objects, the edited one in its new colour; only the edited object when the caption was not read),
-    what a drawn edit can be read back against (``score_candidates``)."""
+    """A planned recolouring: the ``cell`` to redraw (``box``, ``generate(inpaint=...)``; None when no cell was
+    found, ``found`` False) under the edited object's caption (``regions``), what the cell was read from
+    (``read_from``: ``"instruction"``, ``"layout"`` (given by the caller), ``"caption: <the model's caption>"`` or
+    ``"where is ...? <its answer>"``), and ``scene``, the edited picture as the plan knows it (the caption's objects,
+    the edited one in its new colour; only the edited object when the caption was not read), what a drawn edit can
+    be read back against (``score_candidates``)."""
 
-    cell: str
-    box: tuple[float, float, float, float]
+    cell: str | None
+    box: tuple[float, float, float, float] | None
     regions: list[tuple[str, tuple[float, float, float, float]]]
     read_from: str
     scene: list[SceneObject]
+
+    @property
+    def found(self) -> bool:
+        """Whether a cell was found: what ``kwargs`` needs."""
+        return self.cell is not None
 
     def kwargs(self, canvas: PIL.Image.Image | None = None) -> dict[str, Any]:
         """``generate``'s arguments for this edit: ``engine.generate([picture, instruction], start_with="image",
         **plan.kwargs(empty_like(picture)))``. With ``canvas`` (an empty picture of the edited one's size) the
         edited object is drawn alone onto it, then put into its cell (``generate(canvas=..., inpaint=...)``; the
         shipped model's edits planned so: 73.9 % of 720 held-out edits; 74.4 % of 360 against 70.6 % drawn
-        in place, ``docs/default_model.md``); without, the cell is redrawn in place, reading the picture around it."""
+        in place, ``docs/default_model.md``); without, the cell is redrawn in place, reading the picture around it.
+
+        Raises:
+            ValueError: no cell was found (what the model read is quoted): give the box yourself.
+        """
+        if not self.found:
+            raise ValueError(f"no cell was found for this edit (read from {self.read_from!r:.200}): give the box "
+                             "yourself (inpaint=...)")
         return {"inpaint": self.box, "regions": self.regions, **({} if canvas is None else {"canvas": canvas})}
 
 
@@ -137,14 +169,32 @@ def empty_like(picture: PIL.Image.Image) -> PIL.Image.Image:
     return PIL.Image.new("RGB", picture.size, BACKGROUND)
 
 
+def parse_edit(instruction: str) -> tuple[str, str | None, str | None, str]:
+    """A recolouring the planner reads, as ``shapes.parse_recolor`` gives it: ``(shape, colour named or None, place
+    named or None, new colour)``.
+
+    Raises:
+        ValueError: ``instruction`` is not worded "make the [<colour>] <shape> [<where>] <new colour>".
+    """
+    parsed = parse_recolor(instruction) if isinstance(instruction, str) else None
+    if parsed is None:
+        raise ValueError(f"the planner reads recolourings worded 'make the [<colour>] <shape> [<where>] <new "
+                         f"colour>' (e.g. 'make the circle yellow'), got {instruction!r:.200}")
+    return parsed
+
+
 def edit_plan(instruction: str, cell: str | None, read_from: str | None,
-              objects: Sequence[SceneObject] = ()) -> EditPlan | None:
-    """The plan of recolouring ``instruction`` at ``cell`` in a picture of ``objects`` (as known; the cell's own
-    object is replaced by the edited one), or None without a cell or a recolouring instruction."""
-    parsed = parse_recolor(instruction)
-    if cell is None or parsed is None:
-        return None
-    edited = SceneObject(parsed[0], parsed[3], cell)
+              objects: Sequence[SceneObject] = ()) -> EditPlan:
+    """The plan of recolouring ``instruction`` at ``cell`` (None: not found) in a picture of ``objects`` (as
+    known; the cell's own object is replaced by the edited one).
+
+    Raises:
+        ValueError: ``instruction`` is not a recolouring (``parse_edit``).
+    """
+    shape, _, _, color = parse_edit(instruction)
+    if cell is None:
+        return EditPlan(None, None, [], read_from or "", [])
+    edited = SceneObject(shape, color, cell)
     scene = [o for o in objects if o.position != cell] + [edited]
     return EditPlan(cell, cell_box(cell), [(caption([edited]), cell_box(cell))], read_from or "", scene)
 
@@ -153,48 +203,52 @@ Generate = Callable[..., list]
 
 
 def plan_edits(engine: Any, pictures: Sequence[PIL.Image.Image], instructions: Sequence[str], *,
-               seed: int | None = None, generate: Generate | None = None) -> list[EditPlan | None]:
+               seed: int | None = None, generate: Generate | None = None) -> list[EditPlan]:
     """Plan each recolouring ``instructions[i]`` of ``pictures[i]`` with nothing else given: the cell the
     instruction names ("make the circle at the top left blue"), else that of the first object of its shape (and
     colour, where named) in the model's own caption of the picture (``best_of`` ``ASK_BEST_OF``, reranked by the
     generation path), else the cell its understanding path answers to ``"where is the <colour> <shape>?"``.
 
     ``generate`` (default: ``engine.generate`` at ``seed``) draws the captions and answers, one list of outputs per
-    batch of prompts (``anygen eval`` passes its own, batched and seeded as the rest of its run). An edit gets None
-    when no cell is found (the model's answer names none).
+    batch of prompts (``anygen eval`` passes its own, batched and seeded as the rest of its run). An edit whose
+    answer names no place gets a plan with ``found`` False, its ``read_from`` saying what the model answered.
 
     Raises:
-        ValueError: the counts differ, an instruction is not a recolouring ("make the <shape> <colour>", as the
-            edit documents word it), or the model has no understanding encoder to read the pictures with.
+        ValueError: ``pictures`` / ``instructions`` are not lists of as many PIL images and str, an instruction is
+            not a recolouring (``parse_edit``), or the model has no understanding encoder to read the pictures with.
     """
+    if isinstance(instructions, str) or isinstance(pictures, PIL.Image.Image):
+        raise ValueError("plan_edits takes lists: pictures=[picture, ...], instructions=[text, ...] (one each per "
+                         "edit)")
     if len(pictures) != len(instructions):
         raise ValueError(f"plan_edits needs one instruction per picture, got {len(instructions)} for "
                          f"{len(pictures)}")
-    for n, text in enumerate(instructions):
-        if not isinstance(text, str) or parse_recolor(text) is None:
-            raise ValueError(f"edit #{n}: the planner reads recolourings worded 'make the [<colour>] <shape> "
-                             f"[<where>] <new colour>' (e.g. 'make the circle yellow'), got {text!r:.200}")
+    for n, (picture, text) in enumerate(zip(pictures, instructions)):
+        if not isinstance(picture, PIL.Image.Image):
+            raise ValueError(f"edit #{n}: the picture must be a PIL.Image, got {type(picture).__name__}")
+        try:
+            parse_edit(text)
+        except ValueError as err:
+            raise ValueError(f"edit #{n}: {err}") from err
     if generate is None:
         generate = lambda prompts, **kw: engine.generate(prompts, seed=seed, **kw)  # noqa: E731
     plans: list[EditPlan | None] = [None] * len(instructions)
     asks = []
     for i, text in enumerate(instructions):
-        named = parse_recolor(text)[2]
+        named = parse_edit(text)[2]
         if named is not None:
             plans[i] = edit_plan(text, named, "instruction")
         else:
             asks.append(i)
-    if not asks:
-        return plans
-    if engine.tokenizer.und_tokens <= 0 or engine.model.und is None:
+    if asks and (engine.tokenizer.und_tokens <= 0 or engine.model.und is None):
         raise ValueError("planning an edit that names no place reads the picture with the understanding encoder, "
                          "and this model has none: name the place in the instruction ('make the circle at the top "
                          "left yellow') or give the box yourself (inpaint=...)")
     read = {i: Understand(pictures[i]) for i in asks}
-    captions = generate([[read[i]] for i in asks], max_new_tokens=48, best_of=ASK_BEST_OF)
+    captions = generate([[read[i]] for i in asks], max_new_tokens=48, best_of=ASK_BEST_OF) if asks else []
     questions = []
     for i, out in zip(asks, captions):
-        shape, color, _, _ = parse_recolor(instructions[i])
+        shape, color, _, _ = parse_edit(instructions[i])
         seen = parse_caption(out.text)
         named = [o for o in seen if o.shape == shape and color in (None, o.color)]
         if named:
@@ -205,4 +259,4 @@ def plan_edits(engine: Any, pictures: Sequence[PIL.Image.Image], instructions: S
         answers = generate([[read[i], q] for i, q in questions], max_new_tokens=16, max_images=0)
         for (i, q), out in zip(questions, answers):
             plans[i] = edit_plan(instructions[i], parse_where(out.text), f"{q} {out.text.strip()}")
-    return plans
+    return plans  # type: ignore[return-value]  # every edit is planned above

@@ -121,7 +121,7 @@ def generate_with_default(directory: Path, out: Path, prompt: str, seed: int) ->
         return result
 
     # a scene prompt of several objects is planned first (anygen.plan: each object's caption over its cell, drawn
-    # alone onto an empty scene; the shipped model draws both objects of held-out pairs 81.7 % of the time so, 22.5 %
+    # alone onto an empty scene; the shipped model draws both objects of held-out pairs 80.8 % of the time so, 22.5 %
     # from the text alone); one object gains nothing by it (92.2 % composed, 93.9 % drawn), nor can any other prompt
     try:
         plan = plan_layout(prompt, tok.image_size[0])
@@ -129,8 +129,8 @@ def generate_with_default(directory: Path, out: Path, prompt: str, seed: int) ->
     except ValueError as err:
         layout = {}
         print(f"quickstart: drawing {prompt!r} from its text alone, unplanned: {err}")
-    picture = timed("text_to_image", prompt=prompt, start_with="image", max_images=1,
-                    **(layout or {"image_size": image_grid}))
+    picture = timed("text_to_image", prompt=prompt, start_with="image", image_size=image_grid, max_images=1,
+                    **layout)
     if picture.images:
         picture.images[0].save(out / "image.png")
         written["image"] = str(out / "image.png")

@@ -73,7 +73,7 @@ import PIL.ImageDraw
 import torch
 
 from anygen.api import RERANKERS, AnyGen
-from anygen.data.shapes import BACKGROUND, layout_regions
+from anygen.data.shapes import BACKGROUND, parse_recolor
 from anygen.generation.events import (
     ImageDone,
     ImageRows,
@@ -93,7 +93,7 @@ from anygen.generation.generator import (
     parse_region,
 )
 from anygen.generation.sampling import SamplingConfig
-from anygen.plan import PLAN_MARGIN, plan_edits, plan_objects
+from anygen.plan import plan_edits, plan_regions
 from tokenizers_mm.multimodal import TokenSequence
 from tokenizers_mm.preprocess import load_image
 from tokenizers_mm.segments import Image, Segment, Text, Understand, Video
@@ -384,9 +384,9 @@ class ChatRunner:
             (plan,) = plan_edits(self.engine, [picture.image], [text], seed=0)
         except ValueError as err:
             raise gr.Error(f"cannot plan the edit: {err}") from err
-        if plan is None:
-            raise gr.Error(f"the model did not find what {text!r} edits in the picture; give the inpaint box "
-                           "yourself")
+        if not plan.found:
+            raise gr.Error(f"the model did not find what {text!r} edits in the picture (read from "
+                           f"{plan.read_from!r:.160}); give the inpaint box yourself")
         (caption, box), = plan.regions
         gr.Info(f"redrawing the {plan.cell} cell (read from {plan.read_from!r:.160})")
         return f"{_box_text(box)}: {caption}", _box_text(plan.box), "empty", "image", "edit"  # drawn alone, put in
@@ -796,18 +796,19 @@ def _box_text(box: Sequence[float]) -> str:
 def plan_controls(message: dict | str | None) -> tuple[str, str, str]:
     """The "plan" button for a text message: its scene read by ``anygen.plan`` into the regions box (one
     ``x0,y0,x1,y1: text`` line per object, its cell grown by ``PLAN_MARGIN``), "compose the regions onto" an empty
-    picture, and the reply started with an image; returns ``(regions, canvas, start_with)``.
+    picture, and the reply started with an image; returns ``(regions, canvas, start_with)`` (``ChatRunner.plan``
+    clears the inpaint box too: a text → image plan redraws no part of an earlier picture).
 
     Raises:
         gr.Error: the message is not a scene the planner reads (its reason, saying what it reads).
     """
     text, _ = _split_message(message)
     try:
-        objects = plan_objects(text)
+        regions = plan_regions(text)
     except ValueError as err:
-        raise gr.Error(f"cannot plan a layout: {err}") from err
-    lines = [f"{_box_text(box)}: {caption}" for caption, box in layout_regions(objects, PLAN_MARGIN)]
-    return "\n".join(lines), "empty", "image"
+        hint = " (to plan an edit, attach the picture it edits)" if parse_recolor(text) is not None else ""
+        raise gr.Error(f"cannot plan a layout: {err}{hint}") from err
+    return "\n".join(f"{_box_text(box)}: {caption}" for caption, box in regions), "empty", "image"
 
 
 def _user(content: str | dict) -> dict:

@@ -677,3 +677,5 @@ def test_plan_button_refuses_what_it_cannot_plan(engine, tmp_path):
         runner.plan({"text": "make the circle red", "files": [str(scene), str(scene)]})
     with pytest.raises(gr.Error, match="cannot plan a layout"):
         runner.plan({"text": "a photo of a dog", "files": []})
+    with pytest.raises(gr.Error, match="attach the picture it edits"):
+        runner.plan({"text": "make the circle yellow", "files": []})

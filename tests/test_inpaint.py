@@ -198,7 +198,7 @@ def test_eval_inpaint_redraws_the_edited_cell_and_the_added_object_cell(tmp_path
     drawn = calls[-1][1]
     assert "regions" not in drawn
     for sample, box in zip(asked.samples, drawn.get("inpaint") or [None] * 3):  # the random model's own reading
-        assert (sample["read_from"] is None) == (sample["redrawn_cell"] is None)  # a cell found says from what
+        assert sample["read_from"]  # what the model read, even where it named no cell
         assert box == (cell_box(sample["redrawn_cell"]) if sample["redrawn_cell"] else None)
     calls.clear()
     story = eval_story(EvalContext(engine, num=2, inpaint="layout"))
@@ -300,8 +300,12 @@ def test_inpainted_edits_are_reranked_against_the_planned_edited_scene(monkeypat
     assert asked.scene == [SceneObject("circle", "yellow", "top")]
     assert asked.regions == [("a yellow circle at the top", cell_box("top"))] and asked.box == cell_box("top")
     assert asked.kwargs() == {"inpaint": cell_box("top"), "regions": asked.regions}
-    assert edit_plan(case.instruction, None, None) is None
-    assert edit_plan("add a red circle", "top", "layout") is None  # not a recolouring
+    lost = edit_plan(case.instruction, None, "where is the circle? nowhere")
+    assert not lost.found and lost.box is None and lost.regions == [] and lost.read_from.endswith("nowhere")
+    with pytest.raises(ValueError, match="no cell was found for this edit.*nowhere"):
+        lost.kwargs()
+    with pytest.raises(ValueError, match="reads recolourings"):
+        edit_plan("add a red circle", "top", "layout")
 
     engine = random_engine("tiny")
     drawn, scored, real = [], [], engine.generate

@@ -49,6 +49,8 @@ def test_plan_checks_its_arguments():
         plan_layout("a red circle at the top left", 0)
     with pytest.raises(ValueError, match="margin is a fraction"):
         plan_layout("a red circle at the top left", 16, margin=0.6)
+    with pytest.raises(ValueError, match="margin is a fraction"):
+        plan_layout("a red circle at the top left", 16, margin="x")
 
 
 def test_cli_generate_plan_composes_the_planned_layout(tmp_path, monkeypatch, capsys):
@@ -117,7 +119,7 @@ def test_plan_edits_finds_the_cell_from_the_instruction_the_caption_or_the_answe
                                            "canvas": canvas}
     assert [o.key for o in caption_read.scene] == [("blue", "square", "center"), ("yellow", "circle", "top left")]
     assert answered.cell == "bottom" and answered.read_from == "where is the blue circle? it is at the bottom"
-    assert lost is None  # the answer names no place
+    assert not lost.found and lost.read_from == "where is the square? i do not know"  # no place named
     (captions, ckw), (questions, qkw) = calls
     assert len(captions) == 3 and ckw["best_of"] == ASK_BEST_OF and all(len(p) == 1 for p in captions)
     assert [q[1] for q in questions] == ["where is the blue circle?", "where is the square?"]
@@ -134,6 +136,10 @@ def test_plan_edits_refuses_what_it_cannot_plan():
         plan_edits(engine, [picture], ["add a red circle"])
     with pytest.raises(ValueError, match="one instruction per picture"):
         plan_edits(engine, [picture, picture], ["make the circle red"])
+    with pytest.raises(ValueError, match="takes lists"):
+        plan_edits(engine, [picture], "make the circle red")
+    with pytest.raises(ValueError, match="edit #0: the picture must be a PIL.Image, got str"):
+        plan_edits(engine, ["scene.png"], ["make the circle red"])
     engine.model.und = None  # no understanding encoder: only an instruction naming its place can be planned
     assert plan_edits(engine, [picture], ["make the circle at the top red"])[0].cell == "top"
     with pytest.raises(ValueError, match="no understanding encoder|has none"):

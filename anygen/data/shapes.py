@@ -827,6 +827,6 @@ __all__ = [
     "Motion", "SceneObject", "allocate", "caption", "cell_box", "cell_of", "generate_shapes", "holdout_combinations",
     "layout_regions",
     "motion_caption", "parse_caption", "parse_kinds", "parse_motion", "parse_recolor", "parse_where", "refer",
-    "render_motion", "render_scene",
+    "render_motion", "render_scene", "split_caption",
     "sample_motion", "sample_object", "sample_scene", "scene_from_meta", "write_clip",
 ]

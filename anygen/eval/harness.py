@@ -148,8 +148,9 @@ class EvalContext:
         video_negative: ``"opposite"``: each clip's guidance twin reads the same motion in the opposite direction
             (``negative_prompt``; acts only with video guidance on); ``"none"``: the empty context.
         regions: ``"layout"``: text → image prompts (one object, two objects) and the story's two pictures are
-            drawn with regional prompting, each object's own caption over its grid cell (``shapes.layout_regions``:
-            the layout a planner would give, read off the prompt's grammar); ``"none"``: the prompt alone. With
+            drawn with regional prompting, each object's own caption over its grid cell (``shapes.layout_regions``);
+            the text → image rows take the regions the planner reads off the prompt's text (``plan.plan_objects``,
+            in the caption's order, since session 44), the story its scene's objects; ``"none"``: the prompt alone. With
             ``inpaint`` on, an edit's redrawn cell gets the edited object's caption (its shape and new colour from
             the instruction, its cell the box's).
         inpaint: masked editing (``generate(inpaint=...)``): an edit redraws only the edited object's cell, copying
@@ -480,9 +481,10 @@ def judge_edit(case: EditCase, image: PIL.Image.Image | None) -> dict[str, Any]:
 
 
 def edit_plans(ctx: EvalContext, cases: Sequence[EditCase]) -> list[EditPlan | None]:
-    """The plan of each edit for ``ctx.inpaint`` (None: the whole picture drawn). ``"layout"``: the edited object's
-    cell in the source scene (the box a user would draw), the scene known. ``"asked"``: the model finds it, given
-    only the picture and the instruction (``plan.plan_edits``, its captions and answers drawn by this run)."""
+    """The plan of each edit for ``ctx.inpaint`` (None, or a plan that found no cell: the whole picture drawn).
+    ``"layout"``: the edited object's cell in the source scene (the box a user would draw), the scene known.
+    ``"asked"``: the model finds it, given only the picture and the instruction (``plan.plan_edits``, its captions
+    and answers drawn by this run)."""
     if ctx.inpaint == "none":
         return [None] * len(cases)
     if ctx.inpaint == "layout":
@@ -497,10 +499,10 @@ def eval_edit(ctx: EvalContext) -> CategoryResult:
     started = time.perf_counter()
     cases = edit_cases(ctx)
     plans = edit_plans(ctx, cases)
-    boxes = [None if plan is None else plan.box for plan in plans]
+    boxes = [plan.box if plan is not None else None for plan in plans]  # a plan that found no cell has None
     regions = None
     if ctx.inpaint != "none" and ctx.regions == "layout":  # the redrawn cell's own caption: the edited object
-        regions = [[] if plan is None else plan.regions for plan in plans]
+        regions = [plan.regions if plan is not None else [] for plan in plans]
     prompts = [case.prompt(ctx.image_px[0]) for case in cases]
     n = ctx.best_of if ctx.inpaint != "none" and ctx.best_of > 1 else 1  # inpainted edits are reranked
     drawn = ctx.generate_segments([p for p in prompts for _ in range(n)],
@@ -512,7 +514,8 @@ def eval_edit(ctx: EvalContext) -> CategoryResult:
         kept = []
         for i, plan in enumerate(plans):
             row = drawn[i * n:(i + 1) * n]
-            scores = ctx.engine.score_candidates(row, caption(plan.scene), rerank=ctx.rerank) if plan else [0.0] * n
+            scores = ctx.engine.score_candidates(row, caption(plan.scene), rerank=ctx.rerank) \
+                if plan is not None and plan.found else [0.0] * n
             kept.append(row[max(range(n), key=lambda k: scores[k])])
     images = [None if seg is None else seg.image for seg in kept]
     samples = []
@@ -521,7 +524,8 @@ def eval_edit(ctx: EvalContext) -> CategoryResult:
         sample = judge_edit(case, image)
         if ctx.inpaint != "none":
             plan = plans[i]
-            sample["redrawn_cell"], sample["read_from"] = (None, None) if plan is None else (plan.cell, plan.read_from)
+            sample["redrawn_cell"], sample["read_from"] = (None, None) if plan is None else (plan.cell,
+                                                                                              plan.read_from)
         samples.append(sample)
     details = {"changed": _mean([s["changed"] for s in samples]),
                "rest_unchanged": _mean([s["rest_unchanged"] for s in samples]),
