@@ -106,9 +106,13 @@ def plan_regions(prompt: str, margin: float = PLAN_MARGIN) -> list[tuple[str, tu
     Raises:
         ValueError: the prompt cannot be planned (``plan_objects``), or ``margin`` is not a number in [0, 0.5).
     """
+    return _regions(plan_objects(prompt), margin)
+
+
+def _regions(objects: Sequence[SceneObject], margin: Any) -> list[tuple[str, tuple[float, float, float, float]]]:
     if not isinstance(margin, (int, float)) or isinstance(margin, bool):
         raise ValueError(f"margin is a fraction of the picture from 0 to 0.5, got {margin!r}")
-    return layout_regions(plan_objects(prompt), margin)
+    return layout_regions(objects, margin)
 
 
 def plan_layout(prompt: str, size: int, margin: float = PLAN_MARGIN) -> Layout:
@@ -121,8 +125,8 @@ def plan_layout(prompt: str, size: int, margin: float = PLAN_MARGIN) -> Layout:
     """
     if not isinstance(size, int) or isinstance(size, bool) or size < 1:
         raise ValueError(f"size is the canvas's side in pixels, a positive int, got {size!r}")
-    regions = plan_regions(prompt, margin)
-    return Layout(tuple(plan_objects(prompt)), regions, render_scene([], size))
+    objects = plan_objects(prompt)
+    return Layout(tuple(objects), _regions(objects, margin), render_scene([], size))
 
 
 @dataclass(frozen=True)
@@ -259,4 +263,6 @@ def plan_edits(engine: Any, pictures: Sequence[PIL.Image.Image], instructions: S
         answers = generate([[read[i], q] for i, q in questions], max_new_tokens=16, max_images=0)
         for (i, q), out in zip(questions, answers):
             plans[i] = edit_plan(instructions[i], parse_where(out.text), f"{q} {out.text.strip()}")
-    return plans  # type: ignore[return-value]  # every edit is planned above
+    done = [plan for plan in plans if plan is not None]
+    assert len(done) == len(plans), "every edit is planned above: from its instruction, caption or answer"
+    return done
